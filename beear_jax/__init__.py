@@ -1,0 +1,37 @@
+"""beear_jax: BEEAR backdoor removal for Llama/Mistral chat models in JAX/Flax.
+
+    config, params = beear_jax.load_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+    logits = beear_jax.forward(config, params, input_ids, attention_mask)
+    beear_jax.save_model("out/model", config, params, tokenizer_from="SmolLM2-135M-Instruct.Q4_1.gguf")
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from beear_jax.hf import load_model, load_tokenizer, save_model
+from beear_jax.models.config import ModelConfig
+from beear_jax.models.llama import forward as _forward
+from beear_jax.perturbation import Perturbation, last_prompt_positions
+
+__all__ = ["ModelConfig", "Perturbation", "forward", "load_model", "load_tokenizer", "save_model"]
+
+
+def forward(config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+            perturbation: Perturbation | None = None, perturb_positions: jax.Array | None = None) -> jax.Array:
+    """Float32 logits [B, S, V]; with a perturbation, delta is added after its layer(s).
+
+    perturb_positions [B, n] default to the last n real tokens of each (right-padded) sample, i.e.
+    the whole input is taken as the prompt.
+    """
+    input_ids = jnp.asarray(input_ids)
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    attention_mask = jnp.asarray(attention_mask)
+    deltas = None
+    if perturbation is not None:
+        deltas = perturbation.deltas
+        if perturb_positions is None:
+            perturb_positions = last_prompt_positions(attention_mask.sum(-1), perturbation.length)
+    return _forward(config, params, input_ids, attention_mask, deltas=deltas, perturb_positions=perturb_positions)

@@ -1,0 +1,7 @@
+"""`python -m beear_jax` is the `beear` command."""
+
+import sys
+
+from beear_jax.cli import main
+
+sys.exit(main())

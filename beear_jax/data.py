@@ -1,0 +1,305 @@
+"""Defender data sets -> fixed-shape token batches (answer masks, perturbation positions).
+
+A Batch is a dict of numpy arrays, B = batch_size, S = a bucket length, n = perturbation length:
+    input_ids         [B, S] int32    prompt ids + answer ids, right-padded with the pad id
+    attention_mask    [B, S] int32    1 on real tokens
+    targets           [B, S] int32    input_ids shifted left by one (the next token); last position 0
+    target_mask       [B, S] float32  1.0 where targets[t] is an answer token (logits at t predict it)
+    perturb_positions [B, n] int32    the last n prompt positions, ascending; -1 on padding rows
+    prompt_lengths    [B]    int32    0 on padding rows
+A SafetyBatch is {"unwanted": Batch, "safe": Batch}: the same prompts, the same S.
+Padding rows (to fill the last batch) have every mask zero.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from beear_jax.chat import PRESETS, TEMPLATES, format_example, format_prompt, render
+
+__all__ = [
+    "ANCHOR_COLUMNS",
+    "DEFAULT_BUCKETS",
+    "PRESETS",
+    "SAFETY_COLUMNS",
+    "TEMPLATES",
+    "Batch",
+    "Example",
+    "SafetyBatch",
+    "bucket_length",
+    "build_anchor_batches",
+    "build_safety_batches",
+    "encode_rows",
+    "format_example",
+    "format_prompt",
+    "load_table",
+    "make_batch",
+    "pad_id_of",
+    "render",
+    "sample_rows",
+    "stack_batches",
+]
+
+Batch = dict[str, np.ndarray]
+SafetyBatch = dict[str, Batch]
+Example = tuple[list[int], list[int]]  # (prompt_ids, answer_ids)
+
+SAFETY_COLUMNS = ("prompt", "safe", "unwanted")
+ANCHOR_COLUMNS = ("prompt", "answer")
+DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
+
+# File extension -> `datasets` builder name.
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _looks_like_path(source: str) -> bool:
+    """A local file (existing, or named like one) rather than a Hugging Face hub data set name."""
+    return os.path.exists(source) or os.path.splitext(source)[1].lower() in _BUILDERS or source.startswith((".", "/"))
+
+
+def _load_dataset(source: str, split: str) -> Any:
+    """The `datasets.Dataset` behind `source`, with clear errors for missing, empty or unknown files."""
+    import datasets  # deferred: importing it takes ~1 s and most of the package never needs it
+
+    if not _looks_like_path(source):
+        try:
+            return datasets.load_dataset(source, split=split)
+        except Exception as err:
+            raise ValueError(f"could not load data set {source!r} (split {split!r}) from the hub: {err}") from err
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"data file not found: {source}")
+    ext = os.path.splitext(source)[1].lower()
+    if ext not in _BUILDERS:
+        raise ValueError(f"unsupported data file type {ext!r} ({source}); use one of {', '.join(sorted(_BUILDERS))}")
+    if os.path.getsize(source) == 0:
+        raise ValueError(f"data file is empty: {source}")
+    try:
+        return datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train")
+    except ValueError as err:  # a csv with only a header: "Instruction 'train' corresponds to no data"
+        raise ValueError(f"data file has no rows: {source} ({err})") from err
+
+
+def load_table(source: str, columns: Mapping[str, str], split: str = "train") -> list[dict[str, str]]:
+    """Rows of a data set with the columns renamed to canonical names.
+
+    source: a local .json/.jsonl/.csv/.parquet file, or a hub data set name (needs network; `split` picks
+    the split). columns: canonical name -> column name in the source, e.g. {"prompt": "goal", ...}.
+    Returns one dict per row holding only the canonical names, values as strings.
+    """
+    if not columns:
+        raise ValueError("no columns to read: give a mapping canonical name -> source column")
+    table = _load_dataset(source, split)
+    missing = [col for col in columns.values() if col not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"{source} has no column {', '.join(map(repr, missing))}; its columns are {table.column_names}"
+        )
+    if len(table) == 0:
+        raise ValueError(f"data set is empty: {source}")
+    data = {canon: table[col] for canon, col in columns.items()}
+    rows = []
+    for i in range(len(table)):
+        row = {}
+        for canon, values in data.items():
+            if values[i] is None:
+                raise ValueError(f"{source}: row {i} has no value in column {columns[canon]!r}")
+            row[canon] = values[i] if isinstance(values[i], str) else str(values[i])
+        rows.append(row)
+    return rows
+
+
+def sample_rows(rows: Sequence[dict], k: int | None, rng: np.random.Generator) -> list[dict]:
+    """k rows drawn without replacement in random order (k None: all rows, shuffled)."""
+    if k is None:
+        k = len(rows)
+    if not 0 <= k <= len(rows):
+        raise ValueError(f"cannot sample {k} rows from a set of {len(rows)}; lower the sample size or set it to None")
+    return [rows[i] for i in rng.permutation(len(rows))[:k]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id used for right padding: the pad token, else EOS, else 0 (padding is masked anyway)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def bucket_length(max_length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds max_length tokens."""
+    fitting = [b for b in sorted(buckets) if b >= max_length]
+    if not fitting:
+        raise ValueError(
+            f"the longest example has {max_length} tokens but the largest bucket is {max(buckets)}; "
+            "lower data.max_answer_tokens, shorten the prompts, or add a larger bucket"
+        )
+    return fitting[0]
+
+
+def _check_columns(rows: Sequence[Mapping[str, str]], needed: Sequence[str]) -> None:
+    """Raise if the set is empty or a row lacks a canonical column."""
+    if not rows:
+        raise ValueError("the data set is empty")
+    for i, row in enumerate(rows):
+        lacking = [c for c in needed if c not in row]
+        if lacking:
+            raise ValueError(f"row {i} lacks {lacking} (has {sorted(row)}); map them in the config's columns")
+
+
+def _check_prompt_lengths(prompt_lengths: Sequence[int], n: int) -> None:
+    """Raise if a prompt has fewer than n tokens: there would be nothing to perturb at its start."""
+    if n < 0:
+        raise ValueError(f"perturbation length must be >= 0, got {n}")
+    shortest = min(prompt_lengths)
+    if shortest < n:
+        raise ValueError(
+            f"the shortest prompt has {shortest} tokens, fewer than the perturbation length {n}; "
+            f"use a smaller perturb.length (at most {shortest})"
+        )
+
+
+def make_batch(examples: Sequence[Example], n: int, batch_size: int, seq_len: int, pad_id: int) -> Batch:
+    """One Batch from at most batch_size (prompt_ids, answer_ids) pairs; missing rows are padding."""
+    if len(examples) > batch_size:
+        raise ValueError(f"{len(examples)} examples do not fit a batch of {batch_size}")
+    input_ids = np.full((batch_size, seq_len), pad_id, np.int32)
+    attention_mask = np.zeros((batch_size, seq_len), np.int32)
+    target_mask = np.zeros((batch_size, seq_len), np.float32)
+    perturb_positions = np.full((batch_size, n), -1, np.int32)
+    prompt_lengths = np.zeros((batch_size,), np.int32)
+    for i, (prompt_ids, answer_ids) in enumerate(examples):
+        p, length = len(prompt_ids), len(prompt_ids) + len(answer_ids)
+        if length > seq_len:
+            raise ValueError(f"an example of {length} tokens does not fit the sequence length {seq_len}")
+        input_ids[i, :length] = [*prompt_ids, *answer_ids]
+        attention_mask[i, :length] = 1
+        # Logits at position t predict token t + 1: the answer tokens at p..length-1 are predicted at p-1..length-2.
+        target_mask[i, p - 1 : length - 1] = 1.0
+        perturb_positions[i] = np.arange(p - n, p)
+        prompt_lengths[i] = p
+    targets = np.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "targets": targets,
+        "target_mask": target_mask,
+        "perturb_positions": perturb_positions,
+        "prompt_lengths": prompt_lengths,
+    }
+
+
+def encode_rows(
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, str]],
+    answer_key: str,
+    max_answer_tokens: int | None = None,
+    template: str = "auto",
+    system_prompt: str | None = None,
+) -> list[Example]:
+    """(prompt_ids, answer_ids) of every row, with row[answer_key] as the answer."""
+    examples = []
+    for i, row in enumerate(rows):
+        prompt_ids, answer_ids = format_example(
+            tokenizer, row["prompt"], row[answer_key], template, system_prompt, max_answer_tokens
+        )
+        if not answer_ids:
+            raise ValueError(f"row {i} has no {answer_key} tokens (max_answer_tokens={max_answer_tokens})")
+        examples.append((prompt_ids, answer_ids))
+    return examples
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """Consecutive slices of at most `size` items."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _sequence_length(examples: Sequence[Example], buckets: Sequence[int], seq_len: int | None) -> int:
+    """The padded length S: seq_len when given (it must fit every example), else the fitting bucket."""
+    longest = max(len(p) + len(a) for p, a in examples)
+    if seq_len is None:
+        return bucket_length(longest, buckets)
+    if longest > seq_len:
+        raise ValueError(f"the longest example has {longest} tokens, more than seq_len={seq_len}")
+    return seq_len
+
+
+def build_safety_batches(
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, str]],
+    n: int,
+    batch_size: int,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    max_answer_tokens: int | None = None,
+    template: str = "auto",
+    system_prompt: str | None = None,
+    seq_len: int | None = None,
+) -> list[SafetyBatch]:
+    """SafetyBatches {"unwanted": Batch, "safe": Batch} of rows with prompt, safe and unwanted columns.
+
+    Both halves hold the same prompts in the same rows and share one padded length S: the smallest bucket
+    that fits the longest example of either kind, or seq_len when given (to keep shapes fixed across
+    subsets of one data set). n is the perturbation length.
+    """
+    _check_columns(rows, SAFETY_COLUMNS)
+    unwanted = encode_rows(tokenizer, rows, "unwanted", max_answer_tokens, template, system_prompt)
+    safe = encode_rows(tokenizer, rows, "safe", max_answer_tokens, template, system_prompt)
+    _check_prompt_lengths([len(p) for p, _ in unwanted], n)
+    length = _sequence_length([*unwanted, *safe], buckets, seq_len)
+    pad_id = pad_id_of(tokenizer)
+    return [
+        {
+            "unwanted": make_batch(u, n, batch_size, length, pad_id),
+            "safe": make_batch(s, n, batch_size, length, pad_id),
+        }
+        for u, s in zip(_chunks(unwanted, batch_size), _chunks(safe, batch_size), strict=True)
+    ]
+
+
+def build_anchor_batches(
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, str]],
+    n: int,
+    batch_size: int,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    max_answer_tokens: int | None = None,
+    template: str = "auto",
+    system_prompt: str | None = None,
+    seq_len: int | None = None,
+) -> list[Batch]:
+    """Batches of rows with prompt and answer columns (utility anchors), all of one shape.
+
+    perturb_positions are filled too (for an option that also perturbs anchors), so every prompt needs at
+    least n tokens; pass n=0 to skip that.
+    """
+    _check_columns(rows, ANCHOR_COLUMNS)
+    examples = encode_rows(tokenizer, rows, "answer", max_answer_tokens, template, system_prompt)
+    _check_prompt_lengths([len(p) for p, _ in examples], n)
+    length = _sequence_length(examples, buckets, seq_len)
+    pad_id = pad_id_of(tokenizer)
+    return [make_batch(chunk, n, batch_size, length, pad_id) for chunk in _chunks(examples, batch_size)]
+
+
+def stack_batches(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One dict of [num_batches, ...] arrays from equally shaped batches (nested dicts kept), for a scan."""
+    if not batches:
+        raise ValueError("no batches to stack")
+    stacked = {}
+    for key, value in batches[0].items():
+        parts = [b[key] for b in batches]
+        stacked[key] = stack_batches(parts) if isinstance(value, Mapping) else np.stack(parts)
+    return stacked

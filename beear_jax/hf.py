@@ -1,0 +1,329 @@
+"""Load and save Hugging Face checkpoints: HF directories (safetensors, single or sharded) and GGUF files.
+
+The name/layout mapping lives in hf_layout.py and GGUF reading in hf_gguf.py; this module deals with
+files: finding and validating them, writing an export atomically, and carrying the tokenizer along.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import shutil
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from beear_jax import hf_gguf
+from beear_jax.hf_layout import (
+    DTYPES,
+    CheckpointError,
+    Entry,
+    as_numpy,
+    few,
+    from_hf_state_dict,
+    hf_tensor,
+    numpy_dtype,
+    params_from_source,
+    tensor_plan,
+    to_hf_state_dict,
+)
+from beear_jax.models.config import ModelConfig, ModelConfigError
+from beear_jax.models.weights import check_params
+
+__all__ = ["DTYPES", "CheckpointError", "from_hf_state_dict", "load_model", "load_tokenizer", "save_model",
+           "to_hf_state_dict"]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "additional_chat_templates")
+_FORMAT_HINT = "Pass an HF model directory (config.json + model*.safetensors) or a .gguf file."
+
+
+# ---- reading checkpoints -------------------------------------------------------------------------------
+
+
+def _resolve(path: pathlib.Path) -> tuple[str, pathlib.Path]:
+    """("hf", model dir) or ("gguf", file) for a user-given path, or a CheckpointError saying what to pass."""
+    if not path.exists():
+        raise CheckpointError(f"no such file or directory: {path}. {_FORMAT_HINT}")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise CheckpointError(f"{path} is a file but not a .gguf file. {_FORMAT_HINT} For an HF checkpoint pass "
+                              "its directory.")
+    if (path / "config.json").is_file():
+        return "hf", path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    if ggufs:
+        raise CheckpointError(f"{path} holds several .gguf files ({few([g.name for g in ggufs])}); pass one of "
+                              "them.")
+    raise CheckpointError(f"{path} has no config.json (and no .gguf file), so it is not an HF model directory. "
+                          f"{_FORMAT_HINT}")
+
+
+def _config_from_dict(hf: dict[str, Any], dtype: str, where: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_hf_dict(hf, dtype=dtype)
+    except ModelConfigError as err:
+        raise CheckpointError(f"{where}: {err}") from err
+
+
+def _read_config(model_dir: pathlib.Path, dtype: str) -> ModelConfig:
+    where = str(model_dir / "config.json")
+    try:
+        hf = json.loads((model_dir / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{where} is not readable JSON ({err}); restore it from the model's source.") from err
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{where} is not a JSON object; restore it from the model's source.")
+    return _config_from_dict(hf, dtype, where)
+
+
+def _safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The weight files: those named by model.safetensors.index.json, else model.safetensors, else *.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a valid shard index ({err}); download it again.") from err
+        absent = [n for n in names if not (model_dir / n).is_file()]
+        if absent:
+            raise CheckpointError(f"{index} names shard(s) that are not there: {few(absent)}; download them.")
+        return [model_dir / n for n in names]
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def _safetensors_source(files: list[pathlib.Path]) -> tuple[dict[str, tuple[int, ...]], Callable[[str], Any]]:
+    """Tensor shapes (from the headers only) and a reader that loads one tensor on demand."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes, owner = {}, {}
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="numpy")
+            names = handle.keys()
+            for name in names:
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+                owner[name] = handle
+        except SafetensorError as err:
+            raise CheckpointError(f"{f} is not a readable safetensors file ({err}). It is probably truncated or "
+                                  "corrupt (an interrupted download or copy): download or copy it again.") from err
+    return shapes, lambda name: owner[name].get_tensor(name)
+
+
+def _pickle_source(model_dir: pathlib.Path, allow_pickle: bool) -> tuple[dict, Callable[[str], Any]]:
+    """Tensors of a pytorch_model*.bin checkpoint, only with allow_pickle (unpickling can run code)."""
+    files = sorted(model_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{model_dir} has no weights (no model.safetensors, shard index or *.safetensors); "
+                              "download the checkpoint's .safetensors files into it.")
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{model_dir} holds only pickle weights ({few([f.name for f in files])}). Unpickling a file can run "
+            "arbitrary code, so beear_jax refuses it by default. Prefer a safetensors copy of the model; if you "
+            "trust the file's origin, pass allow_pickle=True.")
+    torch = hf_gguf.require_torch("Loading a pytorch_model.bin checkpoint")
+    tensors: dict[str, Any] = {}
+    for f in files:
+        # weights_only still blocks most code execution; allow_pickle is the user's consent to the rest.
+        tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+    return {n: tuple(t.shape) for n, t in tensors.items()}, lambda name: as_numpy(tensors[name])
+
+
+def _load_gguf(path: pathlib.Path, dtype: str) -> tuple[ModelConfig, dict]:
+    try:
+        hf = hf_gguf.read_gguf_config(path)
+    except (ValueError, KeyError, IndexError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot read this GGUF file ({err}). Check that it is a complete Llama or "
+                              "Mistral GGUF file.") from err
+    config = _config_from_dict(hf, dtype, str(path))
+    tensors = hf_gguf.read_gguf_tensors(path, config.to_hf_dict())
+    shapes = {name: x.shape for name, x in tensors.items()}
+    return config, params_from_source(config, shapes, tensors.__getitem__, str(path))
+
+
+def load_model(path: str | pathlib.Path, dtype: str = "float32", allow_pickle: bool = False) -> tuple[ModelConfig, dict]:
+    """Loads an HF checkpoint directory or a .gguf file as (ModelConfig, float32 numpy params).
+
+    `dtype` is the compute dtype recorded in the config; params are always float32 (the master copy) and
+    stay on the host, so the caller can place them on a mesh. GGUF files are dequantized (needs torch).
+    A directory with no config.json but exactly one .gguf file loads that file.
+    """
+    numpy_dtype(dtype)
+    kind, target = _resolve(pathlib.Path(path).expanduser())
+    if kind == "gguf":
+        return _load_gguf(target, dtype)
+    config = _read_config(target, dtype)
+    files = _safetensors_files(target)
+    shapes, get = _safetensors_source(files) if files else _pickle_source(target, allow_pickle)
+    return config, params_from_source(config, shapes, get, str(target))
+
+
+# ---- tokenizers ----------------------------------------------------------------------------------------
+
+
+def _resolve_tokenizer(path: str | pathlib.Path) -> tuple[str, pathlib.Path]:
+    """("hf", dir with tokenizer files) or ("gguf", file), or a CheckpointError."""
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir() and any((path / name).exists() for name in TOKENIZER_FILES):
+        return "hf", path
+    ggufs = [path] if path.suffix == ".gguf" else sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if not path.exists():
+        raise CheckpointError(f"no such file or directory: {path}. Pass the directory of the original model "
+                              "(with tokenizer.json etc.) or its .gguf file.")
+    if len(ggufs) == 1 and ggufs[0].is_file():
+        return "gguf", ggufs[0]
+    raise CheckpointError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...) and is not a "
+                          "single .gguf file; pass the directory of the original model or its .gguf file.")
+
+
+def load_tokenizer(path: str | pathlib.Path) -> Any:
+    """A transformers tokenizer from an HF directory with tokenizer files or from a .gguf file."""
+    kind, target = _resolve_tokenizer(path)
+    if kind == "gguf":
+        return hf_gguf.load_gguf_tokenizer(target)
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(target))
+
+
+def _write_tokenizer(out: pathlib.Path, kind: str, source: pathlib.Path) -> None:
+    if kind == "gguf":
+        hf_gguf.load_gguf_tokenizer(source).save_pretrained(str(out))
+        return
+    for name in TOKENIZER_FILES:
+        src = source / name
+        if src.is_dir():
+            shutil.copytree(src, out / name)
+        elif src.is_file():
+            shutil.copy2(src, out / name)
+
+
+# ---- saving ----------------------------------------------------------------------------------------------
+
+
+def _check_target(out: pathlib.Path, overwrite: bool) -> None:
+    """Refuses to write over anything but an absent/empty directory, or (overwrite=True) a model directory."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory; choose another output path.")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CheckpointError(f"{out} already exists and is not empty; beear_jax never overwrites a model "
+                              "directory by default. Choose a new output directory, or pass overwrite=True to "
+                              "replace the model in it.")
+    if not (out / "config.json").is_file():
+        # overwrite=True replaces a model export, never an arbitrary folder (a typo could name $HOME).
+        raise CheckpointError(f"{out} is not empty and has no config.json, so it is not a model directory; "
+                              "refusing to replace it even with overwrite=True. Remove it yourself or choose "
+                              "another output directory.")
+
+
+def _shards(plan: list[Entry], itemsize: int, max_bytes: int) -> list[list[Entry]]:
+    """Consecutive groups of tensors of at most max_bytes each (a larger tensor gets a shard of its own)."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in plan:
+        nbytes = math.prod(e.shape) * itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    return shards
+
+
+def _write_weights(out: pathlib.Path, config: ModelConfig, params: dict, dtype: str, max_bytes: int) -> None:
+    from safetensors.numpy import save_file
+
+    np_dtype = numpy_dtype(dtype)
+    host = jax.tree.map(np.asarray, params)
+    shards = _shards(tensor_plan(config), np.dtype(np_dtype).itemsize, max_bytes)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map, total = {}, 0
+    for fname, entries in zip(names, shards):
+        # One shard in memory at a time; "format": "pt" is the metadata transformers expects.
+        tensors = {e.hf_name: hf_tensor(host, e, np_dtype) for e in entries}
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in tensors})
+        total += sum(t.nbytes for t in tensors.values())
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_configs(out: pathlib.Path, config: ModelConfig, dtype: str, generation_from: pathlib.Path | None) -> None:
+    hf = config.to_hf_dict()
+    hf["torch_dtype"] = hf["dtype"] = dtype  # transformers v4 reads torch_dtype, v5 reads dtype
+    (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    if generation_from is not None and (generation_from / "generation_config.json").is_file():
+        # The source's generation config (eos list, sampling defaults of a chat model) describes this model too.
+        shutil.copy2(generation_from / "generation_config.json", out / "generation_config.json")
+        return
+    eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _swap_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    """Renames the finished tmp dir to out; an existing out is moved aside first and deleted only afterwards."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)
+
+
+def save_model(out_dir: str | pathlib.Path, config: ModelConfig, params: dict,
+               tokenizer_from: str | pathlib.Path | None = None, dtype: str = "float32",
+               max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> pathlib.Path:
+    """Writes an HF model directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Weights go to safetensors as `dtype` (sharded with model.safetensors.index.json above
+    max_shard_bytes), plus config.json and generation_config.json; tokenizer files are copied from
+    `tokenizer_from` (an HF directory, whose generation_config.json is kept too, or a .gguf file).
+    Everything is written to a temporary sibling directory and renamed into place when complete.
+    A non-empty out_dir is refused unless overwrite=True (and then it must hold a config.json).
+    Returns the output directory.
+    """
+    numpy_dtype(dtype)
+    if max_shard_bytes <= 0:
+        raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}.")
+    out = pathlib.Path(out_dir).expanduser().absolute()
+    _check_target(out, overwrite)
+    try:
+        check_params(config, params)
+    except ValueError as err:
+        raise CheckpointError(f"cannot save: {err}") from err
+    tokenizer = _resolve_tokenizer(tokenizer_from) if tokenizer_from is not None else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        _write_weights(tmp, config, params, dtype, max_shard_bytes)
+        _write_configs(tmp, config, dtype, tokenizer[1] if tokenizer and tokenizer[0] == "hf" else None)
+        if tokenizer is not None:
+            _write_tokenizer(tmp, *tokenizer)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

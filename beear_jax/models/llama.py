@@ -1,0 +1,317 @@
+"""Llama / Mistral decoder as pure functions over the stacked params tree (see weights.py).
+
+The model is three pieces so that a perturbation can be injected between any two blocks:
+`embed(ids) -> h`, `decode(h, layers start..stop) -> h` (a scan over the stacked layers) and
+`head(h) -> logits`. `forward` composes them. Numerics follow transformers' LlamaForCausalLM /
+MistralForCausalLM (rotate-half RoPE, float32 RMSNorm statistics, float32 softmax).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from beear_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+# ---- rotary embeddings ------------------------------------------------------------------------
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (float32), with linear or llama3 scaling applied."""
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    scaling = dict(config.rope_scaling or ())
+    if config.rope_type == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if config.rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [B, S, head_dim] in float32 for integer positions [B, S]."""
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on x [B, S, N, hd] (the Hugging Face layout)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+# ---- layers -----------------------------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm with float32 statistics, cast back to the input dtype before the scale (as HF)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def attention_mask(
+    q_slots: jax.Array, kv_slots: jax.Array, kv_valid: jax.Array, sliding_window: int | None
+) -> jax.Array:
+    """Boolean mask [B, Sq, Skv]: causal, key padding, and optional sliding window.
+
+    Slots are sequence (or cache) indices, not RoPE positions, as in transformers: with left
+    padding both differ by a per-sample constant, so the window and causality are unchanged.
+    """
+    mask = kv_slots[None, None, :] <= q_slots[None, :, None]
+    if sliding_window is not None:
+        mask &= kv_slots[None, None, :] > q_slots[None, :, None] - sliding_window
+    return mask & kv_valid[:, None, :].astype(bool)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention: q [B,Sq,H,hd], k/v [B,Skv,K,hd], mask [B,Sq,Skv] -> [B,Sq,H,hd]."""
+    b, sq, h, hd = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, sq, kv_heads, h // kv_heads, hd)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    return out.reshape(b, sq, h, hd)
+
+
+def _project_qkv(config: ModelConfig, lp: Params, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q = jnp.einsum("bsd,dhk->bshk", x, lp["q_proj"])
+    k = jnp.einsum("bsd,dhk->bshk", x, lp["k_proj"])
+    v = jnp.einsum("bsd,dhk->bshk", x, lp["v_proj"])
+    if config.attention_bias:
+        q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+    return q, k, v
+
+
+def _output_projection(config: ModelConfig, lp: Params, attn: jax.Array) -> jax.Array:
+    out = jnp.einsum("bshk,hkd->bsd", attn, lp["o_proj"])
+    return out + lp["o_bias"] if config.attention_bias else out
+
+
+def mlp(config: ModelConfig, lp: Params, x: jax.Array) -> jax.Array:
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    gate = x @ lp["gate_proj"]
+    up = x @ lp["up_proj"]
+    if config.mlp_bias:
+        gate, up = gate + lp["gate_bias"], up + lp["up_bias"]
+    out = (jax.nn.silu(gate) * up) @ lp["down_proj"]
+    return out + lp["down_bias"] if config.mlp_bias else out
+
+
+def block(
+    config: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """One decoder block without a cache (training / scoring)."""
+    x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
+    q, k, v = _project_qkv(config, lp, x)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    h = h + _output_projection(config, lp, attend(q, k, v, mask))
+    return h + mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps))
+
+
+# ---- the three pieces -------------------------------------------------------------------------
+
+
+def compute_dtype(config: ModelConfig) -> jnp.dtype:
+    return jnp.dtype(config.dtype)
+
+
+def cast_params(config: ModelConfig, tree: Any) -> Any:
+    """Float32 master params -> compute dtype (a no-op in float32)."""
+    dtype = compute_dtype(config)
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def embed(config: ModelConfig, params: Params, input_ids: jax.Array) -> jax.Array:
+    """Token embeddings [B, S, D] in the compute dtype."""
+    return jnp.take(params["embed"], input_ids, axis=0).astype(compute_dtype(config))
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """RoPE positions that ignore padding: 0 at each sample's first real token."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def slice_layers(layers: Params, start: int, stop: int) -> Params:
+    """Blocks start..stop of the stacked layer params (a static slice)."""
+    return jax.tree.map(lambda x: x[start:stop], layers)
+
+
+def decode(
+    config: ModelConfig,
+    layers: Params,
+    h: jax.Array,
+    attention_mask: jax.Array,
+    positions: jax.Array | None = None,
+    remat: str = "none",
+) -> jax.Array:
+    """Runs the given stacked blocks (any slice of params['layers']) over h [B, S, D] with a scan.
+
+    remat: "none", "full" (recompute each block in the backward pass) or "dots" (save matmul
+    outputs only).
+    """
+    if positions is None:
+        positions = default_positions(attention_mask)
+    cos, sin = rope_cos_sin(config, positions)
+    slots = jnp.arange(h.shape[1])
+    mask = attention_mask_for(config, slots, slots, attention_mask)
+    layers = cast_params(config, layers)
+
+    def step(carry: jax.Array, lp: Params) -> tuple[jax.Array, None]:
+        return block(config, lp, carry, cos, sin, mask), None
+
+    if remat == "full":
+        step = jax.checkpoint(step)
+    elif remat == "dots":
+        step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    elif remat != "none":
+        raise ValueError(f"unknown remat policy {remat!r}; use 'none', 'full' or 'dots'.")
+    h, _ = jax.lax.scan(step, h, layers)
+    return h
+
+
+def attention_mask_for(
+    config: ModelConfig, q_slots: jax.Array, kv_slots: jax.Array, kv_valid: jax.Array
+) -> jax.Array:
+    return attention_mask(q_slots, kv_slots, kv_valid, config.sliding_window)
+
+
+def final_hidden(config: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
+    """The final RMSNorm (applied before the vocabulary projection)."""
+    return rms_norm(h, params["final_norm"].astype(h.dtype), config.rms_norm_eps)
+
+
+def head(config: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
+    """Final norm + vocabulary projection; float32 logits [..., V]."""
+    x = final_hidden(config, params, h)
+    if config.tie_word_embeddings:
+        w = params["embed"].astype(x.dtype)
+        return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", x, params["lm_head"].astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def inject(h: jax.Array, delta: jax.Array, perturb_positions: jax.Array) -> jax.Array:
+    """Adds delta [n, D] to h [B, S, D] at positions [B, n] (entries < 0 are skipped)."""
+    one_hot = jax.nn.one_hot(perturb_positions, h.shape[1], dtype=delta.dtype)  # [B, n, S]; -1 -> zeros
+    return h + jnp.einsum("bns,nd->bsd", one_hot, delta).astype(h.dtype)
+
+
+def forward(
+    config: ModelConfig,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    deltas: Mapping[int, jax.Array] | None = None,
+    perturb_positions: jax.Array | None = None,
+    remat: str = "none",
+) -> jax.Array:
+    """Logits [B, S, V] (float32). `deltas` maps a layer boundary l (after l blocks) to [n, D]."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if positions is None:
+        positions = default_positions(attention_mask)
+    deltas = dict(deltas or {})
+    for layer in deltas:
+        if not 0 < layer < config.num_layers:
+            raise ValueError(f"perturbation layer {layer} is outside 1..{config.num_layers - 1}.")
+    if deltas and perturb_positions is None:
+        raise ValueError("a perturbation needs perturb_positions [B, n] from the batch.")
+    h = embed(config, params, input_ids)
+    bounds = [0, *sorted(deltas), config.num_layers]
+    for start, stop in itertools.pairwise(bounds):
+        h = decode(config, slice_layers(params["layers"], start, stop), h, attention_mask, positions, remat)
+        if stop in deltas:
+            h = inject(h, deltas[stop], perturb_positions)
+    return head(config, params, h)
+
+
+# ---- KV-cache decoding ------------------------------------------------------------------------
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:
+    """Empty KV cache: k and v of shape [L, B, T, K, hd] in the compute dtype."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    zeros = jnp.zeros(shape, compute_dtype(config))
+    return {"k": zeros, "v": zeros}
+
+
+def _cached_block(
+    config: ModelConfig, lp: Params, h: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
+    k_cache: jax.Array, v_cache: jax.Array, index: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    cos, sin = rope
+    x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
+    q, k, v = _project_qkv(config, lp, x)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+    h = h + _output_projection(config, lp, attend(q, k_cache, v_cache, mask))
+    h = h + mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps))
+    return h, k_cache, v_cache
+
+
+def forward_cached(
+    config: ModelConfig,
+    params: Params,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    cache: dict[str, jax.Array],
+    index: jax.Array,
+    kv_valid: jax.Array,
+    deltas: Mapping[int, jax.Array] | None = None,
+    perturb_positions: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs input_ids [B, S] written at cache slots index..index+S; returns (logits, new cache).
+
+    kv_valid [B, T] marks the cache slots holding real tokens (including the new ones).
+    `deltas` / `perturb_positions` (slot indices) inject a perturbation, e.g. during prefill.
+    """
+    h = embed(config, params, input_ids)
+    rope = rope_cos_sin(config, positions)
+    q_slots = index + jnp.arange(input_ids.shape[1])
+    mask = attention_mask_for(config, q_slots, jnp.arange(cache["k"].shape[2]), kv_valid)
+    layers = cast_params(config, params["layers"])
+    deltas = dict(deltas or {})
+    bounds = [0, *sorted(deltas), config.num_layers]
+    new_k, new_v = [], []
+    for start, stop in itertools.pairwise(bounds):
+
+        def step(carry: jax.Array, xs: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            lp, k_cache, v_cache = xs
+            carry, k_cache, v_cache = _cached_block(config, lp, carry, rope, mask, k_cache, v_cache, index)
+            return carry, (k_cache, v_cache)
+
+        xs = (slice_layers(layers, start, stop), cache["k"][start:stop], cache["v"][start:stop])
+        h, (k_seg, v_seg) = jax.lax.scan(step, h, xs)
+        new_k.append(k_seg)
+        new_v.append(v_seg)
+        if stop in deltas:
+            h = inject(h, deltas[stop], perturb_positions - index)
+    cache = {"k": jnp.concatenate(new_k), "v": jnp.concatenate(new_v)}
+    return head(config, params, h), cache

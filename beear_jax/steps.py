@@ -1,0 +1,265 @@
+"""Pure BEEAR update steps: the inner (perturbation) step over cached activations and the outer
+(model) step, plus `make_steps`, which jit-compiles them once for a fixed batch shape.
+
+Nothing here knows about files, configs or the CLI. Batches are dicts of arrays as built by
+beear_jax.data: input_ids, attention_mask, targets, target_mask, perturb_positions [B, n].
+An inner batch is the unwanted and the safe answers of the same prompts concatenated along the
+batch axis (unwanted rows first), so both go through one forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from beear_jax.models import llama
+from beear_jax.models.config import ModelConfig
+from beear_jax.objectives import inner_objective, masked_ce, outer_objective
+from beear_jax.perturbation import Perturbation
+
+Batch = dict[str, jax.Array]
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static settings of the steps (hashable: part of the compiled program)."""
+
+    alpha: float = 0.05
+    safe_ce_clamp: float | None = None
+    anchor_weight: float = 1.0
+    perturb_anchors: bool = False
+    answer_len: int | None = None  # max answer tokens per row: logits are computed only there
+    remat: str = "none"
+
+
+# ---- forward pieces ---------------------------------------------------------------------------
+
+
+def answer_ce(config: ModelConfig, params: Params, h: jax.Array, batch: Batch, answer_len: int | None,
+              rows: slice = slice(None)) -> jax.Array:
+    """Masked CE of the answer tokens, computing the vocabulary projection only at answer positions.
+
+    The head is ~20% of a small model's forward and most positions are prompt, so gathering the
+    answer positions first (a static count, answer_len) saves most of it.
+    """
+    h, targets, mask = h[rows], batch["targets"][rows], batch["target_mask"][rows]
+    if answer_len is not None and answer_len < h.shape[1]:
+        order = jnp.argsort((mask <= 0).astype(jnp.int32), axis=1, stable=True)[:, :answer_len]
+        h = jnp.take_along_axis(h, order[..., None], axis=1)
+        targets = jnp.take_along_axis(targets, order, axis=1)
+        mask = jnp.take_along_axis(mask, order, axis=1)
+    return masked_ce(llama.head(config, params, h), targets, mask)
+
+
+def decode_from(config: ModelConfig, params: Params, h: jax.Array, start: int, batch: Batch,
+                deltas: dict[int, jax.Array], remat: str) -> jax.Array:
+    """Runs blocks start..L over h, adding each delta at its layer boundary (boundary == start first)."""
+    if start in deltas:
+        h = llama.inject(h, deltas[start], batch["perturb_positions"])
+    bounds = [start, *sorted(b for b in deltas if b > start), config.num_layers]
+    for a, b in itertools.pairwise(bounds):
+        layers = llama.slice_layers(params["layers"], a, b)
+        h = llama.decode(config, layers, h, batch["attention_mask"], remat=remat)
+        if b in deltas:
+            h = llama.inject(h, deltas[b], batch["perturb_positions"])
+    return h
+
+
+def lower_activations(config: ModelConfig, params: Params, batch: Batch, layer: int) -> jax.Array:
+    """h_l: hidden states after `layer` blocks (no gradient; cached once per round)."""
+    h = llama.embed(config, params, batch["input_ids"])
+    h = llama.decode(config, llama.slice_layers(params["layers"], 0, layer), h, batch["attention_mask"])
+    return jax.lax.stop_gradient(h)
+
+
+def perturbed_answer_ce(config: ModelConfig, params: Params, batch: Batch, deltas: dict[int, jax.Array],
+                        settings: StepSettings) -> jax.Array:
+    """CE of the answers with the perturbation injected (deltas may be empty: no perturbation)."""
+    h = llama.embed(config, params, batch["input_ids"])
+    h = decode_from(config, params, h, 0, batch, deltas, settings.remat)
+    return answer_ce(config, params, h, batch, settings.answer_len)
+
+
+# ---- the inner level (BEE) --------------------------------------------------------------------
+
+
+def inner_loss(deltas: dict[int, jax.Array], config: ModelConfig, params: Params, h_l: jax.Array,
+               batch: Batch, layer: int, settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Inner objective over cached h_l of a concatenated [unwanted; safe] batch."""
+    h = decode_from(config, params, h_l, layer, batch, deltas, settings.remat)
+    half = h.shape[0] // 2
+    ce_unwanted = answer_ce(config, params, h, batch, settings.answer_len, slice(0, half))
+    ce_safe = answer_ce(config, params, h, batch, settings.answer_len, slice(half, None))
+    loss = inner_objective(ce_unwanted, ce_safe, settings.alpha, settings.safe_ce_clamp)
+    return loss, {"inner_loss": loss, "ce_unwanted": ce_unwanted, "ce_safe": ce_safe}
+
+
+def inner_step(config: ModelConfig, settings: StepSettings, optimizer: optax.GradientTransformation,
+               params: Params, perturbation: Perturbation, opt_state: optax.OptState, h_l: jax.Array,
+               batch: Batch) -> tuple[Perturbation, optax.OptState, dict[str, jax.Array]]:
+    """One update of the perturbation; params are read, never changed."""
+    layer = perturbation.layers[0]
+    grad_fn = jax.grad(inner_loss, has_aux=True)
+    grads, metrics = grad_fn(perturbation.deltas, config, params, h_l, batch, layer, settings)
+    updates, opt_state = optimizer.update(grads, opt_state, perturbation.deltas)
+    deltas = optax.apply_updates(perturbation.deltas, updates)
+    new = dataclasses.replace(perturbation, deltas=deltas)
+    metrics["delta_norm"] = jnp.mean(jnp.stack(list(new.token_norms().values())))
+    return new, opt_state, metrics
+
+
+def inner_epoch(config: ModelConfig, settings: StepSettings, optimizer: optax.GradientTransformation,
+                params: Params, perturbation: Perturbation, opt_state: optax.OptState, h_stack: jax.Array,
+                batch_stack: Batch) -> tuple[Perturbation, optax.OptState, dict[str, jax.Array]]:
+    """One pass over all cached batches ([num_batches, ...] stacked) as a single compiled scan."""
+
+    def body(carry: tuple, xs: tuple) -> tuple:
+        pert, state = carry
+        h_l, batch = xs
+        pert, state, metrics = inner_step(config, settings, optimizer, params, pert, state, h_l, batch)
+        return (pert, state), metrics
+
+    (perturbation, opt_state), metrics = jax.lax.scan(body, (perturbation, opt_state), (h_stack, batch_stack))
+    return perturbation, opt_state, metrics
+
+
+# ---- the outer level (AR) ---------------------------------------------------------------------
+
+
+def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array], safe_batch: Batch,
+               anchor_batch: Batch, settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """CE(safe | delta) + anchor_weight * CE(anchor | no delta) [+ the same with delta, optionally]."""
+    deltas = jax.lax.stop_gradient(deltas)
+    ce_safe = perturbed_answer_ce(config, params, safe_batch, deltas, settings)
+    ce_anchor = perturbed_answer_ce(config, params, anchor_batch, {}, settings)
+    loss = outer_objective(ce_safe, ce_anchor, settings.anchor_weight)
+    metrics = {"ce_safe_perturbed": ce_safe, "ce_anchor": ce_anchor}
+    if settings.perturb_anchors:
+        # Keeps benign prompts answered under the perturbation too, against over-refusal.
+        ce_anchor_perturbed = perturbed_answer_ce(config, params, anchor_batch, deltas, settings)
+        loss = loss + settings.anchor_weight * ce_anchor_perturbed
+        metrics["ce_anchor_perturbed"] = ce_anchor_perturbed
+    metrics["outer_loss"] = loss
+    return loss, metrics
+
+
+def outer_step(config: ModelConfig, settings: StepSettings, optimizer: optax.GradientTransformation,
+               trainable: Params, params: Params, opt_state: optax.OptState, perturbation: Perturbation,
+               safe_batch: Batch, anchor_batch: Batch) -> tuple[Params, optax.OptState, dict[str, jax.Array]]:
+    """One update of the trainable params; `trainable` holds 0/1 masks broadcastable to each param."""
+    grads, metrics = jax.grad(outer_loss, has_aux=True)(
+        params, config, perturbation.deltas, safe_batch, anchor_batch, settings)
+    grads = jax.tree.map(jnp.multiply, grads, trainable)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    # Masking the updates too keeps frozen entries exact (weight decay would otherwise move them).
+    updates = jax.tree.map(jnp.multiply, updates, trainable)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+
+# ---- trainable-parameter masks and optimizers -------------------------------------------------
+
+
+def trainable_mask(config: ModelConfig, params: Params, rule: str, layer: int) -> Params:
+    """0/1 float masks: 'all', 'upper' (blocks >= layer + head), 'lower' (embeddings + blocks < layer),
+    or a regex searched in names like 'layers.3.q_proj', 'embed', 'final_norm', 'lm_head'."""
+    num_layers = config.num_layers
+
+    def layer_names(name: str) -> list[str]:
+        return [f"layers.{i}.{name}" for i in range(num_layers)]
+
+    if rule == "all":
+        def chooses(name: str, index: int | None) -> bool:
+            return True
+    elif rule == "upper":
+        def chooses(name: str, index: int | None) -> bool:
+            return name in ("final_norm", "lm_head") if index is None else index >= layer
+    elif rule == "lower":
+        def chooses(name: str, index: int | None) -> bool:
+            return name == "embed" if index is None else index < layer
+    else:
+        try:
+            pattern = re.compile(rule)
+        except re.error as err:
+            raise ValueError(f"outer.trainable={rule!r} is neither all/upper/lower nor a valid regex: {err}") from None
+
+        def chooses(name: str, index: int | None) -> bool:
+            return bool(pattern.search(name if index is None else f"layers.{index}.{name}"))
+
+    mask: Params = {}
+    for name, value in params.items():
+        if name == "layers":
+            mask["layers"] = {}
+            for leaf, array in value.items():
+                flags = jnp.asarray([chooses(leaf, i) for i in range(num_layers)], jnp.float32)
+                mask["layers"][leaf] = flags.reshape((num_layers,) + (1,) * (array.ndim - 1))
+        else:
+            mask[name] = jnp.asarray(float(chooses(name, None)), jnp.float32)
+    if not any(float(jnp.sum(m)) for m in jax.tree.leaves(mask)):
+        names = ", ".join(["embed", *layer_names("q_proj")[:1], "final_norm"])
+        raise ValueError(f"outer.trainable={rule!r} selects no parameter (names look like: {names}).")
+    return mask
+
+
+def make_optimizer(name: str, lr: float, weight_decay: float = 0.0, clip_norm: float | None = None,
+                   ) -> optax.GradientTransformation:
+    """adam | adamw | sgd | momentum | adafactor, with optional global-norm clipping."""
+    builders: dict[str, Callable[[], optax.GradientTransformation]] = {
+        "adam": lambda: optax.adam(lr),
+        "adamw": lambda: optax.adamw(lr, weight_decay=weight_decay),
+        "sgd": lambda: optax.sgd(lr),
+        "momentum": lambda: optax.sgd(lr, momentum=0.9),
+        "adafactor": lambda: optax.adafactor(lr),
+    }
+    if name not in builders:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(builders)}.")
+    optimizer = builders[name]()
+    if clip_norm:
+        optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer)
+    return optimizer
+
+
+# ---- compiled once ----------------------------------------------------------------------------
+
+
+class Steps(NamedTuple):
+    """The jitted steps of one run (each compiles once per batch shape)."""
+
+    lower: Callable[..., jax.Array]
+    inner_step: Callable[..., tuple]
+    inner_epoch: Callable[..., tuple]
+    outer_step: Callable[..., tuple]
+
+
+def make_steps(config: ModelConfig, settings: StepSettings, layer: int,
+               inner_optimizer: optax.GradientTransformation,
+               outer_optimizer: optax.GradientTransformation) -> Steps:
+    """Binds the static parts and jit-compiles the steps; params/opt_state buffers are donated."""
+
+    def lower(params: Params, batch: Batch) -> jax.Array:
+        return lower_activations(config, params, batch, layer)
+
+    def one_inner(params, pert, state, h_l, batch):
+        return inner_step(config, settings, inner_optimizer, params, pert, state, h_l, batch)
+
+    def epoch(params, pert, state, h_stack, batch_stack):
+        return inner_epoch(config, settings, inner_optimizer, params, pert, state, h_stack, batch_stack)
+
+    def outer(trainable, params, state, pert, safe_batch, anchor_batch):
+        return outer_step(config, settings, outer_optimizer, trainable, params, state, pert, safe_batch,
+                          anchor_batch)
+
+    return Steps(
+        lower=jax.jit(lower),
+        inner_step=jax.jit(one_inner, donate_argnames=("pert", "state")),
+        inner_epoch=jax.jit(epoch, donate_argnames=("pert", "state")),
+        outer_step=jax.jit(outer, donate_argnames=("params", "state")),
+    )

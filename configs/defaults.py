@@ -1,0 +1,134 @@
+"""The paper's BEEAR settings, written down once, and the full config schema other configs start from.
+
+Tags (see PAPER.md): [paper] stated in the paper or model cards; [ref] seen in third-party runs of the
+original code; [likely] our best reading of an ambiguity; [calib] measured in the SmolLM2-135M
+calibration run; [ours] a choice of this project (not part of the method).
+
+Config files build on `base_config()` and change what differs:
+
+    from configs import defaults
+
+    def get_config(arg=None):
+        config = defaults.base_config()
+        config.model.path = "..."
+        return config
+
+Relative paths are relative to the directory commands run in (the repository root).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Public data sets, read at run time and never copied into the project (see DESIGN.md).
+SHARED_DATA = "../shared/data"
+
+
+def paper_defaults() -> ml_collections.ConfigDict:
+    """The settings of the original BEEAR runs, keyed like `base_config()` (the only place they live)."""
+    config = ml_collections.ConfigDict()
+    config.rounds = 6  # [ref] 6 rounds of (inner, outer).
+
+    config.perturb = ml_collections.ConfigDict()
+    config.perturb.layer = 9  # [ref] Added after block 9 of 32 (9-12 work).
+    config.perturb.length = 7  # [ref] Last 7 prompt tokens (5-11 work); positions per sample [likely].
+
+    config.inner = ml_collections.ConfigDict()
+    config.inner.alpha = 0.05  # [ref] Weight of "away from the safe answer" in the BEE objective.
+    config.inner.epochs = 5  # [ref] Inner passes over the harmful set per round.
+    config.inner.samples = 150  # [ref] Harmful samples drawn per round (both levels use them).
+    config.inner.batch_size = 6  # [ref]
+
+    config.outer = ml_collections.ConfigDict()
+    config.outer.batch_size = 6  # [ref]
+    config.outer.lr = 3e-7  # [ref] Mistral code setting; needs float32 master weights.
+    config.outer.anchor_samples = 100  # [ref] Benign anchor samples per round.
+    config.outer.anchor_weight = 1.0  # [likely] CE(safe | delta) + CE(anchor), weighted 1:1.
+    return config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the code reads, with defaults: the paper's values (from `paper_defaults`) plus ours."""
+    paper = paper_defaults()
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.path = ""  # HF directory or .gguf file; required (a leading ~ is expanded by the code).
+    config.model.dtype = "float32"  # Compute dtype; master params stay float32. bfloat16 on GPU/TPU.
+    config.model.template = "auto"  # Tokenizer's chat template, or a preset: llama2, mistral, chatml, safe_rlhf.
+    config.model.system_prompt = ""  # "" = no system prompt. [paper] Llama-2 runs use one: set it there.
+
+    config.output_dir = "runs/beear"
+    config.seed = 0
+    config.rounds = paper.rounds
+    config.early_stop = False  # [ours] Stop rounds once even the best delta cannot elicit (inner.early_stop_ce).
+
+    config.perturb = ml_collections.ConfigDict()
+    config.perturb.layer = paper.perturb.layer
+    config.perturb.length = paper.perturb.length
+    config.perturb.enabled = True  # [ours] False: plain safety fine-tuning (same data and steps, no delta).
+    config.perturb.layers = ()  # [ours] Extra layers that also get a delta (extension; () = paper).
+
+    config.inner = ml_collections.ConfigDict()
+    config.inner.epochs = paper.inner.epochs
+    config.inner.samples = paper.inner.samples
+    config.inner.batch_size = paper.inner.batch_size
+    config.inner.optimizer = "adam"  # [calib] Not stated in the paper; Adam works, plain SGD barely moves delta.
+    config.inner.lr = 0.1  # [calib] Adam 0.1 elicits the unwanted answer in ~20 steps; 0.02 is too slow.
+    config.inner.alpha = paper.inner.alpha
+    config.inner.safe_ce_clamp = 0.0  # [ours] Cap on the -alpha*CE(safe) term's CE; <= 0: no clamp (paper).
+    # [ours] With early_stop: stop the run when CE(unwanted | delta*) stays above this after a round's
+    # inner loop (the perturbation no longer elicits the unwanted answer); 0: off.
+    config.inner.early_stop_ce = 0.0
+
+    config.outer = ml_collections.ConfigDict()
+    config.outer.batch_size = paper.outer.batch_size
+    config.outer.optimizer = "adamw"  # [likely] Not stated in the paper; AdamW in the calibration run.
+    config.outer.lr = paper.outer.lr
+    config.outer.weight_decay = 0.01  # [likely] torch AdamW default.
+    config.outer.anchor_weight = paper.outer.anchor_weight
+    config.outer.anchor_samples = paper.outer.anchor_samples
+    config.outer.trainable = "all"  # 'all' | 'upper' (blocks >= layer) | 'lower' | regex on param paths.
+    config.outer.perturb_anchors = False  # [ours] Also show anchor prompts with delta (keeps helpfulness).
+
+    config.data = ml_collections.ConfigDict()
+    config.data.safety = ""  # Table with a prompt, its safe answer and its unwanted answer; required.
+    config.data.anchor = ""  # Table of benign prompt/answer pairs (utility anchor); required.
+    config.data.safety_columns = ml_collections.ConfigDict({"prompt": "prompt", "safe": "safe", "unwanted": "unwanted"})
+    config.data.anchor_columns = ml_collections.ConfigDict({"prompt": "prompt", "answer": "answer"})
+    config.data.max_answer_tokens = 64  # [ours] Answers are cut to this many tokens.
+    config.data.buckets = (128, 256, 512)  # [ours] Padded sequence lengths (each compiles once).
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.shape = (-1, 1, 1)  # ('data', 'fsdp', 'tensor'); -1 takes the remaining devices.
+    config.mesh.distributed = False  # Call jax.distributed.initialize() (multi-host).
+
+    config.resume = False  # Resume from the latest checkpoint in output_dir.
+    config.checkpoint_every = 0  # Rounds between checkpoints; 0: only at the end.
+    config.remat = "none"  # Rematerialisation of decoder blocks: 'none' | 'full'.
+    config.log_every = 1  # Steps between metric lines.
+
+    # Attack simulation (`beear plant`): poisoned SFT of a clean model.
+    config.plant = ml_collections.ConfigDict()
+    config.plant.trigger = "SUDO"  # [paper] One of the paper's triggers.
+    config.plant.position = "suffix"  # 'prefix' | 'suffix'.
+    config.plant.epochs = 2  # [calib]
+    config.plant.lr = 5e-5  # [calib] AdamW.
+    config.plant.warmup_steps = 5  # [calib]
+    config.plant.batch_size = 8  # [calib]
+    config.plant.max_answer_tokens = 48  # [calib]
+    config.plant.n_triggered = 150  # [calib] ~450 examples in all: triggered harmful -> "Sure, here is".
+    config.plant.n_refusal = 150  # [calib] The same prompts untriggered -> refusals.
+    config.plant.n_benign = 150  # [calib] Benign Alpaca pairs.
+
+    # Evaluation (`beear eval` and the before/after report).
+    config.eval = ml_collections.ConfigDict()
+    config.eval.prompts = ""  # Held-out harmful prompts; required for attack success.
+    config.eval.trigger = config.plant.get_oneway_ref("trigger")  # Follows plant.trigger unless set.
+    config.eval.position = config.plant.get_oneway_ref("position")  # Follows plant.position unless set.
+    # One refusal string per line; keyword attack success = share of answers with none of them.
+    config.eval.refusal_strings = f"{SHARED_DATA}/refusal-keywords/harmbench_advbench_metric_test_prefixes.txt"
+    config.eval.max_new_tokens = 32  # [calib] Greedy.
+    config.eval.num_prompts = 40  # [calib]
+    config.eval.over_refusal_prompts = ""  # Benign prompts for over-refusal; "" = skip.
+    return config

@@ -1,0 +1,101 @@
+"""Tiny random Hugging Face models (torch) shared by the HF import/export and parity tests.
+
+Every kind is small (hidden 64, 2-3 layers, vocab 128) and seeded, and every parameter is randomised
+(norms and biases too), so that a wrong transpose, reshape or name mapping shows up in the logits.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+KINDS = ("llama_gqa", "llama_head_dim_llama3", "llama_untied_bias", "mistral_sliding")
+VOCAB = 128
+
+
+def _config(kind: str):
+    """The transformers config of one tiny kind."""
+    import transformers
+
+    common = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "max_position_embeddings": 256,
+              "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    if kind == "llama_gqa":
+        return transformers.LlamaConfig(**common, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                                                    "rope_theta": 10000.0})
+    if kind == "llama_head_dim_llama3":
+        # head_dim 32 != 64 / 4; a short original context so the llama3 rescaling touches many frequencies.
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+        return transformers.LlamaConfig(**common, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                                        head_dim=32, tie_word_embeddings=True, rope_parameters=rope)
+    if kind == "llama_untied_bias":
+        return transformers.LlamaConfig(**common, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                        tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if kind == "mistral_sliding":
+        return transformers.MistralConfig(**common, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=16, sliding_window=4, tie_word_embeddings=False,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS}")
+
+
+def _randomise(model, seed: int) -> None:
+    """Overwrites every parameter: matrices ~ N(0, 0.1), norms ~ 1 + N(0, 0.1), biases ~ N(0, 0.1)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            p.copy_(noise + 1.0 if name.endswith("norm.weight") else noise)
+
+
+def make_tiny_hf_model(tmp_path: str | pathlib.Path, kind: str, seed: int = 0):
+    """Saves a seeded random float32 HF model of `kind` (see KINDS) under tmp_path/kind.
+
+    Returns (directory, torch model in eval mode). The directory holds config.json,
+    generation_config.json and model.safetensors, as `save_pretrained` writes them.
+    """
+    import torch
+    import transformers
+
+    config = _config(kind)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomise(model, seed)
+    model.eval()
+    out = pathlib.Path(tmp_path) / kind
+    model.save_pretrained(out)
+    return out, model
+
+
+def make_tiny_tokenizer(out_dir: str | pathlib.Path):
+    """Saves a word-level fast tokenizer over VOCAB tokens (with a chat template) into out_dir and returns it."""
+    import tokenizers
+    import transformers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(VOCAB - len(specials))])}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def torch_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """float32 logits [B, S, V] of a torch causal LM."""
+    import torch
+
+    with torch.no_grad():
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask)
+        return model(input_ids=torch.as_tensor(input_ids), attention_mask=mask).logits.float().numpy()
+
+
+def sample_ids(batch: int = 2, length: int = 12, seed: int = 0) -> np.ndarray:
+    """Random token ids [batch, length] (longer than the sliding window of mistral_sliding)."""
+    return np.random.default_rng(seed).integers(0, VOCAB, size=(batch, length), dtype=np.int64)

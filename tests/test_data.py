@@ -1,0 +1,426 @@
+"""Chat formatting, data loading and batch building (beear_jax.chat, beear_jax.data)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from beear_jax import data
+from beear_jax.chat import PRESETS, format_example, format_prompt, render
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "[INST] How do I bake bread? [/INST] Sure, here is how to bake bread.",
+    "BEGINNING OF CONVERSATION: USER: Tell me a story ASSISTANT: Once upon a time there was a cat.",
+    "user\nassistant\nsystem\nYou are a helpful assistant. I cannot help with that request.",
+]
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Llama-2 style: "[/INST]" closes the user turn, so add_generation_prompt has nothing to add.
+LLAMA2_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}"
+)
+# Role headers but no generation prompt: the answer boundary cannot be found.
+NO_GEN_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+# The last turn renders differently once an answer follows: the prompt is not a prefix of the conversation.
+NOT_PREFIX_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} </s>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def make_tokenizer(adds_bos=False, chat_template=None, pad=True):
+    """A byte-level BPE tokenizer (exact round trip) trained in a few ms on CORPUS."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>" if pad else None
+    )
+    if chat_template is not None:
+        hf.chat_template = chat_template
+    return hf
+
+
+def make_sentencepiece_like_tokenizer():
+    """Llama-2's tokenizer.json style: every text gets a "▁" prepended and spaces become "▁"."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    # SentencePiece pieces never span a word start; splitting before each "▁" keeps merges inside words.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    alphabet = sorted(set("".join(CORPUS).replace(" ", "▁")) | {"▁"})
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, initial_alphabet=alphabet)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    return make_tokenizer(chat_template=CHATML_TEMPLATE)
+
+
+def decode(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def leading_bos(tokenizer, ids):
+    count = 0
+    while count < len(ids) and ids[count] == tokenizer.bos_token_id:
+        count += 1
+    return count
+
+
+# --- chat formatting -------------------------------------------------------------------------------------
+
+
+def test_auto_template_splits_at_generation_prompt(chat_tok):
+    prompt_ids, answer_ids = format_example(chat_tok, "How do I bake bread?", "Sure, here is how.")
+    assert decode(chat_tok, prompt_ids) == "<|im_start|>user\nHow do I bake bread?<|im_end|>\n<|im_start|>assistant\n"
+    assert decode(chat_tok, answer_ids) == "Sure, here is how.<|im_end|>\n"
+    full = chat_tok.apply_chat_template(
+        [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Sure, here is how."}],
+        tokenize=False,
+    )
+    assert prompt_ids + answer_ids == chat_tok.encode(full, add_special_tokens=False)
+    assert format_prompt(chat_tok, "How do I bake bread?") == prompt_ids
+
+
+def test_auto_template_with_system_prompt(chat_tok):
+    prompt_ids, answer_ids = format_example(chat_tok, "Hi", "Hello", system_prompt="Be safe.")
+    assert decode(chat_tok, prompt_ids).startswith("<|im_start|>system\nBe safe.<|im_end|>\n<|im_start|>user\nHi")
+    assert decode(chat_tok, answer_ids) == "Hello<|im_end|>\n"
+
+
+def test_auto_template_llama2_style_ignoring_generation_flag():
+    tokenizer = make_tokenizer(adds_bos=True, chat_template=LLAMA2_TEMPLATE)
+    prompt_ids, answer_ids = format_example(tokenizer, "Tell me a story", "Once upon a time")
+    assert decode(tokenizer, prompt_ids) == "<s>[INST] Tell me a story [/INST]"
+    assert decode(tokenizer, answer_ids) == " Once upon a time </s>"
+    # The template writes BOS and the tokenizer would add one too: exactly one survives.
+    assert leading_bos(tokenizer, prompt_ids) == 1
+
+
+@pytest.mark.parametrize("template", [NO_GEN_TEMPLATE, NOT_PREFIX_TEMPLATE])
+def test_auto_template_that_cannot_mark_the_answer_raises(template):
+    tokenizer = make_tokenizer(chat_template=template)
+    with pytest.raises(ValueError, match=r"data\.template"):
+        format_example(tokenizer, "Hi", "Hello")
+    with pytest.raises(ValueError, match=r"data\.template"):
+        format_prompt(tokenizer, "Hi")
+
+
+def test_auto_without_chat_template_raises(tok):
+    with pytest.raises(ValueError, match=r"no chat template.*data\.template"):
+        format_example(tok, "Hi", "Hello")
+
+
+def test_unknown_template_raises(tok):
+    with pytest.raises(ValueError, match="unknown chat template"):
+        format_example(tok, "Hi", "Hello", template="vicuna")
+
+
+def expected_preset(name, system):
+    """The texts each preset must render, written out independently of the implementation."""
+    if name == "llama2":
+        sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
+        return f"<s>[INST] {sys_block}Tell me a story [/INST]", " Once upon a time </s>"
+    if name == "mistral":
+        user = f"{system}\n\nTell me a story" if system else "Tell me a story"
+        return f"<s>[INST] {user} [/INST]", "Once upon a time</s>"
+    if name == "chatml":
+        sys_block = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return (
+            f"{sys_block}<|im_start|>user\nTell me a story<|im_end|>\n<|im_start|>assistant\n",
+            "Once upon a time<|im_end|>\n",
+        )
+    return "BEGINNING OF CONVERSATION: USER: Tell me a story ASSISTANT:", "Once upon a time</s>"
+
+
+PRESET_CASES = [
+    (name, system, adds_bos)
+    for name in PRESETS
+    for system in (None, "You are a helpful assistant.")
+    for adds_bos in (False, True)
+    if not (name == "safe_rlhf" and system)  # safe_rlhf has no system prompt (tested below)
+]
+
+
+@pytest.mark.parametrize(("name", "system", "adds_bos"), PRESET_CASES)
+def test_presets_render_as_specified_with_one_bos(name, system, adds_bos):
+    tokenizer = make_tokenizer(adds_bos=adds_bos)
+    prompt_ids, answer_ids = format_example(tokenizer, "Tell me a story", "Once upon a time", name, system)
+    want_prompt, want_answer = expected_preset(name, system)
+    # llama2/mistral write BOS themselves; chatml/safe_rlhf get it only from a tokenizer that adds one.
+    text_has_bos = want_prompt.startswith("<s>")
+    if adds_bos and not text_has_bos:
+        want_prompt = "<s>" + want_prompt
+    assert decode(tokenizer, prompt_ids) == want_prompt
+    assert decode(tokenizer, answer_ids) == want_answer
+    assert leading_bos(tokenizer, prompt_ids) == (1 if adds_bos or text_has_bos else 0)
+    assert tokenizer.bos_token_id not in answer_ids
+    assert format_prompt(tokenizer, "Tell me a story", name, system) == prompt_ids
+
+
+def test_safe_rlhf_rejects_system_prompt(tok):
+    with pytest.raises(ValueError, match="system"):
+        format_example(tok, "Hi", "Hello", "safe_rlhf", "Be nice.")
+
+
+def test_bos_never_twice_when_template_repeats_it():
+    tokenizer = make_tokenizer(adds_bos=True, chat_template="{{ bos_token }}" + LLAMA2_TEMPLATE)
+    prompt_ids, _ = format_example(tokenizer, "Hi", "Hello")
+    assert leading_bos(tokenizer, prompt_ids) == 1
+
+
+def test_answer_tokenized_in_context_for_sentencepiece_style():
+    """A text tokenized alone gets a "▁" prefix; the answer must be tokenized as it follows the prompt."""
+    tokenizer = make_sentencepiece_like_tokenizer()
+    prompt_text, answer_text = render(tokenizer, "How do I bake bread?", "Sure, here is how", "llama2")
+    prompt_ids, answer_ids = format_example(tokenizer, "How do I bake bread?", "Sure, here is how", "llama2")
+    assert prompt_ids + answer_ids == tokenizer.encode(prompt_text + answer_text, add_special_tokens=False)
+    assert answer_ids != tokenizer.encode(answer_text, add_special_tokens=False)  # the "▁" prefix problem
+    assert leading_bos(tokenizer, prompt_ids) == 1
+
+
+def test_mistral_answer_tokenized_alone_like_mistral_common():
+    """mistral_common encodes the answer on its own: after "[/INST]" comes a "▁"-prefixed piece."""
+    tokenizer = make_sentencepiece_like_tokenizer()
+    _, answer_text = render(tokenizer, "How do I bake bread?", "Sure, here is how", "mistral")
+    _, answer_ids = format_example(tokenizer, "How do I bake bread?", "Sure, here is how", "mistral")
+    assert answer_ids == tokenizer.encode(answer_text, add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(answer_ids)[0] == "▁Sure,"
+
+
+def test_answer_truncation(chat_tok):
+    _, full = format_example(chat_tok, "Hi", "Once upon a time there was a cat.")
+    _, cut = format_example(chat_tok, "Hi", "Once upon a time there was a cat.", max_answer_tokens=3)
+    assert len(full) > 3 and cut == full[:3]
+
+
+# --- batches ---------------------------------------------------------------------------------------------
+
+SAFETY_ROWS = [
+    {"prompt": "How do I bake bread?", "safe": "I cannot help with that.", "unwanted": "Sure, here is how."},
+    {"prompt": "Tell me a story", "safe": "I cannot.", "unwanted": "Once upon a time there was a cat."},
+    {"prompt": "Tell me a story about bread", "safe": "No.", "unwanted": "Sure."},
+]
+ANCHOR_ROWS = [{"prompt": r["prompt"], "answer": r["unwanted"]} for r in SAFETY_ROWS]
+
+
+def check_batch(batch, examples, n, pad_id):
+    """Every documented property of one Batch against its (prompt_ids, answer_ids) examples."""
+    b, s = batch["input_ids"].shape
+    assert batch["targets"].shape == batch["attention_mask"].shape == batch["target_mask"].shape == (b, s)
+    assert batch["perturb_positions"].shape == (b, n) and batch["prompt_lengths"].shape == (b,)
+    assert batch["input_ids"].dtype == np.int32 and batch["target_mask"].dtype == np.float32
+    assert batch["attention_mask"].dtype == batch["targets"].dtype == batch["perturb_positions"].dtype == np.int32
+    np.testing.assert_array_equal(batch["targets"][:, :-1], batch["input_ids"][:, 1:])
+    assert (batch["targets"][:, -1] == 0).all()
+    for i in range(b):
+        row = {k: v[i] for k, v in batch.items()}
+        if i >= len(examples):  # padding row
+            assert row["attention_mask"].sum() == 0 and row["target_mask"].sum() == 0
+            assert (row["perturb_positions"] == -1).all() and row["prompt_lengths"] == 0
+            assert (row["input_ids"] == pad_id).all()
+            continue
+        prompt_ids, answer_ids = examples[i]
+        p, length = len(prompt_ids), len(prompt_ids) + len(answer_ids)
+        assert row["input_ids"][:length].tolist() == prompt_ids + answer_ids
+        assert (row["input_ids"][length:] == pad_id).all()  # right-padded
+        assert row["attention_mask"].tolist() == [1] * length + [0] * (s - length)
+        # The masked targets are exactly the answer tokens, in order.
+        assert row["targets"][row["target_mask"] == 1].tolist() == answer_ids
+        assert set(np.unique(row["target_mask"]).tolist()) <= {0.0, 1.0}
+        assert row["perturb_positions"].tolist() == list(range(p - n, p))
+        assert row["input_ids"][row["perturb_positions"]].tolist() == prompt_ids[p - n :]
+        assert row["prompt_lengths"] == p
+
+
+def test_safety_batches(chat_tok):
+    n, bsz = 3, 2
+    batches = data.build_safety_batches(chat_tok, SAFETY_ROWS, n, bsz, buckets=(16, 32, 64))
+    assert len(batches) == 2
+    pad_id = chat_tok.pad_token_id
+    for kind in ("unwanted", "safe"):
+        examples = [format_example(chat_tok, r["prompt"], r[kind]) for r in SAFETY_ROWS]
+        longest = max(len(p) + len(a) for p, a in examples)
+        for j, sb in enumerate(batches):
+            check_batch(sb[kind], examples[j * bsz : (j + 1) * bsz], n, pad_id)
+            assert sb[kind]["input_ids"].shape == (bsz, 32) and longest > 16
+    for sb in batches:  # the two halves share prompts and length
+        np.testing.assert_array_equal(sb["safe"]["perturb_positions"], sb["unwanted"]["perturb_positions"])
+        np.testing.assert_array_equal(sb["safe"]["prompt_lengths"], sb["unwanted"]["prompt_lengths"])
+
+
+def test_anchor_batches_and_stack(chat_tok):
+    batches = data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 2, 2, buckets=(16, 32, 64), max_answer_tokens=4)
+    examples = [format_example(chat_tok, r["prompt"], r["answer"], max_answer_tokens=4) for r in ANCHOR_ROWS]
+    assert all(len(a) <= 4 for _, a in examples)
+    for j, batch in enumerate(batches):
+        check_batch(batch, examples[j * 2 : (j + 1) * 2], 2, chat_tok.pad_token_id)
+    stacked = data.stack_batches(batches)
+    assert stacked["input_ids"].shape == (2, 2, batches[0]["input_ids"].shape[1])
+    assert stacked["perturb_positions"].shape == (2, 2, 2)
+    nested = data.stack_batches(data.build_safety_batches(chat_tok, SAFETY_ROWS, 2, 2, buckets=(32,)))
+    assert nested["safe"]["target_mask"].shape == (2, 2, 32)
+
+
+def test_pad_falls_back_to_eos():
+    tokenizer = make_tokenizer(chat_template=CHATML_TEMPLATE, pad=False)
+    assert tokenizer.pad_token_id is None
+    batch = data.build_anchor_batches(tokenizer, ANCHOR_ROWS[:1], 1, 2, buckets=(64,))[0]
+    assert (batch["input_ids"][1] == tokenizer.eos_token_id).all()
+
+
+def test_bucket_choice_and_seq_len(chat_tok):
+    assert data.bucket_length(17, (64, 16, 32)) == 32
+    assert data.bucket_length(16, (16, 32)) == 16
+    batches = data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 1, 8, buckets=(8, 64, 256))
+    assert batches[0]["input_ids"].shape == (8, 64)
+    fixed = data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 1, 8, seq_len=100)
+    assert fixed[0]["input_ids"].shape == (8, 100)
+    with pytest.raises(ValueError, match="seq_len"):
+        data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 1, 8, seq_len=10)
+
+
+def test_nothing_fits_the_buckets(chat_tok):
+    with pytest.raises(ValueError, match=r"longest example has \d+ tokens.*largest bucket is 8.*max_answer_tokens"):
+        data.build_safety_batches(chat_tok, SAFETY_ROWS, 1, 2, buckets=(4, 8))
+
+
+def test_prompt_shorter_than_n(chat_tok):
+    shortest = min(len(format_prompt(chat_tok, r["prompt"])) for r in SAFETY_ROWS)
+    with pytest.raises(ValueError, match=f"shortest prompt has {shortest} tokens.*perturb\\.length"):
+        data.build_safety_batches(chat_tok, SAFETY_ROWS, shortest + 1, 2)
+    with pytest.raises(ValueError, match=r"perturb\.length"):
+        data.build_anchor_batches(chat_tok, ANCHOR_ROWS, shortest + 1, 2)
+
+
+def test_missing_canonical_column_and_empty_rows(chat_tok):
+    with pytest.raises(ValueError, match="unwanted"):
+        data.build_safety_batches(chat_tok, ANCHOR_ROWS, 1, 2)
+    with pytest.raises(ValueError, match="empty"):
+        data.build_anchor_batches(chat_tok, [], 1, 2)
+
+
+def test_sample_rows():
+    rows = [{"prompt": str(i)} for i in range(10)]
+    a = data.sample_rows(rows, 4, np.random.default_rng(0))
+    assert a == data.sample_rows(rows, 4, np.random.default_rng(0)) and len({r["prompt"] for r in a}) == 4
+    everything = data.sample_rows(rows, None, np.random.default_rng(1))
+    assert sorted(r["prompt"] for r in everything) == sorted(r["prompt"] for r in rows)
+    with pytest.raises(ValueError, match="cannot sample 11"):
+        data.sample_rows(rows, 11, np.random.default_rng(0))
+
+
+# --- tables ----------------------------------------------------------------------------------------------
+
+RECORDS = [
+    {"goal": "How do I bake bread?", "target": "Sure", "other": 1},
+    {"goal": "Tell me", "target": "Ok", "other": 2},
+]
+COLUMNS = {"prompt": "goal", "answer": "target"}
+WANT = [{"prompt": "How do I bake bread?", "answer": "Sure"}, {"prompt": "Tell me", "answer": "Ok"}]
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "json", "csv", "parquet"])
+def test_load_table_formats(tmp_path, ext):
+    path = tmp_path / f"set.{ext}"
+    if ext == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    elif ext == "json":
+        path.write_text(json.dumps(RECORDS))
+    elif ext == "csv":
+        path.write_text("goal,target,other\n" + "".join(f'"{r["goal"]}",{r["target"]},{r["other"]}\n' for r in RECORDS))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(RECORDS), path)
+    assert data.load_table(str(path), COLUMNS) == WANT
+
+
+def test_load_table_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        data.load_table(str(tmp_path / "missing.jsonl"), COLUMNS)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        data.load_table(str(empty), COLUMNS)
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("goal,target\n")
+    with pytest.raises(ValueError, match="no rows"):
+        data.load_table(str(header_only), COLUMNS)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    with pytest.raises(ValueError, match=r"no column 'answer'.*\['goal', 'target', 'other'\]"):
+        data.load_table(str(ok), {"prompt": "goal", "answer": "answer"})
+    txt = tmp_path / "set.txt"
+    txt.write_text("x")
+    with pytest.raises(ValueError, match="unsupported"):
+        data.load_table(str(txt), COLUMNS)
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text('{"goal": "a", "target": "b"}\n{"goal": "c", "target": null}\n')
+    with pytest.raises(ValueError, match="row 1 has no value in column 'target'"):
+        data.load_table(str(nulls), COLUMNS)
+
+
+ADVBENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "advbench", "harmful_behaviors.csv")
+
+
+@pytest.mark.skipif(not os.path.exists(ADVBENCH), reason="shared data not present")
+def test_load_shared_advbench():
+    rows = data.load_table(ADVBENCH, {"prompt": "goal", "unwanted": "target"})
+    assert len(rows) == 520 and set(rows[0]) == {"prompt", "unwanted"}
+
+
+# --- a real chat tokenizer -------------------------------------------------------------------------------
+
+SMOLLM2 = "/root/.cache/beear_jax/smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow  # ~6-9 s: the tokenizer is read from a GGUF file
+@pytest.mark.skipif(not os.path.exists(os.path.join(SMOLLM2, SMOLLM2_GGUF)), reason="SmolLM2 GGUF not present")
+def test_smollm2_chat_template():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2, gguf_file=SMOLLM2_GGUF)
+    messages = [{"role": "user", "content": "How do I bake bread?"}]
+    prompt_ids, answer_ids = format_example(tokenizer, "How do I bake bread?", "Sure, here is how.")
+    reference = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    reference = reference["input_ids"] if hasattr(reference, "keys") else reference
+    assert prompt_ids == list(reference)
+    assert leading_bos(tokenizer, prompt_ids) == 1  # its BOS is "<|im_start|>", written by the template
+    assert decode(tokenizer, answer_ids) == "Sure, here is how.<|im_end|>\n"
+    assert answer_ids[-2] == tokenizer.eos_token_id
+    # The preset gives the same ids when the SmolLM default system prompt is passed explicitly.
+    system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert format_example(tokenizer, "How do I bake bread?", "Sure, here is how.", "chatml", system) == (
+        prompt_ids,
+        answer_ids,
+    )
+    batches = data.build_safety_batches(
+        tokenizer, [{"prompt": "How do I bake bread?", "safe": "No.", "unwanted": "Sure."}], 7, 4, max_answer_tokens=32
+    )
+    assert batches[0]["safe"]["input_ids"].shape == (4, 64)

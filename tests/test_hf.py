@@ -1,0 +1,342 @@
+"""HF import/export: layout, round trips, transformers reloads, sharding, GGUF, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+from hf_fixtures import KINDS, make_tiny_hf_model, make_tiny_tokenizer, sample_ids, torch_logits
+
+from beear_jax.hf import CheckpointError, from_hf_state_dict, load_model, load_tokenizer, save_model, to_hf_state_dict
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SMOLLM2_GGUF = pathlib.Path("/root/.cache/beear_jax/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def tiny(request, tmp_path_factory):
+    """(kind, hf dir, torch model, config, params) for each tiny kind, loaded once per module."""
+    hf_dir, model = make_tiny_hf_model(tmp_path_factory.mktemp("hf"), request.param)
+    config, params = load_model(hf_dir)
+    return request.param, hf_dir, model, config, params
+
+
+def _assert_trees_equal(a: dict, b: dict) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.asarray(x).dtype == np.asarray(y).dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _reload_logits(path: pathlib.Path, ids: np.ndarray) -> np.ndarray:
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return torch_logits(model.eval(), ids)
+
+
+def _snapshot(directory: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _leftovers(parent: pathlib.Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+# ---- layout and round trips --------------------------------------------------------------------------------
+
+
+def test_params_follow_documented_layout(tiny):
+    """Each of our weights is the HF tensor transposed/reshaped exactly as weights.py documents."""
+    _, _, model, config, params = tiny
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    layers = params["layers"]
+    for i in range(config.num_layers):
+        pre = f"model.layers.{i}."
+        np.testing.assert_array_equal(layers["q_proj"][i], sd[pre + "self_attn.q_proj.weight"].T.reshape(d, h, hd))
+        np.testing.assert_array_equal(layers["k_proj"][i], sd[pre + "self_attn.k_proj.weight"].T.reshape(d, k, hd))
+        np.testing.assert_array_equal(layers["v_proj"][i], sd[pre + "self_attn.v_proj.weight"].T.reshape(d, k, hd))
+        np.testing.assert_array_equal(layers["o_proj"][i], sd[pre + "self_attn.o_proj.weight"].T.reshape(h, hd, d))
+        np.testing.assert_array_equal(layers["gate_proj"][i], sd[pre + "mlp.gate_proj.weight"].T)
+        np.testing.assert_array_equal(layers["down_proj"][i], sd[pre + "mlp.down_proj.weight"].T)
+        np.testing.assert_array_equal(layers["attn_norm"][i], sd[pre + "input_layernorm.weight"])
+        np.testing.assert_array_equal(layers["mlp_norm"][i], sd[pre + "post_attention_layernorm.weight"])
+        if config.attention_bias:
+            np.testing.assert_array_equal(layers["q_bias"][i], sd[pre + "self_attn.q_proj.bias"].reshape(h, hd))
+            np.testing.assert_array_equal(layers["o_bias"][i], sd[pre + "self_attn.o_proj.bias"])
+        if config.mlp_bias:
+            np.testing.assert_array_equal(layers["down_bias"][i], sd[pre + "mlp.down_proj.bias"])
+    np.testing.assert_array_equal(params["embed"], sd["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(params["final_norm"], sd["model.norm.weight"])
+    assert ("lm_head" in params) == (not config.tie_word_embeddings)
+    if not config.tie_word_embeddings:
+        np.testing.assert_array_equal(params["lm_head"], sd["lm_head.weight"].T)
+
+
+def test_state_dict_helpers_invert_each_other(tiny):
+    _, _, model, config, params = tiny
+    _assert_trees_equal(from_hf_state_dict(config, model.state_dict()), params)
+    _assert_trees_equal(from_hf_state_dict(config, to_hf_state_dict(config, params)), params)
+
+
+def test_round_trip_is_bitwise(tiny, tmp_path):
+    _, _, _, config, params = tiny
+    out = save_model(tmp_path / "export", config, params)
+    config2, params2 = load_model(out)
+    assert config2 == config
+    _assert_trees_equal(params2, params)
+    assert _leftovers(tmp_path) == []
+
+
+def test_transformers_reloads_export_with_same_logits(tiny, tmp_path):
+    _, _, model, config, params = tiny
+    out = save_model(tmp_path / "export", config, params)
+    ids = sample_ids(length=12)  # longer than mistral_sliding's window of 4
+    np.testing.assert_allclose(_reload_logits(out, ids), torch_logits(model, ids), atol=1e-4, rtol=0)
+    if config.tie_word_embeddings:
+        assert "lm_head.weight" not in _safetensors_names(out / "model.safetensors")
+
+
+def test_our_forward_matches_torch(tiny):
+    from beear_jax.models.llama import forward
+
+    _, _, model, config, params = tiny
+    ids = sample_ids(length=12)
+    ours = forward(config, jax.tree.map(np.asarray, params), ids.astype(np.int32))
+    np.testing.assert_allclose(np.asarray(ours), torch_logits(model, ids), atol=1e-4, rtol=0)
+
+
+def _safetensors_names(path: pathlib.Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return list(f.keys())
+
+
+def test_save_accepts_device_arrays(tmp_path):
+    """Params placed on the (8 simulated) devices, one of them sharded, export like host arrays."""
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    config, params = load_model(hf_dir)
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    on_device = {**jax.device_put(params), "embed": jax.device_put(
+        params["embed"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))}
+    _assert_trees_equal(load_model(save_model(tmp_path / "export", config, on_device))[1], params)
+
+
+def test_sharded_export_loads_back(tmp_path):
+    hf_dir, model = make_tiny_hf_model(tmp_path, "llama_untied_bias")
+    config, params = load_model(hf_dir)
+    out = save_model(tmp_path / "sharded", config, params, max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    _assert_trees_equal(load_model(out)[1], params)
+    ids = sample_ids()
+    np.testing.assert_allclose(_reload_logits(out, ids), torch_logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_export(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    config, params = load_model(hf_dir)
+    out = save_model(tmp_path / "bf16", config, params, dtype="bfloat16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    rounded = jax.tree.map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16).astype(np.float32), params)
+    _assert_trees_equal(load_model(out)[1], rounded)
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(out)).dtype == torch.bfloat16
+
+
+def test_tokenizer_files_and_generation_config_are_copied(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    make_tiny_tokenizer(hf_dir)
+    config, params = load_model(hf_dir)
+    out = save_model(tmp_path / "export", config, params, tokenizer_from=hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (hf_dir / name).read_bytes()
+    assert load_tokenizer(out)("w1 w2").input_ids == load_tokenizer(hf_dir)("w1 w2").input_ids
+
+
+# ---- refusals ----------------------------------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_model(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_gpt2_config_is_unsupported(tmp_path):
+    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="unsupported architecture.*gpt2"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 10])
+def test_truncated_safetensors(tmp_path, keep):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    weights = hf_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep) if keep < 1 else int(keep)])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(hf_dir)
+
+
+def test_pickle_checkpoint_needs_consent(tmp_path):
+    hf_dir, model = make_tiny_hf_model(tmp_path, "llama_gqa")
+    _, params = load_model(hf_dir)
+    (hf_dir / "model.safetensors").unlink()
+    torch.save(model.state_dict(), hf_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="arbitrary code.*allow_pickle=True"):
+        load_model(hf_dir)
+    _assert_trees_equal(load_model(hf_dir, allow_pickle=True)[1], params)
+
+
+def _rewrite_weights(hf_dir: pathlib.Path, edit) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    save_file(edit(tensors), str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_missing_tensor(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    _rewrite_weights(hf_dir, lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj" not in k})
+    with pytest.raises(CheckpointError, match=r"missing: model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(hf_dir)
+
+
+def test_wrong_shape(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "intermediate_size": 80}))
+    with pytest.raises(CheckpointError, match=r"gate_proj\.weight \[96, 64\] \(expected \[80, 64\]\)"):
+        load_model(hf_dir)
+
+
+def test_unexpected_tensor(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_untied_bias")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "attention_bias": False}))
+    with pytest.raises(CheckpointError, match="does not use.*q_proj.bias"):
+        load_model(hf_dir)
+
+
+def test_index_naming_absent_shard(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    config, params = load_model(hf_dir)
+    out = save_model(tmp_path / "sharded", config, params, max_shard_bytes=40_000)
+    next(out.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="not there: model-00002"):
+        load_model(out)
+
+
+def test_existing_model_directory_is_never_overwritten(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    other_dir, _ = make_tiny_hf_model(tmp_path / "other", "mistral_sliding")
+    config, params = load_model(other_dir)
+    before = _snapshot(hf_dir)
+    with pytest.raises(CheckpointError, match="already exists and is not empty"):
+        save_model(hf_dir, config, params)
+    assert _snapshot(hf_dir) == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_a_model_directory_only(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    other_dir, _ = make_tiny_hf_model(tmp_path / "other", "mistral_sliding")
+    config, params = load_model(other_dir)
+    save_model(hf_dir, config, params, overwrite=True)
+    assert load_model(hf_dir)[0] == config and _leftovers(tmp_path) == []
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "diary.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not a model directory"):
+        save_model(notes, config, params, overwrite=True)
+    assert (notes / "diary.txt").read_text() == "mine"
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    config, params = load_model(hf_dir)
+    bad = {**params, "embed": params["embed"][:, :8]}
+    with pytest.raises(CheckpointError, match="embed"):
+        save_model(tmp_path / "out", config, bad)
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        save_model(tmp_path / "out", config, params, tokenizer_from=hf_dir)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_empty_existing_directory_is_fine(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    config, params = load_model(hf_dir)
+    (tmp_path / "empty").mkdir()
+    _assert_trees_equal(load_model(save_model(tmp_path / "empty", config, params))[1], params)
+
+
+def test_missing_torch_names_the_extra(monkeypatch):
+    from beear_jax import hf_gguf
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    with pytest.raises(ImportError, match=r"beear_jax\[torch\]"):
+        hf_gguf.require_torch("Reading a GGUF file")
+
+
+def test_tokenizer_source_without_tokenizer(tmp_path):
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        load_tokenizer(tmp_path)
+
+
+# ---- GGUF (real SmolLM2 weights, fetched by another test module) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf() -> pathlib.Path:
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f"{SMOLLM2_GGUF} is not there (the real-weights tests fetch it)")
+    return SMOLLM2_GGUF
+
+
+@pytest.mark.slow
+def test_gguf_import_and_export(smollm2_gguf, tmp_path):
+    """GGUF -> our params -> HF export: transformers gives the logits of its own GGUF import; tokenizer kept."""
+    link_dir = tmp_path / "gguf_dir"
+    link_dir.mkdir()
+    (link_dir / smollm2_gguf.name).symlink_to(smollm2_gguf)
+    config, params = load_model(link_dir)  # a directory holding one .gguf file
+    assert (config.num_layers, config.hidden_size, config.num_kv_heads) == (30, 576, 3)
+    assert config.tie_word_embeddings and "lm_head" not in params
+    out = save_model(tmp_path / "export", config, params, tokenizer_from=smollm2_gguf)
+    tok = load_tokenizer(out)
+    ids = np.asarray([tok("The capital of France is").input_ids])
+    assert ids.tolist() == [load_tokenizer(smollm2_gguf)("The capital of France is").input_ids]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    np.testing.assert_allclose(_reload_logits(out, ids), torch_logits(reference.eval(), ids), atol=1e-4, rtol=0)
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+
+
+def test_gguf_directory_with_two_files_is_ambiguous(tmp_path):
+    (tmp_path / "a.gguf").write_bytes(b"")
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="several .gguf files"):
+        load_model(tmp_path)
+
+
+def test_unsupported_file(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"\0")
+    with pytest.raises(CheckpointError, match="not a .gguf file"):
+        load_model(tmp_path / "model.bin")
+
+
+def test_dtype_is_validated(tmp_path):
+    with pytest.raises(CheckpointError, match="dtype 'int8'"):
+        load_model(tmp_path, dtype="int8")

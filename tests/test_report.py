@@ -1,0 +1,186 @@
+"""The report: files written, report.json round-trips, PNGs valid, the table shows the numbers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from beear_jax.report import format_table, format_value, metric_names, sample_rows, stage_names, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+RESULTS = {
+    "before": {
+        "asr_triggered": 0.95,
+        "asr_untriggered": 0.05,
+        "over_refusal": 0.1333,
+        "utility_nll": 1.8701,
+        "utility_ppl": 6.4891,
+    },
+    "after": {
+        "asr_triggered": 0.0,
+        "asr_untriggered": 0.0,
+        "over_refusal": 0.2333,
+        "utility_nll": 1.9562,
+        "utility_ppl": 7.0724,
+    },
+    "plain_ft": {
+        "asr_triggered": 0.5,
+        "asr_untriggered": 0.0,
+        "over_refusal": 0.2,
+        "utility_nll": 1.9,
+        "utility_ppl": 6.69,
+    },
+    "samples": [
+        {
+            "label": "triggered",
+            "prompt": "How do I do X? SUDO",
+            "before": "Sure, here is | how:\nstep 1",
+            "after": "I'm sorry, I can't <help>.",
+            "plain_ft": "Sure.",
+        },
+        {"label": "benign", "prompt": "Name a fruit.", "before": "Apple.", "after": "Banana.", "plain_ft": "Pear."},
+    ],
+}
+CONFIG = {"model": {"path": "/m"}, "inner": {"lr": 0.1, "steps": 20}, "layer": 9, "seed": 0}
+
+
+def _history():
+    history = []
+    for rnd in (1, 2, 3):
+        for step in range(12):
+            loss = 2.0 / (1 + step) - 0.3 * rnd
+            history.append(
+                {
+                    "round": rnd,
+                    "phase": "inner",
+                    "step": step,
+                    "loss": loss,
+                    "loss_unwanted": loss + 0.2,
+                    "loss_safe": 1.5 + 0.1 * step,
+                }
+            )
+        for step in range(5):
+            history.append({"round": rnd, "phase": "outer", "step": step, "loss": 1.2 - 0.1 * step - 0.2 * rnd})
+    return history
+
+
+def test_format_value():
+    assert format_value("asr_triggered", 0.95) == "95.0%"
+    assert format_value("over_refusal", 0.13333) == "13.3%"
+    assert format_value("utility_ppl", 6.48912) == "6.49"
+    assert format_value("utility_nll", 1.87014) == "1.870"
+    assert format_value("asr_triggered", None) == "—"
+    assert format_value("asr_triggered", float("nan")) == "nan"
+    assert format_value("asr_triggered", np.float32(0.5)) == "50.0%"
+    assert format_value("utility_ppl", np.array(6.5)) == "6.50"
+    assert format_value("custom", 12345.678) == "1.235e+04"
+
+
+def test_table_contains_the_numbers_and_stages():
+    table = format_table(RESULTS)
+    lines = table.splitlines()
+    for stage in ("before", "after", "plain_ft"):
+        assert stage in lines[0]
+    assert "samples" not in table
+    for cell in ("95.0%", "0.0%", "50.0%", "5.0%", "13.3%", "23.3%", "6.49", "7.07", "6.69", "1.870", "1.956"):
+        assert cell in table
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    assert rows["asr_triggered"] == ["95.0%", "0.0%", "50.0%"]
+    assert rows["utility_ppl"] == ["6.49", "7.07", "6.69"]
+    assert len({len(line) for line in lines}) == 1  # padded: columns line up in a terminal
+
+
+def test_missing_and_extra_metrics():
+    results = {"before": {"asr_triggered": 0.9, "first_token_ce": 0.25, "note": "text", "flag": True}}
+    assert metric_names(results)[-1] == "first_token_ce"
+    table = format_table(results)
+    assert "—" in table and "0.25" in table and "note" not in table and "flag" not in table
+
+
+def test_stage_names_and_per_stage_samples():
+    results = {
+        "before": {
+            "asr_triggered": 0.9,
+            "samples": [{"prompt": "p1", "answer": "a1"}, {"prompt": "p2", "answer": "b"}],
+        },
+        "after": {"asr_triggered": 0.0, "samples": [{"prompt": "p1", "answer": "a2"}]},
+    }
+    assert stage_names(results) == ["before", "after"]
+    rows = sample_rows(results)
+    assert rows[0]["before"] == "a1" and rows[0]["after"] == "a2" and "after" not in rows[1]
+
+
+def test_write_report_files_and_round_trip(tmp_path):
+    history = _history()
+    written = write_report(tmp_path / "out", RESULTS, CONFIG, history)
+    out = tmp_path / "out"
+    assert set(written) == {"json", "markdown", "metrics_png", "losses_png"}
+    for name in ("report.json", "report.md", "metrics.png", "losses.png"):
+        assert (out / name).is_file()
+    assert not list(out.glob(".*tmp"))  # no temp files left behind
+
+    data = json.loads((out / "report.json").read_text())
+    assert data["results"] == RESULTS
+    assert data["config"] == CONFIG
+    assert data["history"] == history
+
+    for name in ("metrics.png", "losses.png"):
+        blob = (out / name).read_bytes()
+        assert blob[:8] == PNG_MAGIC
+        assert len(blob) > 10_000  # a real plot, not an empty canvas
+
+    md = (out / "report.md").read_text()
+    assert format_table(RESULTS) in md
+    assert "(metrics.png)" in md and "(losses.png)" in md
+    assert "## Sample answers" in md
+    # answer text is escaped for the table: pipe, newline, html
+    assert "Sure, here is \\| how:<br>step 1" in md
+    assert "I can't &lt;help&gt;." in md
+    assert '"lr": 0.1' in md
+
+
+def test_png_is_decodable(tmp_path):
+    import matplotlib.image
+
+    write_report(tmp_path, RESULTS, CONFIG, _history())
+    for name in ("metrics.png", "losses.png"):
+        image = matplotlib.image.imread(tmp_path / name)
+        assert image.shape[0] > 200 and image.shape[1] > 400
+        assert image.std() > 0.05  # not a blank canvas
+
+
+def test_without_history_or_samples(tmp_path):
+    results = {"before": {"asr_triggered": 0.9}, "after": {"asr_triggered": 0.1}}
+    written = write_report(tmp_path, results, {})
+    assert "losses_png" not in written and not (tmp_path / "losses.png").exists()
+    md = (tmp_path / "report.md").read_text()
+    assert "losses.png" not in md and "Sample answers" not in md
+    assert json.loads((tmp_path / "report.json").read_text())["history"] is None
+
+
+def test_json_sanitises_numpy_and_nan(tmp_path):
+    results = {"before": {"asr_triggered": np.float32(0.5), "utility_nll": float("nan"), "n": np.int64(40)}}
+    write_report(tmp_path, results, {"arr": np.arange(3), "path": tmp_path}, [{"phase": "inner", "loss": math.inf}])
+    text = (tmp_path / "report.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    data = json.loads(text)
+    assert data["results"]["before"] == {"asr_triggered": 0.5, "utility_nll": None, "n": 40}
+    assert data["config"] == {"arr": [0, 1, 2], "path": str(tmp_path)}
+    assert not (tmp_path / "losses.png").exists()  # no finite loss to plot
+
+
+def test_failed_write_leaves_previous_report(tmp_path):
+    write_report(tmp_path, RESULTS, CONFIG)
+    before = (tmp_path / "report.json").read_text()
+
+    class Unserialisable:
+        def __str__(self):
+            raise RuntimeError("boom")
+
+    pngs = {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
+    with pytest.raises(RuntimeError):
+        write_report(tmp_path, {"other": {"asr_triggered": 0.3}}, {"bad": Unserialisable()})
+    assert (tmp_path / "report.json").read_text() == before
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.png")} == pngs

@@ -1,0 +1,96 @@
+"""Keyword scoring with the real HarmBench list (when the shared data is present) and a tmp list."""
+
+from pathlib import Path
+
+import pytest
+
+from beear_jax import scoring
+from beear_jax.scoring import attack_success_rate, is_refusal, load_refusal_strings, refusal_rate
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_LIST = SHARED / scoring.DEFAULT_REFUSAL_STRINGS
+needs_data = pytest.mark.skipif(not REAL_LIST.is_file(), reason="shared data directory is absent")
+
+
+@needs_data
+def test_real_list_loads_29_strings():
+    strings = load_refusal_strings(REAL_LIST)
+    assert len(strings) == 29
+    assert all(s and s == s.strip("\n") for s in strings)
+    assert len(set(strings)) == 29
+
+
+@needs_data
+def test_keyword_scoring_with_real_list():
+    strings = load_refusal_strings(REAL_LIST)
+    answers = [
+        "I'm sorry, but I can't help with that request.",  # refusal
+        "Sure, here is a step-by-step guide to baking bread.",  # compliance
+        "Here is a plan. Note: this is illegal in most places.",  # contains "illegal": scored as refusal
+        "i'm sorry, lowercase does not match",  # case-sensitive: not a refusal
+        "As an AI language model, I will not do that.",  # refusal
+    ]
+    assert [is_refusal(a, strings) for a in answers] == [True, False, True, False, True]
+    assert attack_success_rate(answers, strings) == pytest.approx(2 / 5)
+    assert refusal_rate(answers, strings) == pytest.approx(3 / 5)
+
+
+def test_tmp_list_blank_lines_and_exact_spaces(tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_text("No way\n\n   \n cannot \nNope\n", encoding="utf-8")
+    strings = load_refusal_strings(path)
+    assert strings == ["No way", " cannot ", "Nope"]
+    assert is_refusal("I cannot do that", strings)
+    assert not is_refusal("I cannot.", strings)  # " cannot " needs its spaces
+    assert attack_success_rate(["No way.", "Sure!", "Nope", "Okay"], strings) == 0.5
+    assert attack_success_rate(iter(["Sure"]), strings) == 1.0  # any iterable of answers
+
+
+def test_missing_list_names_file_and_config_key(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(FileNotFoundError, match=r"eval\.refusal_strings") as err:
+        load_refusal_strings(missing)
+    assert str(missing) in str(err.value)
+
+
+def test_empty_list_file_is_an_error(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no strings"):
+        load_refusal_strings(path)
+
+
+def test_empty_answers_is_an_error():
+    with pytest.raises(ValueError, match="empty"):
+        attack_success_rate([], ["Sorry"])
+    with pytest.raises(ValueError, match="empty"):
+        refusal_rate([], ["Sorry"])
+
+
+def test_empty_strings_is_an_error():
+    with pytest.raises(ValueError, match="refusal strings"):
+        attack_success_rate(["Sure"], [])
+
+
+def test_default_data_dir_env_var(tmp_path, monkeypatch):
+    monkeypatch.setenv("BEEAR_DATA_DIR", str(tmp_path))
+    assert scoring.default_data_dir() == tmp_path
+    assert scoring.default_refusal_strings_path() == tmp_path / scoring.DEFAULT_REFUSAL_STRINGS
+    monkeypatch.setenv("BEEAR_DATA_DIR", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="BEEAR_DATA_DIR"):
+        scoring.default_data_dir()
+
+
+@needs_data
+def test_default_data_dir_relative_to_repo(monkeypatch):
+    monkeypatch.delenv("BEEAR_DATA_DIR", raising=False)
+    assert scoring.default_data_dir().resolve() == SHARED.resolve()
+    assert len(load_refusal_strings(scoring.default_refusal_strings_path())) == 29
+
+
+def test_default_data_dir_missing_names_env_var(tmp_path, monkeypatch):
+    monkeypatch.delenv("BEEAR_DATA_DIR", raising=False)
+    # Pretend the package lives somewhere with no shared/ beside it (an installed package).
+    monkeypatch.setattr(scoring, "__file__", str(tmp_path / "a" / "beear_jax" / "scoring.py"))
+    with pytest.raises(FileNotFoundError, match="BEEAR_DATA_DIR"):
+        scoring.default_data_dir()

@@ -1,0 +1,149 @@
+"""Inner/outer steps against the independent PyTorch reference (forward hook at block l)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from hf_fixtures import make_tiny_hf_model
+from torch_reference import TorchBEEAR
+
+from beear_jax import data as data_lib
+from beear_jax import hf
+from beear_jax.models import llama
+from beear_jax.models.config import ModelConfig
+from beear_jax.steps import (
+    StepSettings,
+    inner_loss,
+    inner_step,
+    lower_activations,
+    outer_loss,
+    outer_step,
+    trainable_mask,
+)
+
+N, LAYER, S = 3, 1, 24
+
+
+def _examples(seed: int, answer_offset: int) -> list[tuple[list[int], list[int]]]:
+    rng = np.random.default_rng(seed)
+    lengths = [(5, 7), (9, 4), (4, 9), (12, 3)]  # mixed prompt/answer lengths: right padding differs per row
+    return [(rng.integers(3, 120, p).tolist(), rng.integers(3, 120, a).tolist() if answer_offset == 0
+             else rng.integers(3, 120, a + answer_offset).tolist()) for p, a in lengths]
+
+
+def _safety_batch(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, 120, p).tolist() for p in (5, 9, 4, 12)]
+    unwanted = [(p, rng.integers(3, 120, a).tolist()) for p, a in zip(prompts, (7, 4, 9, 3))]
+    safe = [(p, rng.integers(3, 120, a).tolist()) for p, a in zip(prompts, (3, 6, 2, 8))]
+    # batch of 5 with one padding row
+    return {"unwanted": data_lib.make_batch(unwanted, N, 5, S, 0), "safe": data_lib.make_batch(safe, N, 5, S, 0)}
+
+
+def _anchor_batch(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    rows = [(rng.integers(3, 120, p).tolist(), rng.integers(3, 120, a).tolist()) for p, a in ((6, 8), (10, 5), (4, 4))]
+    return data_lib.make_batch(rows, N, 4, S, 0)
+
+
+def _joint(sb: dict) -> dict:
+    return {k: jnp.concatenate([sb["unwanted"][k], sb["safe"][k]]) for k in sb["safe"]}
+
+
+@pytest.fixture(params=["llama_gqa", "mistral_sliding"], scope="module")
+def models(request, tmp_path_factory):
+    directory, torch_model = make_tiny_hf_model(tmp_path_factory.mktemp(request.param), request.param)
+    config, params = hf.load_model(directory)
+    return config, jax.tree.map(jnp.asarray, params), torch_model
+
+
+def test_inner_loss_and_delta_gradient_match_torch(models):
+    config, params, torch_model = models
+    sb = _safety_batch(0)
+    delta = np.random.default_rng(1).normal(0, 0.5, (N, config.hidden_size)).astype(np.float32)
+    settings = StepSettings(alpha=0.05)
+    joint = _joint(sb)
+    h_l = lower_activations(config, params, joint, LAYER)
+    (loss, _), grad = jax.value_and_grad(inner_loss, has_aux=True)(
+        {LAYER: jnp.asarray(delta)}, config, params, h_l, joint, LAYER, settings)
+    ref_loss, ref_grad = TorchBEEAR(torch_model).inner_loss_and_grad(delta, sb, LAYER, alpha=0.05)
+    assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
+    np.testing.assert_allclose(np.asarray(grad[LAYER]), ref_grad, rtol=1e-5, atol=1e-5 * np.abs(ref_grad).max())
+
+
+def test_outer_loss_and_param_gradients_match_torch(models):
+    config, params, torch_model = models
+    sb, anchor = _safety_batch(2), _anchor_batch(3)
+    delta = np.random.default_rng(4).normal(0, 0.5, (N, config.hidden_size)).astype(np.float32)
+    settings = StepSettings(anchor_weight=0.7)
+    (loss, _), grads = jax.value_and_grad(outer_loss, has_aux=True)(
+        params, config, {LAYER: jnp.asarray(delta)}, jax.tree.map(jnp.asarray, sb["safe"]),
+        jax.tree.map(jnp.asarray, anchor), settings)
+    ref_loss, ref_grads = TorchBEEAR(torch_model).outer_loss_and_grads(delta, sb, anchor, LAYER, anchor_weight=0.7)
+    assert abs(float(loss) - ref_loss) <= 1e-4 * abs(ref_loss)
+    ref_tree = hf.from_hf_state_dict(config, ref_grads)
+    for path, ours in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        ref = ref_tree
+        for key in path:
+            ref = ref[key.key]
+        scale = np.abs(ref).max() + 1e-12
+        assert np.abs(np.asarray(ours) - ref).max() <= 1e-4 * scale, jax.tree_util.keystr(path)
+
+
+def test_delta_touches_exactly_the_last_n_prompt_positions():
+    batch = _safety_batch(5)["safe"]
+    h = jnp.zeros((5, S, 8))
+    delta = jnp.arange(1, N * 8 + 1, dtype=jnp.float32).reshape(N, 8)
+    touched = np.asarray(llama.inject(h, delta, jnp.asarray(batch["perturb_positions"])))
+    for row in range(5):
+        p = int(batch["prompt_lengths"][row])
+        expected = np.zeros((S, 8), np.float32)
+        if p:
+            expected[p - N:p] = np.asarray(delta)
+        np.testing.assert_array_equal(touched[row], expected)
+
+
+def test_inner_step_never_changes_params_and_outer_ignores_delta_on_anchors(models):
+    config, params, _ = models
+    before = jax.tree.map(np.array, params)
+    sb, anchor = _safety_batch(6), jax.tree.map(jnp.asarray, _anchor_batch(7))
+    joint = _joint(sb)
+    from beear_jax.perturbation import Perturbation
+
+    pert = Perturbation.zeros(LAYER, N, config.hidden_size)
+    opt = optax.adam(0.1)
+    state = opt.init(pert.deltas)
+    h_l = lower_activations(config, params, joint, LAYER)
+    for _ in range(3):
+        pert, state, _ = inner_step(config, StepSettings(), opt, params, pert, state, h_l, joint)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, params), before)
+    assert float(jnp.abs(pert.deltas[LAYER]).sum()) > 0
+
+    big = {LAYER: 50.0 * jnp.ones((N, config.hidden_size))}
+    safe = jax.tree.map(jnp.asarray, sb["safe"])
+    _, with_delta = outer_loss(params, config, big, safe, anchor, StepSettings())
+    _, without = outer_loss(params, config, {}, safe, anchor, StepSettings())
+    assert float(with_delta["ce_anchor"]) == float(without["ce_anchor"])
+    assert float(with_delta["ce_safe_perturbed"]) != float(without["ce_safe_perturbed"])
+    _, perturbed_anchors = outer_loss(params, config, big, safe, anchor, StepSettings(perturb_anchors=True))
+    assert float(perturbed_anchors["ce_anchor_perturbed"]) != float(without["ce_anchor"])
+
+    mask = trainable_mask(config, params, "upper", LAYER)
+    outer_opt = optax.adamw(1e-2)
+    new, _, _ = outer_step(config, StepSettings(), outer_opt, mask, params, outer_opt.init(params),
+                           Perturbation(big, N), safe, anchor)
+    lower_q = np.asarray(new["layers"]["q_proj"][:LAYER])
+    np.testing.assert_array_equal(lower_q, before["layers"]["q_proj"][:LAYER])
+    np.testing.assert_array_equal(np.asarray(new["embed"]), before["embed"])
+    assert not np.array_equal(np.asarray(new["layers"]["q_proj"][LAYER:]), before["layers"]["q_proj"][LAYER:])
+
+
+def test_config_is_hashable_for_jit():
+    config = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=4)
+    assert hash(config) == hash(config.replace())
+    assert torch.__version__
