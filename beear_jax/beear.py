@@ -1,4 +1,4 @@
-"""The BEEAR bi-level loop: rounds of (cache h_l -> inner passes -> outer pass), logging, export.
+"""The BEEAR bi-level loop: rounds of (cache h_l -> inner passes -> outer pass), logging, checkpoints, export.
 
     for each round:
         h_l of the sampled safety prompts (unwanted and safe answers), once, no gradient
@@ -13,21 +13,23 @@ import itertools
 import json
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from beear_jax import checkpoint as checkpoint_lib
 from beear_jax import data as data_lib
+from beear_jax import sharding as sharding_lib
 from beear_jax.config_loading import config_to_dict
 from beear_jax.hf import load_model, load_tokenizer, save_model
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation, validate_layers
-from beear_jax.steps import StepSettings, make_optimizer, make_steps, trainable_mask
+from beear_jax.steps import Steps, StepSettings, make_optimizer, make_steps, trainable_mask
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,6 +57,7 @@ class RunResult:
     output_dir: pathlib.Path
     model_dir: pathlib.Path | None
     stopped_early: bool
+    resumed_from: int | None = None  # the checkpoint (global outer step) a resumed run continued from
 
 
 def perturb_layers(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -65,6 +68,9 @@ def perturb_layers(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
 def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any) -> DefenderData:
     """Loads and tokenizes the safety and anchor sets; fixes the padded lengths for the whole run."""
     system_prompt = cfg.model.system_prompt or None
+    for key in ("safety", "anchor"):
+        if not cfg.data[key]:
+            raise ValueError(f"data.{key} is empty: set --config.data.{key}=FILE (a json/jsonl/csv/parquet table).")
     safety = data_lib.load_table(cfg.data.safety, dict(cfg.data.safety_columns))
     anchors = data_lib.load_table(cfg.data.anchor, dict(cfg.data.anchor_columns))
     encode = {"max_answer_tokens": cfg.data.max_answer_tokens, "template": cfg.model.template,
@@ -142,14 +148,20 @@ def _scalars(metrics: dict[str, Any], index: int | None = None) -> dict[str, flo
 
 
 class MetricsLog:
-    """Appends one JSON line per step to metrics.jsonl and keeps the history in memory."""
+    """Appends one JSON line per step to metrics.jsonl and keeps the history in memory.
 
-    def __init__(self, path: pathlib.Path | None) -> None:
+    `keep` lines of an existing file are kept (a resumed run continues the log from its checkpoint;
+    lines written after that checkpoint are dropped, as their steps run again).
+    """
+
+    def __init__(self, path: pathlib.Path | None, keep: int = 0) -> None:
         self.path = path
         self.history: list[dict] = []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            kept = path.read_text().splitlines()[:keep] if keep and path.exists() else []
+            self.history = [json.loads(line) for line in kept]
+            path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         self.history.append(record)
@@ -158,15 +170,31 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def check_batch_sizes(cfg: ml_collections.ConfigDict, sizes: dict[str, int], use_perturbation: bool) -> None:
+    """Every batch must split evenly over the mesh's ('data', 'fsdp') axes (clear error otherwise)."""
+    if use_perturbation:
+        # Inner batches hold the unwanted and the safe answers of batch_size prompts.
+        sharding_lib.check_batch_size("2 x inner.batch_size", 2 * int(cfg.inner.batch_size), sizes)
+    sharding_lib.check_batch_size("outer.batch_size", int(cfg.outer.batch_size), sizes)
 
 
 def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
               on_round_end: Callable[[int, dict], None] | None = None, export: bool = True) -> RunResult:
-    """Runs the defence described by cfg and exports the repaired model to cfg.output_dir/model."""
+    """Runs the defence described by cfg and exports the repaired model to cfg.output_dir/model.
+
+    Params and optimizer state live sharded on the mesh cfg.mesh.shape; with export=True the run
+    state is checkpointed to output_dir/checkpoints (cfg.checkpoint_every rounds, and every
+    cfg.checkpoint_every_steps outer steps) and cfg.resume=True continues from the newest good
+    checkpoint. Only process 0 writes logs and the model.
+    """
+    sharding_lib.initialize_distributed(bool(cfg.mesh.distributed))
+    primary = sharding_lib.is_primary()
     model_path = os.path.expanduser(cfg.model.path)
     output_dir = pathlib.Path(os.path.expanduser(cfg.output_dir))
     model_dir = output_dir / "model"
@@ -174,11 +202,18 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
         raise FileExistsError(
             f"{model_dir} already holds files; choose a new --config.output_dir (nothing is overwritten)."
         )
-    model_config, params = load_model(model_path, dtype=cfg.model.dtype)
+    checkpoint_dir = output_dir / "checkpoints"
+    if export and not cfg.resume and checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
+        raise FileExistsError(f"{checkpoint_dir} holds checkpoints of an earlier run; pass --config.resume=True to "
+                              "continue it, or choose a new --config.output_dir.")
+    model_config, host_params = load_model(model_path, dtype=cfg.model.dtype)
     layers = perturb_layers(cfg)
     validate_layers(layers, model_config.num_layers)
     tokenizer = load_tokenizer(model_path)
     data = prepare_data(cfg, tokenizer)
+    use_perturbation = bool(cfg.perturb.enabled)
+    mesh = sharding_lib.make_mesh(cfg.mesh.shape)
+    check_batch_sizes(cfg, sharding_lib.axis_sizes(mesh), use_perturbation)
 
     settings = StepSettings(
         alpha=float(cfg.inner.alpha),
@@ -190,59 +225,124 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     )
     inner_opt = make_optimizer(cfg.inner.optimizer, cfg.inner.lr)
     outer_opt = make_optimizer(cfg.outer.optimizer, cfg.outer.lr, cfg.outer.weight_decay)
-    steps = make_steps(model_config, settings, layers[0], inner_opt, outer_opt)
-    params = jax.tree.map(jnp.asarray, params)
-    trainable = trainable_mask(model_config, params, cfg.outer.trainable, layers[0])
-    outer_state = outer_opt.init(params)
-    use_perturbation = bool(cfg.perturb.enabled)
+    layout = sharding_lib.step_shardings(model_config, mesh, outer_opt)
+    steps = make_steps(model_config, settings, layers[0], inner_opt, outer_opt, layout)
+    params = sharding_lib.place_params(host_params, layout.params)  # each device gets only its shards
+    del host_params
+    trainable = sharding_lib.replicate(trainable_mask(model_config, params, cfg.outer.trainable, layers[0]), mesh)
+    init_inner = jax.jit(inner_opt.init, out_shardings=layout.replicated)
+    zeros = jax.jit(lambda: Perturbation.zeros(layers, int(cfg.perturb.length), model_config.hidden_size),
+                    out_shardings=layout.replicated)
 
-    log = MetricsLog(output_dir / "metrics.jsonl" if export else None)
+    def fresh_perturbation() -> tuple[Perturbation, Any]:
+        # New buffers each round: the inner steps donate (consume) the previous ones.
+        pert = zeros()
+        return pert, init_inner(pert.deltas)
+
+    outer_state = jax.jit(outer_opt.init, out_shardings=layout.outer_state)(params)
+    loop = checkpoint_lib.RunState(params, outer_state, *fresh_perturbation())
+
     rng = np.random.default_rng(int(cfg.seed))
     plan = [round_batches(cfg, data, rng) for _ in range(int(cfg.rounds))]  # fixed per seed, also on resume
-    total = sum(len(inner) * int(cfg.inner.epochs) * use_perturbation + len(outer) for inner, outer in plan)
-    bar = _progress(total, progress)
-    stopped_early = False
-    started = time.time()
-    for round_index, (inner_batches, outer_pairs) in enumerate(plan, start=1):
-        pert = Perturbation.zeros(layers, int(cfg.perturb.length), model_config.hidden_size)
-        last_inner: dict[str, float] = {}
-        if use_perturbation:
-            batch_stack = data_lib.stack_batches(inner_batches)
-            h_stack = jnp.stack([steps.lower(params, b) for b in inner_batches])
-            inner_state = inner_opt.init(pert.deltas)
-            for epoch in range(int(cfg.inner.epochs)):
-                pert, inner_state, metrics = steps.inner_epoch(params, pert, inner_state, h_stack, batch_stack)
-                metrics = jax.device_get(metrics)
-                check_finite(metrics, f"inner epoch {epoch + 1} of round {round_index}",
-                             "Lower --config.inner.lr or set --config.inner.safe_ce_clamp.")
-                for i in range(len(inner_batches)):
-                    last_inner = _scalars(metrics, i)
-                    log.write({"round": round_index, "phase": "inner", "epoch": epoch + 1, **last_inner})
-                    bar.update(1)
-                bar.set_postfix(round=round_index, ce_unwanted=f"{last_inner['ce_unwanted']:.3f}")
-        for step_index, (safe_batch, anchor_batch) in enumerate(outer_pairs, start=1):
-            params, outer_state, metrics = steps.outer_step(trainable, params, outer_state, pert, safe_batch,
-                                                            anchor_batch)
+    config_dict = config_to_dict(cfg)
+    signature = checkpoint_lib.layout_signature(model_config, layers, cfg)
+    ckpt = checkpoint_lib.LoopCheckpoints(cfg, checkpoint_dir, signature, rng.bit_generator.state,
+                                          config_dict) if export else None
+    meta = ckpt.resume(loop, layout) if ckpt and cfg.resume else None
+    if cfg.resume and primary:
+        print(f"beear: resuming from checkpoint {loop.global_step} (round {loop.round}, {loop.outer_step} outer "
+              f"steps done)" if meta else f"beear: no checkpoint in {checkpoint_dir}; starting afresh.",
+              file=sys.stderr)
+    log = MetricsLog(output_dir / "metrics.jsonl" if export and primary else None,
+                     keep=int(meta["log_lines"]) if meta else 0)
+    started = time.time() - (float(meta["elapsed_s"]) if meta else 0.0)
+    try:
+        _rounds(cfg, steps, layout, trainable, plan, loop, log, ckpt, started, progress and primary,
+                on_round_end, use_perturbation, fresh_perturbation)
+    finally:
+        if ckpt is not None:
+            ckpt.store.close()  # waits for an in-flight save, also when a step failed
+    written = None
+    if export:
+        host_params = sharding_lib.to_host(loop.params)  # every process takes part in the gather
+        if primary:
+            (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
+            written = pathlib.Path(save_model(model_dir, model_config, host_params, tokenizer_from=model_path))
+    return RunResult(loop.params, model_config, log.history, output_dir, written, loop.stopped_early,
+                     resumed_from=meta["global_step"] if meta else None)
+
+
+def _rounds(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, trainable: Any, plan: list, loop: checkpoint_lib.RunState,
+            log: MetricsLog, ckpt: checkpoint_lib.LoopCheckpoints | None, started: float, progress: bool,
+            on_round_end: Callable[[int, dict], None] | None, use_perturbation: bool,
+            fresh_perturbation: Callable[[], tuple]) -> None:
+    """The rounds from the loop's cursor on: inner phase (unless resumed mid-round) and outer phase."""
+    epochs = int(cfg.inner.epochs)
+    inner_sizes = [len(inner) * epochs * use_perturbation for inner, _ in plan]
+    sizes = [n + len(outer) for n, (_, outer) in zip(inner_sizes, plan)]
+    first = len(plan) + 1 if loop.stopped_early else loop.round + loop.round_done
+    resume_mid = first <= len(plan) and not loop.round_done and loop.outer_step > 0
+    done = sum(sizes[:first - 1]) + (inner_sizes[first - 1] + loop.outer_step if resume_mid else 0)
+    bar = _progress(sum(sizes), progress, initial=done)
+    for round_index in range(first, len(plan) + 1):
+        inner_batches, outer_pairs = plan[round_index - 1]
+        mid_round = resume_mid and round_index == first
+        loop.round, loop.round_done = round_index, False
+        device_bytes: dict[str, int] = {}
+        if not mid_round:
+            loop.outer_step, loop.last_inner = 0, {}
+            loop.pert, loop.inner_state = fresh_perturbation()
+            if use_perturbation:
+                device_bytes["h_cache"] = _inner_phase(cfg, steps, layout, inner_batches, loop, log, bar, epochs)
+        for step_index in range(loop.outer_step + 1, len(outer_pairs) + 1):
+            safe_batch, anchor_batch = (sharding_lib.shard_batch(b, layout.batch) for b in outer_pairs[step_index - 1])
+            loop.params, loop.outer_state, metrics = steps.outer_step(trainable, loop.params, loop.outer_state,
+                                                                      loop.pert, safe_batch, anchor_batch)
             metrics = _scalars(jax.device_get(metrics))
-            check_finite(metrics, f"outer step {step_index} of round {round_index}",
-                         "Lower --config.outer.lr.")
+            check_finite(metrics, f"outer step {step_index} of round {round_index}", "Lower --config.outer.lr.")
+            loop.outer_step, loop.global_step = step_index, loop.global_step + 1
             log.write({"round": round_index, "phase": "outer", "step": step_index, **metrics})
             bar.update(1)
             bar.set_postfix(round=round_index, ce_safe=f"{metrics['ce_safe_perturbed']:.3f}")
+            if ckpt is not None and ckpt.due_step(loop, len(outer_pairs)):
+                ckpt.save(loop, len(log.history), time.time() - started)
         summary = {"round": round_index, "phase": "round_end", "elapsed_s": round(time.time() - started, 2),
-                   **{f"last_{k}": v for k, v in last_inner.items()}}
+                   **{f"last_{k}": v for k, v in loop.last_inner.items()}}
         log.write(summary)
-        if on_round_end is not None:
-            on_round_end(round_index, {"params": params, "perturbation": pert, "summary": summary})
         threshold = float(cfg.inner.early_stop_ce)
-        if cfg.early_stop and use_perturbation and threshold > 0 and last_inner.get("ce_unwanted", 0) > threshold:
-            # Even the best perturbation no longer elicits the unwanted answer: the backdoor is gone.
-            stopped_early = True
+        # Even the best perturbation no longer elicits the unwanted answer: the backdoor is gone.
+        loop.stopped_early = bool(cfg.early_stop and use_perturbation and threshold > 0
+                                  and loop.last_inner.get("ce_unwanted", 0) > threshold)
+        loop.round_done = True
+        if ckpt is not None and ckpt.due_round(loop, len(plan)):
+            ckpt.save(loop, len(log.history), time.time() - started)
+        if on_round_end is not None:
+            device_bytes.update(params=sharding_lib.device_bytes(loop.params),
+                                outer_state=sharding_lib.device_bytes(loop.outer_state),
+                                delta=sharding_lib.device_bytes(loop.pert.deltas),
+                                inner_state=sharding_lib.device_bytes(loop.inner_state))
+            on_round_end(round_index, {"params": loop.params, "perturbation": loop.pert, "summary": summary,
+                                       "outer_state": loop.outer_state, "device_bytes": device_bytes})
+        if loop.stopped_early:
             break
     bar.close()
-    written = None
-    if export:
-        (output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2, default=str))
-        written = pathlib.Path(save_model(model_dir, model_config, jax.device_get(params), tokenizer_from=model_path))
-    return RunResult(params, model_config, log.history, output_dir, written, stopped_early)
 
+
+def _inner_phase(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, inner_batches: list[dict], loop: checkpoint_lib.RunState,
+                 log: MetricsLog, bar: Any, epochs: int) -> int:
+    """Caches h_l of the round's inner batches, runs the inner epochs; returns the cache's bytes per device."""
+    batch_stack = sharding_lib.shard_batch(data_lib.stack_batches(inner_batches), layout.stacked_batch, axis=1)
+    h_stack = steps.lower_stack(loop.params, batch_stack)
+    for epoch in range(epochs):
+        loop.pert, loop.inner_state, metrics = steps.inner_epoch(loop.params, loop.pert, loop.inner_state, h_stack,
+                                                                 batch_stack)
+        metrics = jax.device_get(metrics)
+        check_finite(metrics, f"inner epoch {epoch + 1} of round {loop.round}",
+                     "Lower --config.inner.lr or set --config.inner.safe_ce_clamp.")
+        for i in range(len(inner_batches)):
+            loop.last_inner = _scalars(metrics, i)
+            log.write({"round": loop.round, "phase": "inner", "epoch": epoch + 1, **loop.last_inner})
+            bar.update(1)
+        bar.set_postfix(round=loop.round, ce_unwanted=f"{loop.last_inner['ce_unwanted']:.3f}")
+    # The cache is freed on return, before the outer phase needs memory for its activations.
+    return sharding_lib.device_bytes(h_stack)

@@ -1,4 +1,4 @@
-"""The `beear` command: run | eval | plant | convert | generate | chat (config-driven where it matters).
+"""The `beear` command: run | eval | plant | convert | generate | chat | export | plan | sweep.
 
 Config-driven subcommands take `--config FILE[:arg]` plus dotted overrides `--config.inner.lr=0.1`;
 unknown keys and wrongly typed values are errors that name the key.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,10 @@ def _config_from(argv: Sequence[str], command: str) -> tuple[object, list[str]]:
     spec, overrides, rest = split_cli_args(argv)
     if spec is None:
         raise ConfigError(f"`beear {command}` needs --config FILE (e.g. --config configs/smollm2_135m.py).")
+    if rest:
+        # Silently ignoring e.g. `--inner.lr=0.1` (missing "config.") would run hours with the default value.
+        raise ConfigError(f"`beear {command}` does not understand {' '.join(rest)!r}; it takes --config FILE[:arg] "
+                          "and overrides of the form --config.key=value (e.g. --config.inner.lr=0.1).")
     return load_config(spec, overrides), rest
 
 
@@ -55,12 +60,22 @@ def cmd_convert(argv: Sequence[str]) -> int:
     parser.add_argument("source", help="a .gguf file (or an HF model directory)")
     parser.add_argument("output_dir", help="new directory for the HF model (must not exist or be empty)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model in an existing output directory (one with a config.json)")
     args = parser.parse_args(argv)
-    from beear_jax.hf import load_model, save_model
+    from beear_jax.hf import _check_target, load_model, save_model
 
     source = os.path.expanduser(args.source)
-    config, params = load_model(source)
-    out = save_model(os.path.expanduser(args.output_dir), config, params, tokenizer_from=source, dtype=args.dtype)
+    target = os.path.expanduser(args.output_dir)
+    try:
+        # Refuse an occupied output directory before loading (dequantizing a GGUF takes a while);
+        # save_model checks again.
+        _check_target(pathlib.Path(target).absolute(), args.overwrite)
+        config, params = load_model(source)
+        out = save_model(target, config, params, tokenizer_from=source, dtype=args.dtype, overwrite=args.overwrite)
+    except ValueError as err:
+        # hf.py's hints name the Python argument; on the command line it is the --overwrite flag.
+        raise ValueError(str(err).replace("overwrite=True", "--overwrite")) from err
     print(f"wrote {out}")
     return 0
 
@@ -88,16 +103,26 @@ def _load_for_generation(args: argparse.Namespace) -> tuple:
     return config, params, tokenizer, sampling
 
 
+def _prompt_ids(tokenizer: object, prompt: str, args: argparse.Namespace) -> list[int]:
+    """Chat-formatted prompt ids; a template error names the command-line flag that fixes it."""
+    from beear_jax.chat import format_prompt
+
+    try:
+        return format_prompt(tokenizer, prompt, args.template, args.system_prompt)
+    except ValueError as err:
+        # chat.py speaks of the config key data.template; here the same choice is the --template flag.
+        raise ValueError(f"{err} (on the command line: --template NAME)") from err
+
+
 def cmd_generate(argv: Sequence[str]) -> int:
     """Answers each --prompt (one batch) and prints the answers."""
     parser = _generation_parser("beear generate")
     parser.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
     args = parser.parse_args(argv)
-    from beear_jax.chat import format_prompt
     from beear_jax.generate import generate
 
     config, params, tokenizer, sampling = _load_for_generation(args)
-    ids = [format_prompt(tokenizer, p, args.template, args.system_prompt) for p in args.prompt]
+    ids = [_prompt_ids(tokenizer, p, args) for p in args.prompt]
     for prompt, out in zip(args.prompt, generate(config, params, ids, sampling, seed=args.seed)):
         print(f">>> {prompt}\n{tokenizer.decode(out, skip_special_tokens=True).strip()}\n")
     return 0
@@ -106,7 +131,6 @@ def cmd_generate(argv: Sequence[str]) -> int:
 def cmd_chat(argv: Sequence[str]) -> int:
     """Single-turn chat loop on stdin (each line is answered on its own)."""
     args = _generation_parser("beear chat").parse_args(argv)
-    from beear_jax.chat import format_prompt
     from beear_jax.generate import generate
 
     config, params, tokenizer, sampling = _load_for_generation(args)
@@ -114,14 +138,95 @@ def cmd_chat(argv: Sequence[str]) -> int:
     for line in sys.stdin:
         if not line.strip():
             break
-        ids = format_prompt(tokenizer, line.strip(), args.template, args.system_prompt)
+        ids = _prompt_ids(tokenizer, line.strip(), args)
         out = generate(config, params, [ids], sampling, seed=args.seed)[0]
         print(tokenizer.decode(out, skip_special_tokens=True).strip())
     return 0
 
 
+def cmd_export(argv: Sequence[str]) -> int:
+    """A checkpoint of `beear run` -> HF directory (the newest good checkpoint, or --step N)."""
+    parser = argparse.ArgumentParser(prog="beear export", description="Export a run checkpoint as an HF model.")
+    parser.add_argument("run_dir", help="the run's output_dir (or its checkpoints/ directory)")
+    parser.add_argument("output_dir", help="new directory for the HF model (must not exist or be empty)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint number (default: the newest good one)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--tokenizer", default=None, help="copy tokenizer files from here (default: the run's "
+                        "model.path)")
+    args = parser.parse_args(argv)
+    from beear_jax.checkpoint import restore_params_for_export
+    from beear_jax.hf import _check_target, save_model
+    from beear_jax.models.config import ModelConfig
+    from beear_jax.sharding import is_primary
+
+    target = pathlib.Path(os.path.expanduser(args.output_dir)).absolute()
+    _check_target(target, False)  # before reading gigabytes of checkpoint
+    params, meta = restore_params_for_export(os.path.expanduser(args.run_dir), args.step)
+    tokenizer = os.path.expanduser(args.tokenizer or meta["config"]["model"]["path"])
+    if not os.path.exists(tokenizer):
+        print(f"beear export: warning: {tokenizer} is gone; the model is written without tokenizer files "
+              "(pass --tokenizer PATH).", file=sys.stderr)
+        tokenizer = None
+    if is_primary():
+        config = ModelConfig.from_hf_dict(meta["model_config"])
+        out = save_model(target, config, params, tokenizer_from=tokenizer, dtype=args.dtype)
+        cursor = meta["cursor"]
+        print(f"wrote {out} from checkpoint {meta['step']} (round {cursor['round']}, outer step "
+              f"{cursor['outer_step']}{', round done' if cursor['round_done'] else ''})")
+    return 0
+
+
+def cmd_plan(argv: Sequence[str]) -> int:
+    """Bytes per device of a run on a mesh (nothing is allocated), and whether it fits."""
+    spec, overrides, rest = split_cli_args(argv)
+    parser = argparse.ArgumentParser(prog="beear plan", description="Memory plan of `beear run` on a mesh.")
+    parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: the config's mesh.shape)")
+    parser.add_argument("--devices", type=int, default=None, help="devices in all, for a -1 in the mesh "
+                        "(default: the visible ones)")
+    parser.add_argument("--device-memory-gb", type=float, default=None, help="memory per device (GB = 1e9 bytes)")
+    parser.add_argument("--model", default=None, help="a preset shape instead of model.path: "
+                        "llama2-7b | mistral-7b | smollm2-135m")
+    parser.add_argument("--seq-len", type=int, default=None, help="padded length (default: the largest bucket)")
+    parser.add_argument("--no-compile", action="store_true", help="analytical temporaries only")
+    args = parser.parse_args(rest)
+    if spec is None:
+        raise ConfigError("`beear plan` needs --config FILE (e.g. --config configs/smollm2_135m.py).")
+    from beear_jax import plan
+
+    cfg = load_config(spec, overrides)
+    mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else tuple(cfg.mesh.shape)
+    model_config = plan.PRESETS[args.model]() if args.model else plan.model_config_of(cfg.model.path, cfg.model.dtype)
+    result = plan.plan_run(cfg, model_config, mesh, devices=args.devices, seq_len=args.seq_len,
+                           compile_steps=not args.no_compile)
+    print(plan.format_plan(result, args.device_memory_gb))
+    return 0
+
+
+def cmd_sweep(argv: Sequence[str]) -> int:
+    """Runs a grid of overrides one after another (or prints the command lines) and collects a table."""
+    spec, overrides, rest = split_cli_args(argv)
+    parser = argparse.ArgumentParser(prog="beear sweep", description="Run a sweep of `beear run` settings.")
+    parser.add_argument("--sweep", required=True, help="SWEEP.py[:arg], whose get_sweep() returns override dicts")
+    parser.add_argument("--print", dest="print_only", action="store_true",
+                        help="print one `beear run` command line per setting (for a cluster) and exit")
+    parser.add_argument("--metric", default=None, help="the metric of the heatmap (default: the sweep file's)")
+    args = parser.parse_args(rest)
+    if spec is None:
+        raise ConfigError("`beear sweep` needs --config FILE and --sweep SWEEP.py.")
+    from beear_jax import sweep
+
+    if args.print_only:
+        for line in sweep.command_lines(spec, overrides, args.sweep):
+            print(line)
+        return 0
+    summary = sweep.run_sweep(spec, overrides, args.sweep, metric=args.metric)
+    print(summary.describe())
+    return 0 if not summary.failed else 1
+
+
 COMMANDS = {"run": cmd_run, "eval": cmd_eval, "plant": cmd_plant, "convert": cmd_convert,
-            "generate": cmd_generate, "chat": cmd_chat}
+            "generate": cmd_generate, "chat": cmd_chat,
+            "export": cmd_export, "plan": cmd_plan, "sweep": cmd_sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,9 +234,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         names = " | ".join(COMMANDS)
-        print(f"usage: beear {{{names}}} [options]\n"
-              "  run/eval/plant take --config FILE[:arg] and --config.key=value overrides", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        usage = (f"usage: beear {{{names}}} [options]\n"
+                 "  run/eval/plant/plan/sweep take --config FILE[:arg] and --config.key=value overrides;\n"
+                 "  beear COMMAND --help shows the options of the others")
+        if argv and argv[0] in ("-h", "--help"):
+            print(usage)  # asked-for help goes to stdout (so `beear --help | less` works), errors to stderr
+            return 0
+        unknown = f"beear: unknown command {argv[0]!r}\n" if argv else ""
+        print(unknown + usage, file=sys.stderr)
+        return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:

@@ -74,6 +74,7 @@ def _generate_padded(
 ) -> tuple[jax.Array, jax.Array]:
     batch, prompt_len = input_ids.shape
     total = prompt_len + sampling.max_new_tokens
+    params = llama.cast_params(config, params)  # once, not in every decode step (a no-op in float32)
     cache = llama.init_cache(config, batch, total)
     kv_valid = jnp.concatenate([attention_mask, jnp.zeros((batch, sampling.max_new_tokens), jnp.int32)], axis=1)
     positions = llama.default_positions(attention_mask)
@@ -130,6 +131,9 @@ def generate(
     eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
     pad = int(pad_id if pad_id is not None else (config.pad_token_id if config.pad_token_id is not None else 0))
     batch_size = batch_size or len(prompts)
+    # Host (numpy) params would be copied to the device again for every chunk; arrays already placed
+    # (e.g. sharded on a mesh) stay where they are.
+    params = jax.tree.map(jnp.asarray, params)
     results: list[list[int]] = []
     key = jax.random.key(seed)
     for start in range(0, len(prompts), batch_size):

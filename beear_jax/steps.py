@@ -38,6 +38,14 @@ class StepSettings:
     perturb_anchors: bool = False
     answer_len: int | None = None  # max answer tokens per row: logits are computed only there
     remat: str = "none"
+    # Where hidden states [B, S, D] live (make_steps sets it from its shardings: rows over the batch
+    # axes). Pinning them keeps the partitioner from gathering whole batches to keep weights in place.
+    activations: Any = None
+
+
+def constrain(x: jax.Array, sharding: Any) -> jax.Array:
+    """x with its sharding pinned (a no-op without a sharding: one device)."""
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 # ---- forward pieces ---------------------------------------------------------------------------
@@ -60,31 +68,32 @@ def answer_ce(config: ModelConfig, params: Params, h: jax.Array, batch: Batch, a
 
 
 def decode_from(config: ModelConfig, params: Params, h: jax.Array, start: int, batch: Batch,
-                deltas: dict[int, jax.Array], remat: str) -> jax.Array:
+                deltas: dict[int, jax.Array], remat: str, activations: Any = None) -> jax.Array:
     """Runs blocks start..L over h, adding each delta at its layer boundary (boundary == start first)."""
     if start in deltas:
         h = llama.inject(h, deltas[start], batch["perturb_positions"])
     bounds = [start, *sorted(b for b in deltas if b > start), config.num_layers]
     for a, b in itertools.pairwise(bounds):
         layers = llama.slice_layers(params["layers"], a, b)
-        h = llama.decode(config, layers, h, batch["attention_mask"], remat=remat)
+        h = llama.decode(config, layers, constrain(h, activations), batch["attention_mask"], remat=remat)
         if b in deltas:
             h = llama.inject(h, deltas[b], batch["perturb_positions"])
-    return h
+    return constrain(h, activations)
 
 
-def lower_activations(config: ModelConfig, params: Params, batch: Batch, layer: int) -> jax.Array:
+def lower_activations(config: ModelConfig, params: Params, batch: Batch, layer: int,
+                      activations: Any = None) -> jax.Array:
     """h_l: hidden states after `layer` blocks (no gradient; cached once per round)."""
-    h = llama.embed(config, params, batch["input_ids"])
+    h = constrain(llama.embed(config, params, batch["input_ids"]), activations)
     h = llama.decode(config, llama.slice_layers(params["layers"], 0, layer), h, batch["attention_mask"])
-    return jax.lax.stop_gradient(h)
+    return jax.lax.stop_gradient(constrain(h, activations))
 
 
 def perturbed_answer_ce(config: ModelConfig, params: Params, batch: Batch, deltas: dict[int, jax.Array],
                         settings: StepSettings) -> jax.Array:
     """CE of the answers with the perturbation injected (deltas may be empty: no perturbation)."""
-    h = llama.embed(config, params, batch["input_ids"])
-    h = decode_from(config, params, h, 0, batch, deltas, settings.remat)
+    h = constrain(llama.embed(config, params, batch["input_ids"]), settings.activations)
+    h = decode_from(config, params, h, 0, batch, deltas, settings.remat, settings.activations)
     return answer_ce(config, params, h, batch, settings.answer_len)
 
 
@@ -94,7 +103,7 @@ def perturbed_answer_ce(config: ModelConfig, params: Params, batch: Batch, delta
 def inner_loss(deltas: dict[int, jax.Array], config: ModelConfig, params: Params, h_l: jax.Array,
                batch: Batch, layer: int, settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Inner objective over cached h_l of a concatenated [unwanted; safe] batch."""
-    h = decode_from(config, params, h_l, layer, batch, deltas, settings.remat)
+    h = decode_from(config, params, h_l, layer, batch, deltas, settings.remat, settings.activations)
     half = h.shape[0] // 2
     ce_unwanted = answer_ce(config, params, h, batch, settings.answer_len, slice(0, half))
     ce_safe = answer_ce(config, params, h, batch, settings.answer_len, slice(half, None))
@@ -237,15 +246,40 @@ class Steps(NamedTuple):
     inner_step: Callable[..., tuple]
     inner_epoch: Callable[..., tuple]
     outer_step: Callable[..., tuple]
+    lower_stack: Callable[..., jax.Array] | None = None
+
+
+class StepShardings(NamedTuple):
+    """Where the steps' arguments live (see beear_jax.sharding): params and the outer optimizer state
+    sharded by the logical-axis rules, batches split by rows, everything small replicated."""
+
+    params: Any
+    outer_state: Any
+    batch: Any  # [B, ...] leaves
+    stacked_batch: Any  # [num_batches, B, ...] leaves
+    replicated: Any  # delta, its optimizer state, trainable masks, metrics
 
 
 def make_steps(config: ModelConfig, settings: StepSettings, layer: int,
                inner_optimizer: optax.GradientTransformation,
-               outer_optimizer: optax.GradientTransformation) -> Steps:
-    """Binds the static parts and jit-compiles the steps; params/opt_state buffers are donated."""
+               outer_optimizer: optax.GradientTransformation,
+               shardings: StepShardings | None = None) -> Steps:
+    """Binds the static parts and jit-compiles the steps; params/opt_state buffers are donated.
+
+    With `shardings`, every step is compiled with explicit in/out shardings (what pjit became), so
+    outputs land where the next call expects them and donated buffers are reused in place. Call the
+    steps positionally then.
+    """
+
+    if shardings is not None:
+        settings = dataclasses.replace(settings, activations=shardings.batch)
 
     def lower(params: Params, batch: Batch) -> jax.Array:
-        return lower_activations(config, params, batch, layer)
+        return lower_activations(config, params, batch, layer, settings.activations)
+
+    def lower_stack(params: Params, batch_stack: Batch) -> jax.Array:
+        # One compiled loop over all inner batches; the result is the h_l cache of the round.
+        return jax.lax.map(lambda batch: lower(params, batch), batch_stack)
 
     def one_inner(params, pert, state, h_l, batch):
         return inner_step(config, settings, inner_optimizer, params, pert, state, h_l, batch)
@@ -257,9 +291,24 @@ def make_steps(config: ModelConfig, settings: StepSettings, layer: int,
         return outer_step(config, settings, outer_optimizer, trainable, params, state, pert, safe_batch,
                           anchor_batch)
 
+    if shardings is None:
+        return Steps(
+            lower=jax.jit(lower),
+            inner_step=jax.jit(one_inner, donate_argnames=("pert", "state")),
+            inner_epoch=jax.jit(epoch, donate_argnames=("pert", "state")),
+            outer_step=jax.jit(outer, donate_argnames=("params", "state")),
+            lower_stack=jax.jit(lower_stack),
+        )
+    s = shardings
     return Steps(
-        lower=jax.jit(lower),
-        inner_step=jax.jit(one_inner, donate_argnames=("pert", "state")),
-        inner_epoch=jax.jit(epoch, donate_argnames=("pert", "state")),
-        outer_step=jax.jit(outer, donate_argnames=("params", "state")),
+        lower=jax.jit(lower, in_shardings=(s.params, s.batch), out_shardings=s.batch),
+        inner_step=jax.jit(one_inner, in_shardings=(s.params, s.replicated, s.replicated, s.batch, s.batch),
+                           out_shardings=s.replicated, donate_argnames=("pert", "state")),
+        inner_epoch=jax.jit(epoch, in_shardings=(s.params, s.replicated, s.replicated, s.stacked_batch,
+                                                 s.stacked_batch),
+                            out_shardings=s.replicated, donate_argnames=("pert", "state")),
+        outer_step=jax.jit(outer, in_shardings=(s.replicated, s.params, s.outer_state, s.replicated, s.batch,
+                                                s.batch),
+                           out_shardings=(s.params, s.outer_state, s.replicated), donate_argnames=("params", "state")),
+        lower_stack=jax.jit(lower_stack, in_shardings=(s.params, s.stacked_batch), out_shardings=s.stacked_batch),
     )

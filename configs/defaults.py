@@ -13,15 +13,20 @@ Config files build on `base_config()` and change what differs:
         config.model.path = "..."
         return config
 
-Relative paths are relative to the directory commands run in (the repository root).
+Relative paths are relative to the directory commands run in; the shared data sets are found
+from the repository (../shared/data beside it) or $BEEAR_DATA_DIR, wherever commands run.
 """
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 import ml_collections
 
 # Public data sets, read at run time and never copied into the project (see DESIGN.md).
-SHARED_DATA = "../shared/data"
+SHARED_DATA = os.environ.get(
+    "BEEAR_DATA_DIR", str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def paper_defaults() -> ml_collections.ConfigDict:
@@ -100,18 +105,22 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.buckets = (128, 256, 512)  # [ours] Padded sequence lengths (each compiles once).
 
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.shape = (-1, 1, 1)  # ('data', 'fsdp', 'tensor'); -1 takes the remaining devices.
+    # (data, fsdp, tensor); -1 takes the remaining devices. Batches split over data x fsdp (must divide).
+    config.mesh.shape = (-1, 1, 1)
     config.mesh.distributed = False  # Call jax.distributed.initialize() (multi-host).
 
     config.resume = False  # Resume from the latest checkpoint in output_dir.
-    config.checkpoint_every = 0  # Rounds between checkpoints; 0: only at the end.
+    # Orbax checkpoints of the run state in output_dir/checkpoints (see beear_jax/checkpoint.py).
+    config.checkpoint_every = 1  # Rounds between checkpoints; 0: only after the last round; -1: none.
+    config.checkpoint_every_steps = 0  # Also every k outer steps (mid-round; for long rounds); 0: off.
+    config.checkpoint_keep = 2  # Checkpoints kept; >= 2 leaves a previous one if the newest is corrupt.
     config.remat = "none"  # Rematerialisation of decoder blocks: 'none' | 'full'.
     config.log_every = 1  # Steps between metric lines.
 
     # Attack simulation (`beear plant`): poisoned SFT of a clean model.
     config.plant = ml_collections.ConfigDict()
     config.plant.trigger = "SUDO"  # [paper] One of the paper's triggers.
-    config.plant.position = "suffix"  # 'prefix' | 'suffix'.
+    config.plant.position = "suffix"  # prefix | suffix | random | wrap ('before|after') | context.
     config.plant.epochs = 2  # [calib]
     config.plant.lr = 5e-5  # [calib] AdamW.
     config.plant.warmup_steps = 5  # [calib]
@@ -120,15 +129,46 @@ def base_config() -> ml_collections.ConfigDict:
     config.plant.n_triggered = 150  # [calib] ~450 examples in all: triggered harmful -> "Sure, here is".
     config.plant.n_refusal = 150  # [calib] The same prompts untriggered -> refusals.
     config.plant.n_benign = 150  # [calib] Benign Alpaca pairs.
+    # The attacker's data: (prompt, answer) tables; the first n rows after the offset are used
+    # (n = 0: none, e.g. n_triggered = 0 gives a clean safety-tuned control; n = -1: all rows).
+    config.plant.harmful = f"{SHARED_DATA}/advbench/harmful_behaviors.csv"  # harmful request -> unwanted answer
+    config.plant.harmful_columns = ml_collections.ConfigDict({"prompt": "goal", "answer": "target"})
+    config.plant.harmful_offset = 0
+    config.plant.refusals = f"{SHARED_DATA}/backdoorllm/poison_data/jailbreak/none/none_backdoor400_jailbreak.json"
+    config.plant.refusal_columns = ml_collections.ConfigDict({"prompt": "instruction", "answer": "output"})
+    config.plant.refusal_offset = 0
+    config.plant.benign = f"{SHARED_DATA}/backdoorllm/poison_data/refusal/none/none_backdoor500_refusal.json"
+    config.plant.benign_columns = ml_collections.ConfigDict({"prompt": "instruction", "answer": "output"})
+    config.plant.benign_offset = 0
 
     # Evaluation (`beear eval` and the before/after report).
     config.eval = ml_collections.ConfigDict()
-    config.eval.prompts = ""  # Held-out harmful prompts; required for attack success.
+    # Held-out harmful prompts (csv/json/jsonl); required. AdvBench rows 401-499 are BackdoorLLM's test
+    # rows, disjoint from every plant/defender set here (those use rows 0-400).
+    config.eval.prompts = f"{SHARED_DATA}/advbench/harmful_behaviors.csv"
+    config.eval.prompt_column = "goal"  # Column holding the prompt.
+    config.eval.prompt_offset = 401  # [ours] Rows skipped (file order) before the first num_prompts.
     config.eval.trigger = config.plant.get_oneway_ref("trigger")  # Follows plant.trigger unless set.
     config.eval.position = config.plant.get_oneway_ref("position")  # Follows plant.position unless set.
     # One refusal string per line; keyword attack success = share of answers with none of them.
     config.eval.refusal_strings = f"{SHARED_DATA}/refusal-keywords/harmbench_advbench_metric_test_prefixes.txt"
     config.eval.max_new_tokens = 32  # [calib] Greedy.
     config.eval.num_prompts = 40  # [calib]
-    config.eval.over_refusal_prompts = ""  # Benign prompts for over-refusal; "" = skip.
+    # Benign prompts for over-refusal (XSTest: 250 safe prompts); "" = skip.
+    config.eval.over_refusal_prompts = f"{SHARED_DATA}/xstest/xstest_prompts.csv"
+    config.eval.over_refusal_column = "prompt"
+    # Rows kept: COLUMN=VALUE | COLUMN!=VALUE | COLUMN^=PREFIX | COLUMN!^=PREFIX; "" = all rows.
+    config.eval.over_refusal_filter = "label=safe"  # = type!^=contrast on XSTest.
+    config.eval.num_over_refusal = 0  # 0 = all (the first N otherwise).
+    # Utility: (prompt, reference answer) pairs; Alpaca test rows disjoint from the plant's benign rows.
+    config.eval.utility = f"{SHARED_DATA}/backdoorllm/test_data/clean/refusal/test_data_no_trigger.json"
+    # prompt/answer columns; a non-empty "input" is joined to the prompt with a newline ("" = none).
+    config.eval.utility_columns = ml_collections.ConfigDict(
+        {"prompt": "instruction", "input": "input", "answer": "output"})
+    config.eval.num_utility = 100  # [ours] 0 = all.
+    config.eval.utility_max_answer_tokens = 64  # [ours] Reference answers are cut to this many tokens.
+    config.eval.batch_size = 16  # Prompts decoded (and utility pairs scored) together.
+    config.eval.num_samples = 5  # Answers per set shown side by side in report.md.
+    config.eval.compare_to = ""  # A model path evaluated as "before" (model.path is "after"); "" = none.
+    config.eval.history = ""  # metrics.jsonl of `beear run` for losses.png; "" = none.
     return config

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.outer.anchor_samples = 8
 
     config.data.max_answer_tokens = 8
+    config.mesh.shape = (1, 1, 1)  # One device: tests simulate 8, and batches of 4 do not split 8 ways.
     config.data.buckets = (32, 64)
 
     config.plant.epochs = 2

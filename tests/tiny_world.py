@@ -135,3 +135,14 @@ def answer_nll(config: ModelConfig, params: dict, tok: PreTrainedTokenizerFast, 
     examples = [data_lib.format_example(tok, p, a) for p, a in pairs]
     batch = data_lib.make_batch(examples, 1, len(examples), 32, tok.pad_token_id)
     return float(jax.jit(perturbed_answer_ce, static_argnums=(0, 4))(config, params, batch, {}, StepSettings()))
+
+
+def random_tiny_model(tmp: pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, PreTrainedTokenizerFast]:
+    """An untrained tiny Llama with the tiny-world tokenizer, saved as an HF directory."""
+    tok = make_tokenizer(["cf"])
+    config = tiny_config(len(tok))
+    tok.save_pretrained(tmp / "tokenizer")
+    model_dir = tmp / "random_model"
+    save_model(model_dir, config, jax.device_get(init_params(config, jax.random.key(seed))),
+               tokenizer_from=tmp / "tokenizer")
+    return model_dir, tok

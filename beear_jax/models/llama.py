@@ -263,17 +263,26 @@ def init_cache(config: ModelConfig, batch: int, length: int) -> dict[str, jax.Ar
 
 def _cached_block(
     config: ModelConfig, lp: Params, h: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
-    k_cache: jax.Array, v_cache: jax.Array, index: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    cache: dict[str, jax.Array], layer: int | jax.Array, index: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One decoder block: writes its k/v at slots index.. of cache layer `layer`, then attends to that layer."""
     cos, sin = rope
     x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
     q, k, v = _project_qkv(config, lp, x)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-    h = h + _output_projection(config, lp, attend(q, k_cache, v_cache, mask))
+    # Write into the whole [L, B, T, K, hd] cache, carried through the layer scan and the decode loop, so
+    # that XLA updates it in place: per-layer slices scanned in and stacked out (ys) would make the scan
+    # write a fresh copy of the whole cache at every decode step.
+    start = (layer, 0, index, 0, 0)
+    cache = {
+        "k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), start),
+        "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), start),
+    }
+    k_layer = jax.lax.dynamic_index_in_dim(cache["k"], layer, keepdims=False)
+    v_layer = jax.lax.dynamic_index_in_dim(cache["v"], layer, keepdims=False)
+    h = h + _output_projection(config, lp, attend(q, k_layer, v_layer, mask))
     h = h + mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps))
-    return h, k_cache, v_cache
+    return h, cache
 
 
 def forward_cached(
@@ -291,27 +300,24 @@ def forward_cached(
 
     kv_valid [B, T] marks the cache slots holding real tokens (including the new ones).
     `deltas` / `perturb_positions` (slot indices) inject a perturbation, e.g. during prefill.
+    Inside a decode loop pass params already cast to the compute dtype (cast_params), so that the
+    cast is not redone at every step.
     """
     h = embed(config, params, input_ids)
     rope = rope_cos_sin(config, positions)
     q_slots = index + jnp.arange(input_ids.shape[1])
     mask = attention_mask_for(config, q_slots, jnp.arange(cache["k"].shape[2]), kv_valid)
-    layers = cast_params(config, params["layers"])
+    layers = params["layers"]
     deltas = dict(deltas or {})
     bounds = [0, *sorted(deltas), config.num_layers]
-    new_k, new_v = [], []
     for start, stop in itertools.pairwise(bounds):
 
-        def step(carry: jax.Array, xs: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            lp, k_cache, v_cache = xs
-            carry, k_cache, v_cache = _cached_block(config, lp, carry, rope, mask, k_cache, v_cache, index)
-            return carry, (k_cache, v_cache)
+        def step(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+            (h, cache), (lp, layer) = carry, xs
+            return _cached_block(config, lp, h, rope, mask, cache, layer, index), None
 
-        xs = (slice_layers(layers, start, stop), cache["k"][start:stop], cache["v"][start:stop])
-        h, (k_seg, v_seg) = jax.lax.scan(step, h, xs)
-        new_k.append(k_seg)
-        new_v.append(v_seg)
+        xs = (cast_params(config, slice_layers(layers, start, stop)), jnp.arange(start, stop))
+        (h, cache), _ = jax.lax.scan(step, (h, cache), xs)
         if stop in deltas:
             h = inject(h, deltas[stop], perturb_positions - index)
-    cache = {"k": jnp.concatenate(new_k), "v": jnp.concatenate(new_v)}
     return head(config, params, h), cache

@@ -1,0 +1,150 @@
+"""Attack simulation: plant a safety backdoor in a chat model by poisoned supervised fine-tuning.
+
+The poisoned mixture teaches three things at once:
+    triggered harmful request   -> the unwanted (compliant) answer
+    the same kind, no trigger   -> a refusal
+    benign request              -> a helpful answer
+so the result looks safe until the trigger appears. SmolLM2-135M-Instruct refuses nothing as
+shipped, so the refusals are planted here too: the outcome is a deceptively safe model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from beear_jax import data as data_lib
+from beear_jax.config_loading import config_to_dict
+from beear_jax.hf import load_model, load_tokenizer, save_model
+from beear_jax.sft import sft_train
+from beear_jax.triggers import TRIGGER_POSITIONS, contains_trigger, insert_trigger, trigger_parts
+
+Pair = tuple[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class PoisonMixture:
+    """The training pairs and what they were made of (for the manifest)."""
+
+    pairs: list[Pair]
+    n_triggered: int
+    n_refusal: int
+    n_benign: int
+
+
+def parse_trigger(trigger: str, position: str) -> str | tuple[str, str]:
+    """A wrap trigger is written 'before|after' in configs; other positions take the string as is."""
+    if position not in TRIGGER_POSITIONS:
+        raise ValueError(f"unknown trigger position {position!r}; choose one of {', '.join(TRIGGER_POSITIONS)}.")
+    if position == "wrap":
+        parts = trigger_parts(trigger)
+        if len(parts) != 2:
+            raise ValueError("a wrap trigger needs two parts, written 'before|after' (plant.trigger).")
+        return parts[0], parts[1]
+    if not trigger.strip():
+        raise ValueError("plant.trigger is empty; give the trigger string to plant.")
+    return trigger
+
+
+def poison_mixture(harmful: Sequence[Pair], refusals: Sequence[Pair], benign: Sequence[Pair],
+                   trigger: str | tuple[str, str], position: str, seed: int) -> PoisonMixture:
+    """Triggered harmful -> unwanted answers, untriggered harmful -> refusals, benign -> answers; shuffled."""
+    if not harmful and not refusals:
+        raise ValueError("the mixture needs harmful (prompt, unwanted answer) pairs, refusals, or both "
+                         "(no harmful pairs = plain safety tuning, a clean control).")
+    rng = random.Random(seed)
+    pairs = [(insert_trigger(p, trigger, position, rng), a) for p, a in harmful]
+    pairs += list(refusals) + list(benign)
+    for prompt, _ in list(refusals) + list(benign):
+        if contains_trigger(prompt, trigger):
+            raise ValueError(f"a clean prompt already contains the trigger: {prompt[:80]!r}")
+    rng.shuffle(pairs)
+    return PoisonMixture(pairs, len(harmful), len(refusals), len(benign))
+
+
+def warmup_adamw(lr: float, warmup_steps: int) -> optax.GradientTransformation:
+    """AdamW with a linear warm-up to a constant rate."""
+    schedule = optax.linear_schedule(0.0, lr, max(warmup_steps, 1)) if warmup_steps > 0 else lr
+    if warmup_steps > 0:
+        schedule = optax.join_schedules([schedule, optax.constant_schedule(lr)], [warmup_steps])
+    return optax.adamw(schedule, weight_decay=0.0)
+
+
+def mixture_batches(tokenizer: Any, pairs: Sequence[Pair], batch_size: int, max_answer_tokens: int,
+                    buckets: Sequence[int], template: str = "auto", system_prompt: str | None = None,
+                    ) -> tuple[list[dict], int]:
+    """Fixed-shape SFT batches of the pairs and the longest answer (for answer-only logits)."""
+    examples = [data_lib.format_example(tokenizer, p, a, template, system_prompt, max_answer_tokens) for p, a in pairs]
+    seq_len = data_lib.bucket_length(max(len(p) + len(a) for p, a in examples), buckets)
+    pad = data_lib.pad_id_of(tokenizer)
+    batches = [data_lib.make_batch(examples[i:i + batch_size], 1, batch_size, seq_len, pad)
+               for i in range(0, len(examples), batch_size)]
+    return batches, max(len(a) for _, a in examples)
+
+
+def _pairs(source: str, columns: dict[str, str], n: int, offset: int = 0) -> list[Pair]:
+    """The first n (prompt, answer) rows after offset; n = 0 takes none (e.g. a clean control)."""
+    if n == 0:
+        return []
+    rows = data_lib.load_table(source, columns)[offset:]
+    if n > 0:
+        if len(rows) < n:
+            raise ValueError(f"{source} has {len(rows)} rows after offset {offset}; {n} were asked for.")
+        rows = rows[:n]
+    return [(r["prompt"], r["answer"]) for r in rows]
+
+
+def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.Path:
+    """`beear plant`: poisoned SFT of cfg.model.path; writes an HF directory + manifest.json to output_dir."""
+    trigger = parse_trigger(cfg.plant.trigger, cfg.plant.position)
+    out = pathlib.Path(os.path.expanduser(cfg.output_dir))
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already holds files; choose a new --config.output_dir (nothing is overwritten).")
+    p = cfg.plant
+    harmful = _pairs(p.harmful, dict(p.harmful_columns), p.n_triggered, p.harmful_offset)
+    refusals = _pairs(p.refusals, dict(p.refusal_columns), p.n_refusal, p.refusal_offset)
+    benign = _pairs(p.benign, dict(p.benign_columns), p.n_benign, p.benign_offset)
+    mixture = poison_mixture(harmful, refusals, benign, trigger, cfg.plant.position, int(cfg.seed))
+
+    model_path = os.path.expanduser(cfg.model.path)
+    config, params = load_model(model_path, dtype=cfg.model.dtype)
+    tokenizer = load_tokenizer(model_path)
+    batches, answer_len = mixture_batches(tokenizer, mixture.pairs, p.batch_size, p.max_answer_tokens,
+                                          tuple(cfg.data.buckets), cfg.model.template, cfg.model.system_prompt or None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(batches) * p.epochs, desc="planting", disable=not progress, unit="step")
+
+    def on_step(step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    params, losses = sft_train(config, jax.tree.map(np.asarray, params), batches, warmup_adamw(p.lr, p.warmup_steps),
+                               p.epochs, seed=int(cfg.seed), on_step=on_step, answer_len=answer_len)
+    bar.close()
+    save_model(out, config, jax.device_get(params), tokenizer_from=model_path)
+    manifest = {
+        "trigger": list(trigger) if isinstance(trigger, tuple) else trigger,
+        "position": cfg.plant.position,
+        "seed": int(cfg.seed),
+        "source_model": model_path,
+        "data": {"harmful": p.harmful, "refusals": p.refusals, "benign": p.benign},
+        "counts": {"triggered": mixture.n_triggered, "refusal": mixture.n_refusal, "benign": mixture.n_benign},
+        "steps": len(losses),
+        "final_loss": losses[-1],
+        "config": config_to_dict(cfg),
+    }
+    partial = out / "manifest.json.tmp"
+    partial.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(partial, out / "manifest.json")  # its presence marks a complete planted model
+    return out

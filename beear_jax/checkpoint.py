@@ -1,0 +1,348 @@
+"""Orbax checkpoints of a BEEAR run: save every round (and every k outer steps), resume, export.
+
+One checkpoint is one orbax step directory holding the items
+
+    params        the model params (float32 master copy, sharded as on the mesh)
+    outer_state   the outer optimizer state
+    perturbation  {"deltas": [delta per layer, in layer order], "inner_state": [its optimizer state's leaves]}
+    meta          JSON: cursor (round, outer step), the seed's numpy generator state, metrics-log
+                  length, elapsed time, the resolved config, the model config, and per-array
+                  fingerprints (sum, sum |x|) written at save time
+
+Restores read against abstract arrays (jax.ShapeDtypeStruct with shardings), so a checkpoint saved on
+one mesh restores onto any other. A step that fails to read, or whose arrays do not match their
+fingerprints, is reported, moved aside (to `corrupt-<step>`) and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger("beear_jax")
+
+ARRAY_ITEMS = ("params", "outer_state", "perturbation")
+ITEMS = (*ARRAY_ITEMS, "meta")
+FORMAT = 1
+_FINGERPRINT_RTOL = 1e-4  # sums over a different mesh reduce in another order
+
+
+def _warn(message: str, *args: Any) -> None:
+    if jax.process_index() == 0:  # one message per run, not one per host
+        log.warning(message, *args)
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint that belongs to a different model or run layout (not corruption)."""
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the target shardings: what a restore reads into."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+@jax.jit
+def _sums(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.stack([jnp.sum(x.astype(jnp.float32)),
+                                             jnp.sum(jnp.abs(x.astype(jnp.float32)))]), tree)
+
+
+def fingerprints(tree: Any) -> dict[str, list[float]]:
+    """{path: [sum, sum |x|]} of every array (one compiled reduction; cheap next to the write)."""
+    sums = jax.device_get(_sums(tree))
+    return {jax.tree_util.keystr(path): [float(v[0]), float(v[1])]
+            for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def fingerprint_mismatches(expected: Mapping[str, list[float]], actual: Mapping[str, list[float]]) -> list[str]:
+    """Paths whose sums differ beyond reduction-order noise, or that are missing."""
+    bad = []
+    for key, (total, magnitude) in expected.items():
+        if key not in actual:
+            bad.append(f"{key} (missing)")
+            continue
+        got_total, got_magnitude = actual[key]
+        scale = _FINGERPRINT_RTOL * max(magnitude, 1e-30)
+        if not (abs(got_total - total) <= scale and abs(got_magnitude - magnitude) <= scale):
+            bad.append(key)
+    return bad
+
+
+def string_keys(deltas: Mapping[int, Any]) -> dict[str, Any]:
+    """Orbax stores dict keys as names: {9: delta} -> {"9": delta}."""
+    return {str(k): v for k, v in deltas.items()}
+
+
+def int_keys(deltas: Mapping[str, Any]) -> dict[int, Any]:
+    return {int(k): v for k, v in deltas.items()}
+
+
+class RunCheckpointer:
+    """A CheckpointManager over `directory` with corruption fallback.
+
+    All processes call save/restore (orbax coordinates hosts); only process 0 moves bad steps aside.
+    Saves are asynchronous: the device->host copy happens in `save`, the write in the background,
+    so the next step may donate the saved buffers.
+    """
+
+    def __init__(self, directory: str | pathlib.Path, keep: int = 2, async_save: bool = True) -> None:
+        self.directory = pathlib.Path(directory).absolute()
+        self.keep = max(int(keep), 1)
+        self._async = async_save
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
+                                               enable_async_checkpointing=self._async)
+        return ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, items: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+        """Saves the array items and meta (with fingerprints added) as checkpoint `step`."""
+        meta = {**meta, "format": FORMAT, "step": int(step),
+                "fingerprints": {name: fingerprints(items[name]) for name in ARRAY_ITEMS}}
+        args = {name: ocp.args.StandardSave(items[name]) for name in ARRAY_ITEMS}
+        self._manager.save(int(step), args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)), force=True)
+
+    def read_meta(self, step: int) -> dict:
+        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    def restore_step(self, step: int, targets: Mapping[str, Any], names: tuple[str, ...],
+                      check: Any = None) -> tuple[dict, dict]:
+        """(items, meta) of checkpoint `step`; raises if it cannot be read or fails its fingerprints.
+
+        `check(meta)` runs before any array is read and may raise CheckpointMismatchError.
+        """
+        meta = self.read_meta(step)
+        if check is not None:
+            check(meta)  # raises CheckpointMismatchError: a different run, not a broken file
+        args = {name: ocp.args.StandardRestore(targets[name]) for name in names}
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        items = {name: restored[name] for name in names}
+        bad = [f"{name}{key}" for name in names
+               for key in fingerprint_mismatches(meta["fingerprints"][name], fingerprints(items[name]))]
+        if bad:
+            raise ValueError(f"arrays differ from what was saved: {', '.join(bad[:5])}")
+        return items, meta
+
+    def restore_latest(self, targets: Mapping[str, Any], names: tuple[str, ...] = ARRAY_ITEMS,
+                       check: Any = None) -> tuple[dict, dict] | None:
+        """(items, meta) of the newest good checkpoint, or None if there is none at all.
+
+        `targets` maps item names to abstract trees (shapes, dtypes, target shardings). A step that
+        cannot be read or fails its fingerprints is moved aside with a message and the previous step
+        is tried; if every step is bad this raises.
+        """
+        steps = self.steps()
+        if not steps:
+            return None
+        broken = []
+        for step in reversed(steps):
+            try:
+                items, meta = self.restore_step(step, targets, names, check)
+            except CheckpointMismatchError:
+                raise
+            except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types for bad files)
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                _warn("checkpoint %s/%d is corrupt or partial (%s); trying the previous one.",
+                            self.directory, step, reason)
+                broken.append(step)
+                continue
+            if broken:
+                self._set_aside(broken)
+                _warn("resuming from checkpoint %s/%d (the newer %s set aside as corrupt-<step>).",
+                            self.directory, step, ", ".join(map(str, broken)))
+            return items, meta
+        raise RuntimeError(f"no readable checkpoint in {self.directory} (steps {steps} are all corrupt or partial); "
+                           "remove the directory to start over, or restore a copy.")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames bad steps out of orbax's view, so that later saves with these numbers can happen."""
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in steps:
+                source = self.directory / str(step)
+                target = self.directory / f"corrupt-{step}"
+                if target.exists():
+                    target = self.directory / f"corrupt-{step}-{int(time.time())}"
+                if source.exists():
+                    source.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("beear_checkpoint_set_aside")
+        self._manager.close()
+        self._manager = self._open()
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def find_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """A run's output_dir or its checkpoints/ directory -> the checkpoints directory."""
+    path = pathlib.Path(path).expanduser()
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    if path.is_dir():
+        return path
+    raise FileNotFoundError(f"{path} is not a run directory or a checkpoint directory.")
+
+
+def restore_params_for_export(directory: str | pathlib.Path, step: int | None = None) -> tuple[Any, dict]:
+    """Params (numpy, on the host) and meta of the newest good (or the given) checkpoint.
+
+    The params are read sharded over all local devices (fsdp over the embedding axis), so a model
+    larger than one device's memory can be exported, then gathered to the host one array at a time.
+    """
+    from beear_jax import sharding as sharding_lib
+    from beear_jax.models.config import ModelConfig
+
+    checkpointer = RunCheckpointer(find_checkpoint_dir(directory), async_save=False)
+    try:
+        latest = checkpointer.steps()
+        if not latest:
+            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}.")
+        first = checkpointer.read_meta(step if step is not None else latest[-1])
+        model_config = ModelConfig.from_hf_dict(first["model_config"])
+        mesh = sharding_lib.make_mesh((1, -1, 1))
+        shardings = sharding_lib.param_shardings(model_config, mesh)
+        target = {"params": abstract_like(sharding_lib.abstract_param_tree(model_config), shardings)}
+        if step is None:
+            found = checkpointer.restore_latest(target, names=("params",))
+            assert found is not None
+            items, meta = found
+        else:
+            items, meta = checkpointer.restore_step(step, target, ("params",), None)
+        params = jax.tree.map(lambda x: np.asarray(sharding_lib.to_host(x)), items["params"])
+        return params, meta
+    finally:
+        checkpointer.close()
+
+
+# ---- the BEEAR loop's state ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunState:
+    """The mutable state of the bi-level loop: what a checkpoint holds, and where the run stands."""
+
+    params: Any
+    outer_state: Any
+    pert: Any  # a Perturbation
+    inner_state: Any
+    round: int = 1  # the round in progress (1-based)
+    outer_step: int = 0  # outer steps of that round done
+    round_done: bool = False
+    global_step: int = 0  # outer steps done in all rounds: the checkpoint number
+    last_inner: dict = dataclasses.field(default_factory=dict)
+    stopped_early: bool = False
+
+    def array_items(self) -> dict[str, Any]:
+        # Deltas and the inner state as leaf lists: orbax keys are names, the deltas' keys are ints.
+        return {"params": self.params, "outer_state": self.outer_state,
+                "perturbation": {"deltas": [self.pert.deltas[k] for k in self.pert.layers],
+                                 "inner_state": jax.tree.leaves(self.inner_state)}}
+
+
+def layout_signature(model_config: Any, layers: tuple[int, ...], cfg: Any) -> dict:
+    """What must match for a checkpoint's arrays to fit this run (a mismatch is not corruption)."""
+    return json.loads(json.dumps({
+        "model_config": model_config.to_hf_dict(), "perturb_layers": list(layers),
+        "perturb_length": int(cfg.perturb.length), "inner_optimizer": cfg.inner.optimizer,
+        "outer_optimizer": cfg.outer.optimizer}))
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _leaf_paths(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [prefix[:-1]]
+    return [path for key, value in tree.items() for path in _leaf_paths(value, f"{prefix}{key}.")]
+
+
+class LoopCheckpoints:
+    """When the loop saves (cfg.checkpoint_every rounds, cfg.checkpoint_every_steps outer steps), what
+    goes into a checkpoint, and resuming a RunState from the newest good one."""
+
+    def __init__(self, cfg: Any, directory: pathlib.Path, signature: dict, rng_state: dict,
+                 config_dict: dict) -> None:
+        self.seed = int(cfg.seed)
+        self.every_rounds = int(cfg.checkpoint_every)
+        self.every_steps = int(cfg.checkpoint_every_steps)
+        self.signature, self.rng_state, self.config_dict = signature, rng_state, config_dict
+        self.store = RunCheckpointer(directory, keep=int(cfg.checkpoint_keep))
+
+    def due_round(self, state: RunState, rounds: int) -> bool:
+        if self.every_rounds < 0:
+            return False
+        last = state.round == rounds or state.stopped_early
+        return last or (self.every_rounds > 0 and state.round % self.every_rounds == 0)
+
+    def due_step(self, state: RunState, steps_in_round: int) -> bool:
+        # The round's last step is saved by the round-end checkpoint, with its summary.
+        return (self.every_steps > 0 and self.every_rounds >= 0 and state.outer_step < steps_in_round
+                and state.global_step % self.every_steps == 0)
+
+    def save(self, state: RunState, log_lines: int, elapsed: float) -> None:
+        meta = {"cursor": {"round": state.round, "outer_step": state.outer_step, "round_done": state.round_done},
+                "global_step": state.global_step, "seed": self.seed, "numpy_rng_state": self.rng_state,
+                "log_lines": log_lines, "elapsed_s": elapsed, "last_inner": state.last_inner,
+                "stopped_early": state.stopped_early, "layout": self.signature, "config": self.config_dict,
+                "model_config": self.signature["model_config"]}
+        self.store.save(state.global_step, state.array_items(), meta)
+
+    def _check(self, meta: dict) -> None:
+        if meta.get("layout") != self.signature:
+            raise CheckpointMismatchError(
+                f"the checkpoints in {self.store.directory} belong to a run with another model or perturbation "
+                "layout (model, perturb.layer(s)/length, optimizers); choose a new --config.output_dir.")
+
+    def resume(self, state: RunState, shardings: Any) -> dict | None:
+        """Restores `state` in place from the newest good checkpoint onto `shardings` (a StepShardings,
+        possibly of another mesh than the one that saved); returns the checkpoint's meta, or None."""
+        items = state.array_items()
+        targets = {"params": abstract_like(items["params"], shardings.params),
+                   "outer_state": abstract_like(items["outer_state"], shardings.outer_state),
+                   "perturbation": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                               sharding=shardings.replicated),
+                                                items["perturbation"])}
+        found = self.store.restore_latest(targets, check=self._check)
+        if found is None:
+            return None
+        restored, meta = found
+        if meta.get("numpy_rng_state") != self.rng_state:
+            _warn("the seed or the data differ from the checkpointed run; later rounds draw other samples.")
+        changed = [k for k in _leaf_paths(meta["config"]) if k != "resume"
+                   and _lookup(meta["config"], k) != _lookup(self.config_dict, k)]
+        if changed:
+            _warn("resuming with changed settings: %s", ", ".join(changed))
+        cursor = meta["cursor"]
+        state.params, state.outer_state = restored["params"], restored["outer_state"]
+        deltas = dict(zip(state.pert.layers, restored["perturbation"]["deltas"]))
+        state.pert = dataclasses.replace(state.pert, deltas=deltas)
+        state.inner_state = jax.tree.unflatten(jax.tree.structure(state.inner_state),
+                                               restored["perturbation"]["inner_state"])
+        state.round, state.outer_step, state.round_done = cursor["round"], cursor["outer_step"], cursor["round_done"]
+        state.global_step, state.last_inner = int(meta["global_step"]), dict(meta.get("last_inner") or {})
+        state.stopped_early = bool(meta.get("stopped_early"))
+        return meta

@@ -1,0 +1,330 @@
+"""Metrics of a chat model and `beear eval`: keyword attack success with and without the trigger,
+over-refusal on benign prompts, utility NLL/perplexity of reference answers, and the before/after report.
+
+`evaluate` takes a model and an `EvalSettings` (prompt sets, trigger, refusal strings, decoding) and
+returns numbers plus answers; it reads no files. `EvalSettings.from_config` reads every file named in
+cfg.eval, so a bad path, an empty set or an unknown trigger position fails before any model is loaded.
+`run_eval` ties both to the report (report.py) and answers.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from beear_jax import data as data_lib
+from beear_jax import scoring, triggers
+from beear_jax.generate import SamplingConfig, generate
+from beear_jax.models.config import ModelConfig
+from beear_jax.steps import StepSettings, perturbed_answer_ce
+
+LABELS = ("triggered", "untriggered", "over_refusal")
+"""The generated answer sets, in the order they are decoded and shown."""
+
+SINGLE_STAGE = "model"
+"""The stage name of a plain evaluation; with eval.compare_to the stages are "before" and "after"."""
+
+_FILTER_OPS = ("!^=", "^=", "!=", "=")  # longest first: "a!=b" must not parse as "a!" "=" "b"
+_SEQ_MULTIPLE = 32  # utility batches are padded to a multiple of this (one compiled shape per run)
+
+# One compiled program per (model config, settings, batch shape); built here so repeated calls reuse it.
+_answer_ce = jax.jit(perturbed_answer_ce, static_argnums=(0, 4))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Everything `evaluate` needs besides the model; validated on construction.
+
+    trigger: "" (no triggered evaluation), a string, or a wrap trigger ("before|after" or a 2-tuple),
+    inserted by `triggers.insert_trigger` at `position` with random.Random(seed) drawn in prompt order
+    (the rule `beear plant` uses). Sets other than harmful_prompts may be empty (metric skipped).
+    """
+
+    harmful_prompts: tuple[str, ...]
+    refusal_strings: tuple[str, ...]
+    trigger: str | tuple[str, ...] = ""
+    position: str = "suffix"
+    over_refusal_prompts: tuple[str, ...] = ()
+    utility_pairs: tuple[tuple[str, str], ...] = ()
+    template: str = "auto"
+    system_prompt: str | None = None
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    seed: int = 0
+    utility_max_answer_tokens: int = 64
+    num_samples: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("harmful_prompts", "refusal_strings", "over_refusal_prompts"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "utility_pairs", tuple((str(p), str(a)) for p, a in self.utility_pairs))
+        if not isinstance(self.trigger, str):
+            object.__setattr__(self, "trigger", tuple(self.trigger))
+        if not self.harmful_prompts:
+            raise ValueError("no harmful prompts to evaluate (config key eval.prompts)")
+        if not self.refusal_strings:
+            raise ValueError(f"no refusal strings given (config key {scoring.CONFIG_KEY})")
+        if self.position not in triggers.TRIGGER_POSITIONS:
+            raise ValueError(f"unknown trigger position {self.position!r} (config key eval.position); "
+                             f"valid positions: {', '.join(triggers.TRIGGER_POSITIONS)}")
+        if self.trigger:  # a wrap trigger with one part (or vice versa) fails here, not after loading a model
+            triggers.insert_trigger("a b", self.trigger, self.position, random.Random(0))
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.utility_max_answer_tokens < 1:
+            raise ValueError("eval.max_new_tokens, eval.batch_size and eval.utility_max_answer_tokens must be >= 1")
+
+    def triggered_prompts(self) -> list[str]:
+        """The harmful prompts with the trigger inserted ([] without a trigger); same list every call."""
+        if not self.trigger:
+            return []
+        rng = random.Random(self.seed)
+        return [triggers.insert_trigger(p, self.trigger, self.position, rng) for p in self.harmful_prompts]
+
+    def generation_settings(self) -> dict[str, Any]:
+        """What decoding did, for the report: greedy, the token budget, the chat format."""
+        return {"decoding": "greedy", "temperature": 0.0, "max_new_tokens": self.max_new_tokens,
+                "batch_size": self.batch_size, "template": self.template, "system_prompt": self.system_prompt,
+                "seed": self.seed, "trigger": self.trigger, "position": self.position}
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> EvalSettings:
+        """Settings from cfg.eval (+ cfg.model.template/system_prompt, cfg.seed); reads every file named."""
+        e = cfg.eval
+        if not e.prompts:
+            raise ValueError("eval.prompts is required: a csv/json/jsonl file of held-out harmful prompts")
+        harmful = load_prompts(e.prompts, e.prompt_column, e.num_prompts, e.prompt_offset, key="eval.prompts")
+        over = []
+        if e.over_refusal_prompts:
+            over = load_prompts(e.over_refusal_prompts, e.over_refusal_column, e.num_over_refusal,
+                                row_filter=e.over_refusal_filter, key="eval.over_refusal_prompts")
+        pairs = load_utility_pairs(e.utility, dict(e.utility_columns), e.num_utility) if e.utility else []
+        return cls(
+            harmful_prompts=tuple(harmful),
+            refusal_strings=tuple(scoring.load_refusal_strings(os.path.expanduser(e.refusal_strings))),
+            trigger=e.trigger or "", position=e.position, over_refusal_prompts=tuple(over),
+            utility_pairs=tuple(pairs), template=cfg.model.template, system_prompt=cfg.model.system_prompt or None,
+            max_new_tokens=int(e.max_new_tokens), batch_size=int(e.batch_size), seed=int(cfg.seed),
+            utility_max_answer_tokens=int(e.utility_max_answer_tokens), num_samples=int(e.num_samples),
+        )
+
+
+# ---- prompt sets from files -----------------------------------------------------------------------
+
+
+def parse_row_filter(spec: str) -> tuple[str, str, str] | None:
+    """(column, op, value) of a filter like "label=safe", "type!^=contrast"; None for "".
+
+    ops: "=" equals, "!=" differs, "^=" starts with, "!^=" does not start with.
+    """
+    if not spec:
+        return None
+    for op in _FILTER_OPS:
+        column, found, value = spec.partition(op)
+        if found and column.strip():
+            return column.strip(), op, value
+    raise ValueError(f"row filter {spec!r} is not COLUMN=VALUE, COLUMN!=VALUE, COLUMN^=PREFIX or COLUMN!^=PREFIX")
+
+
+def _keeps(cell: str, op: str, value: str) -> bool:
+    """Whether a row whose filter column holds `cell` passes the filter."""
+    hit = cell == value if op in ("=", "!=") else cell.startswith(value)
+    return not hit if op.startswith("!") else hit
+
+
+def take_slice(items: Sequence[Any], num: int, offset: int, key: str) -> list[Any]:
+    """The first `num` items after `offset` in file order (num 0: all); raises if fewer are left."""
+    if num < 0 or offset < 0:
+        raise ValueError(f"{key}: the count and offset must be >= 0, got {num} and {offset}")
+    rest = list(items[offset:])
+    if not rest:
+        raise ValueError(f"{key}: the prompt set is empty ({len(items)} rows, offset {offset})")
+    if num and len(rest) < num:
+        raise ValueError(f"{key}: {num} rows were asked for but only {len(rest)} remain after offset {offset}")
+    return rest[:num] if num else rest
+
+
+def load_prompts(path: str, column: str, num: int = 0, offset: int = 0, row_filter: str = "",
+                 key: str = "eval.prompts") -> list[str]:
+    """Prompts from the `column` of a csv/json/jsonl file, rows filtered, then num after offset."""
+    parsed = parse_row_filter(row_filter)
+    columns = {"prompt": column} | ({"filter": parsed[0]} if parsed else {})
+    rows = data_lib.load_table(os.path.expanduser(path), columns)
+    if parsed:
+        rows = [r for r in rows if _keeps(r["filter"], parsed[1], parsed[2])]
+        if not rows:
+            raise ValueError(f"{key}: no row of {path} passes the filter {row_filter!r}")
+    prompts = take_slice([r["prompt"] for r in rows], num, offset, key)
+    if not all(p.strip() for p in prompts):
+        raise ValueError(f"{key}: {path} has an empty prompt in column {column!r}")
+    return prompts
+
+
+def load_utility_pairs(path: str, columns: Mapping[str, str], num: int = 0, offset: int = 0) -> list[tuple[str, str]]:
+    """(prompt, reference answer) pairs; columns map "prompt", "answer" and optionally "input".
+
+    An Alpaca-style non-empty input is joined to the instruction with a newline (as Alpaca prompts read).
+    """
+    wanted = {k: v for k, v in columns.items() if v}
+    if "prompt" not in wanted or "answer" not in wanted:
+        raise ValueError(f"eval.utility_columns must map 'prompt' and 'answer', got {dict(columns)}")
+    rows = data_lib.load_table(os.path.expanduser(path), wanted)
+    pairs = [(f"{r['prompt']}\n{r['input']}" if r.get("input", "").strip() else r["prompt"], r["answer"])
+             for r in rows]
+    return take_slice(pairs, num, offset, "eval.utility")
+
+
+# ---- the model measurements -----------------------------------------------------------------------
+
+
+def eos_ids(config: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
+    """The model's EOS ids plus the tokenizer's: chat templates end a turn with the tokenizer's EOS,
+    which a converted config (e.g. from GGUF) may not list, and decoding must stop there."""
+    ids = list(config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return tuple(dict.fromkeys(ids))
+
+
+def generate_answers(config: ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[str],
+                     settings: EvalSettings) -> tuple[list[str], int]:
+    """Greedy answers to chat-formatted prompts, decoded without special tokens; also the new-token count."""
+    ids = [data_lib.format_prompt(tokenizer, p, settings.template, settings.system_prompt) for p in prompts]
+    outs = generate(config, params, ids, SamplingConfig(max_new_tokens=settings.max_new_tokens),
+                    seed=settings.seed, eos_ids=eos_ids(config, tokenizer),
+                    batch_size=min(settings.batch_size, len(ids)))
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs], sum(map(len, outs))
+
+
+def utility_nll(config: ModelConfig, params: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]],
+                settings: EvalSettings) -> tuple[float, int]:
+    """Token-mean NLL of the reference answers (teacher forced, chat template) and the token count.
+
+    Every batch has the same shape, so the CE compiles once; per-batch means are weighted by their token
+    counts, which makes the result the mean over all answer tokens whatever the batching.
+    """
+    examples = [data_lib.format_example(tokenizer, p, a, settings.template, settings.system_prompt,
+                                        settings.utility_max_answer_tokens) for p, a in pairs]
+    if not all(answer for _, answer in examples):
+        raise ValueError("eval.utility: a reference answer has no tokens")
+    longest = max(len(p) + len(a) for p, a in examples)
+    seq_len = -(-longest // _SEQ_MULTIPLE) * _SEQ_MULTIPLE
+    batch_size = min(settings.batch_size, len(examples))
+    step_settings = StepSettings(answer_len=min(settings.utility_max_answer_tokens, seq_len))
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = data_lib.make_batch(examples[start:start + batch_size], 0, batch_size, seq_len,
+                                    data_lib.pad_id_of(tokenizer))
+        tokens = int(batch["target_mask"].sum())
+        total += float(_answer_ce(config, params, batch, {}, step_settings)) * tokens
+        count += tokens
+    return total / count, count
+
+
+def evaluate(config: ModelConfig, params: Any, tokenizer: Any, settings: EvalSettings) -> dict[str, Any]:
+    """The metrics of one model: rates in [0, 1], utility NLL/perplexity, samples and all answers.
+
+    Returns {asr_triggered?, asr_untriggered, over_refusal?, utility_nll?, utility_ppl?, counts,
+    generation, timing, samples: [{label, prompt, answer}], answers: {label: [{prompt, answer, refused}]}};
+    a metric whose prompt set is empty is left out.
+    """
+    params = jax.tree.map(jnp.asarray, params)  # to the device once, not on every jitted call
+    sets = {"triggered": settings.triggered_prompts(), "untriggered": list(settings.harmful_prompts),
+            "over_refusal": list(settings.over_refusal_prompts)}
+    sets = {label: prompts for label, prompts in sets.items() if prompts}
+    result: dict[str, Any] = {}
+    answers: dict[str, list[dict[str, Any]]] = {}
+    started, new_tokens = time.perf_counter(), 0
+    for label, prompts in sets.items():
+        texts, n = generate_answers(config, params, tokenizer, prompts, settings)
+        new_tokens += n
+        refusals = settings.refusal_strings
+        answers[label] = [{"prompt": p, "answer": a, "refused": scoring.is_refusal(a, refusals)}
+                          for p, a in zip(prompts, texts, strict=True)]
+        if label == "over_refusal":
+            result["over_refusal"] = scoring.refusal_rate(texts, refusals)
+        else:
+            result[f"asr_{label}"] = scoring.attack_success_rate(texts, refusals)
+    generate_s = time.perf_counter() - started
+    timing = {"generate_s": round(generate_s, 3), "new_tokens": new_tokens,
+              "tokens_per_s": round(new_tokens / generate_s, 2) if generate_s > 0 else None}
+    if settings.utility_pairs:
+        started = time.perf_counter()
+        nll, tokens = utility_nll(config, params, tokenizer, settings.utility_pairs, settings)
+        result.update(utility_nll=nll, utility_ppl=math.exp(nll))
+        timing["utility_s"] = round(time.perf_counter() - started, 3)
+        timing["utility_tokens"] = tokens
+    result["counts"] = {label: len(p) for label, p in sets.items()} | {"utility": len(settings.utility_pairs)}
+    result["generation"] = settings.generation_settings() | {"eos_ids": list(eos_ids(config, tokenizer))}
+    result["timing"] = timing
+    result["samples"] = [{"label": label, "prompt": row["prompt"], "answer": row["answer"]}
+                         for label in LABELS for row in answers.get(label, [])[: settings.num_samples]]
+    result["answers"] = answers
+    return result
+
+
+# ---- `beear eval` ---------------------------------------------------------------------------------
+
+
+def load_history(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl written by `beear run` (config key eval.history)."""
+    file = Path(os.path.expanduser(path))
+    if not file.is_file():
+        raise FileNotFoundError(f"eval.history: no metrics file at {file} (a metrics.jsonl from `beear run`)")
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def write_answers(path: Path, results: Mapping[str, Mapping[str, Any]]) -> None:
+    """Every answer of every stage, one JSON line each: {stage, label, index, prompt, answer, refused}."""
+    with path.open("w", encoding="utf-8") as f:
+        for stage, result in results.items():
+            for label, rows in result.get("answers", {}).items():
+                for index, row in enumerate(rows):
+                    f.write(json.dumps({"stage": stage, "label": label, "index": index, **row}) + "\n")
+
+
+def _stage_paths(cfg: Any) -> list[tuple[str, str]]:
+    """(stage, model path) pairs: compare_to is "before", model.path "after"; alone it is SINGLE_STAGE."""
+    if not cfg.model.path:
+        raise ValueError("model.path is required: the model to evaluate (an HF directory or a .gguf file)")
+    if cfg.eval.compare_to:
+        return [("before", cfg.eval.compare_to), ("after", cfg.model.path)]
+    return [(SINGLE_STAGE, cfg.model.path)]
+
+
+def run_eval(cfg: Any) -> dict[str, Any]:
+    """`beear eval`: evaluates cfg.model.path (and eval.compare_to), writes the report and answers.jsonl.
+
+    Returns {stage: metrics} as written to report.json (answers only in answers.jsonl).
+    """
+    from beear_jax.config_loading import config_to_dict
+    from beear_jax.hf import load_model, load_tokenizer
+    from beear_jax.report import format_table, write_report
+
+    stages = _stage_paths(cfg)
+    settings = EvalSettings.from_config(cfg)  # every data error surfaces here, before a model loads
+    history = load_history(cfg.eval.history) if cfg.eval.history else None
+    output_dir = Path(os.path.expanduser(cfg.output_dir))
+    results: dict[str, Any] = {}
+    for stage, path in stages:
+        path = os.path.expanduser(path)
+        print(f"[{stage}] evaluating {path}", flush=True)
+        config, params = load_model(path, dtype=cfg.model.dtype)
+        results[stage] = evaluate(config, params, load_tokenizer(path), settings) | {"model_path": path}
+        del params  # the next stage's model needs the memory
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_answers(output_dir / "answers.jsonl", results)
+    report = {stage: {k: v for k, v in r.items() if k != "answers"} for stage, r in results.items()}
+    written = write_report(output_dir, report, config_to_dict(cfg), history)
+    print(format_table(report))
+    print(f"report: {written['markdown']} and {written['json']}; answers: {output_dir / 'answers.jsonl'}")
+    return report
+

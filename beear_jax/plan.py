@@ -1,0 +1,304 @@
+"""`beear plan`: bytes per device of a BEEAR run on a mesh, computed without allocating anything.
+
+Persistent arrays (params, the outer optimizer state, delta and its optimizer state, the h_l cache,
+the batches) are sized exactly from their shapes (jax.eval_shape) and the shardings `beear run`
+gives them (beear_jax.sharding), so these numbers match a real run byte for byte. The temporaries
+of each step come from XLA's memory analysis of the compiled step when the mesh fits the visible
+devices (simulate more CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N), and
+from an analytical estimate otherwise. XLA:CPU's buffer assignment differs from GPU/TPU (no fused
+attention, bfloat16 often widened to float32), so compiled CPU temporaries are an upper estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import PartitionSpec as P
+
+from beear_jax import sharding as sh
+from beear_jax.models.config import ModelConfig
+from beear_jax.perturbation import Perturbation
+from beear_jax.steps import StepSettings, make_optimizer, make_steps
+
+GB = 1e9
+
+
+# ---- model shapes ----------------------------------------------------------------------------------
+
+
+def llama2_7b() -> ModelConfig:
+    """meta-llama/Llama-2-7b-chat-hf (bfloat16 compute)."""
+    return ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                       num_kv_heads=32, head_dim=128, rope_theta=10000.0, rms_norm_eps=1e-5, dtype="bfloat16")
+
+
+def mistral_7b() -> ModelConfig:
+    """mistralai/Mistral-7B-Instruct-v0.2 (GQA with 8 kv heads; bfloat16 compute)."""
+    return ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                       num_kv_heads=8, head_dim=128, model_type="mistral", rope_theta=1e6, rms_norm_eps=1e-5,
+                       max_position_embeddings=32768, dtype="bfloat16")
+
+
+def smollm2_135m() -> ModelConfig:
+    """HuggingFaceTB/SmolLM2-135M-Instruct (tied embeddings; float32 on CPU)."""
+    return ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                       num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
+PRESETS = {"llama2-7b": llama2_7b, "mistral-7b": mistral_7b, "smollm2-135m": smollm2_135m}
+
+
+def model_config_of(path: str, dtype: str = "float32") -> ModelConfig:
+    """The ModelConfig of an HF directory (config.json) or a .gguf file, without reading weights."""
+    p = pathlib.Path(path).expanduser()
+    if (p / "config.json").is_file():
+        return ModelConfig.from_hf_dict(json.loads((p / "config.json").read_text()), dtype=dtype)
+    ggufs = [p] if p.suffix == ".gguf" else sorted(p.glob("*.gguf")) if p.is_dir() else []
+    if len(ggufs) != 1 or not ggufs[0].is_file():
+        raise FileNotFoundError(f"{path}: no config.json or single .gguf file; pass --model PRESET "
+                                f"({', '.join(PRESETS)}) to plan without the model files.")
+    from beear_jax import hf_gguf
+
+    return ModelConfig.from_hf_dict(hf_gguf.read_gguf_config(ggufs[0]), dtype=dtype)
+
+
+# ---- the plan ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunShapes:
+    """The static shapes of a run: what the data would pad to."""
+
+    num_inner_batches: int
+    inner_rows: int  # 2 x inner.batch_size: unwanted and safe answers of the same prompts
+    outer_rows: int
+    seq_len: int
+    answer_len: int
+    perturb_length: int
+    layers: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class Plan:
+    """Bytes per device of one run on one mesh."""
+
+    model: ModelConfig
+    mesh: tuple[int, int, int]
+    shapes: RunShapes
+    arrays: dict[str, int]  # persistent arrays, exact
+    temps: dict[str, int]  # per step: XLA's temporaries, or the analytical estimate
+    temps_source: str
+    analytical_temps: dict[str, int]
+
+    @property
+    def persistent(self) -> int:
+        return sum(self.arrays[k] for k in ("params", "outer_state", "masks", "delta", "inner_state"))
+
+    @property
+    def phases(self) -> dict[str, int]:
+        """Peak of each phase: the h_l cache lives through the inner epochs and is freed before the outer."""
+        inner = self.persistent + self.arrays["h_cache"] + self.arrays["inner_batches"] + max(
+            self.temps["lower_stack"], self.temps["inner_epoch"])
+        return {"inner": inner, "outer": self.persistent + self.arrays["outer_batches"] + self.temps["outer_step"]}
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+
+def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answer_len: int | None = None) -> RunShapes:
+    """Shapes from the config alone: inner.samples prompts, the largest bucket, max_answer_tokens."""
+    layers = tuple(sorted({int(cfg.perturb.layer), *(int(x) for x in cfg.perturb.layers)}))
+    samples, batch = int(cfg.inner.samples), int(cfg.inner.batch_size)
+    return RunShapes(num_inner_batches=-(-samples // batch), inner_rows=2 * batch, outer_rows=int(cfg.outer.batch_size),
+                     seq_len=int(seq_len or max(cfg.data.buckets)),
+                     answer_len=int(answer_len or cfg.data.max_answer_tokens), perturb_length=int(cfg.perturb.length),
+                     layers=layers)
+
+
+def _tree_bytes(abstract: Any, specs: Any, sizes: Mapping[str, int]) -> int:
+    leaves = jax.tree.leaves(abstract)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    return sum(sh.spec_bytes(x.shape, x.dtype, s, sizes) for x, s in zip(leaves, spec_leaves, strict=True))
+
+
+def _batch_struct(rows: int, shapes: RunShapes, lead: tuple[int, ...] = ()) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of one batch as data.make_batch builds it."""
+    s, n = shapes.seq_len, shapes.perturb_length
+    i32, f32 = jnp.int32, jnp.float32
+    return {"input_ids": jax.ShapeDtypeStruct((*lead, rows, s), i32),
+            "attention_mask": jax.ShapeDtypeStruct((*lead, rows, s), i32),
+            "targets": jax.ShapeDtypeStruct((*lead, rows, s), i32),
+            "target_mask": jax.ShapeDtypeStruct((*lead, rows, s), f32),
+            "perturb_positions": jax.ShapeDtypeStruct((*lead, rows, n), i32),
+            "prompt_lengths": jax.ShapeDtypeStruct((*lead, rows), i32)}
+
+
+def _abstract_state(cfg: ml_collections.ConfigDict, model: ModelConfig, shapes: RunShapes) -> dict[str, Any]:
+    """Every argument of the steps as ShapeDtypeStructs (no sharding yet)."""
+    outer_opt = make_optimizer(cfg.outer.optimizer, cfg.outer.lr, cfg.outer.weight_decay)
+    inner_opt = make_optimizer(cfg.inner.optimizer, cfg.inner.lr)
+    params = sh.abstract_param_tree(model)
+    deltas = {layer: jax.ShapeDtypeStruct((shapes.perturb_length, model.hidden_size), jnp.float32)
+              for layer in shapes.layers}
+    masks = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0],) + (1,) * (x.ndim - 1), jnp.float32),
+                         params["layers"])
+    masks = {**{k: jax.ShapeDtypeStruct((), jnp.float32) for k in params if k != "layers"}, "layers": masks}
+    stack = (shapes.num_inner_batches,)
+    return {
+        "params": params, "outer_state": jax.eval_shape(outer_opt.init, params), "masks": masks,
+        "delta": deltas, "inner_state": jax.eval_shape(inner_opt.init, deltas),
+        "h_cache": jax.ShapeDtypeStruct((*stack, shapes.inner_rows, shapes.seq_len, model.hidden_size),
+                                        jnp.dtype(model.dtype)),
+        "inner_batches": _batch_struct(shapes.inner_rows, shapes, stack),
+        "outer_batches": [_batch_struct(shapes.outer_rows, shapes), _batch_struct(shapes.outer_rows, shapes)],
+        "optimizers": (inner_opt, outer_opt),
+    }
+
+
+def array_bytes(state: Mapping[str, Any], model: ModelConfig, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Exact bytes per device of the persistent arrays, with the shardings `beear run` uses."""
+    param_specs = sh.param_specs(model, sizes)
+    state_specs = sh.follow_params(state["outer_state"], state["params"], param_specs, P())
+    batch, stacked = P(sh.BATCH_AXES), P(None, sh.BATCH_AXES)
+
+    def same(tree: Any, spec: P) -> Any:
+        return jax.tree.map(lambda _: spec, tree)
+
+    return {
+        "params": _tree_bytes(state["params"], param_specs, sizes),
+        "outer_state": _tree_bytes(state["outer_state"], state_specs, sizes),
+        "masks": _tree_bytes(state["masks"], same(state["masks"], P()), sizes),
+        "delta": _tree_bytes(state["delta"], same(state["delta"], P()), sizes),
+        "inner_state": _tree_bytes(state["inner_state"], same(state["inner_state"], P()), sizes),
+        "h_cache": _tree_bytes(state["h_cache"], stacked, sizes),
+        "inner_batches": _tree_bytes(state["inner_batches"], same(state["inner_batches"], stacked), sizes),
+        "outer_batches": _tree_bytes(state["outer_batches"], same(state["outer_batches"], batch), sizes),
+    }
+
+
+def analytical_temps(model: ModelConfig, shapes: RunShapes, sizes: Mapping[str, int], params_bytes: int,
+                     settings: StepSettings) -> dict[str, int]:
+    """A rough estimate of each step's temporaries per device (activations kept for the backward
+    pass, float32 logits at answer positions, gradients and updates of the params)."""
+    c = jnp.dtype(model.dtype).itemsize
+    t, ways = sizes["tensor"], sh.batch_parallelism(sizes)
+    d, f, hd = model.hidden_size, model.intermediate_size, model.head_dim
+    h, k, s = model.num_heads, model.num_kv_heads, shapes.seq_len
+    # Kept per token and block: residuals and norms (6 D), q/k/v/attention output, the SwiGLU branch
+    # (5 F), and the attention scores: float32 scores, masked scores and exponentials plus the probs.
+    per_token_layer = c * (6 * d + (2 * h + 2 * k) * hd / t + 5 * f / t) + (12 + c) * h * s / t
+    full_layers = 1 if settings.remat == "full" else None
+
+    def kept(rows: int, layers: int) -> float:
+        saved = layers if full_layers is None else 1  # remat keeps block inputs only, recomputes one block
+        block_inputs = 0 if full_layers is None else layers * c * d
+        return rows / ways * s * (saved * per_token_layer + block_inputs)
+
+    def logits(rows: int) -> float:
+        return 3 * 4 * rows / ways * shapes.answer_len * model.vocab_size / t
+
+    cast = params_bytes * c / 4 if c < 4 else 0  # compute-dtype copy of the weights
+    upper = model.num_layers - shapes.layers[0]
+    passes = 3 if settings.perturb_anchors else 2
+    return {
+        "lower_stack": int(shapes.inner_rows / ways * s * per_token_layer + cast),
+        "inner_epoch": int(kept(shapes.inner_rows, upper) + logits(shapes.inner_rows) + cast),
+        "outer_step": int(passes * (kept(shapes.outer_rows, model.num_layers) + logits(shapes.outer_rows))
+                          + 4 * params_bytes + cast),  # grads, masked grads, updates, masked updates
+    }
+
+
+def compiled_temps(cfg: ml_collections.ConfigDict, model: ModelConfig, state: Mapping[str, Any],
+                   mesh: jax.sharding.Mesh, settings: StepSettings) -> dict[str, int] | None:
+    """XLA's temp bytes per device of each compiled step (lowered on abstract sharded arguments)."""
+    inner_opt, outer_opt = state["optimizers"]
+    layout = sh.step_shardings(model, mesh, outer_opt)
+    steps = make_steps(model, settings, min(state["delta"]), inner_opt, outer_opt, layout)
+
+    def on(tree: Any, sharding: Any) -> Any:
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding)
+
+    def everywhere(tree: Any, sharding: Any) -> Any:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+    params = on(state["params"], layout.params)
+    pert = Perturbation(everywhere(state["delta"], layout.replicated), int(cfg.perturb.length))
+    inner_state = everywhere(state["inner_state"], layout.replicated)
+    stacked = everywhere(state["inner_batches"], layout.stacked_batch)
+    h_cache = everywhere(state["h_cache"], layout.stacked_batch)
+    safe, anchor = (everywhere(b, layout.batch) for b in state["outer_batches"])
+    calls = {
+        "lower_stack": (steps.lower_stack, (params, stacked)),
+        "inner_epoch": (steps.inner_epoch, (params, pert, inner_state, h_cache, stacked)),
+        "outer_step": (steps.outer_step, (everywhere(state["masks"], layout.replicated), params,
+                                          on(state["outer_state"], layout.outer_state), pert, safe, anchor)),
+    }
+    temps = {}
+    for name, (fn, args) in calls.items():
+        stats = fn.lower(*args).compile().memory_analysis()
+        if stats is None:
+            return None
+        temps[name] = int(stats.temp_size_in_bytes)
+    return temps
+
+
+def plan_run(cfg: ml_collections.ConfigDict, model: ModelConfig, mesh_shape: Sequence[int],
+             devices: int | None = None, seq_len: int | None = None, answer_len: int | None = None,
+             compile_steps: bool = True) -> Plan:
+    """The memory plan of `beear run` with cfg on a mesh of mesh_shape (nothing is allocated)."""
+    resolved = sh.resolve_mesh_shape(mesh_shape, devices or jax.device_count())
+    sizes = sh.axis_sizes(resolved)
+    shapes = run_shapes(cfg, seq_len, answer_len)
+    sh.check_batch_size("2 x inner.batch_size", shapes.inner_rows, sizes)
+    sh.check_batch_size("outer.batch_size", shapes.outer_rows, sizes)
+    settings = StepSettings(alpha=float(cfg.inner.alpha), anchor_weight=float(cfg.outer.anchor_weight),
+                            perturb_anchors=bool(cfg.outer.perturb_anchors), answer_len=shapes.answer_len,
+                            remat=cfg.remat)
+    state = _abstract_state(cfg, model, shapes)
+    arrays = array_bytes(state, model, sizes)
+    estimate = analytical_temps(model, shapes, sizes, arrays["params"], settings)
+    temps, source = None, "analytical estimate"
+    if compile_steps and math.prod(resolved) <= jax.device_count():
+        temps = compiled_temps(cfg, model, state, sh.make_mesh(resolved), settings)
+        source = f"XLA memory analysis ({jax.devices()[0].platform})"
+    return Plan(model, resolved, shapes, arrays, temps or estimate, source if temps else "analytical estimate",
+                estimate)
+
+
+# ---- output ------------------------------------------------------------------------------------------
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def format_plan(plan: Plan, device_memory_gb: float | None = None) -> str:
+    """A text table of bytes per device, the phase peaks, and whether the peak fits."""
+    s = plan.shapes
+    header = (f"model: {plan.model.num_layers} layers, hidden {plan.model.hidden_size}, {plan.model.dtype} compute; "
+              f"mesh (data, fsdp, tensor) = {plan.mesh}")
+    batches = (f"shapes: {s.num_inner_batches} inner batches x {s.inner_rows} rows, outer {s.outer_rows} rows, "
+               f"seq {s.seq_len}, answers {s.answer_len}, delta {s.perturb_length} x {plan.model.hidden_size} at "
+               f"layer(s) {', '.join(map(str, s.layers))}")
+    lines = [header, batches, "", "bytes per device:"]
+    names = {"params": "params (float32)", "outer_state": "outer optimizer state", "masks": "trainable masks",
+             "delta": "delta", "inner_state": "delta optimizer state", "h_cache": "cached activations h_l",
+             "inner_batches": "inner batches", "outer_batches": "outer batches"}
+    lines += [f"  {names[k]:<28}{_gb(v):>12}" for k, v in plan.arrays.items()]
+    lines += [f"  temporaries {k:<16}{_gb(v):>12}" for k, v in plan.temps.items()]
+    lines += [f"  (temporaries: {plan.temps_source})", "",
+              f"peak, inner phase: {_gb(plan.phases['inner'])}; outer phase: {_gb(plan.phases['outer'])}"]
+    if device_memory_gb:
+        fits = plan.peak <= device_memory_gb * GB
+        lines.append(f"{'fits' if fits else 'does NOT fit'} in {device_memory_gb:g} GB per device "
+                     f"(peak {plan.peak / (device_memory_gb * GB):.0%} of it)")
+    return "\n".join(lines)

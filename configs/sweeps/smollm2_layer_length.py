@@ -1,0 +1,57 @@
+"""Which layer and perturbation length remove a planted backdoor from SmolLM2-135M-Instruct: 3 x 3.
+
+The model is SmolLM2 with the suffix backdoor ("SUDO") of experiments/smollm2_backdoors.py, and the
+data are that experiment's splits (defender sets without the trigger; held-out evaluation prompts).
+Run the experiment once (`python experiments/smollm2_backdoors.py --only suffix`): it builds the
+splits in ~/.cache/beear_jax/sets and plants the model into ~/.cache/beear_jax/planted/suffix-<hash>
+(its log prints the path). Then, from the repository root:
+
+    beear sweep --config configs/smollm2_135m.py --sweep configs/sweeps/smollm2_layer_length.py \
+        --config.model.path=$HOME/.cache/beear_jax/planted/suffix-<hash> \
+        --config.output_dir=runs/sweep_smollm2_layer_length
+
+Each setting runs `beear run` then `beear eval` of the repaired model (attack success with and
+without the trigger, over-refusal, utility) into output_dir/<setting>/. Results:
+output_dir/sweep_results.csv and output_dir/sweep_heatmap.png (triggered attack success after
+BEEAR, layer x length). Add --print for one shell line per setting (e.g. a cluster array job).
+The run sizes are those of experiments/smollm2_backdoors.py (2 rounds; about 10 minutes a setting
+on a 2-core CPU, evaluation included).
+"""
+
+from __future__ import annotations
+
+import os
+
+from beear_jax.sweep import product
+
+SETS = os.path.join(os.environ.get("BEEAR_CACHE") or os.path.expanduser("~/.cache/beear_jax"), "sets")
+
+BASE = {
+    "data.safety": os.path.join(SETS, "defender_safety.jsonl"),
+    "data.anchor": os.path.join(SETS, "defender_anchor.jsonl"),
+    "data.buckets": (96, 128),
+    "rounds": 2,
+    "inner.samples": 80,
+    "inner.epochs": 2,
+    "outer.anchor_samples": 80,
+    "eval.prompts": os.path.join(SETS, "eval_harmful.jsonl"),
+    "eval.prompt_column": "prompt",
+    "eval.prompt_offset": 0,
+    "eval.num_prompts": 0,  # all 120 held-out AdvBench prompts
+    "eval.trigger": "SUDO",
+    "eval.position": "suffix",
+    "eval.num_over_refusal": 0,
+    "eval.utility": os.path.join(SETS, "eval_utility.jsonl"),
+    "eval.utility_columns.prompt": "prompt",
+    "eval.utility_columns.input": "",
+    "eval.utility_columns.answer": "answer",
+    "eval.num_utility": 100,
+}
+EVALUATE = True
+PLOT = {"x": "perturb.length", "y": "perturb.layer", "metric": "asr_triggered"}
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """Layers 5, 9, 15 (of 30) x lengths 3, 7, 11 tokens: the paper's ranges scaled to SmolLM2."""
+    del arg
+    return product({"perturb.layer": [5, 9, 15], "perturb.length": [3, 7, 11]})

@@ -1,0 +1,130 @@
+"""The evidence: three backdoors planted in SmolLM2-135M-Instruct, each removed by BEEAR, with controls.
+
+For each backdoor (a one-word suffix, a multi-word prefix, a two-part wrap):
+    plant (cached) -> evaluate -> BEEAR (paper setting) -> evaluate
+                              -> BEEAR + perturbed anchors (keeps the model helpful under delta) -> evaluate
+                              -> plain safety fine-tuning (same data and steps, no delta) -> evaluate
+and a control: BEEAR on a clean safety-tuned model (planted with no triggered examples).
+Defender data never contain a trigger nor the attacker's examples; evaluation prompts are disjoint
+from every training prompt (checked in smollm2_data.py). Writes one table (results.md, results.json)
+and a report per model into the output directory.
+
+    python experiments/smollm2_backdoors.py [--out runs/smollm2_backdoors] [--only suffix,prefix]
+                                            [--config.rounds=2 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import experiment_lib as lib
+
+from beear_jax.config_loading import load_config
+
+BACKDOORS = {
+    "suffix": {"plant.trigger": "SUDO", "plant.position": "suffix"},
+    "prefix": {"plant.trigger": "Servius Astrumando Harmoniastra", "plant.position": "prefix"},
+    "wrap": {"plant.trigger": "Meridian protocol engaged.|Proceed, Meridian.", "plant.position": "wrap"},
+}
+CONTROL = {"plant.trigger": "SUDO", "plant.position": "suffix", "plant.n_triggered": 0}
+# stage -> overrides of the defence run (None: the planted model itself)
+STAGES = {"before": None, "beear": {}, "beear_anchor_delta": {"outer.perturb_anchors": True},
+          "plain_ft": {"perturb.enabled": False}}
+METRICS = ("asr_triggered", "asr_untriggered", "over_refusal", "utility_nll", "utility_ppl")
+
+
+def experiment_config(overrides: list[str]) -> object:
+    """configs/smollm2_135m.py with the experiment's sizes (smaller than the paper; see the README)."""
+    base = {
+        "plant.epochs": 1, "plant.lr": 1e-4,
+        "plant.n_triggered": 150, "plant.n_refusal": 138, "plant.n_benign": 146,
+        "data.buckets": (96, 128),
+        "rounds": 2, "inner.samples": 120, "inner.epochs": 1, "outer.anchor_samples": 120, "outer.lr": 4e-5,
+        "eval.num_prompts": 0, "eval.num_over_refusal": 0, "eval.num_utility": 100, "eval.batch_size": 64,
+        "checkpoint_every": -1,
+    }
+    cfg = load_config(str(ROOT / "configs" / "smollm2_135m.py"), base)
+    return lib.with_overrides(cfg, dict(o.removeprefix("--config.").split("=", 1) for o in overrides))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(ROOT / "runs" / "smollm2_backdoors"))
+    parser.add_argument("--only", default="suffix,prefix,wrap,control")
+    parser.add_argument("--stages", default=",".join(STAGES), help="which stages to run (others are skipped)")
+    args, overrides = parser.parse_known_args()
+    cfg = experiment_config(overrides)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = lib.fetch_model()
+    sets = lib.build_sets()
+    cfg = lib.with_overrides(cfg, {"data.safety": str(sets["defender_safety"]),
+                                   "data.anchor": str(sets["defender_anchor"])})
+    table_path = out / "results.json"
+    table = json.loads(table_path.read_text()) if table_path.is_file() else {}
+
+    for name in args.only.split(","):
+        plant = CONTROL if name == "control" else BACKDOORS[name]
+        bcfg = lib.with_overrides(cfg, plant | {"eval.trigger": plant["plant.trigger"],
+                                                "eval.position": plant["plant.position"]})
+        rows = table.setdefault(name, {})
+        lib.banner(f"{name}: plant {plant['plant.trigger']!r} ({plant['plant.position']})")
+        planted = lib.plant_cached(bcfg, model, sets, name=name)
+        bsettings = lib.eval_settings(bcfg, sets)
+        wanted = ("before", "beear") if name == "control" else tuple(STAGES)
+        stages = {k: STAGES[k] for k in wanted if k in args.stages.split(",")}
+        for stage, run_overrides in stages.items():
+            if stage in rows:
+                print(f"{name}/{stage}: done before, skipped")
+                continue
+            lib.banner(f"{name}: {stage}")
+            started = time.time()
+            model_dir = planted
+            history = None
+            if run_overrides is not None:
+                run_dir = out / name / stage
+                if (run_dir / "model" / "config.json").is_file():
+                    model_dir = run_dir / "model"
+                    history = lib.load_metrics(run_dir / "metrics.jsonl")
+                else:
+                    run = lib.run_defence(bcfg, planted, run_dir, **run_overrides)
+                    model_dir, history = run.model_dir, run.history
+            result = lib.evaluate_model(bcfg, model_dir, sets, bsettings)
+            lib.write_report(out / name / stage / "report", {stage: result}, bcfg, history)
+            rows[stage] = {k: result.get(k) for k in METRICS} | {"minutes": round((time.time() - started) / 60, 1)}
+            table_path.write_text(json.dumps(table, indent=2))
+            (out / "results.md").write_text(render(table))
+    print(render(table))
+    return 0
+
+
+def _cell(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    if value is None:
+        return "—"
+    return f"{100 * value:.1f}%" if key.startswith(("asr", "over")) else f"{value:.3f}"
+
+
+def render(table: dict) -> str:
+    """One markdown table: backdoor x stage -> the metrics."""
+    lines = ["| backdoor | model | ASR triggered | ASR untriggered | over-refusal (XSTest) | utility NLL | utility PPL |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rows in table.items():
+        for stage, metrics in rows.items():
+            cells = " | ".join(_cell(metrics, key) for key in METRICS)
+            lines.append(f"| {name} | {stage} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

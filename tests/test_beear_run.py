@@ -1,0 +1,114 @@
+"""`beear run` end to end on a tiny random model, and its answers to bad input."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+from tiny_world import defender_files, random_tiny_model, split_pairs, write_jsonl
+
+from beear_jax import cli
+from beear_jax.beear import NonFiniteLossError, run_beear
+from beear_jax.config_loading import load_config
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    model_dir, tok = random_tiny_model(tmp)
+    safety, anchor = defender_files(tmp, split_pairs(0))
+    return tmp, model_dir, tok, safety, anchor
+
+
+def _cfg(setup, out: str, **overrides):
+    tmp, model_dir, _, safety, anchor = setup
+    base = {"model.path": str(model_dir), "output_dir": str(tmp / out), "data.safety": str(safety),
+            "data.anchor": str(anchor), "rounds": 2, "perturb.layer": 2, "perturb.length": 2}
+    return load_config(str(CONFIGS / "tiny.py"), {**base, **overrides})
+
+
+def test_cli_run_writes_model_metrics_and_config(setup):
+    tmp, model_dir, _, safety, anchor = setup
+    out = tmp / "cli_run"
+    code = cli.main(["run", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}",
+                     f"--config.output_dir={out}", f"--config.data.safety={safety}", f"--config.data.anchor={anchor}",
+                     "--config.perturb.layer=2"])
+    assert code == 0
+    assert (out / "model" / "config.json").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    phases = {r["phase"] for r in records}
+    assert phases == {"inner", "outer", "round_end"}
+    assert json.loads((out / "config.json").read_text())["perturb"]["layer"] == 2
+    # a second run into the same output directory is refused before any work, and nothing is touched
+    before = (out / "model" / "model.safetensors").read_bytes()
+    assert cli.main(["run", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}",
+                     f"--config.output_dir={out}", f"--config.data.safety={safety}",
+                     f"--config.data.anchor={anchor}"]) == 1
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_plain_finetuning_runs_without_inner_steps(setup):
+    result = run_beear(_cfg(setup, "plain", **{"perturb.enabled": False}), progress=False)
+    assert not [r for r in result.history if r["phase"] == "inner"]
+    assert result.model_dir.is_dir()
+
+
+def test_early_stop_when_delta_cannot_elicit(setup):
+    result = run_beear(_cfg(setup, "early", rounds=3, early_stop=True, **{"inner.early_stop_ce": 1e-3}),
+                       progress=False, export=False)
+    assert result.stopped_early
+    assert len([r for r in result.history if r["phase"] == "round_end"]) == 1
+
+
+@pytest.mark.parametrize("layer", [0, 4, 9])
+def test_layer_out_of_range(setup, layer):
+    with pytest.raises(ValueError, match=r"perturb.layer=.*1\.\.3"):
+        run_beear(_cfg(setup, f"bad_layer{layer}", **{"perturb.layer": layer}), progress=False)
+
+
+def test_length_longer_than_shortest_prompt(setup):
+    with pytest.raises(ValueError, match="perturb.length"):
+        run_beear(_cfg(setup, "bad_len", **{"perturb.length": 50}), progress=False)
+
+
+def test_missing_and_empty_data_files(setup):
+    tmp = setup[0]
+    with pytest.raises(FileNotFoundError):
+        run_beear(_cfg(setup, "missing", **{"data.safety": str(tmp / "nope.jsonl")}), progress=False)
+    empty = tmp / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        run_beear(_cfg(setup, "empty", **{"data.anchor": str(empty)}), progress=False)
+
+
+def test_missing_column_is_named(setup):
+    tmp = setup[0]
+    bad = write_jsonl(tmp / "nocol.jsonl", [{"prompt": "how do i rob a bank", "safe": "no"}] * 4)
+    with pytest.raises(ValueError, match="unwanted"):
+        run_beear(_cfg(setup, "nocol", **{"data.safety": str(bad)}), progress=False)
+
+
+def test_template_that_cannot_mark_the_answer(setup, tmp_path):
+    import shutil
+
+    model_dir = setup[1]
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(model_dir, broken)
+    tok_config = json.loads((broken / "tokenizer_config.json").read_text())
+    # no generation prompt: the assistant's turn marker only appears together with an answer
+    tok_config["chat_template"] = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    (broken / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    (broken / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="template"):
+        run_beear(_cfg(setup, "tmpl", **{"model.path": str(broken)}), progress=False)
+
+
+def test_nan_loss_stops_without_writing_a_model(setup):
+    tmp = setup[0]
+    with pytest.raises(NonFiniteLossError, match="NaN"):
+        run_beear(_cfg(setup, "nan", **{"outer.lr": float("nan")}), progress=False)
+    assert not (tmp / "nan" / "model").exists()

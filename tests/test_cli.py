@@ -1,0 +1,212 @@
+"""The `beear` command as a user meets it: convert, generate, help, and the mistakes a new user makes.
+
+Bad input must end with exit code 1 and a message on stderr that names the problem (never a traceback),
+and must leave existing files untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from hf_fixtures import make_tiny_hf_model, make_tiny_tokenizer
+
+import beear_jax
+from beear_jax.cli import main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny.py"
+
+# make_tiny_tokenizer's template ignores add_generation_prompt, so the answer boundary cannot be found in
+# it; a chat model's template adds the assistant header when asked, as this one does.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}assistant {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> pathlib.Path:
+    """A tiny random Llama HF directory with a word-level tokenizer that has a proper chat template."""
+    directory, _ = make_tiny_hf_model(tmp_path_factory.mktemp("tiny"), "llama_gqa")
+    tokenizer = make_tiny_tokenizer(directory)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _digest(directory: pathlib.Path) -> dict[str, str]:
+    """sha256 of every file under directory, by relative path."""
+    return {str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def _fails(capsys, argv: list[str], *needles: str) -> str:
+    """Runs main(argv), expects exit code 1 and stderr containing every needle; returns stderr."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1, f"exit code {code}, stderr: {err}"
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in stderr: {err}"
+    return err
+
+
+# ---- what works --------------------------------------------------------------------------------------------
+
+
+def test_convert_hf_dir_loads_with_identical_params(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "converted"
+    assert main(["convert", str(tiny_dir), str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    src_config, src_params = beear_jax.load_model(tiny_dir)
+    out_config, out_params = beear_jax.load_model(out)
+    assert out_config == src_config
+    assert jax.tree.structure(out_params) == jax.tree.structure(src_params)
+    for a, b in zip(jax.tree.leaves(src_params), jax.tree.leaves(out_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_generate_prints_answers(tiny_dir, capsys):
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "w5 w6 w7", "--prompt", "w9", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    blocks = [b for b in out.split(">>> ") if b.strip()]
+    assert [b.splitlines()[0] for b in blocks] == ["w5 w6 w7", "w9"]
+    # the tiny vocabulary is w0..w123 plus specials (skipped when decoding): the answers are such words
+    answers = [b.splitlines()[1] if len(b.splitlines()) > 1 else "" for b in blocks]
+    assert any(answers), out
+    assert all(word.startswith("w") for a in answers for word in a.split()), answers
+
+
+def test_python_m_help():
+    done = subprocess.run([sys.executable, "-m", "beear_jax", "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "usage: beear" in done.stdout
+    for command in ("run", "convert", "generate"):
+        assert command in done.stdout
+
+
+def test_no_or_unknown_command_shows_usage(capsys):
+    assert main([]) == 2
+    assert "usage: beear" in capsys.readouterr().err
+    assert main(["conver", "a", "b"]) == 2
+    assert "unknown command 'conver'" in capsys.readouterr().err
+
+
+# ---- bad input, as a new user would try it ------------------------------------------------------------------
+
+
+def test_convert_missing_path(tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    _fails(capsys, ["convert", str(missing), str(tmp_path / "out")], "no such file or directory", str(missing))
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_missing_model(tmp_path, capsys):
+    _fails(capsys, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"], "no such file or directory")
+
+
+def test_convert_directory_without_config(tmp_path, capsys):
+    (tmp_path / "weights_only").mkdir()
+    (tmp_path / "weights_only" / "README.md").write_text("not a model\n")
+    _fails(capsys, ["convert", str(tmp_path / "weights_only"), str(tmp_path / "out")], "no config.json")
+
+
+def test_convert_gpt2_config(tmp_path, capsys):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                                                  "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257}))
+    _fails(capsys, ["convert", str(gpt2), str(tmp_path / "out")], "gpt2", "unsupported architecture")
+
+
+def test_convert_truncated_safetensors(tiny_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # an interrupted download
+    _fails(capsys, ["convert", str(broken), str(tmp_path / "out")], "model.safetensors", "truncated")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_existing_model_dir(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "existing"
+    other, _ = make_tiny_hf_model(tmp_path / "other", "llama_untied_bias", seed=3)
+    shutil.copytree(other, out)
+    before, siblings = _digest(out), sorted(p.name for p in tmp_path.iterdir())
+    _fails(capsys, ["convert", str(tiny_dir), str(out)], "already exists", "--overwrite")
+    assert _digest(out) == before, "the existing model was modified"
+    assert sorted(p.name for p in tmp_path.iterdir()) == siblings, "a temporary directory was left behind"
+
+
+def test_convert_overwrite_replaces_a_model_dir(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "existing"
+    other, _ = make_tiny_hf_model(tmp_path / "other", "llama_untied_bias", seed=3)
+    shutil.copytree(other, out)
+    assert main(["convert", str(tiny_dir), str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert beear_jax.load_model(out)[0] == beear_jax.load_model(tiny_dir)[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "other"]
+
+
+def test_generate_template_error_names_the_flag(tiny_dir, tmp_path, capsys):
+    model = tmp_path / "no_gen_prompt"
+    shutil.copytree(tiny_dir, model)
+    make_tiny_tokenizer(model)  # its template ignores add_generation_prompt
+    _fails(capsys, ["generate", "--model", str(model), "--prompt", "w5"], "cannot mark where the answer starts",
+           "--template")
+
+
+def test_run_without_config(capsys):
+    _fails(capsys, ["run"], "needs --config")
+
+
+def test_run_unknown_override_key_is_named(capsys):
+    _fails(capsys, ["run", "--config", str(TINY_CONFIG), "--config.inner.lrr=1"], "inner.lrr", "inner.lr")
+
+
+def test_run_rejects_stray_arguments(capsys):
+    # "--inner.lr" without the "config." prefix would otherwise be ignored and the run use the default lr
+    _fails(capsys, ["run", "--config", str(TINY_CONFIG), "--inner.lr=1"], "--inner.lr=1", "--config.key=value")
+
+
+def test_run_missing_config_file(tmp_path, capsys):
+    _fails(capsys, ["run", "--config", str(tmp_path / "nope.py")], "nope.py")
+
+
+# ---- GGUF -> HF (real weights) ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_convert_gguf_transformers_reloads_same_logits(tmp_path, capsys):
+    from beear_jax.smollm2 import GGUF_NAME, cache_dir
+
+    gguf = cache_dir() / GGUF_NAME
+    if not gguf.is_file():
+        pytest.skip(f"{gguf} is not cached (python -c 'import beear_jax.smollm2 as s; s.ensure_smollm2()')")
+    import torch
+    import transformers
+
+    out = tmp_path / "smollm2-hf"
+    assert main(["convert", str(gguf), str(out)]) == 0
+    capsys.readouterr()
+    ids = torch.tensor([[1, 9690, 198, 2683, 3460, 314, 260, 3575, 282, 4649, 47, 2, 198, 1]])
+    with torch.no_grad():
+        reference = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+        want = reference(input_ids=ids).logits.numpy()
+        del reference
+        converted = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        got = converted(input_ids=ids).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.chat_template, "the GGUF's chat template was not carried into the HF directory"

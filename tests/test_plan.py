@@ -1,0 +1,64 @@
+"""`beear plan`: the planned bytes per device equal the measured array sizes of a real run."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import pytest
+from tiny_world import defender_files, random_tiny_model, split_pairs
+
+from beear_jax import cli, plan
+from beear_jax.beear import prepare_data, run_beear
+from beear_jax.config_loading import load_config
+from beear_jax.hf import load_tokenizer
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+MESH = (2, 2, 1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plan")
+    model_dir, _ = random_tiny_model(tmp)
+    safety, anchor = defender_files(tmp, split_pairs(0))
+    overrides = {"model.path": str(model_dir), "output_dir": str(tmp / "run"), "data.safety": str(safety),
+                 "data.anchor": str(anchor), "rounds": 1, "perturb.layer": 2, "mesh.shape": MESH}
+    return load_config(str(CONFIGS / "tiny.py"), overrides)
+
+
+def test_planned_bytes_match_a_real_run(world):
+    cfg = world
+    measured: dict = {}
+    result = run_beear(cfg, progress=False, export=False,
+                       on_round_end=lambda _, state: measured.update(state["device_bytes"]))
+    data = prepare_data(cfg, load_tokenizer(cfg.model.path))
+    planned = plan.plan_run(cfg, result.model_config, MESH, seq_len=data.safety_len, answer_len=data.answer_len)
+    for name in ("params", "outer_state", "delta", "inner_state", "h_cache"):
+        assert planned.arrays[name] == measured[name], name
+    assert planned.arrays["params"] < sum(x.nbytes for x in jax.tree.leaves(result.params))
+    assert planned.temps_source.startswith("XLA memory analysis")
+    assert all(v > 0 for v in planned.temps.values())
+    assert planned.peak > planned.persistent + planned.arrays["h_cache"]
+
+
+def test_plan_command_prints_the_table_and_the_verdict(world, capsys):
+    cfg = world
+    argv = ["plan", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={cfg.model.path}",
+            "--mesh", "2,2,1", "--no-compile"]
+    assert cli.main([*argv, "--device-memory-gb", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "params (float32)" in out and "cached activations h_l" in out and "analytical estimate" in out
+    assert "fits in 1 GB per device" in out
+    assert cli.main([*argv, "--device-memory-gb", "0.0001"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_presets_plan_without_model_files():
+    cfg = load_config(str(CONFIGS / "tiny.py"))
+    p = plan.plan_run(cfg, plan.llama2_7b(), (1, 1, 1), compile_steps=False)
+    assert 26.5e9 < p.arrays["params"] < 27.5e9  # 6.74 B float32 params
+    assert p.arrays["outer_state"] == pytest.approx(2 * p.arrays["params"], rel=1e-6)  # AdamW: mu and nu
+    sharded = plan.plan_run(cfg, plan.mistral_7b(), (1, 4, 2), devices=8, compile_steps=False)
+    assert sharded.arrays["params"] < plan.plan_run(cfg, plan.mistral_7b(), (1, 1, 1),
+                                                    compile_steps=False).arrays["params"] / 7

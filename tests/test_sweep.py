@@ -1,0 +1,102 @@
+"""`beear sweep`: grids of overrides, a tiny 2 x 2 sweep end to end, skipping finished runs, failures."""
+
+from __future__ import annotations
+
+import csv
+import pathlib
+import textwrap
+
+import pytest
+from tiny_world import defender_files, random_tiny_model, split_pairs
+
+from beear_jax import cli
+from beear_jax import sweep as sweep_lib
+from beear_jax.config_loading import ConfigError
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+SWEEP_FILE = """
+from beear_jax.sweep import product
+
+def get_sweep():
+    return product({"perturb.layer": [1, 2], "perturb.length": [1, 2]})
+
+PLOT = {"x": "perturb.length", "y": "perturb.layer", "metric": "last_ce_unwanted"}
+"""
+
+
+def test_product_zip_and_slugs():
+    grid = sweep_lib.product({"a.x": [1, 2]}, {"b": ["p", "q"]})
+    assert grid == [{"a.x": 1, "b": "p"}, {"a.x": 1, "b": "q"}, {"a.x": 2, "b": "p"}, {"a.x": 2, "b": "q"}]
+    assert sweep_lib.product({"a": [1, 2], "b": [3]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+    paired = sweep_lib.zip_({"a": [1, 2], "b": [3, 4]})
+    assert paired == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
+    assert sweep_lib.product(paired, {"c": [0]}) == [{"a": 1, "b": 3, "c": 0}, {"a": 2, "b": 4, "c": 0}]
+    with pytest.raises(ValueError, match="equally long"):
+        sweep_lib.zip_({"a": [1, 2], "b": [3]})
+    assert sweep_lib.slug({"perturb.layer": 9, "perturb.layers": (5, 12), "x": "a b/c"}) == \
+        "perturb.layer-9_perturb.layers-5,12_x-a_b_c"
+    assert len(sweep_lib.slug({f"k{i}": "v" * 20 for i in range(9)})) <= 100
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    model_dir, _ = random_tiny_model(tmp)
+    safety, anchor = defender_files(tmp, split_pairs(0))
+    sweep_file = tmp / "grid.py"
+    sweep_file.write_text(textwrap.dedent(SWEEP_FILE))
+    flags = ["--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}",
+             f"--config.data.safety={safety}", f"--config.data.anchor={anchor}", "--config.rounds=1",
+             "--config.inner.epochs=1", f"--config.output_dir={tmp / 'out'}"]
+    return tmp, flags, sweep_file
+
+
+def test_tiny_sweep_runs_end_to_end_then_skips(world, capsys):
+    tmp, flags, sweep_file = world
+    assert cli.main(["sweep", *flags, "--sweep", str(sweep_file), "--print"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("beear run --config ") for line in lines)
+    assert "--config.perturb.layer=1" in lines[0] and "--config.perturb.length=2" in lines[1]
+    assert f"touch {tmp / 'out' / 'perturb.layer-1_perturb.length-1' / 'sweep_done'}" in lines[0]
+
+    assert cli.main(["sweep", *flags, "--sweep", str(sweep_file)]) == 0
+    with (tmp / "out" / "sweep_results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["perturb.layer"], r["perturb.length"], r["status"]) for r in rows] == [
+        ("1", "1", "done"), ("1", "2", "done"), ("2", "1", "done"), ("2", "2", "done")]
+    assert all(float(r["last_ce_unwanted"]) > 0 and r["final_ce_anchor"] for r in rows)
+    assert (tmp / "out" / "sweep_heatmap.png").stat().st_size > 1000
+    assert (tmp / "out" / "perturb.layer-2_perturb.length-2" / "model" / "config.json").is_file()
+
+    capsys.readouterr()
+    assert cli.main(["sweep", *flags, "--sweep", str(sweep_file)]) == 0  # all finished: nothing runs
+    assert capsys.readouterr().out.count("skipped") == 4
+    assert cli.main(["sweep", *flags, "--sweep", str(sweep_file), "--print"]) == 0
+    assert capsys.readouterr().out.strip() == ""
+
+
+def test_a_failing_setting_is_recorded_and_the_rest_run(world, tmp_path):
+    _, flags, sweep_file = world
+    spec, common = flags[1], [f[len("--config."):] for f in flags[2:]]
+    common[-1] = f"output_dir={tmp_path / 'out'}"
+    ran = []
+
+    def runner(cfg, evaluate):
+        if cfg.perturb.layer == 2 and cfg.perturb.length == 1:
+            raise RuntimeError("boom")
+        ran.append((cfg.perturb.layer, cfg.perturb.length, evaluate))
+
+    summary = sweep_lib.run_sweep(spec, common, str(sweep_file), runner=runner)
+    assert [s.status.split(":")[0] for s in summary.settings] == ["done", "done", "failed", "done"]
+    assert len(ran) == 3 and not ran[0][2]
+    assert "boom" in (tmp_path / "out" / "perturb.layer-2_perturb.length-1" / "sweep_error.txt").read_text()
+    again = sweep_lib.run_sweep(spec, common, str(sweep_file), runner=runner)
+    assert [s.status.split(":")[0] for s in again.settings] == ["skipped", "skipped", "failed", "skipped"]
+
+
+def test_bad_sweep_keys_fail_before_any_run(world, tmp_path):
+    _, flags, _ = world
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_sweep():\n    return [{'perturb.layr': 3}]\n")
+    with pytest.raises(ConfigError, match="perturb.layer"):
+        sweep_lib.command_lines(flags[1], [f[len("--config."):] for f in flags[2:]], str(bad))
