@@ -2,8 +2,9 @@
 
 A `Perturbation` maps a layer boundary l (after l blocks) to delta [n, D]. Injection adds delta[i]
 to the hidden state at the i-th of the last n prompt positions of each sample; the positions come
-with the batch (`perturb_positions` [B, n]), because prompts differ in length. The paper uses one
-layer; several layers are an extension.
+with the batch (`perturb_positions` [B, n]), because prompts differ in length; the addition itself
+is `models.llama.inject`, applied by the forward at each layer boundary. The paper uses one layer;
+several layers are an extension.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-
-from beear_jax.models.llama import inject
 
 WINDOW_LAST_PROMPT_TOKENS = "last_prompt_tokens"
 
@@ -60,7 +59,3 @@ def last_prompt_positions(prompt_lengths: jax.Array, length: int) -> jax.Array:
     positions = prompt_lengths[:, None] - length + jnp.arange(length)[None, :]
     return jnp.where(prompt_lengths[:, None] >= length, positions, -1).astype(jnp.int32)
 
-
-def apply_at(h: jax.Array, delta: jax.Array, perturb_positions: jax.Array) -> jax.Array:
-    """h + delta at the given positions (re-exported injection rule of the model)."""
-    return inject(h, delta, perturb_positions)
