@@ -17,7 +17,7 @@ import smollm2_data
 from beear_jax.backdoor import run_plant
 from beear_jax.beear import RunResult, run_beear
 from beear_jax.config_loading import apply_overrides, config_from_json, config_to_dict, config_to_json
-from beear_jax.evaluation import EvalSettings, evaluate
+from beear_jax.evaluation import EvalSettings, evaluate, write_answers
 from beear_jax.hf import load_model, load_tokenizer
 from beear_jax.report import format_table
 from beear_jax.report import write_report as write_report_files
@@ -128,11 +128,7 @@ def write_report(out: pathlib.Path, results: Mapping[str, Mapping[str, Any]], cf
                  history: list[dict] | None = None) -> str:
     """report.md/json + plots (answers in answers.jsonl); returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "answers.jsonl").open("w") as f:
-        for stage, result in results.items():
-            for label, rows in result.get("answers", {}).items():
-                for row in rows:
-                    f.write(json.dumps({"stage": stage, "label": label, **row}) + "\n")
+    write_answers(out / "answers.jsonl", results)
     report = {stage: {k: v for k, v in r.items() if k != "answers"} for stage, r in results.items()}
     write_report_files(out, report, config_to_dict(cfg), history)
     return format_table(report)
