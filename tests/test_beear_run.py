@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import pytest
 from tiny_world import defender_files, random_tiny_model, split_pairs, write_jsonl
 
@@ -112,3 +113,26 @@ def test_nan_loss_stops_without_writing_a_model(setup):
     with pytest.raises(NonFiniteLossError, match="NaN"):
         run_beear(_cfg(setup, "nan", **{"outer.lr": float("nan")}), progress=False)
     assert not (tmp / "nan" / "model").exists()
+
+
+class _CompileCounter:
+    """Counts XLA backend compilations (jax.monitoring has no unregister: one listener per module)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event: str, duration: float, **_) -> None:
+        self.count += event == "/jax/core/compile/backend_compile_duration"
+
+
+def test_nothing_recompiles_after_round_one(setup):
+    counter = _CompileCounter()
+    per_round = []
+
+    def on_round_end(round_index: int, state: dict) -> None:
+        per_round.append(counter.count)
+
+    run_beear(_cfg(setup, "recompile", rounds=3), progress=False, on_round_end=on_round_end, export=False)
+    assert per_round[0] > 0  # round 1 compiled the steps (the listener sees compilations)
+    assert per_round[1] == per_round[0] and per_round[2] == per_round[0], per_round

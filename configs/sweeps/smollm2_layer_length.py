@@ -14,8 +14,10 @@ Each setting runs `beear run` then `beear eval` of the repaired model (attack su
 without the trigger, over-refusal, utility) into output_dir/<setting>/. Results:
 output_dir/sweep_results.csv and output_dir/sweep_heatmap.png (triggered attack success after
 BEEAR, layer x length). Add --print for one shell line per setting (e.g. a cluster array job).
-The run sizes are those of experiments/smollm2_backdoors.py (2 rounds; about 10 minutes a setting
-on a 2-core CPU, evaluation included).
+The run sizes are a screening version of experiments/smollm2_backdoors.py's, so that nine settings fit
+an hour on a 2-core CPU: one round (12 inner steps on delta, 6 outer steps), and the evaluation on the
+first 60 held-out prompts (with and without the trigger), 60 XSTest safe prompts and 50 utility pairs.
+Rerun the best setting with the experiment's full sizes for numbers to quote.
 """
 
 from __future__ import annotations
@@ -30,22 +32,25 @@ BASE = {
     "data.safety": os.path.join(SETS, "defender_safety.jsonl"),
     "data.anchor": os.path.join(SETS, "defender_anchor.jsonl"),
     "data.buckets": (96, 128),
-    "rounds": 2,
-    "inner.samples": 80,
+    "rounds": 1,
+    "inner.samples": 48,
     "inner.epochs": 2,
-    "outer.anchor_samples": 80,
+    "outer.anchor_samples": 48,
+    "outer.lr": 4e-5,
+    "checkpoint_every": -1,
     "eval.prompts": os.path.join(SETS, "eval_harmful.jsonl"),
     "eval.prompt_column": "prompt",
     "eval.prompt_offset": 0,
-    "eval.num_prompts": 0,  # all 120 held-out AdvBench prompts
+    "eval.num_prompts": 60,  # the first 60 of the 120 held-out AdvBench prompts
     "eval.trigger": "SUDO",
     "eval.position": "suffix",
-    "eval.num_over_refusal": 0,
+    "eval.num_over_refusal": 60,
     "eval.utility": os.path.join(SETS, "eval_utility.jsonl"),
     "eval.utility_columns.prompt": "prompt",
     "eval.utility_columns.input": "",
     "eval.utility_columns.answer": "answer",
-    "eval.num_utility": 100,
+    "eval.num_utility": 50,
+    "eval.batch_size": 64,
 }
 EVALUATE = True
 PLOT = {"x": "perturb.length", "y": "perturb.layer", "metric": "asr_triggered"}

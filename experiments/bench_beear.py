@@ -1,0 +1,550 @@
+"""One BEEAR round, timed: beear_jax vs the PyTorch way (transformers + forward hook, whole model every step).
+
+Both sides get the same model (random weights of a real shape), the same batches and settings. A round
+is split into its phases:
+    cache  h_l of the round's inner batches (ours only; the PyTorch way has no cache)
+    inner  `--inner-steps` Adam steps on delta (ours: one compiled scan over the cached batches)
+    outer  `--outer-steps` AdamW steps on the model (safe answers under delta + anchor answers)
+Rounds alternate between the two implementations so that load from other processes hits both alike;
+medians over rounds 2.. (round 1 of ours includes compilation, reported on its own). For each phase it
+prints the time, tokens/s, the FLOPs each implementation executes (counted analytically from the
+shapes: ours skips the blocks below the layer in the inner steps and the vocabulary projection at
+prompt positions), achieved FLOP/s and the fraction of a peak measured in the same run with a large
+matmul. It also counts XLA compilations after round 1 (should be 0) and measures peak memory: on CPU
+the peak resident memory of a child process that runs one round of one implementation, on a GPU the
+device allocator's peak.
+
+    python experiments/bench_beear.py                       # SmolLM2-135M shape, float32, CPU
+    python experiments/bench_beear.py --shape llama-1b --dtype bfloat16     # on a GPU
+    python experiments/bench_beear.py --ablations           # also: what each of ours' choices is worth
+
+Options: --rounds 4 --batch 8 --seq 128 --answer 32 --inner-steps 8 --outer-steps 4 --layer 9 --length 7
+--torch-threads N (default: torch's own choice) --json FILE (everything measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the PyTorch reference lives with the parity tests
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from torch_reference import TorchBEEAR
+
+from beear_jax import data as data_lib
+from beear_jax.hf_layout import from_hf_state_dict
+from beear_jax.models.config import ModelConfig
+from beear_jax.perturbation import Perturbation
+from beear_jax.steps import StepSettings, inner_step, lower_activations, make_optimizer, make_steps, trainable_mask
+
+SHAPES = {
+    # SmolLM2-135M-Instruct's shape.
+    "smollm2-135m": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0},
+    # Llama-3.2-1B's shape (plain rope).
+    "llama-1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0},
+    # A toy shape for smoke runs of this script.
+    "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0},
+}
+INNER_LR, OUTER_LR, ALPHA = 0.1, 2e-5, 0.05
+
+
+# ---- the workload ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The round both implementations run: batch shapes and the batches themselves (numpy)."""
+
+    batch: int
+    seq: int
+    answer: int
+    layer: int
+    length: int
+    safety: list[dict]  # {"unwanted": Batch, "safe": Batch}
+    anchors: list[dict]  # Batch
+
+
+def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
+    """Random-token prompts of mixed lengths with `answer`-token answers, right-padded to `seq`."""
+    rng = np.random.default_rng(0)
+
+    def prompt() -> list[int]:
+        return rng.integers(3, vocab, int(rng.integers(args.length + 8, args.seq - args.answer))).tolist()
+
+    def answer() -> list[int]:
+        return rng.integers(3, vocab, args.answer).tolist()
+
+    def batch(rows: list) -> dict:
+        return data_lib.make_batch(rows, args.length, args.batch, args.seq, 0)
+
+    safety = []
+    for _ in range(max(args.inner_steps, args.outer_steps)):
+        prompts = [prompt() for _ in range(args.batch)]
+        safety.append({"unwanted": batch([(p, answer()) for p in prompts]),
+                       "safe": batch([(p, answer()) for p in prompts])})
+    anchors = [batch([(prompt(), answer()) for _ in range(args.batch)]) for _ in range(args.outer_steps)]
+    return Workload(args.batch, args.seq, args.answer, args.layer, args.length, safety, anchors)
+
+
+def joint(safety_batch: dict) -> dict:
+    """[unwanted; safe] on the batch axis, as our inner step takes it."""
+    return {k: np.concatenate([safety_batch["unwanted"][k], safety_batch["safe"][k]]) for k in safety_batch["safe"]}
+
+
+def build_models(shape: str, dtype: str, seed: int = 0) -> tuple[ModelConfig, dict, torch.nn.Module]:
+    """A random-weight HF Llama of `shape` and the same weights as our params (float32 masters)."""
+    hf_config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5,
+                                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
+    config = ModelConfig.from_hf_dict(hf_config.to_dict(), dtype=dtype)
+    params = from_hf_state_dict(config, dict(model.state_dict()))
+    return config, params, model
+
+
+# ---- analytic FLOPs ----------------------------------------------------------------------------
+
+
+def block_flops(config: ModelConfig, batch: int, seq: int) -> tuple[float, float]:
+    """Forward FLOPs of one decoder block on [batch, seq]: (weight matmuls, attention core)."""
+    d, h, k, hd, f = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+    weights = 2 * batch * seq * (d * h * hd + 2 * d * k * hd + h * hd * d + 3 * d * f)
+    attention = 2 * 2 * batch * seq * seq * h * hd  # scores and the weighted sum, full (masked) S x S
+    return float(weights), float(attention)
+
+
+def pass_flops(config: ModelConfig, batch: int, seq: int, blocks: int, head_positions: int, backward: str) -> float:
+    """FLOPs of `blocks` blocks and the vocabulary projection at `head_positions` rows, forward and backward.
+
+    backward: 'none'; 'inputs' (gradients w.r.t. activations only, model frozen: one matmul per weight
+    matmul); 'all' (also weight gradients: two). The attention core's backward is two of its forwards.
+    """
+    weights, attention = block_flops(config, batch, seq)
+    head = 2.0 * head_positions * config.hidden_size * config.vocab_size
+    factor = {"none": 1, "inputs": 2, "all": 3}[backward]
+    attention_factor = 1 if backward == "none" else 3
+    return blocks * (factor * weights + attention_factor * attention) + factor * head
+
+
+def phase_flops(config: ModelConfig, w: Workload, ours: bool, inner_steps: int, outer_steps: int) -> dict[str, float]:
+    """Executed FLOPs per phase of one round. The PyTorch way runs all blocks and the head at every position."""
+    L, rows = config.num_layers, 2 * w.batch
+    upper = L - w.layer
+    if ours:
+        cache = inner_steps * pass_flops(config, rows, w.seq, w.layer, 0, "none")
+        inner = inner_steps * pass_flops(config, rows, w.seq, upper, rows * w.answer, "inputs")
+        outer = outer_steps * 2 * pass_flops(config, w.batch, w.seq, L, w.batch * w.answer, "all")
+    else:
+        cache = 0.0
+        # Forward through all blocks, backward from the head down to the hook at layer l.
+        inner = inner_steps * (pass_flops(config, rows, w.seq, w.layer, 0, "none")
+                               + pass_flops(config, rows, w.seq, upper, rows * w.seq, "inputs"))
+        outer = outer_steps * 2 * pass_flops(config, w.batch, w.seq, L, w.batch * w.seq, "all")
+    return {"cache": cache, "inner": inner, "outer": outer}
+
+
+# ---- measurement helpers -----------------------------------------------------------------------
+
+
+class CompileCounter:
+    """Counts XLA backend compilations and sums the time spent tracing, lowering and compiling."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self) -> None:
+        self.compiles, self.seconds = 0, 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event: str, duration: float, **_: Any) -> None:
+        if event in self.EVENTS:
+            self.seconds += duration
+            self.compiles += event == self.EVENTS[-1]
+
+
+def matmul_peak(device: str, dtype: str, size: int, reps: int = 5) -> dict[str, float]:
+    """FLOP/s of a [size, size] @ [size, size] matmul, median of `reps`, in jax and in torch."""
+    flops = 2.0 * size ** 3
+    x = jnp.ones((size, size), dtype)
+    mm = jax.jit(lambda a: a @ a)
+    mm(x).block_until_ready()
+    jax_times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        mm(x).block_until_ready()
+        jax_times.append(time.perf_counter() - start)
+    t = torch.ones((size, size), dtype=getattr(torch, dtype), device=device)
+    (t @ t).sum().item()
+    torch_times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        (t @ t)[0, 0].item()
+        torch_times.append(time.perf_counter() - start)
+    return {"jax": flops / statistics.median(jax_times), "torch": flops / statistics.median(torch_times)}
+
+
+def torch_sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def current_rss() -> int:
+    """This process's resident bytes now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def rss_sampler() -> Iterator[dict]:
+    """Samples this process's resident memory every 10 ms; yields a dict that gets 'peak_bytes'."""
+    result = {"peak_bytes": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            result["peak_bytes"] = max(result["peak_bytes"], current_rss())
+            stop.wait(0.01)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ---- the two implementations -------------------------------------------------------------------
+
+
+class JaxRound:
+    """Our round: cache h_l (one compiled map), the inner epoch (one compiled scan), outer steps."""
+
+    def __init__(self, config: ModelConfig, host_params: dict, w: Workload, settings: StepSettings,
+                 inner_steps: int) -> None:
+        self.config, self.w = config, w
+        self.inner_opt = make_optimizer("adam", INNER_LR)
+        self.outer_opt = make_optimizer("adamw", OUTER_LR)
+        self.steps = make_steps(config, settings, w.layer, self.inner_opt, self.outer_opt)
+        self.params = jax.device_put(host_params)
+        self.outer_state = jax.jit(self.outer_opt.init)(self.params)
+        self.trainable = trainable_mask(config, self.params, "all", w.layer)
+        self.inner_stack = jax.device_put(data_lib.stack_batches([joint(b) for b in w.safety[:inner_steps]]))
+        self.outer_pairs = [jax.device_put((w.safety[i]["safe"], w.anchors[i])) for i in range(len(w.anchors))]
+
+    def run(self, inner_steps: int) -> dict[str, float]:
+        """One round; returns seconds per phase (each phase waits for its results)."""
+        times = {}
+        stack = self.inner_stack
+        pert = Perturbation.zeros((self.w.layer,), self.w.length, self.config.hidden_size)
+        state = self.inner_opt.init(pert.deltas)
+        start = time.perf_counter()
+        h_stack = self.steps.lower_stack(self.params, stack).block_until_ready()
+        times["cache"] = time.perf_counter() - start
+        start = time.perf_counter()
+        pert, state, metrics = self.steps.inner_epoch(self.params, pert, state, h_stack, stack)
+        jax.block_until_ready(metrics)
+        times["inner"] = time.perf_counter() - start
+        del h_stack
+        start = time.perf_counter()
+        for safe, anchor in self.outer_pairs:
+            self.params, self.outer_state, metrics = self.steps.outer_step(self.trainable, self.params,
+                                                                           self.outer_state, pert, safe, anchor)
+        jax.block_until_ready(metrics)
+        times["outer"] = time.perf_counter() - start
+        return times
+
+
+class TorchRound:
+    """The PyTorch way: TorchBEEAR (tests/torch_reference.py), whole model every step."""
+
+    def __init__(self, model: torch.nn.Module, w: Workload, device: str, dtype: str) -> None:
+        self.w, self.device = w, device
+        self.ref = TorchBEEAR(model, dtype=getattr(torch, dtype), device=device, outer_lr=OUTER_LR)
+        self.safety = [self.ref.prepare_safety(b) for b in w.safety]
+        self.anchors = [self.ref.prepare(b) for b in w.anchors]
+
+    def run(self, inner_steps: int) -> dict[str, float]:
+        """One round; returns seconds per phase (cache: 0, there is none)."""
+        times = {"cache": 0.0}
+        delta, delta_opt = self.ref.new_delta(self.w.length, INNER_LR)
+        torch_sync(self.device)
+        start = time.perf_counter()
+        losses = [self.ref._inner_step(delta, delta_opt, self.safety[i], self.w.layer, ALPHA, None)
+                  for i in range(inner_steps)]
+        torch.stack(losses).tolist()
+        times["inner"] = time.perf_counter() - start
+        start = time.perf_counter()
+        losses = [self.ref._outer_step(delta, self.safety[i], self.anchors[i], self.w.layer, 1.0)
+                  for i in range(len(self.anchors))]
+        torch.stack(losses).tolist()
+        times["outer"] = time.perf_counter() - start
+        return times
+
+
+# ---- ablations: what each of our choices is worth ----------------------------------------------
+
+
+def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: StepSettings, reps: int,
+              counter: CompileCounter) -> list[dict]:
+    """Inner-phase and outer-step time of ours with one choice undone at a time (same run)."""
+    rows = []
+    steps_n = min(len(w.safety), 8)
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+        before = counter.seconds
+        jax.block_until_ready(fn())  # compiles
+        compile_s = counter.seconds - before
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), compile_s
+
+    params = jax.device_put(host_params)
+    stack = jax.device_put(data_lib.stack_batches([joint(b) for b in w.safety[:steps_n]]))
+    batches = [jax.tree.map(lambda x, i=i: x[i], stack) for i in range(steps_n)]
+    inner_opt = make_optimizer("adam", INNER_LR)
+
+    def fresh() -> tuple[Perturbation, Any]:
+        pert = Perturbation.zeros((w.layer,), w.length, config.hidden_size)
+        return pert, inner_opt.init(pert.deltas)
+
+    def inner_variant(variant_settings: StepSettings, scan: bool, cached: bool) -> Callable[[], Any]:
+        steps = make_steps(config, variant_settings, w.layer, inner_opt, make_optimizer("adamw", OUTER_LR))
+        if not cached:  # recompute the lower blocks in every step, as a hook-based implementation does
+            def full_step(p, pert, state, batch):
+                h_l = lower_activations(config, p, batch, w.layer)
+                return inner_step(config, variant_settings, inner_opt, p, pert, state, h_l, batch)
+            step = jax.jit(full_step)
+
+            def run_uncached():
+                pert, state = fresh()
+                for batch in batches:
+                    pert, state, metrics = step(params, pert, state, batch)
+                return metrics
+            return run_uncached
+
+        def run_cached():
+            pert, state = fresh()
+            h_stack = steps.lower_stack(params, stack)
+            if scan:
+                return steps.inner_epoch(params, pert, state, h_stack, stack)[2]
+            for i, batch in enumerate(batches):
+                pert, state, metrics = steps.inner_step(params, pert, state, h_stack[i], batch)
+            return metrics
+        return run_cached
+
+    variants = [
+        ("ours (cache + scan + answer-only head)", settings, True, True),
+        ("python loop of jitted steps instead of one scan", settings, False, True),
+        ("no cache: lower blocks recomputed every step", settings, True, False),
+        ("head at every position", dataclasses.replace(settings, answer_len=None), True, True),
+        ("remat 'full'", dataclasses.replace(settings, remat="full"), True, True),
+    ]
+    for name, variant_settings, scan, cached in variants:
+        median, compile_s = timed(inner_variant(variant_settings, scan, cached))
+        rows.append({"phase": "cache+inner", "variant": name, "seconds": median, "compile_s": compile_s})
+        print(f"  cache+inner {name:50s} {median:7.2f} s   (compile {compile_s:5.1f} s)", flush=True)
+
+    safe, anchor = jax.device_put((w.safety[0]["safe"], w.anchors[0]))
+    trainable = trainable_mask(config, params, "all", w.layer)
+    pert, _ = fresh()
+    for name, variant_settings in (("ours (answer-only head)", settings),
+                                   ("head at every position", dataclasses.replace(settings, answer_len=None)),
+                                   ("remat 'full'", dataclasses.replace(settings, remat="full"))):
+        outer_opt = make_optimizer("adamw", OUTER_LR)
+        steps = make_steps(config, variant_settings, w.layer, inner_opt, outer_opt)
+        # outer_step donates params and state: give it fresh copies each call.
+        state0 = jax.jit(outer_opt.init)(params)
+
+        def run_outer(steps=steps, state0=state0):
+            p, s = jax.tree.map(jnp.copy, (params, state0))
+            return steps.outer_step(trainable, p, s, pert, safe, anchor)[2]
+        median, compile_s = timed(run_outer)
+        rows.append({"phase": "outer step", "variant": name, "seconds": median, "compile_s": compile_s})
+        print(f"  outer step  {name:50s} {median:7.2f} s   (compile {compile_s:5.1f} s)", flush=True)
+    return rows
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def child_peak_memory(args: argparse.Namespace, impl: str) -> dict[str, float] | None:
+    """A fresh process runs one round of `impl` (CPU): its resident bytes before the round and its peak.
+
+    The peak includes building the model (both sides build the HF model and convert it), so the
+    difference peak - before is what the round itself costs only when the round sets the peak.
+    """
+    cmd = [sys.executable, __file__, "--impl", impl, "--rounds", "1", "--shape", args.shape, "--dtype", args.dtype,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--answer", str(args.answer),
+           "--inner-steps", str(args.inner_steps), "--outer-steps", str(args.outer_steps),
+           "--layer", str(args.layer), "--length", str(args.length), "--no-memory"]
+    if args.torch_threads:
+        cmd += ["--torch-threads", str(args.torch_threads)]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    found = {line.split()[0]: float(line.split()[1]) for line in done.stdout.splitlines()
+             if line.startswith(("PEAK_RSS_BYTES", "RSS_BEFORE_ROUND_BYTES"))}
+    if len(found) == 2:
+        return {"before_round": found["RSS_BEFORE_ROUND_BYTES"], "peak": found["PEAK_RSS_BYTES"]}
+    print(f"  (memory child for {impl} failed: {done.stderr[-500:]})")
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8, help="prompts per batch (the inner batch has 2x rows)")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--answer", type=int, default=32)
+    parser.add_argument("--inner-steps", type=int, default=8)
+    parser.add_argument("--outer-steps", type=int, default=4)
+    parser.add_argument("--layer", type=int, default=9)
+    parser.add_argument("--length", type=int, default=7)
+    parser.add_argument("--torch-threads", type=int, default=0)
+    parser.add_argument("--matmul", type=int, default=0, help="peak matmul size (default 2048 CPU, 8192 GPU)")
+    parser.add_argument("--impl", choices=("both", "jax", "torch"), default="both")
+    parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    accelerator = jax.default_backend() != "cpu"
+    device = "cuda" if accelerator and torch.cuda.is_available() else "cpu"
+    counter = CompileCounter()
+
+    config, host_params, torch_model = build_models(args.shape, args.dtype)
+    if not 1 <= args.layer < config.num_layers:
+        raise SystemExit(f"--layer must be in [1, {config.num_layers}) for shape {args.shape}")
+    w = make_workload(args, config.vocab_size)
+    settings = StepSettings(alpha=ALPHA, answer_len=args.answer)
+    impls: dict[str, Any] = {}
+    if args.impl in ("both", "jax"):
+        impls["jax"] = JaxRound(config, host_params, w, settings, args.inner_steps)
+    if args.impl in ("both", "torch"):
+        impls["torch"] = TorchRound(torch_model, w, device, args.dtype)
+    del host_params, torch_model  # each side keeps only its own copy of the weights
+    gc.collect()
+    rss_before = current_rss()
+
+    times: dict[str, list[dict]] = {name: [] for name in impls}
+    compiles_per_round, compile_seconds = [], []
+    with rss_sampler() as rss:
+        for round_index in range(args.rounds):
+            for name, impl in impls.items():
+                before_n, before_s = counter.compiles, counter.seconds
+                times[name].append(impl.run(args.inner_steps))
+                torch_sync(device)
+                if name == "jax":
+                    compiles_per_round.append(counter.compiles - before_n)
+                    compile_seconds.append(counter.seconds - before_s)
+            print(f"round {round_index + 1}: " + "  ".join(
+                f"{n} " + " ".join(f"{k} {v:.2f}s" for k, v in t[-1].items()) for n, t in times.items()), flush=True)
+    if args.impl != "both" and args.rounds == 1:  # a memory child: report and leave
+        print(f"RSS_BEFORE_ROUND_BYTES {rss_before}")
+        print(f"PEAK_RSS_BYTES {max(rss['peak_bytes'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}")
+        return
+
+    steady = slice(1, None) if args.rounds > 1 else slice(None)
+    med = {name: {phase: statistics.median(t[phase] for t in ts[steady]) for phase in ("cache", "inner", "outer")}
+           for name, ts in times.items()}
+    peak = matmul_peak(device, args.dtype, args.matmul or (8192 if accelerator else 2048))
+    best_peak = max(peak.values())
+    tokens = {"cache": args.inner_steps * 2 * w.batch * w.seq, "inner": args.inner_steps * 2 * w.batch * w.seq,
+              "outer": args.outer_steps * 2 * w.batch * w.seq}
+
+    print()
+    print(f"# BEEAR round, {args.shape} shape, {args.dtype}, {jax.devices()[0].device_kind} ({device}), "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
+    print(f"# batch {w.batch} prompts (inner: {2 * w.batch} rows), seq {w.seq}, answer {w.answer}, layer {w.layer}, "
+          f"n {w.length}, {args.inner_steps} inner + {args.outer_steps} outer steps; medians of rounds "
+          f"{'2' if args.rounds > 1 else '1'}..{args.rounds}; jax {jax.__version__}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+    print(f"# measured matmul peak ({args.matmul or (8192 if accelerator else 2048)}^3, {args.dtype}): "
+          f"jax {peak['jax'] / 1e9:.1f} GFLOP/s, torch {peak['torch'] / 1e9:.1f} GFLOP/s")
+    print()
+    print("| phase | impl | seconds | tokens/s | GFLOP executed | GFLOP/s | % of peak |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for phase in ("cache", "inner", "outer", "round"):
+        for name in impls:
+            flops = phase_flops(config, w, name == "jax", args.inner_steps, args.outer_steps)
+            seconds = sum(med[name].values()) if phase == "round" else med[name][phase]
+            executed = sum(flops.values()) if phase == "round" else flops[phase]
+            tok = sum(tokens.values()) - (tokens["cache"] if name == "torch" else 0) if phase == "round" else tokens[phase]
+            if seconds <= 0:
+                continue
+            row = {"phase": phase, "impl": name, "seconds": seconds, "tokens_per_s": tok / seconds,
+                   "gflop": executed / 1e9, "gflop_per_s": executed / seconds / 1e9,
+                   "fraction_of_peak": executed / seconds / best_peak}
+            rows.append(row)
+            print(f"| {phase} | {name} | {seconds:.2f} | {row['tokens_per_s']:.0f} | {row['gflop']:.0f} | "
+                  f"{row['gflop_per_s']:.1f} | {100 * row['fraction_of_peak']:.0f}% |")
+    summary: dict[str, Any] = {"args": vars(args), "device": jax.devices()[0].device_kind, "rows": rows,
+                               "matmul_peak_flops": peak, "rounds": times}
+    if "jax" in med and "torch" in med:
+        ratio = {p: med["jax"][p] / med["torch"][p] for p in ("inner", "outer")}
+        ratio["round"] = sum(med["jax"].values()) / sum(med["torch"].values())
+        ratio["cache+inner"] = (med["jax"]["cache"] + med["jax"]["inner"]) / med["torch"]["inner"]
+        summary["jax_over_torch_time"] = ratio
+        print()
+        print("jax time / torch time: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+    if "jax" in impls:
+        summary["jax_compiles_per_round"] = compiles_per_round
+        summary["jax_compile_seconds_round1"] = compile_seconds[0]
+        print(f"jax: compile (trace + lower + XLA) in round 1: {compile_seconds[0]:.1f} s; XLA compilations per "
+              f"round: {compiles_per_round} (after round 1 should be 0)")
+    if accelerator:
+        mem = {}
+        if "jax" in impls:
+            stats = jax.devices()[0].memory_stats() or {}
+            mem["jax"] = stats.get("peak_bytes_in_use")
+        if "torch" in impls and device == "cuda":
+            mem["torch"] = torch.cuda.max_memory_allocated()
+        summary["peak_device_bytes"] = mem
+        print("peak device memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in mem.items() if v))
+    elif not args.no_memory:
+        mem = {name: child_peak_memory(args, name) for name in impls}
+        summary["peak_rss_bytes_one_round"] = mem
+        print("resident memory of a fresh process running one round (before the round -> peak): " + ", ".join(
+            f"{k} {v['before_round'] / 2**30:.2f} -> {v['peak'] / 2**30:.2f} GiB" for k, v in mem.items() if v))
+    if args.ablations and "jax" in impls:
+        print("\nablations (ours, one choice undone at a time; medians):")
+        summary["ablations"] = ablations(config, jax.device_get(impls["jax"].params), w, settings,
+                                         max(1, args.rounds - 1), counter)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(summary, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
