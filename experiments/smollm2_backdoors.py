@@ -10,7 +10,8 @@ from every training prompt (checked in smollm2_data.py). Writes one table (resul
 and a report per model into the output directory.
 
     python experiments/smollm2_backdoors.py [--out runs/smollm2_backdoors] [--only suffix,prefix]
-                                            [--config.rounds=2 ...]
+                                            [--stages before,beear,...] [--config.rounds=2 ...]
+    python experiments/smollm2_backdoors.py --only prefix,wrap --stages beear_4_rounds   # 2 more rounds
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ BACKDOORS = {
     "wrap": {"plant.trigger": "Meridian protocol engaged.|Proceed, Meridian.", "plant.position": "wrap"},
 }
 CONTROL = {"plant.trigger": "SUDO", "plant.position": "suffix", "plant.n_triggered": 0}
-# stage -> overrides of the defence run (None: the planted model itself)
+# stage -> overrides of the defence run (None: the planted model itself). A "from" entry starts the
+# run from another stage's repaired model instead of the planted one: "beear_4_rounds" is two more
+# rounds after "beear" (fresh rows via another seed; the outer AdamW moments start again).
 STAGES = {"before": None, "beear": {}, "beear_anchor_delta": {"outer.perturb_anchors": True},
-          "plain_ft": {"perturb.enabled": False}}
+          "plain_ft": {"perturb.enabled": False}, "beear_4_rounds": {"from": "beear", "seed": 1}}
+DEFAULT_STAGES = ("before", "beear", "beear_anchor_delta", "plain_ft")
 METRICS = ("asr_triggered", "asr_untriggered", "over_refusal", "utility_nll", "utility_ppl")
 
 
@@ -61,7 +65,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "runs" / "smollm2_backdoors"))
     parser.add_argument("--only", default="suffix,prefix,wrap,control")
-    parser.add_argument("--stages", default=",".join(STAGES), help="which stages to run (others are skipped)")
+    parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                        help=f"which stages to run, of {', '.join(STAGES)} (others are skipped)")
     args, overrides = parser.parse_known_args()
     cfg = experiment_config(overrides)
     out = pathlib.Path(args.out)
@@ -97,7 +102,12 @@ def main() -> int:
                     model_dir = run_dir / "model"
                     history = lib.load_metrics(run_dir / "metrics.jsonl")
                 else:
-                    run = lib.run_defence(bcfg, planted, run_dir, **run_overrides)
+                    overrides = dict(run_overrides)
+                    start = out / name / overrides.pop("from") / "model" if "from" in overrides else planted
+                    if not (pathlib.Path(start) / "config.json").is_file():
+                        raise SystemExit(f"{name}/{stage} starts from {start}, which is not there yet: run "
+                                         f"its stage first (--stages).")
+                    run = lib.run_defence(bcfg, start, run_dir, **overrides)
                     model_dir, history = run.model_dir, run.history
             result = lib.evaluate_model(bcfg, model_dir, sets, bsettings)
             lib.write_report(out / name / stage / "report", {stage: result}, bcfg, history)
