@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from beear_jax.models import llama
@@ -143,19 +144,37 @@ def inner_epoch(config: ModelConfig, settings: StepSettings, optimizer: optax.Gr
 # ---- the outer level (AR) ---------------------------------------------------------------------
 
 
+def without_perturbation(batch: Batch) -> Batch:
+    """The batch with no perturbation slots (perturb_positions all -1: inject adds nothing there)."""
+    return {**batch, "perturb_positions": jnp.full_like(batch["perturb_positions"], -1)}
+
+
 def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array], safe_batch: Batch,
                anchor_batch: Batch, settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """CE(safe | delta) + anchor_weight * CE(anchor | no delta) [+ the same with delta, optionally]."""
+    """CE(safe | delta) + anchor_weight * CE(anchor | no delta) [+ the same with delta, optionally].
+
+    When the safe and anchor batches have the same padded length, all parts run as one batch (rows
+    without delta get no perturbation slots): one pass over the blocks with twice the rows keeps the
+    matmuls larger, instead of two passes.
+    """
     deltas = jax.lax.stop_gradient(deltas)
-    ce_safe = perturbed_answer_ce(config, params, safe_batch, deltas, settings)
-    ce_anchor = perturbed_answer_ce(config, params, anchor_batch, {}, settings)
-    loss = outer_objective(ce_safe, ce_anchor, settings.anchor_weight)
-    metrics = {"ce_safe_perturbed": ce_safe, "ce_anchor": ce_anchor}
+    parts = {"ce_safe_perturbed": safe_batch, "ce_anchor": without_perturbation(anchor_batch)}
     if settings.perturb_anchors:
         # Keeps benign prompts answered under the perturbation too, against over-refusal.
-        ce_anchor_perturbed = perturbed_answer_ce(config, params, anchor_batch, deltas, settings)
-        loss = loss + settings.anchor_weight * ce_anchor_perturbed
-        metrics["ce_anchor_perturbed"] = ce_anchor_perturbed
+        parts["ce_anchor_perturbed"] = anchor_batch
+    if len({b["input_ids"].shape[1] for b in parts.values()}) == 1 and deltas:
+        joint = {k: jnp.concatenate([b[k] for b in parts.values()]) for k in safe_batch}
+        h = constrain(llama.embed(config, params, joint["input_ids"]), settings.activations)
+        h = decode_from(config, params, h, 0, joint, deltas, settings.remat, settings.activations)
+        bounds = np.cumsum([0, *(b["input_ids"].shape[0] for b in parts.values())])
+        metrics = {name: answer_ce(config, params, h, joint, settings.answer_len, slice(int(a), int(b)))
+                   for name, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)}
+    else:
+        metrics = {name: perturbed_answer_ce(config, params, batch, {} if name == "ce_anchor" else deltas, settings)
+                   for name, batch in parts.items()}
+    loss = outer_objective(metrics["ce_safe_perturbed"], metrics["ce_anchor"], settings.anchor_weight)
+    if settings.perturb_anchors:
+        loss = loss + settings.anchor_weight * metrics["ce_anchor_perturbed"]
     metrics["outer_loss"] = loss
     return loss, metrics
 
