@@ -222,6 +222,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
         perturb_anchors=bool(cfg.outer.perturb_anchors),
         answer_len=data.answer_len,
         remat=cfg.remat,
+        outer_remat=cfg.outer.remat or None,
     )
     inner_opt = make_optimizer(cfg.inner.optimizer, cfg.inner.lr)
     outer_opt = make_optimizer(cfg.outer.optimizer, cfg.outer.lr, cfg.outer.weight_decay)

@@ -196,11 +196,11 @@ def analytical_temps(model: ModelConfig, shapes: RunShapes, sizes: Mapping[str, 
     # Kept per token and block: residuals and norms (6 D), q/k/v/attention output, the SwiGLU branch
     # (5 F), and the attention scores: float32 scores, masked scores and exponentials plus the probs.
     per_token_layer = c * (6 * d + (2 * h + 2 * k) * hd / t + 5 * f / t) + (12 + c) * h * s / t
-    full_layers = 1 if settings.remat == "full" else None
 
-    def kept(rows: int, layers: int) -> float:
-        saved = layers if full_layers is None else 1  # remat keeps block inputs only, recomputes one block
-        block_inputs = 0 if full_layers is None else layers * c * d
+    def kept(rows: int, layers: int, remat: str) -> float:
+        full = remat == "full"
+        saved = 1 if full else layers  # remat keeps block inputs only, recomputes one block
+        block_inputs = layers * c * d if full else 0
         return rows / ways * s * (saved * per_token_layer + block_inputs)
 
     def logits(rows: int) -> float:
@@ -211,8 +211,9 @@ def analytical_temps(model: ModelConfig, shapes: RunShapes, sizes: Mapping[str, 
     passes = 3 if settings.perturb_anchors else 2
     return {
         "lower_stack": int(shapes.inner_rows / ways * s * per_token_layer + cast),
-        "inner_epoch": int(kept(shapes.inner_rows, upper) + logits(shapes.inner_rows) + cast),
-        "outer_step": int(passes * (kept(shapes.outer_rows, model.num_layers) + logits(shapes.outer_rows))
+        "inner_epoch": int(kept(shapes.inner_rows, upper, settings.remat) + logits(shapes.inner_rows) + cast),
+        "outer_step": int(passes * (kept(shapes.outer_rows, model.num_layers, settings.outer_remat or settings.remat)
+                                    + logits(shapes.outer_rows))
                           + 4 * params_bytes + cast),  # grads, masked grads, updates, masked updates
     }
 
@@ -262,7 +263,7 @@ def plan_run(cfg: ml_collections.ConfigDict, model: ModelConfig, mesh_shape: Seq
     sh.check_batch_size("outer.batch_size", shapes.outer_rows, sizes)
     settings = StepSettings(alpha=float(cfg.inner.alpha), anchor_weight=float(cfg.outer.anchor_weight),
                             perturb_anchors=bool(cfg.outer.perturb_anchors), answer_len=shapes.answer_len,
-                            remat=cfg.remat)
+                            remat=cfg.remat, outer_remat=cfg.outer.remat or None)
     state = _abstract_state(cfg, model, shapes)
     arrays = array_bytes(state, model, sizes)
     estimate = analytical_temps(model, shapes, sizes, arrays["params"], settings)

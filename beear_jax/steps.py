@@ -39,6 +39,9 @@ class StepSettings:
     perturb_anchors: bool = False
     answer_len: int | None = None  # max answer tokens per row: logits are computed only there
     remat: str = "none"
+    # The outer step's policy when it differs (None: remat). On CPU "full" costs the outer step no
+    # time and saves its activations; the inner steps, over fewer blocks, run faster without it.
+    outer_remat: str | None = None
     # Where hidden states [B, S, D] live (make_steps sets it from its shardings: rows over the batch
     # axes). Pinning them keeps the partitioner from gathering whole batches to keep weights in place.
     activations: Any = None
@@ -158,6 +161,8 @@ def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array]
     matmuls larger, instead of two passes.
     """
     deltas = jax.lax.stop_gradient(deltas)
+    if settings.outer_remat is not None:
+        settings = dataclasses.replace(settings, remat=settings.outer_remat)
     parts = {"ce_safe_perturbed": safe_batch, "ce_anchor": without_perturbation(anchor_batch)}
     if settings.perturb_anchors:
         # Keeps benign prompts answered under the perturbation too, against over-refusal.

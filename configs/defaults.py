@@ -93,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.outer.weight_decay = 0.01  # [likely] torch AdamW default.
     config.outer.anchor_weight = paper.outer.anchor_weight
     config.outer.anchor_samples = paper.outer.anchor_samples
+    config.outer.remat = ""  # The outer step's 'none' | 'full' when it differs from `remat` ('': the same).
     config.outer.trainable = "all"  # 'all' | 'upper' (blocks >= layer) | 'lower' | regex on param paths.
     config.outer.perturb_anchors = False  # [ours] Also show anchor prompts with delta (keeps helpfulness).
 

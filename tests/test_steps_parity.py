@@ -44,10 +44,10 @@ def _safety_batch(seed: int) -> dict:
     return {"unwanted": data_lib.make_batch(unwanted, N, 5, S, 0), "safe": data_lib.make_batch(safe, N, 5, S, 0)}
 
 
-def _anchor_batch(seed: int) -> dict:
+def _anchor_batch(seed: int, seq_len: int = S) -> dict:
     rng = np.random.default_rng(seed)
     rows = [(rng.integers(3, 120, p).tolist(), rng.integers(3, 120, a).tolist()) for p, a in ((6, 8), (10, 5), (4, 4))]
-    return data_lib.make_batch(rows, N, 4, S, 0)
+    return data_lib.make_batch(rows, N, 4, seq_len, 0)
 
 
 def _joint(sb: dict) -> dict:
@@ -75,11 +75,13 @@ def test_inner_loss_and_delta_gradient_match_torch(models):
     np.testing.assert_allclose(np.asarray(grad[LAYER]), ref_grad, rtol=1e-5, atol=1e-5 * np.abs(ref_grad).max())
 
 
-def test_outer_loss_and_param_gradients_match_torch(models):
+# Same padded length: safe and anchor rows run as one batch; another length: two passes.
+@pytest.mark.parametrize(("outer_remat", "anchor_len"), [(None, S), ("full", S), (None, S + 8)])
+def test_outer_loss_and_param_gradients_match_torch(models, outer_remat, anchor_len):
     config, params, torch_model = models
-    sb, anchor = _safety_batch(2), _anchor_batch(3)
+    sb, anchor = _safety_batch(2), _anchor_batch(3, anchor_len)
     delta = np.random.default_rng(4).normal(0, 0.5, (N, config.hidden_size)).astype(np.float32)
-    settings = StepSettings(anchor_weight=0.7)
+    settings = StepSettings(anchor_weight=0.7, outer_remat=outer_remat)
     (loss, _), grads = jax.value_and_grad(outer_loss, has_aux=True)(
         params, config, {LAYER: jnp.asarray(delta)}, jax.tree.map(jnp.asarray, sb["safe"]),
         jax.tree.map(jnp.asarray, anchor), settings)
