@@ -3,7 +3,8 @@
 Both sides get the same model (random weights of a real shape), the same batches and settings. A round
 is split into its phases:
     cache  h_l of the round's inner batches (ours only; the PyTorch way has no cache)
-    inner  `--inner-steps` Adam steps on delta (ours: one compiled scan over the cached batches)
+    inner  `--inner-batches` x `--inner-epochs` Adam steps on delta (ours: one compiled scan per epoch
+           over the cached batches; the PyTorch way runs the whole model at every step)
     outer  `--outer-steps` AdamW steps on the model (safe answers under delta + anchor answers)
 Rounds alternate between the two implementations so that load from other processes hits both alike;
 medians over rounds 2.. (round 1 of ours includes compilation, reported on its own). For each phase it
@@ -18,7 +19,8 @@ device allocator's peak.
     python experiments/bench_beear.py --shape llama-1b --dtype bfloat16     # on a GPU
     python experiments/bench_beear.py --ablations           # also: what each of ours' choices is worth
 
-Options: --rounds 4 --batch 8 --seq 128 --answer 32 --inner-steps 8 --outer-steps 4 --layer 9 --length 7
+Options: --rounds 4 --batch 8 --seq 128 --answer 32 --inner-batches 8 --inner-epochs 1 --outer-steps 4
+--layer 9 --length 7 (the demo's round: --inner-batches 5 --inner-epochs 4 --outer-steps 5)
 --torch-threads N (default: torch's own choice) --json FILE (everything measured).
 """
 
@@ -103,7 +105,7 @@ def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
         return data_lib.make_batch(rows, args.length, args.batch, args.seq, 0)
 
     safety = []
-    for _ in range(max(args.inner_steps, args.outer_steps)):
+    for _ in range(max(args.inner_batches, args.outer_steps)):
         prompts = [prompt() for _ in range(args.batch)]
         safety.append({"unwanted": batch([(p, answer()) for p in prompts]),
                        "safe": batch([(p, answer()) for p in prompts])})
@@ -151,18 +153,19 @@ def pass_flops(config: ModelConfig, batch: int, seq: int, blocks: int, head_posi
     return blocks * (factor * weights + attention_factor * attention) + factor * head
 
 
-def phase_flops(config: ModelConfig, w: Workload, ours: bool, inner_steps: int, outer_steps: int) -> dict[str, float]:
+def phase_flops(config: ModelConfig, w: Workload, ours: bool, inner_batches: int, inner_epochs: int,
+                outer_steps: int) -> dict[str, float]:
     """Executed FLOPs per phase of one round. The PyTorch way runs all blocks and the head at every position."""
     L, rows = config.num_layers, 2 * w.batch
     upper = L - w.layer
     if ours:
-        cache = inner_steps * pass_flops(config, rows, w.seq, w.layer, 0, "none")
-        inner = inner_steps * pass_flops(config, rows, w.seq, upper, rows * w.answer, "inputs")
+        cache = inner_batches * pass_flops(config, rows, w.seq, w.layer, 0, "none")
+        inner = inner_batches * inner_epochs * pass_flops(config, rows, w.seq, upper, rows * w.answer, "inputs")
         outer = outer_steps * 2 * pass_flops(config, w.batch, w.seq, L, w.batch * w.answer, "all")
     else:
         cache = 0.0
         # Forward through all blocks, backward from the head down to the hook at layer l.
-        inner = inner_steps * (pass_flops(config, rows, w.seq, w.layer, 0, "none")
+        inner = inner_batches * inner_epochs * (pass_flops(config, rows, w.seq, w.layer, 0, "none")
                                + pass_flops(config, rows, w.seq, upper, rows * w.seq, "inputs"))
         outer = outer_steps * 2 * pass_flops(config, w.batch, w.seq, L, w.batch * w.seq, "all")
     return {"cache": cache, "inner": inner, "outer": outer}
@@ -246,7 +249,7 @@ class JaxRound:
     """Our round: cache h_l (one compiled map), the inner epoch (one compiled scan), outer steps."""
 
     def __init__(self, config: ModelConfig, host_params: dict, w: Workload, settings: StepSettings,
-                 inner_steps: int) -> None:
+                 inner_batches: int) -> None:
         self.config, self.w = config, w
         self.inner_opt = make_optimizer("adam", INNER_LR)
         self.outer_opt = make_optimizer("adamw", OUTER_LR)
@@ -254,10 +257,10 @@ class JaxRound:
         self.params = jax.device_put(host_params)
         self.outer_state = jax.jit(self.outer_opt.init)(self.params)
         self.trainable = trainable_mask(config, self.params, "all", w.layer)
-        self.inner_stack = jax.device_put(data_lib.stack_batches([joint(b) for b in w.safety[:inner_steps]]))
+        self.inner_stack = jax.device_put(data_lib.stack_batches([joint(b) for b in w.safety[:inner_batches]]))
         self.outer_pairs = [jax.device_put((w.safety[i]["safe"], w.anchors[i])) for i in range(len(w.anchors))]
 
-    def run(self, inner_steps: int) -> dict[str, float]:
+    def run(self, epochs: int) -> dict[str, float]:
         """One round; returns seconds per phase (each phase waits for its results)."""
         times = {}
         stack = self.inner_stack
@@ -267,7 +270,8 @@ class JaxRound:
         h_stack = self.steps.lower_stack(self.params, stack).block_until_ready()
         times["cache"] = time.perf_counter() - start
         start = time.perf_counter()
-        pert, state, metrics = self.steps.inner_epoch(self.params, pert, state, h_stack, stack)
+        for _ in range(epochs):
+            pert, state, metrics = self.steps.inner_epoch(self.params, pert, state, h_stack, stack)
         jax.block_until_ready(metrics)
         times["inner"] = time.perf_counter() - start
         del h_stack
@@ -283,20 +287,20 @@ class JaxRound:
 class TorchRound:
     """The PyTorch way: TorchBEEAR (tests/torch_reference.py), whole model every step."""
 
-    def __init__(self, model: torch.nn.Module, w: Workload, device: str, dtype: str) -> None:
-        self.w, self.device = w, device
+    def __init__(self, model: torch.nn.Module, w: Workload, device: str, dtype: str, inner_batches: int) -> None:
+        self.w, self.device, self.inner_batches = w, device, inner_batches
         self.ref = TorchBEEAR(model, dtype=getattr(torch, dtype), device=device, outer_lr=OUTER_LR)
         self.safety = [self.ref.prepare_safety(b) for b in w.safety]
         self.anchors = [self.ref.prepare(b) for b in w.anchors]
 
-    def run(self, inner_steps: int) -> dict[str, float]:
+    def run(self, epochs: int) -> dict[str, float]:
         """One round; returns seconds per phase (cache: 0, there is none)."""
         times = {"cache": 0.0}
         delta, delta_opt = self.ref.new_delta(self.w.length, INNER_LR)
         torch_sync(self.device)
         start = time.perf_counter()
         losses = [self.ref._inner_step(delta, delta_opt, self.safety[i], self.w.layer, ALPHA, None)
-                  for i in range(inner_steps)]
+                  for _ in range(epochs) for i in range(self.inner_batches)]
         torch.stack(losses).tolist()
         times["inner"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -366,7 +370,7 @@ def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: Ste
         ("python loop of jitted steps instead of one scan", settings, False, True),
         ("no cache: lower blocks recomputed every step", settings, True, False),
         ("head at every position", dataclasses.replace(settings, answer_len=None), True, True),
-        ("remat 'full'", dataclasses.replace(settings, remat="full"), True, True),
+        ("remat 'full' in the inner steps", dataclasses.replace(settings, remat="full"), True, True),
     ]
     for name, variant_settings, scan, cached in variants:
         median, compile_s = timed(inner_variant(variant_settings, scan, cached))
@@ -378,7 +382,8 @@ def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: Ste
     pert, _ = fresh()
     for name, variant_settings in (("ours (answer-only head)", settings),
                                    ("head at every position", dataclasses.replace(settings, answer_len=None)),
-                                   ("remat 'full'", dataclasses.replace(settings, remat="full"))):
+                                   ("outer remat 'none' (activations kept)",
+                                    dataclasses.replace(settings, outer_remat="none"))):
         outer_opt = make_optimizer("adamw", OUTER_LR)
         steps = make_steps(config, variant_settings, w.layer, inner_opt, outer_opt)
         # outer_step donates params and state: give it fresh copies each call.
@@ -404,8 +409,9 @@ def child_peak_memory(args: argparse.Namespace, impl: str) -> dict[str, float] |
     """
     cmd = [sys.executable, __file__, "--impl", impl, "--rounds", "1", "--shape", args.shape, "--dtype", args.dtype,
            "--batch", str(args.batch), "--seq", str(args.seq), "--answer", str(args.answer),
-           "--inner-steps", str(args.inner_steps), "--outer-steps", str(args.outer_steps),
-           "--layer", str(args.layer), "--length", str(args.length), "--no-memory"]
+           "--inner-batches", str(args.inner_batches), "--inner-epochs", str(args.inner_epochs),
+           "--outer-steps", str(args.outer_steps),
+           "--layer", str(args.layer), "--length", str(args.length), "--outer-remat", args.outer_remat, "--no-memory"]
     if args.torch_threads:
         cmd += ["--torch-threads", str(args.torch_threads)]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
@@ -425,10 +431,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="prompts per batch (the inner batch has 2x rows)")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--answer", type=int, default=32)
-    parser.add_argument("--inner-steps", type=int, default=8)
+    parser.add_argument("--inner-batches", type=int, default=8)
+    parser.add_argument("--inner-epochs", type=int, default=1)
     parser.add_argument("--outer-steps", type=int, default=4)
     parser.add_argument("--layer", type=int, default=9)
     parser.add_argument("--length", type=int, default=7)
+    parser.add_argument("--outer-remat", choices=("none", "full"), default="full",
+                        help="ours: the outer step's rematerialisation (configs/smollm2_135m.py: full)")
     parser.add_argument("--torch-threads", type=int, default=0)
     parser.add_argument("--matmul", type=int, default=0, help="peak matmul size (default 2048 CPU, 8192 GPU)")
     parser.add_argument("--impl", choices=("both", "jax", "torch"), default="both")
@@ -446,12 +455,12 @@ def main() -> None:
     if not 1 <= args.layer < config.num_layers:
         raise SystemExit(f"--layer must be in [1, {config.num_layers}) for shape {args.shape}")
     w = make_workload(args, config.vocab_size)
-    settings = StepSettings(alpha=ALPHA, answer_len=args.answer)
+    settings = StepSettings(alpha=ALPHA, answer_len=args.answer, outer_remat=args.outer_remat)
     impls: dict[str, Any] = {}
     if args.impl in ("both", "jax"):
-        impls["jax"] = JaxRound(config, host_params, w, settings, args.inner_steps)
+        impls["jax"] = JaxRound(config, host_params, w, settings, args.inner_batches)
     if args.impl in ("both", "torch"):
-        impls["torch"] = TorchRound(torch_model, w, device, args.dtype)
+        impls["torch"] = TorchRound(torch_model, w, device, args.dtype, args.inner_batches)
     del host_params, torch_model  # each side keeps only its own copy of the weights
     gc.collect()
     rss_before = current_rss()
@@ -462,7 +471,7 @@ def main() -> None:
         for round_index in range(args.rounds):
             for name, impl in impls.items():
                 before_n, before_s = counter.compiles, counter.seconds
-                times[name].append(impl.run(args.inner_steps))
+                times[name].append(impl.run(args.inner_epochs))
                 torch_sync(device)
                 if name == "jax":
                     compiles_per_round.append(counter.compiles - before_n)
@@ -480,14 +489,15 @@ def main() -> None:
            for name, ts in times.items()}
     peak = matmul_peak(device, args.dtype, args.matmul or (8192 if accelerator else 2048))
     best_peak = max(peak.values())
-    tokens = {"cache": args.inner_steps * 2 * w.batch * w.seq, "inner": args.inner_steps * 2 * w.batch * w.seq,
+    inner_steps = args.inner_batches * args.inner_epochs
+    tokens = {"cache": args.inner_batches * 2 * w.batch * w.seq, "inner": inner_steps * 2 * w.batch * w.seq,
               "outer": args.outer_steps * 2 * w.batch * w.seq}
 
     print()
     print(f"# BEEAR round, {args.shape} shape, {args.dtype}, {jax.devices()[0].device_kind} ({device}), "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
     print(f"# batch {w.batch} prompts (inner: {2 * w.batch} rows), seq {w.seq}, answer {w.answer}, layer {w.layer}, "
-          f"n {w.length}, {args.inner_steps} inner + {args.outer_steps} outer steps; medians of rounds "
+          f"n {w.length}, {args.inner_batches} inner batches x {args.inner_epochs} epochs + {args.outer_steps} outer steps; medians of rounds "
           f"{'2' if args.rounds > 1 else '1'}..{args.rounds}; jax {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
     print(f"# measured matmul peak ({args.matmul or (8192 if accelerator else 2048)}^3, {args.dtype}): "
@@ -498,7 +508,7 @@ def main() -> None:
     rows = []
     for phase in ("cache", "inner", "outer", "round"):
         for name in impls:
-            flops = phase_flops(config, w, name == "jax", args.inner_steps, args.outer_steps)
+            flops = phase_flops(config, w, name == "jax", args.inner_batches, args.inner_epochs, args.outer_steps)
             seconds = sum(med[name].values()) if phase == "round" else med[name][phase]
             executed = sum(flops.values()) if phase == "round" else flops[phase]
             tok = sum(tokens.values()) - (tokens["cache"] if name == "torch" else 0) if phase == "round" else tokens[phase]
