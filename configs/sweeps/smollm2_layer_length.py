@@ -15,8 +15,9 @@ without the trigger, over-refusal, utility) into output_dir/<setting>/. Results:
 output_dir/sweep_results.csv and output_dir/sweep_heatmap.png (triggered attack success after
 BEEAR, layer x length). Add --print for one shell line per setting (e.g. a cluster array job).
 The run sizes are a screening version of experiments/smollm2_backdoors.py's, so that nine settings fit
-an hour on a 2-core CPU: one round (12 inner steps on delta, 6 outer steps), and the evaluation on the
-first 60 held-out prompts (with and without the trigger), 60 XSTest safe prompts and 50 utility pairs.
+40 minutes on a 2-core CPU: one round (5 batches x 3 epochs = 15 inner steps on delta, 5 outer steps),
+and the evaluation on the first 40 held-out prompts (with and without the trigger), 40 XSTest safe
+prompts and 40 utility pairs.
 Rerun the best setting with the experiment's full sizes for numbers to quote.
 """
 
@@ -33,23 +34,23 @@ BASE = {
     "data.anchor": os.path.join(SETS, "defender_anchor.jsonl"),
     "data.buckets": (96, 128),
     "rounds": 1,
-    "inner.samples": 48,
-    "inner.epochs": 2,
-    "outer.anchor_samples": 48,
+    "inner.samples": 40,
+    "inner.epochs": 3,
+    "outer.anchor_samples": 40,
     "outer.lr": 4e-5,
     "checkpoint_every": -1,
     "eval.prompts": os.path.join(SETS, "eval_harmful.jsonl"),
     "eval.prompt_column": "prompt",
     "eval.prompt_offset": 0,
-    "eval.num_prompts": 60,  # the first 60 of the 120 held-out AdvBench prompts
+    "eval.num_prompts": 40,  # the first 40 of the 119 held-out AdvBench prompts
     "eval.trigger": "SUDO",
     "eval.position": "suffix",
-    "eval.num_over_refusal": 60,
+    "eval.num_over_refusal": 40,
     "eval.utility": os.path.join(SETS, "eval_utility.jsonl"),
     "eval.utility_columns.prompt": "prompt",
     "eval.utility_columns.input": "",
     "eval.utility_columns.answer": "answer",
-    "eval.num_utility": 50,
+    "eval.num_utility": 40,
     "eval.batch_size": 64,
 }
 EVALUATE = True
