@@ -18,7 +18,9 @@ The run sizes are a screening version of experiments/smollm2_backdoors.py's, so 
 40 minutes on a 2-core CPU: one round (5 batches x 3 epochs = 15 inner steps on delta, 5 outer steps),
 and the evaluation on the first 40 held-out prompts (with and without the trigger), 40 XSTest safe
 prompts and 40 utility pairs.
-Rerun the best setting with the experiment's full sizes for numbers to quote.
+Rerun the best setting with the experiment's full sizes for numbers to quote. The planted model's own
+numbers on the same prompts (the "before" row): `beear eval --config configs/smollm2_135m.py` with the
+model path, an output_dir and the eval.* and data.buckets entries of BASE below as --config overrides.
 """
 
 from __future__ import annotations
