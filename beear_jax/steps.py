@@ -167,7 +167,7 @@ def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array]
     if settings.perturb_anchors:
         # Keeps benign prompts answered under the perturbation too, against over-refusal.
         parts["ce_anchor_perturbed"] = anchor_batch
-    if len({b["input_ids"].shape[1] for b in parts.values()}) == 1 and deltas:
+    if len({b["input_ids"].shape[1] for b in parts.values()}) == 1:
         joint = {k: jnp.concatenate([b[k] for b in parts.values()]) for k in safe_batch}
         h = constrain(llama.embed(config, params, joint["input_ids"]), settings.activations)
         h = decode_from(config, params, h, 0, joint, deltas, settings.remat, settings.activations)
