@@ -102,12 +102,12 @@ def main() -> int:
                     model_dir = run_dir / "model"
                     history = lib.load_metrics(run_dir / "metrics.jsonl")
                 else:
-                    overrides = dict(run_overrides)
-                    start = out / name / overrides.pop("from") / "model" if "from" in overrides else planted
+                    run_args = dict(run_overrides)
+                    start = out / name / run_args.pop("from") / "model" if "from" in run_args else planted
                     if not (pathlib.Path(start) / "config.json").is_file():
                         raise SystemExit(f"{name}/{stage} starts from {start}, which is not there yet: run "
                                          f"its stage first (--stages).")
-                    run = lib.run_defence(bcfg, start, run_dir, **overrides)
+                    run = lib.run_defence(bcfg, start, run_dir, **run_args)
                     model_dir, history = run.model_dir, run.history
             result = lib.evaluate_model(bcfg, model_dir, sets, bsettings)
             lib.write_report(out / name / stage / "report", {stage: result}, bcfg, history)
