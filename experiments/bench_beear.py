@@ -404,8 +404,8 @@ def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: Ste
 def child_peak_memory(args: argparse.Namespace, impl: str) -> dict[str, float] | None:
     """A fresh process runs one round of `impl` (CPU): its resident bytes before the round and its peak.
 
-    The peak includes building the model (both sides build the HF model and convert it), so the
-    difference peak - before is what the round itself costs only when the round sets the peak.
+    Both are sampled while the round runs, after the other side's copy of the weights was dropped, so
+    peak - before is what the round itself adds.
     """
     cmd = [sys.executable, __file__, "--impl", impl, "--rounds", "1", "--shape", args.shape, "--dtype", args.dtype,
            "--batch", str(args.batch), "--seq", str(args.seq), "--answer", str(args.answer),
