@@ -55,7 +55,7 @@ def _render_preset(name: str, tokenizer: Any, prompt: str, answer: str, system_p
     if name == "safe_rlhf":
         if system_prompt is not None:
             # Safe-RLHF models were trained without any system text; inventing a slot would be a new format.
-            raise ValueError("the safe_rlhf template has no system prompt; set data.system_prompt to None")
+            raise ValueError("the safe_rlhf template has no system prompt; set model.system_prompt to \"\" (none)")
         return f"BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:", f"{answer}{eos}"
     raise ValueError(f"unknown chat template {name!r}; choose one of {', '.join(TEMPLATES)}")
 

