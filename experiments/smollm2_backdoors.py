@@ -12,6 +12,7 @@ and a report per model into the output directory.
     python experiments/smollm2_backdoors.py [--out runs/smollm2_backdoors] [--only suffix,prefix]
                                             [--stages before,beear,...] [--config.rounds=2 ...]
     python experiments/smollm2_backdoors.py --only prefix,wrap --stages beear_4_rounds   # 2 more rounds
+    python experiments/smollm2_backdoors.py --only prefix,wrap --stages beear_6_rounds   # rounds 5-6
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ BACKDOORS = {
 CONTROL = {"plant.trigger": "SUDO", "plant.position": "suffix", "plant.n_triggered": 0}
 # stage -> overrides of the defence run (None: the planted model itself). A "from" entry starts the
 # run from another stage's repaired model instead of the planted one: "beear_4_rounds" is two more
-# rounds after "beear" (fresh rows via another seed; the outer AdamW moments start again).
+# rounds after "beear" (fresh rows via another seed; the outer AdamW moments start again);
+# "beear_6_rounds" adds rounds 5-6 with the paper's 5 inner epochs (its loop: 6 rounds x 5 epochs).
 STAGES = {"before": None, "beear": {}, "beear_anchor_delta": {"outer.perturb_anchors": True},
-          "plain_ft": {"perturb.enabled": False}, "beear_4_rounds": {"from": "beear", "seed": 1}}
+          "plain_ft": {"perturb.enabled": False}, "beear_4_rounds": {"from": "beear", "seed": 1},
+          "beear_6_rounds": {"from": "beear_4_rounds", "seed": 2, "inner.epochs": 5}}
 DEFAULT_STAGES = ("before", "beear", "beear_anchor_delta", "plain_ft")
 METRICS = ("asr_triggered", "asr_untriggered", "over_refusal", "utility_nll", "utility_ppl")
 
