@@ -184,6 +184,19 @@ def check_batch_sizes(cfg: ml_collections.ConfigDict, sizes: dict[str, int], use
     sharding_lib.check_batch_size("outer.batch_size", int(cfg.outer.batch_size), sizes)
 
 
+def step_settings(cfg: ml_collections.ConfigDict, answer_len: int | None) -> StepSettings:
+    """The steps' static settings from a run config (`beear run` and `beear plan` compile the same steps)."""
+    return StepSettings(
+        alpha=float(cfg.inner.alpha),
+        safe_ce_clamp=float(cfg.inner.safe_ce_clamp) if cfg.inner.safe_ce_clamp > 0 else None,
+        anchor_weight=float(cfg.outer.anchor_weight),
+        perturb_anchors=bool(cfg.outer.perturb_anchors),
+        answer_len=answer_len,
+        remat=cfg.remat,
+        outer_remat=cfg.outer.remat or None,
+    )
+
+
 def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
               on_round_end: Callable[[int, dict], None] | None = None, export: bool = True) -> RunResult:
     """Runs the defence described by cfg and exports the repaired model to cfg.output_dir/model.
@@ -215,15 +228,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     mesh = sharding_lib.make_mesh(cfg.mesh.shape)
     check_batch_sizes(cfg, sharding_lib.axis_sizes(mesh), use_perturbation)
 
-    settings = StepSettings(
-        alpha=float(cfg.inner.alpha),
-        safe_ce_clamp=float(cfg.inner.safe_ce_clamp) if cfg.inner.safe_ce_clamp > 0 else None,
-        anchor_weight=float(cfg.outer.anchor_weight),
-        perturb_anchors=bool(cfg.outer.perturb_anchors),
-        answer_len=data.answer_len,
-        remat=cfg.remat,
-        outer_remat=cfg.outer.remat or None,
-    )
+    settings = step_settings(cfg, data.answer_len)
     inner_opt = make_optimizer(cfg.inner.optimizer, cfg.inner.lr)
     outer_opt = make_optimizer(cfg.outer.optimizer, cfg.outer.lr, cfg.outer.weight_decay)
     layout = sharding_lib.step_shardings(model_config, mesh, outer_opt)

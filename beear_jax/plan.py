@@ -24,6 +24,7 @@ import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from beear_jax import sharding as sh
+from beear_jax.beear import step_settings
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation
 from beear_jax.steps import StepSettings, make_optimizer, make_steps
@@ -212,7 +213,7 @@ def analytical_temps(model: ModelConfig, shapes: RunShapes, sizes: Mapping[str, 
     return {
         "lower_stack": int(shapes.inner_rows / ways * s * per_token_layer + cast),
         "inner_epoch": int(kept(shapes.inner_rows, upper, settings.remat) + logits(shapes.inner_rows) + cast),
-        "outer_step": int(passes * (kept(shapes.outer_rows, model.num_layers, settings.outer_remat or settings.remat)
+        "outer_step": int(passes * (kept(shapes.outer_rows, model.num_layers, settings.outer_step_remat)
                                     + logits(shapes.outer_rows))
                           + 4 * params_bytes + cast),  # grads, masked grads, updates, masked updates
     }
@@ -261,9 +262,7 @@ def plan_run(cfg: ml_collections.ConfigDict, model: ModelConfig, mesh_shape: Seq
     shapes = run_shapes(cfg, seq_len, answer_len)
     sh.check_batch_size("2 x inner.batch_size", shapes.inner_rows, sizes)
     sh.check_batch_size("outer.batch_size", shapes.outer_rows, sizes)
-    settings = StepSettings(alpha=float(cfg.inner.alpha), anchor_weight=float(cfg.outer.anchor_weight),
-                            perturb_anchors=bool(cfg.outer.perturb_anchors), answer_len=shapes.answer_len,
-                            remat=cfg.remat, outer_remat=cfg.outer.remat or None)
+    settings = step_settings(cfg, shapes.answer_len)
     state = _abstract_state(cfg, model, shapes)
     arrays = array_bytes(state, model, sizes)
     estimate = analytical_temps(model, shapes, sizes, arrays["params"], settings)

@@ -46,6 +46,11 @@ class StepSettings:
     # axes). Pinning them keeps the partitioner from gathering whole batches to keep weights in place.
     activations: Any = None
 
+    @property
+    def outer_step_remat(self) -> str:
+        """The rematerialisation policy the outer step runs with."""
+        return self.remat if self.outer_remat is None else self.outer_remat
+
 
 def constrain(x: jax.Array, sharding: Any) -> jax.Array:
     """x with its sharding pinned (a no-op without a sharding: one device)."""
@@ -161,8 +166,7 @@ def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array]
     matmuls larger, instead of two passes.
     """
     deltas = jax.lax.stop_gradient(deltas)
-    if settings.outer_remat is not None:
-        settings = dataclasses.replace(settings, remat=settings.outer_remat)
+    settings = dataclasses.replace(settings, remat=settings.outer_step_remat)
     parts = {"ce_safe_perturbed": safe_batch, "ce_anchor": without_perturbation(anchor_batch)}
     if settings.perturb_anchors:
         # Keeps benign prompts answered under the perturbation too, against over-refusal.
@@ -175,8 +179,7 @@ def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array]
         metrics = {name: answer_ce(config, params, h, joint, settings.answer_len, slice(int(a), int(b)))
                    for name, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)}
     else:
-        metrics = {name: perturbed_answer_ce(config, params, batch, {} if name == "ce_anchor" else deltas, settings)
-                   for name, batch in parts.items()}
+        metrics = {name: perturbed_answer_ce(config, params, batch, deltas, settings) for name, batch in parts.items()}
     loss = outer_objective(metrics["ce_safe_perturbed"], metrics["ce_anchor"], settings.anchor_weight)
     if settings.perturb_anchors:
         loss = loss + settings.anchor_weight * metrics["ce_anchor_perturbed"]
