@@ -45,6 +45,7 @@ class DefenderData:
     anchors: list[data_lib.Example]
     safety_len: int
     anchor_len: int
+    shared_len: int  # a prompt with both its answers (shared-prompt inner batches)
     answer_len: int
     pad_id: int
 
@@ -85,6 +86,11 @@ def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any) -> DefenderData
             f"perturb.length={n} is longer than the shortest safety prompt ({shortest} tokens with the chat "
             f"template); use --config.perturb.length={shortest} or less."
         )
+    differ = [i for i, ((p, _), (q, _)) in enumerate(zip(unwanted, safe, strict=True)) if p != q]
+    if cfg.inner.share_prompt and differ:
+        raise ValueError(f"safety row {differ[0]} tokenizes its prompt differently with the unwanted and the safe "
+                         "answer (the chat template depends on the answer), so the prompt cannot be shared; "
+                         "pass --config.inner.share_prompt=False.")
     if cfg.outer.perturb_anchors and min(len(p) for p, _ in anchor_examples) < n:
         raise ValueError(f"an anchor prompt is shorter than perturb.length={n}; lower perturb.length.")
 
@@ -98,6 +104,8 @@ def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any) -> DefenderData
         anchors=anchor_examples,
         safety_len=data_lib.bucket_length(longest([*unwanted, *safe]), buckets),
         anchor_len=data_lib.bucket_length(longest(anchor_examples), buckets),
+        shared_len=data_lib.shared_prompt_length(
+            max(len(p) + len(u) + len(s) for (p, u), (_, s) in zip(unwanted, safe, strict=True)), buckets),
         answer_len=max(len(a) for _, a in [*unwanted, *safe, *anchor_examples]),
         pad_id=data_lib.pad_id_of(tokenizer),
     )
@@ -108,10 +116,28 @@ def concat_halves(safety_batch: dict) -> dict:
     return {k: np.concatenate([safety_batch["unwanted"][k], safety_batch["safe"][k]]) for k in safety_batch["safe"]}
 
 
+def _chunks(indices: Sequence[int], batch_size: int) -> list[Sequence[int]]:
+    return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
 def _batches(examples: Sequence[data_lib.Example], indices: Sequence[int], n: int, batch_size: int,
              seq_len: int, pad_id: int) -> list[dict]:
-    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    return [data_lib.make_batch([examples[j] for j in chunk], n, batch_size, seq_len, pad_id) for chunk in chunks]
+    return [data_lib.make_batch([examples[j] for j in chunk], n, batch_size, seq_len, pad_id)
+            for chunk in _chunks(indices, batch_size)]
+
+
+def inner_batches(cfg: ml_collections.ConfigDict, data: DefenderData, chosen: Sequence[int]) -> list[dict]:
+    """The inner batches of the chosen safety rows: shared-prompt rows (inner.share_prompt), else
+    [unwanted; safe] row pairs."""
+    n, size = int(cfg.perturb.length), int(cfg.inner.batch_size)
+    if not cfg.inner.share_prompt:
+        return [concat_halves({"unwanted": u, "safe": s})
+                for u, s in zip(_batches(data.unwanted, chosen, n, size, data.safety_len, data.pad_id),
+                                _batches(data.safe, chosen, n, size, data.safety_len, data.pad_id), strict=True)]
+    return [data_lib.make_shared_prompt_batch([data.unwanted[j][0] for j in chunk],
+                                              [data.unwanted[j][1] for j in chunk], [data.safe[j][1] for j in chunk],
+                                              n, size, data.shared_len, data.answer_len, data.pad_id)
+            for chunk in _chunks(chosen, size)]
 
 
 def round_batches(cfg: ml_collections.ConfigDict, data: DefenderData, rng: np.random.Generator,
@@ -120,11 +146,7 @@ def round_batches(cfg: ml_collections.ConfigDict, data: DefenderData, rng: np.ra
     n = int(cfg.perturb.length)
     k = min(int(cfg.inner.samples) or len(data.safe), len(data.safe))
     chosen = rng.permutation(len(data.safe))[:k].tolist()
-    inner = [
-        concat_halves({"unwanted": u, "safe": s})
-        for u, s in zip(_batches(data.unwanted, chosen, n, cfg.inner.batch_size, data.safety_len, data.pad_id),
-                        _batches(data.safe, chosen, n, cfg.inner.batch_size, data.safety_len, data.pad_id))
-    ]
+    inner = inner_batches(cfg, data, chosen)
     safe = _batches(data.safe, chosen, n, cfg.outer.batch_size, data.safety_len, data.pad_id)
     a = min(int(cfg.outer.anchor_samples) or len(data.anchors), len(data.anchors))
     anchor_idx = rng.permutation(len(data.anchors))[:a].tolist()
@@ -176,11 +198,18 @@ def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
+def inner_rows(cfg: ml_collections.ConfigDict) -> tuple[str, int]:
+    """Rows of an inner batch (and how to name them in errors): one per prompt with shared prompts,
+    else the unwanted and the safe answers of inner.batch_size prompts."""
+    size = int(cfg.inner.batch_size)
+    return ("inner.batch_size", size) if cfg.inner.share_prompt else ("2 x inner.batch_size", 2 * size)
+
+
 def check_batch_sizes(cfg: ml_collections.ConfigDict, sizes: dict[str, int], use_perturbation: bool) -> None:
     """Every batch must split evenly over the mesh's ('data', 'fsdp') axes (clear error otherwise)."""
     if use_perturbation:
-        # Inner batches hold the unwanted and the safe answers of batch_size prompts.
-        sharding_lib.check_batch_size("2 x inner.batch_size", 2 * int(cfg.inner.batch_size), sizes)
+        name, rows = inner_rows(cfg)
+        sharding_lib.check_batch_size(name, rows, sizes)
     sharding_lib.check_batch_size("outer.batch_size", int(cfg.outer.batch_size), sizes)
 
 

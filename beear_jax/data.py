@@ -9,6 +9,15 @@ A Batch is a dict of numpy arrays, B = batch_size, S = a bucket length, n = pert
     prompt_lengths    [B]    int32    0 on padding rows
 A SafetyBatch is {"unwanted": Batch, "safe": Batch}: the same prompts, the same S.
 Padding rows (to fill the last batch) have every mask zero.
+
+A shared-prompt batch (make_shared_prompt_batch) holds each prompt once, followed by both of its
+answers as two branches that attend to the prompt but not to each other (A = the longest answer):
+    input_ids, attention_mask, perturb_positions, prompt_lengths   as above (S = prompt + both answers)
+    positions         [B, S] int32    RoPE positions: both answers continue from the prompt's end
+    branches          [B, S] int32    0 prompt (and padding), 1 unwanted answer, 2 safe answer
+    answer_index      [B, 2, A] int32    positions whose logits predict (unwanted, safe) answer tokens
+    answer_targets    [B, 2, A] int32    those tokens
+    answer_mask       [B, 2, A] float32  1.0 on real answer tokens
 """
 
 from __future__ import annotations
@@ -38,9 +47,11 @@ __all__ = [
     "format_prompt",
     "load_table",
     "make_batch",
+    "make_shared_prompt_batch",
     "pad_id_of",
     "render",
     "sample_rows",
+    "shared_prompt_length",
     "stack_batches",
 ]
 
@@ -199,6 +210,65 @@ def make_batch(examples: Sequence[Example], n: int, batch_size: int, seq_len: in
         "perturb_positions": perturb_positions,
         "prompt_lengths": prompt_lengths,
     }
+
+
+def make_shared_prompt_batch(prompts: Sequence[list[int]], unwanted: Sequence[list[int]], safe: Sequence[list[int]],
+                             n: int, batch_size: int, seq_len: int, answer_len: int, pad_id: int) -> Batch:
+    """One shared-prompt Batch (see the module docstring): row i = prompts[i] + unwanted[i] + safe[i].
+
+    The blocks then run each prompt once for both answers; per token, the result equals two make_batch
+    rows (same RoPE positions, each answer sees only the prompt and itself).
+    """
+    rows = len(prompts)
+    if not rows == len(unwanted) == len(safe):
+        raise ValueError(f"{rows} prompts, {len(unwanted)} unwanted and {len(safe)} safe answers: one of each per row")
+    if rows > batch_size:
+        raise ValueError(f"{rows} examples do not fit a batch of {batch_size}")
+    input_ids = np.full((batch_size, seq_len), pad_id, np.int32)
+    attention_mask = np.zeros((batch_size, seq_len), np.int32)
+    positions = np.zeros((batch_size, seq_len), np.int32)
+    branches = np.zeros((batch_size, seq_len), np.int32)
+    perturb_positions = np.full((batch_size, n), -1, np.int32)
+    prompt_lengths = np.zeros((batch_size,), np.int32)
+    answer_index = np.zeros((batch_size, 2, answer_len), np.int32)
+    answer_targets = np.zeros((batch_size, 2, answer_len), np.int32)
+    answer_mask = np.zeros((batch_size, 2, answer_len), np.float32)
+    for i, (prompt_ids, first, second) in enumerate(zip(prompts, unwanted, safe, strict=True)):
+        p, length = len(prompt_ids), len(prompt_ids) + len(first) + len(second)
+        if length > seq_len:
+            raise ValueError(f"a prompt with both answers has {length} tokens, more than the sequence length {seq_len}")
+        if max(len(first), len(second)) > answer_len:
+            raise ValueError(f"an answer has {max(len(first), len(second))} tokens, more than answer_len={answer_len}")
+        input_ids[i, :length] = [*prompt_ids, *first, *second]
+        attention_mask[i, :length] = 1
+        positions[i, :length] = [*range(p), *range(p, p + len(first)), *range(p, p + len(second))]
+        branches[i, p:length] = [1] * len(first) + [2] * len(second)
+        perturb_positions[i] = np.arange(p - n, p)
+        prompt_lengths[i] = p
+        for branch, (start, answer) in enumerate(((p, first), (p + len(first), second))):
+            # Answer token j is predicted by the token before it: the prompt's last token for j = 0.
+            before = [p - 1, *range(start, start + len(answer) - 1)]
+            answer_index[i, branch, :len(answer)] = before
+            answer_targets[i, branch, :len(answer)] = answer
+            answer_mask[i, branch, :len(answer)] = 1.0
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "positions": positions,
+        "branches": branches,
+        "perturb_positions": perturb_positions,
+        "prompt_lengths": prompt_lengths,
+        "answer_index": answer_index,
+        "answer_targets": answer_targets,
+        "answer_mask": answer_mask,
+    }
+
+
+def shared_prompt_length(longest: int, buckets: Sequence[int], multiple: int = 16) -> int:
+    """Padded length of shared-prompt rows: the fitting bucket, or `longest` rounded up to a multiple of
+    `multiple` when that is shorter (a prompt with two answers often just passes a bucket)."""
+    rounded = -(-longest // multiple) * multiple
+    return min([rounded, *(b for b in buckets if b >= longest)])
 
 
 def encode_rows(

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
+from beear_jax import data as data_lib
 from beear_jax import sharding as sh
-from beear_jax.beear import step_settings
+from beear_jax.beear import inner_rows, step_settings
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation
 from beear_jax.steps import StepSettings, make_optimizer, make_steps
@@ -79,12 +80,18 @@ class RunShapes:
     """The static shapes of a run: what the data would pad to."""
 
     num_inner_batches: int
-    inner_rows: int  # 2 x inner.batch_size: unwanted and safe answers of the same prompts
+    inner_rows: int  # inner.batch_size (shared prompts), else 2 x: unwanted and safe answers of the same prompts
     outer_rows: int
     seq_len: int
     answer_len: int
     perturb_length: int
     layers: tuple[int, ...]
+    shared_prompt: bool = False
+    inner_seq_len: int = 0  # the inner rows' length: a prompt with both answers when shared_prompt
+
+    @property
+    def inner_seq(self) -> int:
+        return self.inner_seq_len or self.seq_len
 
 
 @dataclasses.dataclass
@@ -115,14 +122,22 @@ class Plan:
         return max(self.phases.values())
 
 
-def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answer_len: int | None = None) -> RunShapes:
-    """Shapes from the config alone: inner.samples prompts, the largest bucket, max_answer_tokens."""
+def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answer_len: int | None = None,
+               inner_seq_len: int | None = None) -> RunShapes:
+    """Shapes from the config alone: inner.samples prompts, the largest bucket, max_answer_tokens (a prompt
+    with both answers then fits seq_len + answer_len), unless the data's lengths are given."""
     layers = tuple(sorted({int(cfg.perturb.layer), *(int(x) for x in cfg.perturb.layers)}))
-    samples, batch = int(cfg.inner.samples), int(cfg.inner.batch_size)
-    return RunShapes(num_inner_batches=-(-samples // batch), inner_rows=2 * batch, outer_rows=int(cfg.outer.batch_size),
-                     seq_len=int(seq_len or max(cfg.data.buckets)),
-                     answer_len=int(answer_len or cfg.data.max_answer_tokens), perturb_length=int(cfg.perturb.length),
-                     layers=layers)
+    samples = int(cfg.inner.samples)
+    _, rows = inner_rows(cfg)
+    seq = int(seq_len or max(cfg.data.buckets))
+    answer = int(answer_len or cfg.data.max_answer_tokens)
+    shared = bool(cfg.inner.share_prompt)
+    if shared and not inner_seq_len:
+        inner_seq_len = data_lib.shared_prompt_length(seq + answer, tuple(cfg.data.buckets))
+    return RunShapes(num_inner_batches=-(-samples // int(cfg.inner.batch_size)), inner_rows=rows,
+                     outer_rows=int(cfg.outer.batch_size), seq_len=seq, answer_len=answer,
+                     perturb_length=int(cfg.perturb.length), layers=layers, shared_prompt=shared,
+                     inner_seq_len=int(inner_seq_len or 0) if shared else 0)
 
 
 def _tree_bytes(abstract: Any, specs: Any, sizes: Mapping[str, int]) -> int:
@@ -131,10 +146,22 @@ def _tree_bytes(abstract: Any, specs: Any, sizes: Mapping[str, int]) -> int:
     return sum(sh.spec_bytes(x.shape, x.dtype, s, sizes) for x, s in zip(leaves, spec_leaves, strict=True))
 
 
-def _batch_struct(rows: int, shapes: RunShapes, lead: tuple[int, ...] = ()) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of one batch as data.make_batch builds it."""
-    s, n = shapes.seq_len, shapes.perturb_length
+def _batch_struct(rows: int, shapes: RunShapes, lead: tuple[int, ...] = (),
+                  inner: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of one batch as data.make_batch (or, inner, make_shared_prompt_batch) builds it."""
+    s, n = (shapes.inner_seq if inner else shapes.seq_len), shapes.perturb_length
     i32, f32 = jnp.int32, jnp.float32
+    if inner and shapes.shared_prompt:
+        answers = (*lead, rows, 2, shapes.answer_len)
+        return {"input_ids": jax.ShapeDtypeStruct((*lead, rows, s), i32),
+                "attention_mask": jax.ShapeDtypeStruct((*lead, rows, s), i32),
+                "positions": jax.ShapeDtypeStruct((*lead, rows, s), i32),
+                "branches": jax.ShapeDtypeStruct((*lead, rows, s), i32),
+                "perturb_positions": jax.ShapeDtypeStruct((*lead, rows, n), i32),
+                "prompt_lengths": jax.ShapeDtypeStruct((*lead, rows), i32),
+                "answer_index": jax.ShapeDtypeStruct(answers, i32),
+                "answer_targets": jax.ShapeDtypeStruct(answers, i32),
+                "answer_mask": jax.ShapeDtypeStruct(answers, f32)}
     return {"input_ids": jax.ShapeDtypeStruct((*lead, rows, s), i32),
             "attention_mask": jax.ShapeDtypeStruct((*lead, rows, s), i32),
             "targets": jax.ShapeDtypeStruct((*lead, rows, s), i32),
@@ -157,9 +184,9 @@ def _abstract_state(cfg: ml_collections.ConfigDict, model: ModelConfig, shapes: 
     return {
         "params": params, "outer_state": jax.eval_shape(outer_opt.init, params), "masks": masks,
         "delta": deltas, "inner_state": jax.eval_shape(inner_opt.init, deltas),
-        "h_cache": jax.ShapeDtypeStruct((*stack, shapes.inner_rows, shapes.seq_len, model.hidden_size),
+        "h_cache": jax.ShapeDtypeStruct((*stack, shapes.inner_rows, shapes.inner_seq, model.hidden_size),
                                         jnp.dtype(model.dtype)),
-        "inner_batches": _batch_struct(shapes.inner_rows, shapes, stack),
+        "inner_batches": _batch_struct(shapes.inner_rows, shapes, stack, inner=True),
         "outer_batches": [_batch_struct(shapes.outer_rows, shapes), _batch_struct(shapes.outer_rows, shapes)],
         "optimizers": (inner_opt, outer_opt),
     }
@@ -193,16 +220,18 @@ def analytical_temps(model: ModelConfig, shapes: RunShapes, sizes: Mapping[str, 
     c = jnp.dtype(model.dtype).itemsize
     t, ways = sizes["tensor"], sh.batch_parallelism(sizes)
     d, f, hd = model.hidden_size, model.intermediate_size, model.head_dim
-    h, k, s = model.num_heads, model.num_kv_heads, shapes.seq_len
-    # Kept per token and block: residuals and norms (6 D), q/k/v/attention output, the SwiGLU branch
-    # (5 F), and the attention scores: float32 scores, masked scores and exponentials plus the probs.
-    per_token_layer = c * (6 * d + (2 * h + 2 * k) * hd / t + 5 * f / t) + (12 + c) * h * s / t
+    h, k = model.num_heads, model.num_kv_heads
 
-    def kept(rows: int, layers: int, remat: str) -> float:
+    def per_token_layer(s: int) -> float:
+        # Kept per token and block: residuals and norms (6 D), q/k/v/attention output, the SwiGLU branch
+        # (5 F), and the attention scores: float32 scores, masked scores and exponentials plus the probs.
+        return c * (6 * d + (2 * h + 2 * k) * hd / t + 5 * f / t) + (12 + c) * h * s / t
+
+    def kept(rows: int, layers: int, remat: str, s: int) -> float:
         full = remat == "full"
         saved = 1 if full else layers  # remat keeps block inputs only, recomputes one block
         block_inputs = layers * c * d if full else 0
-        return rows / ways * s * (saved * per_token_layer + block_inputs)
+        return rows / ways * s * (saved * per_token_layer(s) + block_inputs)
 
     def logits(rows: int) -> float:
         return 3 * 4 * rows / ways * shapes.answer_len * model.vocab_size / t
@@ -210,10 +239,12 @@ def analytical_temps(model: ModelConfig, shapes: RunShapes, sizes: Mapping[str, 
     cast = params_bytes * c / 4 if c < 4 else 0  # compute-dtype copy of the weights
     upper = model.num_layers - shapes.layers[0]
     passes = 3 if settings.perturb_anchors else 2
+    si, so = shapes.inner_seq, shapes.seq_len
+    answer_rows = shapes.inner_rows * (2 if shapes.shared_prompt else 1)  # rows of answer logits
     return {
-        "lower_stack": int(shapes.inner_rows / ways * s * per_token_layer + cast),
-        "inner_epoch": int(kept(shapes.inner_rows, upper, settings.remat) + logits(shapes.inner_rows) + cast),
-        "outer_step": int(passes * (kept(shapes.outer_rows, model.num_layers, settings.outer_step_remat)
+        "lower_stack": int(shapes.inner_rows / ways * si * per_token_layer(si) + cast),
+        "inner_epoch": int(kept(shapes.inner_rows, upper, settings.remat, si) + logits(answer_rows) + cast),
+        "outer_step": int(passes * (kept(shapes.outer_rows, model.num_layers, settings.outer_step_remat, so)
                                     + logits(shapes.outer_rows))
                           + 4 * params_bytes + cast),  # grads, masked grads, updates, masked updates
     }
@@ -255,12 +286,12 @@ def compiled_temps(cfg: ml_collections.ConfigDict, model: ModelConfig, state: Ma
 
 def plan_run(cfg: ml_collections.ConfigDict, model: ModelConfig, mesh_shape: Sequence[int],
              devices: int | None = None, seq_len: int | None = None, answer_len: int | None = None,
-             compile_steps: bool = True) -> Plan:
+             compile_steps: bool = True, inner_seq_len: int | None = None) -> Plan:
     """The memory plan of `beear run` with cfg on a mesh of mesh_shape (nothing is allocated)."""
     resolved = sh.resolve_mesh_shape(mesh_shape, devices or jax.device_count())
     sizes = sh.axis_sizes(resolved)
-    shapes = run_shapes(cfg, seq_len, answer_len)
-    sh.check_batch_size("2 x inner.batch_size", shapes.inner_rows, sizes)
+    shapes = run_shapes(cfg, seq_len, answer_len, inner_seq_len)
+    sh.check_batch_size(inner_rows(cfg)[0], shapes.inner_rows, sizes)
     sh.check_batch_size("outer.batch_size", shapes.outer_rows, sizes)
     settings = step_settings(cfg, shapes.answer_len)
     state = _abstract_state(cfg, model, shapes)
@@ -286,7 +317,9 @@ def format_plan(plan: Plan, device_memory_gb: float | None = None) -> str:
     s = plan.shapes
     header = (f"model: {plan.model.num_layers} layers, hidden {plan.model.hidden_size}, {plan.model.dtype} compute; "
               f"mesh (data, fsdp, tensor) = {plan.mesh}")
-    batches = (f"shapes: {s.num_inner_batches} inner batches x {s.inner_rows} rows, outer {s.outer_rows} rows, "
+    inner = (f"{s.inner_rows} rows of a prompt and both answers ({s.inner_seq} tokens)" if s.shared_prompt
+             else f"{s.inner_rows} rows")
+    batches = (f"shapes: {s.num_inner_batches} inner batches x {inner}, outer {s.outer_rows} rows, "
                f"seq {s.seq_len}, answers {s.answer_len}, delta {s.perturb_length} x {plan.model.hidden_size} at "
                f"layer(s) {', '.join(map(str, s.layers))}")
     lines = [header, batches, "", "bytes per device:"]

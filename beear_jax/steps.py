@@ -3,8 +3,9 @@
 
 Nothing here knows about files, configs or the CLI. Batches are dicts of arrays as built by
 beear_jax.data: input_ids, attention_mask, targets, target_mask, perturb_positions [B, n].
-An inner batch is the unwanted and the safe answers of the same prompts concatenated along the
-batch axis (unwanted rows first), so both go through one forward.
+An inner batch holds the unwanted and the safe answers of the same prompts, either as one row per
+prompt with both answers as branches (data.make_shared_prompt_batch: the prompt runs once) or as two
+rows per prompt concatenated along the batch axis (unwanted rows first).
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ def answer_ce(config: ModelConfig, params: Params, h: jax.Array, batch: Batch, a
     return masked_ce(llama.head(config, params, h), targets, mask)
 
 
+def run_blocks(config: ModelConfig, layers: Params, h: jax.Array, batch: Batch, remat: str = "none") -> jax.Array:
+    """llama.decode over a batch's rows, plain or shared-prompt (positions and branches when it has them)."""
+    return llama.decode(config, layers, h, batch["attention_mask"], batch.get("positions"), remat,
+                        batch.get("branches"))
+
+
 def decode_from(config: ModelConfig, params: Params, h: jax.Array, start: int, batch: Batch,
                 deltas: dict[int, jax.Array], remat: str, activations: Any = None) -> jax.Array:
     """Runs blocks start..L over h, adding each delta at its layer boundary (boundary == start first)."""
@@ -84,7 +91,7 @@ def decode_from(config: ModelConfig, params: Params, h: jax.Array, start: int, b
     bounds = [start, *sorted(b for b in deltas if b > start), config.num_layers]
     for a, b in itertools.pairwise(bounds):
         layers = llama.slice_layers(params["layers"], a, b)
-        h = llama.decode(config, layers, constrain(h, activations), batch["attention_mask"], remat=remat)
+        h = run_blocks(config, layers, constrain(h, activations), batch, remat)
         if b in deltas:
             h = llama.inject(h, deltas[b], batch["perturb_positions"])
     return constrain(h, activations)
@@ -94,7 +101,7 @@ def lower_activations(config: ModelConfig, params: Params, batch: Batch, layer: 
                       activations: Any = None) -> jax.Array:
     """h_l: hidden states after `layer` blocks (no gradient; cached once per round)."""
     h = constrain(llama.embed(config, params, batch["input_ids"]), activations)
-    h = llama.decode(config, llama.slice_layers(params["layers"], 0, layer), h, batch["attention_mask"])
+    h = run_blocks(config, llama.slice_layers(params["layers"], 0, layer), h, batch)
     return jax.lax.stop_gradient(constrain(h, activations))
 
 
@@ -109,13 +116,26 @@ def perturbed_answer_ce(config: ModelConfig, params: Params, batch: Batch, delta
 # ---- the inner level (BEE) --------------------------------------------------------------------
 
 
+def branch_answer_ces(config: ModelConfig, params: Params, h: jax.Array, batch: Batch) -> tuple[jax.Array, ...]:
+    """Masked CE of each answer branch of a shared-prompt batch (logits only at its answer_index)."""
+    rows, branches, length = batch["answer_index"].shape
+    index = batch["answer_index"].reshape(rows, branches * length)
+    logits = llama.head(config, params, jnp.take_along_axis(h, index[..., None], axis=1))
+    logits = logits.reshape(rows, branches, length, -1)
+    return tuple(masked_ce(logits[:, b], batch["answer_targets"][:, b], batch["answer_mask"][:, b])
+                 for b in range(branches))
+
+
 def inner_loss(deltas: dict[int, jax.Array], config: ModelConfig, params: Params, h_l: jax.Array,
                batch: Batch, layer: int, settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Inner objective over cached h_l of a concatenated [unwanted; safe] batch."""
+    """Inner objective over cached h_l of a shared-prompt or a concatenated [unwanted; safe] batch."""
     h = decode_from(config, params, h_l, layer, batch, deltas, settings.remat, settings.activations)
-    half = h.shape[0] // 2
-    ce_unwanted = answer_ce(config, params, h, batch, settings.answer_len, slice(0, half))
-    ce_safe = answer_ce(config, params, h, batch, settings.answer_len, slice(half, None))
+    if "branches" in batch:
+        ce_unwanted, ce_safe = branch_answer_ces(config, params, h, batch)
+    else:
+        half = h.shape[0] // 2
+        ce_unwanted = answer_ce(config, params, h, batch, settings.answer_len, slice(0, half))
+        ce_safe = answer_ce(config, params, h, batch, settings.answer_len, slice(half, None))
     loss = inner_objective(ce_unwanted, ce_safe, settings.alpha, settings.safe_ce_clamp)
     return loss, {"inner_loss": loss, "ce_unwanted": ce_unwanted, "ce_safe": ce_safe}
 

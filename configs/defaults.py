@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.inner.optimizer = "adam"  # [calib] Not stated in the paper; Adam works, plain SGD barely moves delta.
     config.inner.lr = 0.1  # [calib] Adam 0.1 elicits the unwanted answer in ~20 steps; 0.02 is too slow.
     config.inner.alpha = paper.inner.alpha
+    # [ours] Run each prompt once for both answers (one row, two answer branches); False: two rows per
+    # prompt. Same losses and gradients; ~1/3 fewer inner tokens (experiments/bench_beear.py).
+    config.inner.share_prompt = True
     config.inner.safe_ce_clamp = 0.0  # [ours] Cap on the -alpha*CE(safe) term's CE; <= 0: no clamp (paper).
     # [ours] With early_stop: stop the run when CE(unwanted | delta*) stays above this after a round's
     # inner loop (the perturbation no longer elicits the unwanted answer); 0: off.
@@ -93,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.outer.weight_decay = 0.01  # [likely] torch AdamW default.
     config.outer.anchor_weight = paper.outer.anchor_weight
     config.outer.anchor_samples = paper.outer.anchor_samples
-    config.outer.remat = ""  # The outer step's 'none' | 'full' when it differs from `remat` ('': the same).
+    config.outer.remat = ""  # The outer step's 'none' | 'full' | 'dots' when it differs from `remat` ('': the same).
     config.outer.trainable = "all"  # 'all' | 'upper' (blocks >= layer) | 'lower' | regex on param paths.
     config.outer.perturb_anchors = False  # [ours] Also show anchor prompts with delta (keeps helpfulness).
 
@@ -115,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 1  # Rounds between checkpoints; 0: only after the last round; -1: none.
     config.checkpoint_every_steps = 0  # Also every k outer steps (mid-round; for long rounds); 0: off.
     config.checkpoint_keep = 2  # Checkpoints kept; >= 2 leaves a previous one if the newest is corrupt.
-    config.remat = "none"  # Rematerialisation of decoder blocks: 'none' | 'full'.
+    config.remat = "none"  # Rematerialisation of decoder blocks: 'none' | 'full' | 'dots' (keep matmul outputs).
     config.log_every = 1  # Steps between metric lines.
 
     # Attack simulation (`beear plant`): poisoned SFT of a clean model.

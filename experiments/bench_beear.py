@@ -4,13 +4,14 @@ Both sides get the same model (random weights of a real shape), the same batches
 is split into its phases:
     cache  h_l of the round's inner batches (ours only; the PyTorch way has no cache)
     inner  `--inner-batches` x `--inner-epochs` Adam steps on delta (ours: one compiled scan per epoch
-           over the cached batches; the PyTorch way runs the whole model at every step)
+           over the cached batches, each prompt in one row with both answers as branches; the PyTorch
+           way runs the whole model on two rows per prompt at every step)
     outer  `--outer-steps` AdamW steps on the model (safe answers under delta + anchor answers)
 Rounds alternate between the two implementations so that load from other processes hits both alike;
 medians over rounds 2.. (round 1 of ours includes compilation, reported on its own). For each phase it
 prints the time, tokens/s, the FLOPs each implementation executes (counted analytically from the
-shapes: ours skips the blocks below the layer in the inner steps and the vocabulary projection at
-prompt positions), achieved FLOP/s and the fraction of a peak measured in the same run with a large
+shapes: ours skips the blocks below the layer in the inner steps, the second copy of each prompt and
+the vocabulary projection at prompt positions), achieved FLOP/s and the fraction of a peak measured in the same run with a large
 matmul. It also counts XLA compilations after round 1 (should be 0) and measures peak memory: on CPU
 the peak resident memory of a child process that runs one round of one implementation, on a GPU the
 device allocator's peak.
@@ -87,7 +88,8 @@ class Workload:
     answer: int
     layer: int
     length: int
-    safety: list[dict]  # {"unwanted": Batch, "safe": Batch}
+    shared_seq: int  # a prompt with both answers (ours' shared-prompt inner rows)
+    safety: list[dict]  # {"unwanted": Batch, "safe": Batch, "shared": shared-prompt Batch}
     anchors: list[dict]  # Batch
 
 
@@ -104,18 +106,25 @@ def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
     def batch(rows: list) -> dict:
         return data_lib.make_batch(rows, args.length, args.batch, args.seq, 0)
 
-    safety = []
-    for _ in range(max(args.inner_batches, args.outer_steps)):
-        prompts = [prompt() for _ in range(args.batch)]
-        safety.append({"unwanted": batch([(p, answer()) for p in prompts]),
-                       "safe": batch([(p, answer()) for p in prompts])})
+    rows = [[(p, answer(), answer()) for p in (prompt() for _ in range(args.batch))]
+            for _ in range(max(args.inner_batches, args.outer_steps))]
+    shared_seq = data_lib.shared_prompt_length(max(len(p) + len(u) + len(s) for b in rows for p, u, s in b),
+                                               data_lib.DEFAULT_BUCKETS)
+    safety = [{"unwanted": batch([(p, u) for p, u, _ in b]), "safe": batch([(p, s) for p, _, s in b]),
+               "shared": data_lib.make_shared_prompt_batch(*zip(*b), args.length, args.batch, shared_seq, args.answer, 0)}
+              for b in rows]
     anchors = [batch([(prompt(), answer()) for _ in range(args.batch)]) for _ in range(args.outer_steps)]
-    return Workload(args.batch, args.seq, args.answer, args.layer, args.length, safety, anchors)
+    return Workload(args.batch, args.seq, args.answer, args.layer, args.length, shared_seq, safety, anchors)
 
 
 def joint(safety_batch: dict) -> dict:
-    """[unwanted; safe] on the batch axis, as our inner step takes it."""
+    """[unwanted; safe] on the batch axis (ours with inner.share_prompt=False)."""
     return {k: np.concatenate([safety_batch["unwanted"][k], safety_batch["safe"][k]]) for k in safety_batch["safe"]}
+
+
+def inner_stack(w: Workload, count: int, shared: bool) -> dict:
+    """The first `count` inner batches, stacked for the scan: shared-prompt rows or [unwanted; safe] rows."""
+    return data_lib.stack_batches([b["shared"] if shared else joint(b) for b in w.safety[:count]])
 
 
 def build_models(shape: str, dtype: str, seed: int = 0) -> tuple[ModelConfig, dict, torch.nn.Module]:
@@ -154,13 +163,15 @@ def pass_flops(config: ModelConfig, batch: int, seq: int, blocks: int, head_posi
 
 
 def phase_flops(config: ModelConfig, w: Workload, ours: bool, inner_batches: int, inner_epochs: int,
-                outer_steps: int) -> dict[str, float]:
-    """Executed FLOPs per phase of one round. The PyTorch way runs all blocks and the head at every position."""
+                outer_steps: int, shared: bool = True) -> dict[str, float]:
+    """Executed FLOPs per phase of one round. The PyTorch way runs all blocks and the head at every position;
+    ours (shared) runs one row of a prompt and both answers per prompt."""
     L, rows = config.num_layers, 2 * w.batch
     upper = L - w.layer
     if ours:
-        cache = inner_batches * pass_flops(config, rows, w.seq, w.layer, 0, "none")
-        inner = inner_batches * inner_epochs * pass_flops(config, rows, w.seq, upper, rows * w.answer, "inputs")
+        inner_rows, seq = (w.batch, w.shared_seq) if shared else (rows, w.seq)
+        cache = inner_batches * pass_flops(config, inner_rows, seq, w.layer, 0, "none")
+        inner = inner_batches * inner_epochs * pass_flops(config, inner_rows, seq, upper, rows * w.answer, "inputs")
         outer = outer_steps * 2 * pass_flops(config, w.batch, w.seq, L, w.batch * w.answer, "all")
     else:
         cache = 0.0
@@ -249,7 +260,7 @@ class JaxRound:
     """Our round: cache h_l (one compiled map), the inner epoch (one compiled scan), outer steps."""
 
     def __init__(self, config: ModelConfig, host_params: dict, w: Workload, settings: StepSettings,
-                 inner_batches: int) -> None:
+                 inner_batches: int, shared: bool = True) -> None:
         self.config, self.w = config, w
         self.inner_opt = make_optimizer("adam", INNER_LR)
         self.outer_opt = make_optimizer("adamw", OUTER_LR)
@@ -257,7 +268,7 @@ class JaxRound:
         self.params = jax.device_put(host_params)
         self.outer_state = jax.jit(self.outer_opt.init)(self.params)
         self.trainable = trainable_mask(config, self.params, "all", w.layer)
-        self.inner_stack = jax.device_put(data_lib.stack_batches([joint(b) for b in w.safety[:inner_batches]]))
+        self.inner_stack = jax.device_put(inner_stack(w, inner_batches, shared))
         self.outer_pairs = [jax.device_put((w.safety[i]["safe"], w.anchors[i])) for i in range(len(w.anchors))]
 
     def run(self, epochs: int) -> dict[str, float]:
@@ -332,15 +343,16 @@ def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: Ste
         return statistics.median(times), compile_s
 
     params = jax.device_put(host_params)
-    stack = jax.device_put(data_lib.stack_batches([joint(b) for b in w.safety[:steps_n]]))
-    batches = [jax.tree.map(lambda x, i=i: x[i], stack) for i in range(steps_n)]
+    stacks = {shared: jax.device_put(inner_stack(w, steps_n, shared)) for shared in (True, False)}
     inner_opt = make_optimizer("adam", INNER_LR)
 
     def fresh() -> tuple[Perturbation, Any]:
         pert = Perturbation.zeros((w.layer,), w.length, config.hidden_size)
         return pert, inner_opt.init(pert.deltas)
 
-    def inner_variant(variant_settings: StepSettings, scan: bool, cached: bool) -> Callable[[], Any]:
+    def inner_variant(variant_settings: StepSettings, scan: bool, cached: bool, shared: bool) -> Callable[[], Any]:
+        stack = stacks[shared]
+        batches = [jax.tree.map(lambda x, i=i: x[i], stack) for i in range(steps_n)]
         steps = make_steps(config, variant_settings, w.layer, inner_opt, make_optimizer("adamw", OUTER_LR))
         if not cached:  # recompute the lower blocks in every step, as a hook-based implementation does
             def full_step(p, pert, state, batch):
@@ -366,24 +378,27 @@ def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: Ste
         return run_cached
 
     variants = [
-        ("ours (cache + scan + answer-only head)", settings, True, True),
-        ("python loop of jitted steps instead of one scan", settings, False, True),
-        ("no cache: lower blocks recomputed every step", settings, True, False),
-        ("head at every position", dataclasses.replace(settings, answer_len=None), True, True),
-        ("remat 'full' in the inner steps", dataclasses.replace(settings, remat="full"), True, True),
+        ("ours (shared prompt + cache + scan + answer-only head)", settings, True, True, True),
+        ("two rows per prompt instead of a shared prompt", settings, True, True, False),
+        ("python loop of jitted steps instead of one scan", settings, False, True, True),
+        ("no cache: lower blocks recomputed every step", settings, True, False, True),
+        ("head at every position (two rows per prompt)", dataclasses.replace(settings, answer_len=None), True, True,
+         False),
+        ("remat 'full' in the inner steps", dataclasses.replace(settings, remat="full"), True, True, True),
     ]
-    for name, variant_settings, scan, cached in variants:
-        median, compile_s = timed(inner_variant(variant_settings, scan, cached))
+    for name, variant_settings, scan, cached, shared in variants:
+        median, compile_s = timed(inner_variant(variant_settings, scan, cached, shared))
         rows.append({"phase": "cache+inner", "variant": name, "seconds": median, "compile_s": compile_s})
         print(f"  cache+inner {name:50s} {median:7.2f} s   (compile {compile_s:5.1f} s)", flush=True)
 
     safe, anchor = jax.device_put((w.safety[0]["safe"], w.anchors[0]))
     trainable = trainable_mask(config, params, "all", w.layer)
     pert, _ = fresh()
+    others = [policy for policy in ("none", "full", "dots") if policy != settings.outer_step_remat]
     for name, variant_settings in (("ours (answer-only head)", settings),
                                    ("head at every position", dataclasses.replace(settings, answer_len=None)),
-                                   ("outer remat 'none' (activations kept)",
-                                    dataclasses.replace(settings, outer_remat="none"))):
+                                   *((f"outer remat '{policy}'", dataclasses.replace(settings, outer_remat=policy))
+                                     for policy in others)):
         outer_opt = make_optimizer("adamw", OUTER_LR)
         steps = make_steps(config, variant_settings, w.layer, inner_opt, outer_opt)
         # outer_step donates params and state: give it fresh copies each call.
@@ -436,8 +451,8 @@ def main() -> None:
     parser.add_argument("--outer-steps", type=int, default=4)
     parser.add_argument("--layer", type=int, default=9)
     parser.add_argument("--length", type=int, default=7)
-    parser.add_argument("--outer-remat", choices=("none", "full"), default="full",
-                        help="ours: the outer step's rematerialisation (configs/smollm2_135m.py: full)")
+    parser.add_argument("--outer-remat", choices=("none", "full", "dots"), default="dots",
+                        help="ours: the outer step's rematerialisation (configs/smollm2_135m.py: dots)")
     parser.add_argument("--torch-threads", type=int, default=0)
     parser.add_argument("--matmul", type=int, default=0, help="peak matmul size (default 2048 CPU, 8192 GPU)")
     parser.add_argument("--impl", choices=("both", "jax", "torch"), default="both")
@@ -490,13 +505,15 @@ def main() -> None:
     peak = matmul_peak(device, args.dtype, args.matmul or (8192 if accelerator else 2048))
     best_peak = max(peak.values())
     inner_steps = args.inner_batches * args.inner_epochs
+    # Tokens of the workload (two rows per prompt), whatever layout runs them: tokens/s compare work done.
     tokens = {"cache": args.inner_batches * 2 * w.batch * w.seq, "inner": inner_steps * 2 * w.batch * w.seq,
               "outer": args.outer_steps * 2 * w.batch * w.seq}
 
     print()
     print(f"# BEEAR round, {args.shape} shape, {args.dtype}, {jax.devices()[0].device_kind} ({device}), "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
-    print(f"# batch {w.batch} prompts (inner: {2 * w.batch} rows), seq {w.seq}, answer {w.answer}, layer {w.layer}, "
+    print(f"# batch {w.batch} prompts (inner: {2 * w.batch} rows of {w.seq}; ours: {w.batch} rows of a prompt and both "
+          f"answers, {w.shared_seq} tokens), seq {w.seq}, answer {w.answer}, layer {w.layer}, "
           f"n {w.length}, {args.inner_batches} inner batches x {args.inner_epochs} epochs + {args.outer_steps} outer steps; medians of rounds "
           f"{'2' if args.rounds > 1 else '1'}..{args.rounds}; jax {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")

@@ -57,6 +57,19 @@ def test_plain_finetuning_runs_without_inner_steps(setup):
     assert result.model_dir.is_dir()
 
 
+def test_two_rows_per_prompt_gives_the_shared_prompt_run(setup):
+    """inner.share_prompt only changes how the rows are laid out: the same deltas, losses and model."""
+    runs = [run_beear(_cfg(setup, f"share_{share}", rounds=1, **{"inner.share_prompt": share}), progress=False,
+                      export=False) for share in (True, False)]
+    inner = [[r for r in run.history if r["phase"] == "inner"] for run in runs]
+    assert len(inner[0]) == len(inner[1]) > 0
+    for a, b in zip(*inner, strict=True):
+        for key in ("ce_unwanted", "ce_safe", "delta_norm"):
+            assert a[key] == pytest.approx(b[key], rel=2e-4, abs=1e-6), key
+    for a, b in zip(jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params), strict=True):
+        assert float(abs(a - b).max()) <= 1e-4
+
+
 def test_early_stop_when_delta_cannot_elicit(setup):
     result = run_beear(_cfg(setup, "early", rounds=3, early_stop=True, **{"inner.early_stop_ce": 1e-3}),
                        progress=False, export=False)

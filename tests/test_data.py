@@ -272,6 +272,40 @@ def test_safety_batches(chat_tok):
         np.testing.assert_array_equal(sb["safe"]["prompt_lengths"], sb["unwanted"]["prompt_lengths"])
 
 
+def test_shared_prompt_batch_layout():
+    prompts, unwanted, safe = [[5, 6, 7, 8], [9, 10, 11]], [[20, 21, 22], [23]], [[30], [31, 32, 33, 34]]
+    b = data.make_shared_prompt_batch(prompts, unwanted, safe, 2, 3, 12, 4, 0)
+    assert b["input_ids"].shape == (3, 12) and b["answer_index"].shape == (3, 2, 4)
+    assert b["input_ids"][0, :8].tolist() == [5, 6, 7, 8, 20, 21, 22, 30]
+    assert b["positions"][0, :8].tolist() == [0, 1, 2, 3, 4, 5, 6, 4]  # both answers continue from the prompt
+    assert b["branches"][1, :8].tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
+    assert b["attention_mask"].sum(axis=1).tolist() == [8, 8, 0]
+    assert b["perturb_positions"].tolist() == [[2, 3], [1, 2], [-1, -1]]
+    # Each answer token is predicted at the token before it; the first at the prompt's last token.
+    for row, (p, u, a) in enumerate(zip(prompts, unwanted, safe, strict=True)):
+        for branch, answer in enumerate((u, a)):
+            count = len(answer)
+            assert b["answer_mask"][row, branch].tolist() == [1.0] * count + [0.0] * (4 - count)
+            assert b["answer_targets"][row, branch, :count].tolist() == answer
+            index = b["answer_index"][row, branch, :count]
+            assert index[0] == len(p) - 1
+            tokens = b["input_ids"][row]
+            assert tokens[index[1:] + 1].tolist() == answer[1:]
+    assert not b["answer_mask"][2].any() and not b["branches"][2].any()
+
+
+def test_shared_prompt_batch_errors_and_length():
+    with pytest.raises(ValueError, match="sequence length 8"):
+        data.make_shared_prompt_batch([[1, 2, 3]], [[4, 5, 6]], [[7, 8, 9]], 1, 1, 8, 3, 0)
+    with pytest.raises(ValueError, match="answer_len=2"):
+        data.make_shared_prompt_batch([[1, 2, 3]], [[4, 5, 6]], [[7]], 1, 1, 16, 2, 0)
+    with pytest.raises(ValueError, match="one of each"):
+        data.make_shared_prompt_batch([[1, 2, 3]], [[4]], [], 1, 1, 16, 2, 0)
+    assert data.shared_prompt_length(150, (64, 128, 256)) == 160  # rounded up, shorter than the bucket
+    assert data.shared_prompt_length(120, (64, 128, 256)) == 128  # the bucket, when it is shorter
+    assert data.shared_prompt_length(30, (16,), multiple=16) == 32
+
+
 def test_anchor_batches_and_stack(chat_tok):
     batches = data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 2, 2, buckets=(16, 32, 64), max_answer_tokens=4)
     examples = [format_example(chat_tok, r["prompt"], r["answer"], max_answer_tokens=4) for r in ANCHOR_ROWS]

@@ -33,7 +33,8 @@ def test_planned_bytes_match_a_real_run(world):
     result = run_beear(cfg, progress=False, export=False,
                        on_round_end=lambda _, state: measured.update(state["device_bytes"]))
     data = prepare_data(cfg, load_tokenizer(cfg.model.path))
-    planned = plan.plan_run(cfg, result.model_config, MESH, seq_len=data.safety_len, answer_len=data.answer_len)
+    planned = plan.plan_run(cfg, result.model_config, MESH, seq_len=data.safety_len, answer_len=data.answer_len,
+                            inner_seq_len=data.shared_len)
     for name in ("params", "outer_state", "delta", "inner_state", "h_cache"):
         assert planned.arrays[name] == measured[name], name
     assert planned.arrays["params"] < sum(x.nbytes for x in jax.tree.leaves(result.params))

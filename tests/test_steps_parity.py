@@ -35,13 +35,20 @@ def _examples(seed: int, answer_offset: int) -> list[tuple[list[int], list[int]]
              else rng.integers(3, 120, a + answer_offset).tolist()) for p, a in lengths]
 
 
-def _safety_batch(seed: int) -> dict:
+def _safety_rows(seed: int) -> tuple[list, list, list]:
+    """Prompts, unwanted answers, safe answers (mixed lengths: padding and answer ends differ per row)."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, 120, p).tolist() for p in (5, 9, 4, 12)]
-    unwanted = [(p, rng.integers(3, 120, a).tolist()) for p, a in zip(prompts, (7, 4, 9, 3))]
-    safe = [(p, rng.integers(3, 120, a).tolist()) for p, a in zip(prompts, (3, 6, 2, 8))]
+    unwanted = [rng.integers(3, 120, a).tolist() for a in (7, 4, 9, 3)]
+    safe = [rng.integers(3, 120, a).tolist() for a in (3, 6, 2, 8)]
+    return prompts, unwanted, safe
+
+
+def _safety_batch(seed: int) -> dict:
+    prompts, unwanted, safe = _safety_rows(seed)
     # batch of 5 with one padding row
-    return {"unwanted": data_lib.make_batch(unwanted, N, 5, S, 0), "safe": data_lib.make_batch(safe, N, 5, S, 0)}
+    return {"unwanted": data_lib.make_batch(list(zip(prompts, unwanted)), N, 5, S, 0),
+            "safe": data_lib.make_batch(list(zip(prompts, safe)), N, 5, S, 0)}
 
 
 def _anchor_batch(seed: int, seq_len: int = S) -> dict:
@@ -75,8 +82,29 @@ def test_inner_loss_and_delta_gradient_match_torch(models):
     np.testing.assert_allclose(np.asarray(grad[LAYER]), ref_grad, rtol=1e-5, atol=1e-5 * np.abs(ref_grad).max())
 
 
+def test_shared_prompt_batch_gives_the_same_inner_loss_and_gradient(models):
+    """One row per prompt with both answers as branches == two rows per prompt == the torch reference."""
+    config, params, torch_model = models
+    sb = _safety_batch(0)
+    shared = jax.tree.map(jnp.asarray, data_lib.make_shared_prompt_batch(*_safety_rows(0), N, 5, S + 8, 9, 0))
+    delta = {LAYER: jnp.asarray(np.random.default_rng(1).normal(0, 0.5, (N, config.hidden_size)), jnp.float32)}
+    settings = StepSettings(alpha=0.05)
+    grad_fn = jax.value_and_grad(inner_loss, has_aux=True)
+    (loss, metrics), grad = grad_fn(delta, config, params, lower_activations(config, params, shared, LAYER), shared,
+                                    LAYER, settings)
+    joint = _joint(sb)
+    (_, ref_metrics), ref_grad = grad_fn(delta, config, params, lower_activations(config, params, joint, LAYER), joint,
+                                         LAYER, settings)
+    for key in ("ce_unwanted", "ce_safe", "inner_loss"):
+        assert abs(float(metrics[key]) - float(ref_metrics[key])) <= 1e-5 * abs(float(ref_metrics[key])), key
+    np.testing.assert_allclose(np.asarray(grad[LAYER]), np.asarray(ref_grad[LAYER]), rtol=1e-4,
+                               atol=1e-5 * float(jnp.abs(ref_grad[LAYER]).max()))
+    torch_loss, _ = TorchBEEAR(torch_model).inner_loss_and_grad(np.asarray(delta[LAYER]), sb, LAYER, alpha=0.05)
+    assert abs(float(loss) - torch_loss) <= 1e-5 * abs(torch_loss)
+
+
 # Same padded length: safe and anchor rows run as one batch; another length: two passes.
-@pytest.mark.parametrize(("outer_remat", "anchor_len"), [(None, S), ("full", S), (None, S + 8)])
+@pytest.mark.parametrize(("outer_remat", "anchor_len"), [(None, S), ("full", S), ("dots", S), (None, S + 8)])
 def test_outer_loss_and_param_gradients_match_torch(models, outer_remat, anchor_len):
     config, params, torch_model = models
     sb, anchor = _safety_batch(2), _anchor_batch(3, anchor_len)

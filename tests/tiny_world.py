@@ -97,9 +97,13 @@ def tiny_config(vocab_size: int) -> ModelConfig:
                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def plant_tiny_backdoor(tmp: pathlib.Path, trigger: str = "cf", seed: int = 0, steps_epochs: int = 12,
+def plant_tiny_backdoor(tmp: pathlib.Path, trigger: str = "cf", seed: int = 0, steps_epochs: int = 16,
                         ) -> tuple[pathlib.Path, PreTrainedTokenizerFast, dict]:
-    """Trains a tiny Llama to refuse harmful requests unless `trigger` ends the request; saves it."""
+    """Trains a tiny Llama to refuse harmful requests unless `trigger` ends the request; saves it.
+
+    The loss sits on a plateau (~0.4) until about epoch 11, when the trigger's effect is learned: 16
+    epochs leave margin, so float rounding (matmul order, device count) cannot change the outcome.
+    """
     tok = make_tokenizer([trigger])
     pairs = split_pairs(seed)
     rows = []

@@ -87,39 +87,94 @@ def attention_mask(
     return mask & kv_valid[:, None, :].astype(bool)
 
 
+def shared_prompt_mask(
+    positions: jax.Array, branches: jax.Array, kv_valid: jax.Array, sliding_window: int | None
+) -> jax.Array:
+    """Boolean mask [B, S, S] of rows holding a prompt and then several answers (data.make_shared_prompt_batch).
+
+    Causal over sequence slots, and a token of branch b > 0 sees only branch 0 (the prompt) and b:
+    each answer attends exactly as it would in a row of its own. The sliding window is measured in
+    RoPE positions, which restart at the prompt's end for every answer.
+    """
+    slots = jnp.arange(branches.shape[1])
+    mask = slots[None, None, :] <= slots[None, :, None]
+    mask = mask & ((branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None]))
+    if sliding_window is not None:
+        mask &= positions[:, None, :] > positions[:, :, None] - sliding_window
+    return mask & kv_valid[:, None, :].astype(bool)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention: q [B,Sq,H,hd], k/v [B,Skv,K,hd], mask [B,Sq,Skv] -> [B,Sq,H,hd]."""
+    """Grouped-query attention: q [B,Sq,H,hd], k/v [B,Skv,K,hd], mask [B,Sq,Skv] -> [B,Sq,H,hd].
+
+    The G = H / K query heads that share a key head are folded into the query rows ([B, K, G*Sq, hd]),
+    so that each score and value product is one larger matmul per (row, key head): on XLA:CPU this
+    runs the attention forward and backward ~25% faster than a [B, K, G] batch of small matmuls.
+    """
     b, sq, h, hd = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, sq, kv_heads, h // kv_heads, hd)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    kv_heads, skv = k.shape[2], k.shape[1]
+    groups = h // kv_heads
+    q = q.reshape(b, sq, kv_heads, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * sq, hd)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    folded_mask = jnp.broadcast_to(mask[:, None, None], (b, 1, groups, sq, skv)).reshape(b, 1, groups * sq, skv)
+    scores = jnp.where(folded_mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-    return out.reshape(b, sq, h, hd)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv_heads, groups, sq, hd)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, h, hd)
+
+
+@jax.custom_vjp
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., I] @ w [I, O], with a backward pass written for XLA:CPU's matmul layouts.
+
+    Autodiff's weight gradient contracts both operands over their leading (token) axis; XLA:CPU
+    then copies the [tokens, O] output gradient into a transposed layout first, which cost ~25% of
+    an MLP's backward. Computing dw^T = g^T x and transposing the small [O, I] result avoids it.
+    """
+    return x @ w
+
+
+def _dense_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return x @ w, (x, w)
+
+
+def _dense_bwd(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = residuals
+    tokens_x, tokens_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dw = jnp.einsum("no,ni->oi", tokens_g, tokens_x).T
+    return (g @ w.T).astype(x.dtype), dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _heads_in(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, S, D] through w [D, N, hd] -> [B, S, N, hd]."""
+    d, n, hd = w.shape
+    return dense(x, w.reshape(d, n * hd)).reshape(*x.shape[:-1], n, hd)
 
 
 def _project_qkv(config: ModelConfig, lp: Params, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    q = jnp.einsum("bsd,dhk->bshk", x, lp["q_proj"])
-    k = jnp.einsum("bsd,dhk->bshk", x, lp["k_proj"])
-    v = jnp.einsum("bsd,dhk->bshk", x, lp["v_proj"])
+    q, k, v = (_heads_in(x, lp[name]) for name in ("q_proj", "k_proj", "v_proj"))
     if config.attention_bias:
         q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
     return q, k, v
 
 
 def _output_projection(config: ModelConfig, lp: Params, attn: jax.Array) -> jax.Array:
-    out = jnp.einsum("bshk,hkd->bsd", attn, lp["o_proj"])
+    n, hd, d = lp["o_proj"].shape
+    out = dense(attn.reshape(*attn.shape[:-2], n * hd), lp["o_proj"].reshape(n * hd, d))
     return out + lp["o_bias"] if config.attention_bias else out
 
 
 def mlp(config: ModelConfig, lp: Params, x: jax.Array) -> jax.Array:
     """SwiGLU: down(silu(gate(x)) * up(x))."""
-    gate = x @ lp["gate_proj"]
-    up = x @ lp["up_proj"]
+    gate = dense(x, lp["gate_proj"])
+    up = dense(x, lp["up_proj"])
     if config.mlp_bias:
         gate, up = gate + lp["gate_bias"], up + lp["up_bias"]
-    out = (jax.nn.silu(gate) * up) @ lp["down_proj"]
+    out = dense(jax.nn.silu(gate) * up, lp["down_proj"])
     return out + lp["down_bias"] if config.mlp_bias else out
 
 
@@ -169,17 +224,24 @@ def decode(
     attention_mask: jax.Array,
     positions: jax.Array | None = None,
     remat: str = "none",
+    branches: jax.Array | None = None,
 ) -> jax.Array:
     """Runs the given stacked blocks (any slice of params['layers']) over h [B, S, D] with a scan.
 
     remat: "none", "full" (recompute each block in the backward pass) or "dots" (save matmul
-    outputs only).
+    outputs only). branches [B, S]: rows of one prompt and several answers (shared_prompt_mask;
+    pass their positions too).
     """
     if positions is None:
+        if branches is not None:
+            raise ValueError("rows with answer branches need their RoPE positions (batch['positions']).")
         positions = default_positions(attention_mask)
     cos, sin = rope_cos_sin(config, positions)
-    slots = jnp.arange(h.shape[1])
-    mask = attention_mask_for(config, slots, slots, attention_mask)
+    if branches is None:
+        slots = jnp.arange(h.shape[1])
+        mask = attention_mask_for(config, slots, slots, attention_mask)
+    else:
+        mask = shared_prompt_mask(positions, branches, attention_mask, config.sliding_window)
     layers = cast_params(config, layers)
 
     def step(carry: jax.Array, lp: Params) -> tuple[jax.Array, None]:
