@@ -38,8 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.outer.anchor_samples = 100
     config.outer.trainable = "all"
     # [measured] 'dots' (keep matmul outputs, recompute the rest in the backward pass) ran the outer
-    # step 14% faster than 'full' and 'none' on a 2-core CPU (experiments/bench_beear.py --ablations)
-    # for 0.2 GB more peak memory than 'full' (4.66 vs 4.42 GiB, experiments/bench_memory.py).
+    # step 4% faster than 'full' and 6% faster than 'none' on a 2-core CPU (experiments/bench_beear.py
+    # --ablations) for 0.2 GiB more peak memory than 'full' (4.66 vs 4.42 GiB, bench_memory.py).
     config.outer.remat = "dots"
 
     config.data.max_answer_tokens = 32  # [calib]

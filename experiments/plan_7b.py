@@ -56,7 +56,10 @@ def paper_config(batch: int, optimizer: str, remat: str) -> object:
         "model.dtype": "bfloat16", "rounds": 6, "perturb.layer": 9, "perturb.length": 7, "inner.epochs": 5,
         "inner.samples": 150, "inner.batch_size": batch, "outer.batch_size": batch, "outer.anchor_samples": 100,
         "outer.optimizer": optimizer, "remat": remat, "data.max_answer_tokens": 64,
-        "data.buckets": (128, 256, 512)})
+        "data.buckets": (128, 256, 512),
+        # What docs/plan_7b.md was computed with: two inner rows per prompt, outer backward recomputed.
+        # Shared-prompt rows (the default now) hold batch rows of <= 576 tokens instead of 2 x batch of 512.
+        "inner.share_prompt": False, "outer.remat": "full"})
 
 
 def gb(n: float) -> str:
