@@ -163,15 +163,15 @@ def pass_flops(config: ModelConfig, batch: int, seq: int, blocks: int, head_posi
 
 
 def phase_flops(config: ModelConfig, w: Workload, ours: bool, inner_batches: int, inner_epochs: int,
-                outer_steps: int, shared: bool = True) -> dict[str, float]:
+                outer_steps: int) -> dict[str, float]:
     """Executed FLOPs per phase of one round. The PyTorch way runs all blocks and the head at every position;
-    ours (shared) runs one row of a prompt and both answers per prompt."""
+    ours runs one row of a prompt and both answers per prompt."""
     L, rows = config.num_layers, 2 * w.batch
     upper = L - w.layer
     if ours:
-        inner_rows, seq = (w.batch, w.shared_seq) if shared else (rows, w.seq)
-        cache = inner_batches * pass_flops(config, inner_rows, seq, w.layer, 0, "none")
-        inner = inner_batches * inner_epochs * pass_flops(config, inner_rows, seq, upper, rows * w.answer, "inputs")
+        cache = inner_batches * pass_flops(config, w.batch, w.shared_seq, w.layer, 0, "none")
+        inner = inner_batches * inner_epochs * pass_flops(config, w.batch, w.shared_seq, upper, rows * w.answer,
+                                                          "inputs")
         outer = outer_steps * 2 * pass_flops(config, w.batch, w.seq, L, w.batch * w.answer, "all")
     else:
         cache = 0.0
@@ -260,7 +260,7 @@ class JaxRound:
     """Our round: cache h_l (one compiled map), the inner epoch (one compiled scan), outer steps."""
 
     def __init__(self, config: ModelConfig, host_params: dict, w: Workload, settings: StepSettings,
-                 inner_batches: int, shared: bool = True) -> None:
+                 inner_batches: int) -> None:
         self.config, self.w = config, w
         self.inner_opt = make_optimizer("adam", INNER_LR)
         self.outer_opt = make_optimizer("adamw", OUTER_LR)
@@ -268,7 +268,7 @@ class JaxRound:
         self.params = jax.device_put(host_params)
         self.outer_state = jax.jit(self.outer_opt.init)(self.params)
         self.trainable = trainable_mask(config, self.params, "all", w.layer)
-        self.inner_stack = jax.device_put(inner_stack(w, inner_batches, shared))
+        self.inner_stack = jax.device_put(inner_stack(w, inner_batches, shared=True))
         self.outer_pairs = [jax.device_put((w.safety[i]["safe"], w.anchors[i])) for i in range(len(w.anchors))]
 
     def run(self, epochs: int) -> dict[str, float]:
