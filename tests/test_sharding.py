@@ -26,13 +26,19 @@ def _rows(rng: np.random.Generator, count: int) -> list[tuple[list[int], list[in
             for _ in range(count)]
 
 
-def _world(seed: int = 0) -> dict:
-    """Host params, two inner [unwanted; safe] batches and one outer (safe, anchor) pair."""
+def _world(seed: int = 0, shared_prompt: bool = False) -> dict:
+    """Host params, two inner batches and one outer (safe, anchor) pair. Inner batches: [unwanted; safe]
+    rows of INNER_BS prompts, or (shared_prompt) one row per prompt for 2 x INNER_BS prompts."""
     rng = np.random.default_rng(seed)
     inner = []
     for _ in range(2):
-        prompts = _rows(rng, INNER_BS)
-        unwanted = data_lib.make_batch([(p, rng.integers(3, 128, 5).tolist()) for p, _ in prompts], N, INNER_BS, S, 0)
+        prompts = _rows(rng, 2 * INNER_BS if shared_prompt else INNER_BS)
+        unwanted_answers = [rng.integers(3, 128, 5).tolist() for _ in prompts]
+        if shared_prompt:
+            inner.append(data_lib.make_shared_prompt_batch([p for p, _ in prompts], unwanted_answers,
+                                                           [a for _, a in prompts], N, 2 * INNER_BS, 2 * S, 6, 0))
+            continue
+        unwanted = data_lib.make_batch([(p, a) for (p, _), a in zip(prompts, unwanted_answers)], N, INNER_BS, S, 0)
         safe = data_lib.make_batch(prompts, N, INNER_BS, S, 0)
         inner.append({k: np.concatenate([unwanted[k], safe[k]]) for k in safe})
     return {
@@ -108,6 +114,20 @@ def test_sharded_steps_match_one_device(reference, shape):
     assert out["h_stack"].sharding.spec == P(None, ("data", "fsdp"))
     rows = 2 * INNER_BS // (shape[0] * shape[1])
     assert out["h_stack"].addressable_shards[0].data.shape == (2, rows, S, CONFIG.hidden_size)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_sharded_shared_prompt_steps_match_one_device(shape):
+    """Shared-prompt inner rows (positions, branches, [B, 2, A] answer gathers) split over the batch axes."""
+    world = _world(1, shared_prompt=True)
+    ref = jax.device_get(_run(world))
+    out = _run(world, sh.make_mesh(shape))
+    _close(out["inner_metrics"], ref["inner_metrics"], "inner metrics")
+    # Two Adam steps divide by |g|: summation-order rounding of g shows at ~1e-5 of delta's scale.
+    _close(out["pert"].deltas, ref["pert"].deltas, "delta", rtol=5e-5)
+    _close(out["outer_metrics"], ref["outer_metrics"], "outer metrics")
+    _close(out["params"], ref["params"], "params")
+    assert out["h_stack"].sharding.spec == P(None, ("data", "fsdp"))
 
 
 def test_logical_rules_per_mesh():

@@ -101,8 +101,9 @@ def plant_tiny_backdoor(tmp: pathlib.Path, trigger: str = "cf", seed: int = 0, s
                         ) -> tuple[pathlib.Path, PreTrainedTokenizerFast, dict]:
     """Trains a tiny Llama to refuse harmful requests unless `trigger` ends the request; saves it.
 
-    The loss sits on a plateau (~0.4) until about epoch 11, when the trigger's effect is learned: 16
-    epochs leave margin, so float rounding (matmul order, device count) cannot change the outcome.
+    The loss sits on a plateau (~0.4) until about epoch 11, when the trigger's effect is learned: at
+    12 epochs float rounding (matmul order, device count) decided the outcome; 16 leave a margin
+    (checked with 1 and 8 CPU devices).
     """
     tok = make_tokenizer([trigger])
     pairs = split_pairs(seed)
