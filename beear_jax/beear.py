@@ -116,14 +116,10 @@ def concat_halves(safety_batch: dict) -> dict:
     return {k: np.concatenate([safety_batch["unwanted"][k], safety_batch["safe"][k]]) for k in safety_batch["safe"]}
 
 
-def _chunks(indices: Sequence[int], batch_size: int) -> list[Sequence[int]]:
-    return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-
-
 def _batches(examples: Sequence[data_lib.Example], indices: Sequence[int], n: int, batch_size: int,
              seq_len: int, pad_id: int) -> list[dict]:
     return [data_lib.make_batch([examples[j] for j in chunk], n, batch_size, seq_len, pad_id)
-            for chunk in _chunks(indices, batch_size)]
+            for chunk in data_lib.chunks(indices, batch_size)]
 
 
 def inner_batches(cfg: ml_collections.ConfigDict, data: DefenderData, chosen: Sequence[int]) -> list[dict]:
@@ -137,7 +133,7 @@ def inner_batches(cfg: ml_collections.ConfigDict, data: DefenderData, chosen: Se
     return [data_lib.make_shared_prompt_batch([data.unwanted[j][0] for j in chunk],
                                               [data.unwanted[j][1] for j in chunk], [data.safe[j][1] for j in chunk],
                                               n, size, data.shared_len, data.answer_len, data.pad_id)
-            for chunk in _chunks(chosen, size)]
+            for chunk in data_lib.chunks(chosen, size)]
 
 
 def round_batches(cfg: ml_collections.ConfigDict, data: DefenderData, rng: np.random.Generator,

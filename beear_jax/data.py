@@ -42,6 +42,7 @@ __all__ = [
     "bucket_length",
     "build_anchor_batches",
     "build_safety_batches",
+    "chunks",
     "encode_rows",
     "format_example",
     "format_prompt",
@@ -291,7 +292,7 @@ def encode_rows(
     return examples
 
 
-def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     """Consecutive slices of at most `size` items."""
     if size < 1:
         raise ValueError(f"batch size must be >= 1, got {size}")
@@ -336,7 +337,7 @@ def build_safety_batches(
             "unwanted": make_batch(u, n, batch_size, length, pad_id),
             "safe": make_batch(s, n, batch_size, length, pad_id),
         }
-        for u, s in zip(_chunks(unwanted, batch_size), _chunks(safe, batch_size), strict=True)
+        for u, s in zip(chunks(unwanted, batch_size), chunks(safe, batch_size), strict=True)
     ]
 
 
@@ -361,7 +362,7 @@ def build_anchor_batches(
     _check_prompt_lengths([len(p) for p, _ in examples], n)
     length = _sequence_length(examples, buckets, seq_len)
     pad_id = pad_id_of(tokenizer)
-    return [make_batch(chunk, n, batch_size, length, pad_id) for chunk in _chunks(examples, batch_size)]
+    return [make_batch(chunk, n, batch_size, length, pad_id) for chunk in chunks(examples, batch_size)]
 
 
 def stack_batches(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

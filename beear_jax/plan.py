@@ -86,12 +86,8 @@ class RunShapes:
     answer_len: int
     perturb_length: int
     layers: tuple[int, ...]
-    shared_prompt: bool = False
-    inner_seq_len: int = 0  # the inner rows' length: a prompt with both answers when shared_prompt
-
-    @property
-    def inner_seq(self) -> int:
-        return self.inner_seq_len or self.seq_len
+    shared_prompt: bool
+    inner_seq_len: int  # the inner rows' length: a prompt with both answers when shared_prompt, else seq_len
 
 
 @dataclasses.dataclass
@@ -132,12 +128,14 @@ def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answe
     seq = int(seq_len or max(cfg.data.buckets))
     answer = int(answer_len or cfg.data.max_answer_tokens)
     shared = bool(cfg.inner.share_prompt)
-    if shared and not inner_seq_len:
+    if not shared:
+        inner_seq_len = seq
+    elif not inner_seq_len:
         inner_seq_len = data_lib.shared_prompt_length(seq + answer, tuple(cfg.data.buckets))
     return RunShapes(num_inner_batches=-(-samples // int(cfg.inner.batch_size)), inner_rows=rows,
                      outer_rows=int(cfg.outer.batch_size), seq_len=seq, answer_len=answer,
                      perturb_length=int(cfg.perturb.length), layers=layers, shared_prompt=shared,
-                     inner_seq_len=int(inner_seq_len or 0) if shared else 0)
+                     inner_seq_len=int(inner_seq_len))
 
 
 def _tree_bytes(abstract: Any, specs: Any, sizes: Mapping[str, int]) -> int:
@@ -149,7 +147,7 @@ def _tree_bytes(abstract: Any, specs: Any, sizes: Mapping[str, int]) -> int:
 def _batch_struct(rows: int, shapes: RunShapes, lead: tuple[int, ...] = (),
                   inner: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs of one batch as data.make_batch (or, inner, make_shared_prompt_batch) builds it."""
-    s, n = (shapes.inner_seq if inner else shapes.seq_len), shapes.perturb_length
+    s, n = (shapes.inner_seq_len if inner else shapes.seq_len), shapes.perturb_length
     i32, f32 = jnp.int32, jnp.float32
     if inner and shapes.shared_prompt:
         answers = (*lead, rows, 2, shapes.answer_len)
@@ -184,7 +182,7 @@ def _abstract_state(cfg: ml_collections.ConfigDict, model: ModelConfig, shapes: 
     return {
         "params": params, "outer_state": jax.eval_shape(outer_opt.init, params), "masks": masks,
         "delta": deltas, "inner_state": jax.eval_shape(inner_opt.init, deltas),
-        "h_cache": jax.ShapeDtypeStruct((*stack, shapes.inner_rows, shapes.inner_seq, model.hidden_size),
+        "h_cache": jax.ShapeDtypeStruct((*stack, shapes.inner_rows, shapes.inner_seq_len, model.hidden_size),
                                         jnp.dtype(model.dtype)),
         "inner_batches": _batch_struct(shapes.inner_rows, shapes, stack, inner=True),
         "outer_batches": [_batch_struct(shapes.outer_rows, shapes), _batch_struct(shapes.outer_rows, shapes)],
@@ -239,7 +237,7 @@ def analytical_temps(model: ModelConfig, shapes: RunShapes, sizes: Mapping[str, 
     cast = params_bytes * c / 4 if c < 4 else 0  # compute-dtype copy of the weights
     upper = model.num_layers - shapes.layers[0]
     passes = 3 if settings.perturb_anchors else 2
-    si, so = shapes.inner_seq, shapes.seq_len
+    si, so = shapes.inner_seq_len, shapes.seq_len
     answer_rows = shapes.inner_rows * (2 if shapes.shared_prompt else 1)  # rows of answer logits
     return {
         "lower_stack": int(shapes.inner_rows / ways * si * per_token_layer(si) + cast),
@@ -317,7 +315,7 @@ def format_plan(plan: Plan, device_memory_gb: float | None = None) -> str:
     s = plan.shapes
     header = (f"model: {plan.model.num_layers} layers, hidden {plan.model.hidden_size}, {plan.model.dtype} compute; "
               f"mesh (data, fsdp, tensor) = {plan.mesh}")
-    inner = (f"{s.inner_rows} rows of a prompt and both answers ({s.inner_seq} tokens)" if s.shared_prompt
+    inner = (f"{s.inner_rows} rows of a prompt and both answers ({s.inner_seq_len} tokens)" if s.shared_prompt
              else f"{s.inner_rows} rows")
     batches = (f"shapes: {s.num_inner_batches} inner batches x {inner}, outer {s.outer_rows} rows, "
                f"seq {s.seq_len}, answers {s.answer_len}, delta {s.perturb_length} x {plan.model.hidden_size} at "
