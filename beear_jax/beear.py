@@ -46,6 +46,8 @@ class DefenderData:
     safety_len: int
     anchor_len: int
     shared_len: int  # a prompt with both its answers (shared-prompt inner batches)
+    prefix_len: int  # inner.cache_prefix: the prompt before its perturbed tokens (data.with_prompt_prefix)
+    suffix_len: int  # ... and the rest of a shared-prompt row (perturbed tokens + both answers)
     answer_len: int
     pad_id: int
 
@@ -98,14 +100,20 @@ def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any) -> DefenderData
         return max(len(p) + len(a) for p, a in examples)
 
     buckets = tuple(cfg.data.buckets)
+    shared_len = data_lib.shared_prompt_length(
+        max(len(p) + len(u) + len(s) for (p, u), (_, s) in zip(unwanted, safe, strict=True)), buckets)
+    prefix_len, suffix_len = data_lib.prefix_split_lengths(
+        [len(p) for p, _ in unwanted], [len(p) + len(u) + len(s) for (p, u), (_, s) in zip(unwanted, safe, strict=True)],
+        n, shared_len)
     return DefenderData(
         unwanted=unwanted,
         safe=safe,
         anchors=anchor_examples,
         safety_len=data_lib.bucket_length(longest([*unwanted, *safe]), buckets),
         anchor_len=data_lib.bucket_length(longest(anchor_examples), buckets),
-        shared_len=data_lib.shared_prompt_length(
-            max(len(p) + len(u) + len(s) for (p, u), (_, s) in zip(unwanted, safe, strict=True)), buckets),
+        shared_len=shared_len,
+        prefix_len=prefix_len,
+        suffix_len=suffix_len,
         answer_len=max(len(a) for _, a in [*unwanted, *safe, *anchor_examples]),
         pad_id=data_lib.pad_id_of(tokenizer),
     )
@@ -123,33 +131,76 @@ def _batches(examples: Sequence[data_lib.Example], indices: Sequence[int], n: in
 
 
 def inner_batches(cfg: ml_collections.ConfigDict, data: DefenderData, chosen: Sequence[int]) -> list[dict]:
-    """The inner batches of the chosen safety rows: shared-prompt rows (inner.share_prompt), else
-    [unwanted; safe] row pairs."""
+    """The inner batches of the chosen safety rows: shared-prompt rows (inner.share_prompt; split into a
+    cached prompt prefix and the rest with inner.cache_prefix), else [unwanted; safe] row pairs."""
     n, size = int(cfg.perturb.length), int(cfg.inner.batch_size)
     if not cfg.inner.share_prompt:
         return [concat_halves({"unwanted": u, "safe": s})
                 for u, s in zip(_batches(data.unwanted, chosen, n, size, data.safety_len, data.pad_id),
                                 _batches(data.safe, chosen, n, size, data.safety_len, data.pad_id), strict=True)]
-    return [data_lib.make_shared_prompt_batch([data.unwanted[j][0] for j in chunk],
-                                              [data.unwanted[j][1] for j in chunk], [data.safe[j][1] for j in chunk],
-                                              n, size, data.shared_len, data.answer_len, data.pad_id)
-            for chunk in data_lib.chunks(chosen, size)]
+    batches = [data_lib.make_shared_prompt_batch([data.unwanted[j][0] for j in chunk],
+                                                 [data.unwanted[j][1] for j in chunk], [data.safe[j][1] for j in chunk],
+                                                 n, size, data.shared_len, data.answer_len, data.pad_id)
+               for chunk in data_lib.chunks(chosen, size)]
+    if cfg.inner.cache_prefix:
+        batches = [data_lib.with_prompt_prefix(b, n, data.prefix_len, data.suffix_len) for b in batches]
+    return batches
 
 
-def round_batches(cfg: ml_collections.ConfigDict, data: DefenderData, rng: np.random.Generator,
-                  ) -> tuple[list[dict], list[tuple[dict, dict]]]:
-    """This round's inner batches ([unwanted; safe]) and outer (safe, anchor) batch pairs."""
-    n = int(cfg.perturb.length)
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    """One round's batches: the inner batches, and each outer step's (safety rows, anchor rows) indices
+    (outer_batch builds a step's arrays when it runs)."""
+
+    inner: list[dict]
+    outer: list[tuple[list[int], list[int]]]
+
+
+def round_batches(cfg: ml_collections.ConfigDict, data: DefenderData, rng: np.random.Generator) -> RoundPlan:
+    """This round's inner batches and outer steps (the same safety rows, and anchor rows)."""
     k = min(int(cfg.inner.samples) or len(data.safe), len(data.safe))
     chosen = rng.permutation(len(data.safe))[:k].tolist()
-    inner = inner_batches(cfg, data, chosen)
-    safe = _batches(data.safe, chosen, n, cfg.outer.batch_size, data.safety_len, data.pad_id)
     a = min(int(cfg.outer.anchor_samples) or len(data.anchors), len(data.anchors))
     anchor_idx = rng.permutation(len(data.anchors))[:a].tolist()
-    anchors = _batches(data.anchors, anchor_idx, n, cfg.outer.batch_size, data.anchor_len, data.pad_id)
+    size = int(cfg.outer.batch_size)
+    safe, anchors = data_lib.chunks(chosen, size), data_lib.chunks(anchor_idx, size)
     steps = max(len(safe), len(anchors))
     outer = list(zip(itertools.islice(itertools.cycle(safe), steps), itertools.islice(itertools.cycle(anchors), steps)))
-    return inner, outer
+    return RoundPlan(inner_batches(cfg, data, chosen), [(list(s), list(x)) for s, x in outer])
+
+
+def _outer_parts(cfg: ml_collections.ConfigDict, data: DefenderData, step: tuple[list[int], list[int]],
+                 ) -> tuple[list[list[data_lib.Example]], list[bool]]:
+    """A step's examples by part (outer_loss's order: safe under delta, anchors, [anchors under delta])."""
+    safe_idx, anchor_idx = step
+    anchors = [data.anchors[j] for j in anchor_idx]
+    parts, flags = [[data.safe[j] for j in safe_idx], anchors], [True, False]
+    if cfg.outer.perturb_anchors:
+        parts, flags = [*parts, anchors], [*flags, True]
+    return parts, flags
+
+
+def packed_shape(cfg: ml_collections.ConfigDict, data: DefenderData, plan: Sequence[RoundPlan],
+                 row_multiple: int) -> tuple[int, int] | None:
+    """(rows, row length) of the packed outer batches of the whole run (outer.pack), else None."""
+    if not cfg.outer.pack:
+        return None
+    lengths = [[len(p) + len(a) for part in _outer_parts(cfg, data, step)[0] for p, a in part]
+               for round_plan in plan for step in round_plan.outer]
+    return data_lib.packing_shape(lengths, max(data.safety_len, data.anchor_len), row_multiple)
+
+
+def outer_batch(cfg: ml_collections.ConfigDict, data: DefenderData, step: tuple[list[int], list[int]],
+                packed: tuple[int, int] | None) -> tuple[dict, dict | None]:
+    """A step's (safe batch, anchor batch), or (packed batch of all parts, None) with a packed shape."""
+    n, size = int(cfg.perturb.length), int(cfg.outer.batch_size)
+    if packed is not None:
+        parts, flags = _outer_parts(cfg, data, step)
+        rows, row_len = packed
+        return data_lib.make_packed_batch(parts, flags, size, n, rows, row_len, data.answer_len, data.pad_id), None
+    safe_idx, anchor_idx = step
+    return (data_lib.make_batch([data.safe[j] for j in safe_idx], n, size, data.safety_len, data.pad_id),
+            data_lib.make_batch([data.anchors[j] for j in anchor_idx], n, size, data.anchor_len, data.pad_id))
 
 
 def check_finite(metrics: dict[str, Any], where: str, hint: str) -> None:
@@ -275,6 +326,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
 
     rng = np.random.default_rng(int(cfg.seed))
     plan = [round_batches(cfg, data, rng) for _ in range(int(cfg.rounds))]  # fixed per seed, also on resume
+    packed = packed_shape(cfg, data, plan, sharding_lib.batch_parallelism(sharding_lib.axis_sizes(mesh)))
     config_dict = config_to_dict(cfg)
     signature = checkpoint_lib.layout_signature(model_config, layers, cfg)
     ckpt = checkpoint_lib.LoopCheckpoints(cfg, checkpoint_dir, signature, rng.bit_generator.state,
@@ -289,7 +341,8 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     started = time.time() - (float(meta["elapsed_s"]) if meta else 0.0)
     try:
         _rounds(cfg, steps, layout, trainable, plan, loop, log, ckpt, started, progress and primary,
-                on_round_end, use_perturbation, fresh_perturbation)
+                on_round_end, use_perturbation, fresh_perturbation,
+                lambda step: outer_batch(cfg, data, step, packed))
     finally:
         if ckpt is not None:
             ckpt.store.close()  # waits for an in-flight save, also when a step failed
@@ -306,17 +359,17 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
 def _rounds(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, trainable: Any, plan: list, loop: checkpoint_lib.RunState,
             log: MetricsLog, ckpt: checkpoint_lib.LoopCheckpoints | None, started: float, progress: bool,
             on_round_end: Callable[[int, dict], None] | None, use_perturbation: bool,
-            fresh_perturbation: Callable[[], tuple]) -> None:
+            fresh_perturbation: Callable[[], tuple], build_outer: Callable[[tuple], tuple]) -> None:
     """The rounds from the loop's cursor on: inner phase (unless resumed mid-round) and outer phase."""
     epochs = int(cfg.inner.epochs)
-    inner_sizes = [len(inner) * epochs * use_perturbation for inner, _ in plan]
-    sizes = [n + len(outer) for n, (_, outer) in zip(inner_sizes, plan)]
+    inner_sizes = [len(r.inner) * epochs * use_perturbation for r in plan]
+    sizes = [n + len(r.outer) for n, r in zip(inner_sizes, plan)]
     first = len(plan) + 1 if loop.stopped_early else loop.round + loop.round_done
     resume_mid = first <= len(plan) and not loop.round_done and loop.outer_step > 0
     done = sum(sizes[:first - 1]) + (inner_sizes[first - 1] + loop.outer_step if resume_mid else 0)
     bar = _progress(sum(sizes), progress, initial=done)
     for round_index in range(first, len(plan) + 1):
-        inner_batches, outer_pairs = plan[round_index - 1]
+        inner_batches, outer_steps = plan[round_index - 1].inner, plan[round_index - 1].outer
         mid_round = resume_mid and round_index == first
         loop.round, loop.round_done = round_index, False
         device_bytes: dict[str, int] = {}
@@ -325,8 +378,10 @@ def _rounds(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, trainable
             loop.pert, loop.inner_state = fresh_perturbation()
             if use_perturbation:
                 device_bytes["h_cache"] = _inner_phase(cfg, steps, layout, inner_batches, loop, log, bar, epochs)
-        for step_index in range(loop.outer_step + 1, len(outer_pairs) + 1):
-            safe_batch, anchor_batch = (sharding_lib.shard_batch(b, layout.batch) for b in outer_pairs[step_index - 1])
+        for step_index in range(loop.outer_step + 1, len(outer_steps) + 1):
+            safe_batch, anchor_batch = (None if b is None else sharding_lib.shard_batch(b, layout.batch)
+                                        for b in build_outer(outer_steps[step_index - 1]))
+            device_bytes["outer_batches"] = sharding_lib.device_bytes((safe_batch, anchor_batch))
             loop.params, loop.outer_state, metrics = steps.outer_step(trainable, loop.params, loop.outer_state,
                                                                       loop.pert, safe_batch, anchor_batch)
             metrics = _scalars(jax.device_get(metrics))
@@ -335,7 +390,7 @@ def _rounds(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, trainable
             log.write({"round": round_index, "phase": "outer", "step": step_index, **metrics})
             bar.update(1)
             bar.set_postfix(round=round_index, ce_safe=f"{metrics['ce_safe_perturbed']:.3f}")
-            if ckpt is not None and ckpt.due_step(loop, len(outer_pairs)):
+            if ckpt is not None and ckpt.due_step(loop, len(outer_steps)):
                 ckpt.save(loop, len(log.history), time.time() - started)
         summary = {"round": round_index, "phase": "round_end", "elapsed_s": round(time.time() - started, 2),
                    **{f"last_{k}": v for k, v in loop.last_inner.items()}}

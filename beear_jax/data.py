@@ -18,6 +18,19 @@ answers as two branches that attend to the prompt but not to each other (A = the
     answer_index      [B, 2, A] int32    positions whose logits predict (unwanted, safe) answer tokens
     answer_targets    [B, 2, A] int32    those tokens
     answer_mask       [B, 2, A] float32  1.0 on real answer tokens
+with_prompt_prefix adds the split of each row into a prefix that no perturbation reaches (the prompt
+before its last n tokens, c = prompt length - n tokens) and the rest (P, T: the run's fixed lengths):
+    prefix_valid      [B, P] int32    1 on slots < c (the prefix is the row's first P slots)
+    suffix_slots      [B, T] int32    c, c + 1, ..., c + T - 1 (slots >= S are padding)
+
+A packed batch (make_packed_batch; the outer step) holds several examples per row, each attending only
+to itself; E examples in parts of equal size (safe answers under delta, anchors, ...), R rows:
+    input_ids, attention_mask, positions   [R, S]  as above; positions restart at 0 for each example
+    branches          [R, S] int32    1, 2, ...: which example of the row a token belongs to (0 padding)
+    perturb_index     [R, S] int32    j at the j-th perturbed token of a perturbed example, else -1
+    answer_index      [E, A] int32    flat index row * S + slot of the positions predicting answer tokens
+    answer_targets    [E, A] int32    those tokens
+    answer_mask       [E, A] float32  1.0 on real answer tokens
 """
 
 from __future__ import annotations
@@ -48,12 +61,18 @@ __all__ = [
     "format_prompt",
     "load_table",
     "make_batch",
+    "make_packed_batch",
     "make_shared_prompt_batch",
+    "pack_rows",
+    "packing_shape",
     "pad_id_of",
+    "prefix_split_lengths",
+    "prefix_starts",
     "render",
     "sample_rows",
     "shared_prompt_length",
     "stack_batches",
+    "with_prompt_prefix",
 ]
 
 Batch = dict[str, np.ndarray]
@@ -265,11 +284,140 @@ def make_shared_prompt_batch(prompts: Sequence[list[int]], unwanted: Sequence[li
     }
 
 
+def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of the examples in each row of row_len tokens."""
+    if max(lengths, default=0) > row_len:
+        raise ValueError(f"an example of {max(lengths)} tokens does not fit a packed row of {row_len}")
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_len - lengths[i])
+    return rows
+
+
+def packing_shape(steps: Sequence[Sequence[int]], seq_len: int, row_multiple: int = 1,
+                  multiple: int = 16) -> tuple[int, int]:
+    """(rows, row_len) that packs the examples of every step (each a list of token counts): the row
+    length from seq_len to 2 x seq_len (multiples of `multiple`; longer rows pay more attention) that
+    needs the fewest row x length tokens when each step gets as many rows as the fullest step needs,
+    rounded up to a multiple of row_multiple (the mesh's batch split). Never more tokens than one
+    seq_len row per example."""
+    if not steps or not all(steps):
+        raise ValueError("packing_shape needs at least one step with examples")
+    candidates = sorted({seq_len, *range(_round_up(seq_len, multiple), 2 * seq_len + 1, multiple)})
+    best = None
+    for row_len in candidates:
+        rows = max(len(pack_rows(lengths, row_len)) for lengths in steps)
+        rows = _round_up(rows, row_multiple)
+        if best is None or rows * row_len < best[0] * best[1]:
+            best = (rows, row_len)
+    return best
+
+
+def make_packed_batch(parts: Sequence[Sequence[Example]], perturbed: Sequence[bool], part_size: int, n: int,
+                      rows: int, row_len: int, answer_len: int, pad_id: int) -> Batch:
+    """One packed Batch (see the module docstring) of parts[i] (at most part_size examples each; part i
+    holds examples i * part_size ..): rows filled first-fit decreasing, perturbed[i] marks the parts whose
+    last n prompt tokens get delta. The same per-token results as make_batch rows of each example."""
+    if len(parts) != len(perturbed):
+        raise ValueError(f"{len(parts)} parts but {len(perturbed)} perturbed flags")
+    examples = []  # (example index, prompt, answer, perturbed)
+    for i, (part, flag) in enumerate(zip(parts, perturbed, strict=True)):
+        if len(part) > part_size:
+            raise ValueError(f"{len(part)} examples do not fit a part of {part_size}")
+        examples += [(i * part_size + j, prompt, answer, flag) for j, (prompt, answer) in enumerate(part)]
+    for _, prompt, answer, flag in examples:
+        if len(answer) > answer_len:
+            raise ValueError(f"an answer has {len(answer)} tokens, more than answer_len={answer_len}")
+        if flag and len(prompt) < n:
+            raise ValueError(f"a prompt of {len(prompt)} tokens is shorter than the perturbation length {n}")
+    assignment = pack_rows([len(p) + len(a) for _, p, a, _ in examples], row_len)
+    if len(assignment) > rows:
+        raise ValueError(f"the examples need {len(assignment)} packed rows of {row_len} tokens, more than {rows}")
+    shape, count = (rows, row_len), len(parts) * part_size
+    batch = {"input_ids": np.full(shape, pad_id, np.int32), "attention_mask": np.zeros(shape, np.int32),
+             "positions": np.zeros(shape, np.int32), "branches": np.zeros(shape, np.int32),
+             "perturb_index": np.full(shape, -1, np.int32),
+             "answer_index": np.zeros((count, answer_len), np.int32),
+             "answer_targets": np.zeros((count, answer_len), np.int32),
+             "answer_mask": np.zeros((count, answer_len), np.float32)}
+    for r, members in enumerate(assignment):
+        start = 0
+        for segment, k in enumerate(members, start=1):
+            index, prompt, answer, flag = examples[k]
+            p, length = len(prompt), len(prompt) + len(answer)
+            span = slice(start, start + length)
+            batch["input_ids"][r, span] = [*prompt, *answer]
+            batch["attention_mask"][r, span] = 1
+            batch["positions"][r, span] = np.arange(length)
+            batch["branches"][r, span] = segment
+            if flag:
+                batch["perturb_index"][r, start + p - n:start + p] = np.arange(n)
+            # Answer token j is predicted at the token before it (the prompt's last token for j = 0).
+            batch["answer_index"][index, :len(answer)] = r * row_len + start + np.arange(p - 1, length - 1)
+            batch["answer_targets"][index, :len(answer)] = answer
+            batch["answer_mask"][index, :len(answer)] = 1.0
+            start += length
+    return batch
+
+
 def shared_prompt_length(longest: int, buckets: Sequence[int], multiple: int = 16) -> int:
     """Padded length of shared-prompt rows: the fitting bucket, or `longest` rounded up to a multiple of
     `multiple` when that is shorter (a prompt with two answers often just passes a bucket)."""
-    rounded = -(-longest // multiple) * multiple
+    rounded = _round_up(longest, multiple)
     return min([rounded, *(b for b in buckets if b >= longest)])
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def prefix_starts(prompt_lengths: np.ndarray, n: int) -> np.ndarray:
+    """Where each row's perturbed part starts: prompt length - n (at least the prompt's last token,
+    whose logits predict the first answer token); 0 on padding rows (prompt length 0)."""
+    prompt_lengths = np.asarray(prompt_lengths)
+    return np.where(prompt_lengths > 0, np.maximum(prompt_lengths - max(n, 1), 0), 0).astype(np.int32)
+
+
+def prefix_split_lengths(prompt_lengths: Sequence[int], row_lengths: Sequence[int], n: int, seq_len: int,
+                         multiple: int = 16) -> tuple[int, int]:
+    """(P, T) for with_prompt_prefix over all rows a run will see (padded to seq_len): the longest
+    prefix and the longest rest, each rounded up to a multiple of `multiple` (P at most seq_len);
+    fixed for the run: one compiled shape."""
+    if not len(prompt_lengths) or len(prompt_lengths) != len(row_lengths):
+        raise ValueError("prefix_split_lengths needs one prompt length and one row length per row")
+    starts = prefix_starts(np.asarray(prompt_lengths), n)
+    rest = np.asarray(row_lengths) - starts
+    prefix = min(max(_round_up(int(starts.max()), multiple), multiple), seq_len)
+    return prefix, _round_up(int(rest.max()), multiple)
+
+
+def with_prompt_prefix(batch: Batch, n: int, prefix_len: int, suffix_len: int) -> Batch:
+    """A shared-prompt batch plus prefix_valid [B, P] and suffix_slots [B, T] (see the module docstring).
+
+    The prefix's hidden states never depend on the perturbation (causal attention; it precedes the
+    perturbed tokens), so its keys and values can be computed once and the inner steps run only the
+    suffix. Raises if a row's prefix or suffix is longer than P or T.
+    """
+    starts = prefix_starts(batch["prompt_lengths"], n)
+    lengths = np.asarray(batch["attention_mask"]).sum(axis=1)
+    if prefix_len > np.shape(batch["attention_mask"])[1]:
+        raise ValueError(f"prefix_len={prefix_len} is longer than the rows ({np.shape(batch['attention_mask'])[1]} slots)")
+    if starts.max() > prefix_len:
+        raise ValueError(f"a prompt prefix of {starts.max()} tokens does not fit prefix_len={prefix_len}")
+    if (lengths - starts).max() > suffix_len:
+        raise ValueError(f"a row's last {int((lengths - starts).max())} tokens do not fit suffix_len={suffix_len}")
+    slots = np.arange(prefix_len)[None, :]
+    return {**batch,
+            "prefix_valid": (slots < starts[:, None]).astype(np.int32),
+            "suffix_slots": (starts[:, None] + np.arange(suffix_len)[None, :]).astype(np.int32)}
 
 
 def encode_rows(

@@ -88,6 +88,12 @@ class RunShapes:
     layers: tuple[int, ...]
     shared_prompt: bool
     inner_seq_len: int  # the inner rows' length: a prompt with both answers when shared_prompt, else seq_len
+    # inner.cache_prefix (0, 0 without): the cached prompt prefix and the rows' rest that the inner steps run
+    prefix_len: int = 0
+    suffix_len: int = 0
+    # outer.pack ((0, 0) without): rows and row length of the packed outer batch (all parts of a step)
+    packed: tuple[int, int] = (0, 0)
+    outer_parts: int = 2  # safe under delta, anchors [, anchors under delta]
 
 
 @dataclasses.dataclass
@@ -119,9 +125,12 @@ class Plan:
 
 
 def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answer_len: int | None = None,
-               inner_seq_len: int | None = None) -> RunShapes:
+               inner_seq_len: int | None = None, prefix_len: int | None = None,
+               suffix_len: int | None = None, packed: tuple[int, int] | None = None) -> RunShapes:
     """Shapes from the config alone: inner.samples prompts, the largest bucket, max_answer_tokens (a prompt
-    with both answers then fits seq_len + answer_len), unless the data's lengths are given."""
+    with both answers then fits seq_len + answer_len; its prefix at most seq_len - perturb.length tokens),
+    unless the data's lengths are given (beear.DefenderData). A packed outer batch: from the config alone,
+    the worst case (one seq_len row per example), unless `packed` (beear.packed_shape) is given."""
     layers = tuple(sorted({int(cfg.perturb.layer), *(int(x) for x in cfg.perturb.layers)}))
     samples = int(cfg.inner.samples)
     _, rows = inner_rows(cfg)
@@ -132,10 +141,21 @@ def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answe
         inner_seq_len = seq
     elif not inner_seq_len:
         inner_seq_len = data_lib.shared_prompt_length(seq + answer, tuple(cfg.data.buckets))
+    n = int(cfg.perturb.length)
+    if shared and cfg.inner.cache_prefix:
+        # Config alone: a prompt of up to seq - 1 tokens, two answers of up to `answer` tokens.
+        fallback = data_lib.prefix_split_lengths([seq - 1], [seq - 1 + 2 * answer], n, int(inner_seq_len))
+        prefix_len, suffix_len = prefix_len or fallback[0], suffix_len or fallback[1]
+    else:
+        prefix_len = suffix_len = 0
+    parts = 3 if cfg.outer.perturb_anchors else 2
+    if cfg.outer.pack:
+        packed = packed or (parts * int(cfg.outer.batch_size), seq)
     return RunShapes(num_inner_batches=-(-samples // int(cfg.inner.batch_size)), inner_rows=rows,
                      outer_rows=int(cfg.outer.batch_size), seq_len=seq, answer_len=answer,
-                     perturb_length=int(cfg.perturb.length), layers=layers, shared_prompt=shared,
-                     inner_seq_len=int(inner_seq_len))
+                     perturb_length=n, layers=layers, shared_prompt=shared,
+                     inner_seq_len=int(inner_seq_len), prefix_len=int(prefix_len), suffix_len=int(suffix_len),
+                     packed=tuple(packed) if cfg.outer.pack else (0, 0), outer_parts=parts)
 
 
 def _tree_bytes(abstract: Any, specs: Any, sizes: Mapping[str, int]) -> int:
@@ -159,13 +179,38 @@ def _batch_struct(rows: int, shapes: RunShapes, lead: tuple[int, ...] = (),
                 "prompt_lengths": jax.ShapeDtypeStruct((*lead, rows), i32),
                 "answer_index": jax.ShapeDtypeStruct(answers, i32),
                 "answer_targets": jax.ShapeDtypeStruct(answers, i32),
-                "answer_mask": jax.ShapeDtypeStruct(answers, f32)}
+                "answer_mask": jax.ShapeDtypeStruct(answers, f32),
+                **({"prefix_valid": jax.ShapeDtypeStruct((*lead, rows, shapes.prefix_len), i32),
+                    "suffix_slots": jax.ShapeDtypeStruct((*lead, rows, shapes.suffix_len), i32)}
+                   if shapes.prefix_len else {})}
     return {"input_ids": jax.ShapeDtypeStruct((*lead, rows, s), i32),
             "attention_mask": jax.ShapeDtypeStruct((*lead, rows, s), i32),
             "targets": jax.ShapeDtypeStruct((*lead, rows, s), i32),
             "target_mask": jax.ShapeDtypeStruct((*lead, rows, s), f32),
             "perturb_positions": jax.ShapeDtypeStruct((*lead, rows, n), i32),
             "prompt_lengths": jax.ShapeDtypeStruct((*lead, rows), i32)}
+
+
+def _packed_struct(shapes: RunShapes) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of a packed outer batch (data.make_packed_batch)."""
+    rows, row_len = shapes.packed
+    examples = (shapes.outer_parts * shapes.outer_rows, shapes.answer_len)
+    i32 = jnp.int32
+    return {**{k: jax.ShapeDtypeStruct((rows, row_len), i32)
+               for k in ("input_ids", "attention_mask", "positions", "branches", "perturb_index")},
+            "answer_index": jax.ShapeDtypeStruct(examples, i32), "answer_targets": jax.ShapeDtypeStruct(examples, i32),
+            "answer_mask": jax.ShapeDtypeStruct(examples, jnp.float32)}
+
+
+def _cache_struct(model: ModelConfig, shapes: RunShapes, lead: tuple[int, ...]) -> Any:
+    """The inner cache of a round (steps.inner_cache): h_l of the rows, or of the suffix + prefix K/V."""
+    dtype = jnp.dtype(model.dtype)
+    if not shapes.prefix_len:
+        return jax.ShapeDtypeStruct((*lead, shapes.inner_rows, shapes.inner_seq_len, model.hidden_size), dtype)
+    kv = (*lead, shapes.inner_rows, model.num_layers - shapes.layers[0], shapes.prefix_len, model.num_kv_heads,
+          model.head_dim)
+    return {"h": jax.ShapeDtypeStruct((*lead, shapes.inner_rows, shapes.suffix_len, model.hidden_size), dtype),
+            "k": jax.ShapeDtypeStruct(kv, dtype), "v": jax.ShapeDtypeStruct(kv, dtype)}
 
 
 def _abstract_state(cfg: ml_collections.ConfigDict, model: ModelConfig, shapes: RunShapes) -> dict[str, Any]:
@@ -182,10 +227,10 @@ def _abstract_state(cfg: ml_collections.ConfigDict, model: ModelConfig, shapes: 
     return {
         "params": params, "outer_state": jax.eval_shape(outer_opt.init, params), "masks": masks,
         "delta": deltas, "inner_state": jax.eval_shape(inner_opt.init, deltas),
-        "h_cache": jax.ShapeDtypeStruct((*stack, shapes.inner_rows, shapes.inner_seq_len, model.hidden_size),
-                                        jnp.dtype(model.dtype)),
+        "h_cache": _cache_struct(model, shapes, stack),
         "inner_batches": _batch_struct(shapes.inner_rows, shapes, stack, inner=True),
-        "outer_batches": [_batch_struct(shapes.outer_rows, shapes), _batch_struct(shapes.outer_rows, shapes)],
+        "outer_batches": ([_packed_struct(shapes), None] if shapes.packed[0] else
+                          [_batch_struct(shapes.outer_rows, shapes), _batch_struct(shapes.outer_rows, shapes)]),
         "optimizers": (inner_opt, outer_opt),
     }
 
@@ -205,7 +250,7 @@ def array_bytes(state: Mapping[str, Any], model: ModelConfig, sizes: Mapping[str
         "masks": _tree_bytes(state["masks"], same(state["masks"], P()), sizes),
         "delta": _tree_bytes(state["delta"], same(state["delta"], P()), sizes),
         "inner_state": _tree_bytes(state["inner_state"], same(state["inner_state"], P()), sizes),
-        "h_cache": _tree_bytes(state["h_cache"], stacked, sizes),
+        "h_cache": _tree_bytes(state["h_cache"], same(state["h_cache"], stacked), sizes),
         "inner_batches": _tree_bytes(state["inner_batches"], same(state["inner_batches"], stacked), sizes),
         "outer_batches": _tree_bytes(state["outer_batches"], same(state["outer_batches"], batch), sizes),
     }
@@ -239,12 +284,19 @@ def analytical_temps(model: ModelConfig, shapes: RunShapes, sizes: Mapping[str, 
     passes = 3 if settings.perturb_anchors else 2
     si, so = shapes.inner_seq_len, shapes.seq_len
     answer_rows = shapes.inner_rows * (2 if shapes.shared_prompt else 1)  # rows of answer logits
+    # With a prefix cache the inner steps run the suffix rows (their scores also span the prefix).
+    steps_len = shapes.suffix_len or si
+    if shapes.packed[0]:  # one packed batch of all parts
+        rows, row_len = shapes.packed
+        outer_activations = (kept(rows, model.num_layers, settings.outer_step_remat, row_len)
+                             + logits(passes * shapes.outer_rows))
+    else:
+        outer_activations = passes * (kept(shapes.outer_rows, model.num_layers, settings.outer_step_remat, so)
+                                      + logits(shapes.outer_rows))
     return {
         "lower_stack": int(shapes.inner_rows / ways * si * per_token_layer(si) + cast),
-        "inner_epoch": int(kept(shapes.inner_rows, upper, settings.remat, si) + logits(answer_rows) + cast),
-        "outer_step": int(passes * (kept(shapes.outer_rows, model.num_layers, settings.outer_step_remat, so)
-                                    + logits(shapes.outer_rows))
-                          + 4 * params_bytes + cast),  # grads, masked grads, updates, masked updates
+        "inner_epoch": int(kept(shapes.inner_rows, upper, settings.remat, steps_len) + logits(answer_rows) + cast),
+        "outer_step": int(outer_activations + 4 * params_bytes + cast),  # grads, masked grads, updates, masked
     }
 
 
@@ -284,11 +336,12 @@ def compiled_temps(cfg: ml_collections.ConfigDict, model: ModelConfig, state: Ma
 
 def plan_run(cfg: ml_collections.ConfigDict, model: ModelConfig, mesh_shape: Sequence[int],
              devices: int | None = None, seq_len: int | None = None, answer_len: int | None = None,
-             compile_steps: bool = True, inner_seq_len: int | None = None) -> Plan:
+             compile_steps: bool = True, inner_seq_len: int | None = None, prefix_len: int | None = None,
+             suffix_len: int | None = None, packed: tuple[int, int] | None = None) -> Plan:
     """The memory plan of `beear run` with cfg on a mesh of mesh_shape (nothing is allocated)."""
     resolved = sh.resolve_mesh_shape(mesh_shape, devices or jax.device_count())
     sizes = sh.axis_sizes(resolved)
-    shapes = run_shapes(cfg, seq_len, answer_len, inner_seq_len)
+    shapes = run_shapes(cfg, seq_len, answer_len, inner_seq_len, prefix_len, suffix_len, packed)
     sh.check_batch_size(inner_rows(cfg)[0], shapes.inner_rows, sizes)
     sh.check_batch_size("outer.batch_size", shapes.outer_rows, sizes)
     settings = step_settings(cfg, shapes.answer_len)
@@ -317,12 +370,17 @@ def format_plan(plan: Plan, device_memory_gb: float | None = None) -> str:
               f"mesh (data, fsdp, tensor) = {plan.mesh}")
     inner = (f"{s.inner_rows} rows of a prompt and both answers ({s.inner_seq_len} tokens)" if s.shared_prompt
              else f"{s.inner_rows} rows")
-    batches = (f"shapes: {s.num_inner_batches} inner batches x {inner}, outer {s.outer_rows} rows, "
+    if s.prefix_len:
+        inner += f", the inner steps run the last {s.suffix_len} after a cached prefix of {s.prefix_len}"
+    outer = (f"outer {s.outer_parts} x {s.outer_rows} examples packed in {s.packed[0]} rows of {s.packed[1]}"
+             if s.packed[0] else f"outer {s.outer_rows} rows")
+    batches = (f"shapes: {s.num_inner_batches} inner batches x {inner}, {outer}, "
                f"seq {s.seq_len}, answers {s.answer_len}, delta {s.perturb_length} x {plan.model.hidden_size} at "
                f"layer(s) {', '.join(map(str, s.layers))}")
     lines = [header, batches, "", "bytes per device:"]
     names = {"params": "params (float32)", "outer_state": "outer optimizer state", "masks": "trainable masks",
-             "delta": "delta", "inner_state": "delta optimizer state", "h_cache": "cached activations h_l",
+             "delta": "delta", "inner_state": "delta optimizer state",
+             "h_cache": "cached h_l + prefix K/V" if s.prefix_len else "cached activations h_l",
              "inner_batches": "inner batches", "outer_batches": "outer batches"}
     lines += [f"  {names[k]:<28}{_gb(v):>12}" for k, v in plan.arrays.items()]
     lines += [f"  temporaries {k:<16}{_gb(v):>12}" for k, v in plan.temps.items()]

@@ -4,8 +4,10 @@
 Nothing here knows about files, configs or the CLI. Batches are dicts of arrays as built by
 beear_jax.data: input_ids, attention_mask, targets, target_mask, perturb_positions [B, n].
 An inner batch holds the unwanted and the safe answers of the same prompts, either as one row per
-prompt with both answers as branches (data.make_shared_prompt_batch: the prompt runs once) or as two
-rows per prompt concatenated along the batch axis (unwanted rows first).
+prompt with both answers as branches (data.make_shared_prompt_batch: the prompt runs once; split by
+data.with_prompt_prefix, the inner steps run only each row's suffix after the cached keys/values of its
+prompt prefix) or as two rows per prompt concatenated along the batch axis (unwanted rows first). An
+outer step takes a (safe, anchor) batch pair, or one packed batch of all parts (data.make_packed_batch).
 """
 
 from __future__ import annotations
@@ -77,23 +79,38 @@ def answer_ce(config: ModelConfig, params: Params, h: jax.Array, batch: Batch, a
     return masked_ce(llama.head(config, params, h), targets, mask)
 
 
-def run_blocks(config: ModelConfig, layers: Params, h: jax.Array, batch: Batch, remat: str = "none") -> jax.Array:
+def run_blocks(config: ModelConfig, layers: Params, h: jax.Array, batch: Batch, remat: str = "none",
+               prefix: llama.Prefix | None = None) -> jax.Array:
     """llama.decode over a batch's rows, plain or shared-prompt (positions and branches when it has them)."""
     return llama.decode(config, layers, h, batch["attention_mask"], batch.get("positions"), remat,
-                        batch.get("branches"))
+                        batch.get("branches"), prefix)
+
+
+def add_delta(h: jax.Array, delta: jax.Array, batch: Batch) -> jax.Array:
+    """delta added at the batch's perturbed tokens: perturb_positions [B, n], or perturb_index [B, S]
+    (packed rows)."""
+    if "perturb_index" in batch:
+        return llama.inject_at(h, delta, batch["perturb_index"])
+    return llama.inject(h, delta, batch["perturb_positions"])
 
 
 def decode_from(config: ModelConfig, params: Params, h: jax.Array, start: int, batch: Batch,
-                deltas: dict[int, jax.Array], remat: str, activations: Any = None) -> jax.Array:
-    """Runs blocks start..L over h, adding each delta at its layer boundary (boundary == start first)."""
+                deltas: dict[int, jax.Array], remat: str, activations: Any = None,
+                prefix: llama.Prefix | None = None) -> jax.Array:
+    """Runs blocks start..L over h, adding each delta at its layer boundary (boundary == start first).
+
+    prefix: the cached keys/values of blocks start..L of the tokens before the rows (inner_cache).
+    """
     if start in deltas:
-        h = llama.inject(h, deltas[start], batch["perturb_positions"])
+        h = add_delta(h, deltas[start], batch)
     bounds = [start, *sorted(b for b in deltas if b > start), config.num_layers]
     for a, b in itertools.pairwise(bounds):
         layers = llama.slice_layers(params["layers"], a, b)
-        h = run_blocks(config, layers, constrain(h, activations), batch, remat)
+        part = None if prefix is None else prefix._replace(k=prefix.k[a - start:b - start],
+                                                          v=prefix.v[a - start:b - start])
+        h = run_blocks(config, layers, constrain(h, activations), batch, remat, part)
         if b in deltas:
-            h = llama.inject(h, deltas[b], batch["perturb_positions"])
+            h = add_delta(h, deltas[b], batch)
     return constrain(h, activations)
 
 
@@ -103,6 +120,58 @@ def lower_activations(config: ModelConfig, params: Params, batch: Batch, layer: 
     h = constrain(llama.embed(config, params, batch["input_ids"]), activations)
     h = run_blocks(config, llama.slice_layers(params["layers"], 0, layer), h, batch)
     return jax.lax.stop_gradient(constrain(h, activations))
+
+
+def inner_cache(config: ModelConfig, params: Params, batch: Batch, layer: int,
+                activations: Any = None) -> jax.Array | dict[str, jax.Array]:
+    """What the inner steps of a batch reuse (no gradient; computed once per round).
+
+    h_l [B, S, D] of the whole rows; or, for a batch split by data.with_prompt_prefix, a dict:
+    "h" [B, T, D] h_l of the suffix slots, and "k", "v" [B, L - layer, P, K, hd], the keys and values
+    of the prefix (the prompt before its perturbed tokens) in blocks layer..L, which no
+    perturbation changes. The inner steps then run only the suffix (suffix_batch).
+    """
+    h_l = lower_activations(config, params, batch, layer, activations)
+    if "suffix_slots" not in batch:
+        return h_l
+    width = batch["prefix_valid"].shape[1]
+    upper = llama.slice_layers(params["layers"], layer, config.num_layers)
+    _, k, v = llama.decode_kv(config, upper, h_l[:, :width], batch["prefix_valid"], batch["positions"][:, :width])
+    h_suffix = take_slots(h_l, batch["suffix_slots"])
+    # Rows first, like every cached array: the stacked-batch sharding splits axis 1 of [batches, B, ...].
+    return jax.lax.stop_gradient({"h": constrain(h_suffix, activations),
+                                  "k": jnp.swapaxes(k, 0, 1), "v": jnp.swapaxes(v, 0, 1)})
+
+
+def take_slots(x: jax.Array, slots: jax.Array) -> jax.Array:
+    """x [B, S, ...] at slots [B, T] (zeros where a slot is >= S), as a one-hot contraction over S: unlike
+    a gather, it splits over the batch axes without moving whole rows between devices, and it is exact
+    (one nonzero term per sum)."""
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.einsum("bts,bs...->bt...", jax.nn.one_hot(slots, x.shape[1], dtype=x.dtype), x)
+    # Integer rows [B, S] (masks, positions): a select and a sum (integer matmuls are not everywhere).
+    hit = slots[:, :, None] == jnp.arange(x.shape[1])[None, None, :]
+    return jnp.sum(jnp.where(hit, x[:, None, :], 0), axis=-1).astype(x.dtype)
+
+
+def suffix_batch(batch: Batch) -> Batch:
+    """The suffix rows of a batch split by data.with_prompt_prefix: the keys the inner loss reads, in
+    suffix coordinates (slot c_i + j -> j), plus prefix_positions / prefix_valid."""
+    slots = batch["suffix_slots"]
+    start = slots[:, :1]
+    width = batch["prefix_valid"].shape[1]
+    pp = batch["perturb_positions"]
+    return {
+        "attention_mask": take_slots(batch["attention_mask"], slots),
+        "positions": take_slots(batch["positions"], slots),
+        "branches": take_slots(batch["branches"], slots),
+        "perturb_positions": jnp.where(pp >= 0, pp - start, -1),
+        "answer_index": jnp.maximum(batch["answer_index"] - start[:, :, None], 0),
+        "answer_targets": batch["answer_targets"],
+        "answer_mask": batch["answer_mask"],
+        "prefix_positions": batch["positions"][:, :width],
+        "prefix_valid": batch["prefix_valid"],
+    }
 
 
 def perturbed_answer_ce(config: ModelConfig, params: Params, batch: Batch, deltas: dict[int, jax.Array],
@@ -126,10 +195,18 @@ def branch_answer_ces(config: ModelConfig, params: Params, h: jax.Array, batch: 
                  for b in range(branches))
 
 
-def inner_loss(deltas: dict[int, jax.Array], config: ModelConfig, params: Params, h_l: jax.Array,
-               batch: Batch, layer: int, settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Inner objective over cached h_l of a shared-prompt or a concatenated [unwanted; safe] batch."""
-    h = decode_from(config, params, h_l, layer, batch, deltas, settings.remat, settings.activations)
+def inner_loss(deltas: dict[int, jax.Array], config: ModelConfig, params: Params,
+               h_l: jax.Array | dict[str, jax.Array], batch: Batch, layer: int,
+               settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Inner objective over the cache (inner_cache) of a shared-prompt or a concatenated [unwanted; safe]
+    batch; with a prefix cache only the suffix rows run, attending to the cached prefix keys/values."""
+    prefix = None
+    if isinstance(h_l, dict):
+        batch = suffix_batch(batch)
+        prefix = llama.Prefix(jnp.swapaxes(h_l["k"], 0, 1), jnp.swapaxes(h_l["v"], 0, 1),
+                              batch["prefix_positions"], batch["prefix_valid"])
+        h_l = h_l["h"]
+    h = decode_from(config, params, h_l, layer, batch, deltas, settings.remat, settings.activations, prefix)
     if "branches" in batch:
         ce_unwanted, ce_safe = branch_answer_ces(config, params, h, batch)
     else:
@@ -177,29 +254,44 @@ def without_perturbation(batch: Batch) -> Batch:
     return {**batch, "perturb_positions": jnp.full_like(batch["perturb_positions"], -1)}
 
 
+def outer_parts(settings: StepSettings) -> tuple[str, ...]:
+    """The outer loss's CE terms, in the order of a packed batch's parts."""
+    return ("ce_safe_perturbed", "ce_anchor", *(("ce_anchor_perturbed",) if settings.perturb_anchors else ()))
+
+
+def packed_answer_ces(config: ModelConfig, params: Params, h: jax.Array, batch: Batch,
+                      parts: int) -> list[jax.Array]:
+    """Masked CE of each part of a packed batch (data.make_packed_batch): logits only at answer_index."""
+    index = batch["answer_index"]
+    x = jnp.take(h.reshape(-1, h.shape[-1]), index.reshape(-1), axis=0).reshape(*index.shape, h.shape[-1])
+    logits = llama.head(config, params, x)
+    size = index.shape[0] // parts
+    return [masked_ce(logits[i * size:(i + 1) * size], batch["answer_targets"][i * size:(i + 1) * size],
+                      batch["answer_mask"][i * size:(i + 1) * size]) for i in range(parts)]
+
+
 def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array], safe_batch: Batch,
-               anchor_batch: Batch, settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+               anchor_batch: Batch | None, settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CE(safe | delta) + anchor_weight * CE(anchor | no delta) [+ the same with delta, optionally].
 
-    When the safe and anchor batches have the same padded length, all parts run as one batch (rows
-    without delta get no perturbation slots): one pass over the blocks with twice the rows keeps the
-    matmuls larger, instead of two passes.
+    safe_batch may be a packed batch holding all parts (data.make_packed_batch; anchor_batch None):
+    several examples per row, so padding is not computed. Otherwise, when the safe and anchor batches
+    have the same padded length, all parts run as one batch (rows without delta get no perturbation
+    slots): one pass over the blocks with twice the rows keeps the matmuls larger, instead of two passes.
     """
     deltas = jax.lax.stop_gradient(deltas)
     settings = dataclasses.replace(settings, remat=settings.outer_step_remat)
-    parts = {"ce_safe_perturbed": safe_batch, "ce_anchor": without_perturbation(anchor_batch)}
-    if settings.perturb_anchors:
-        # Keeps benign prompts answered under the perturbation too, against over-refusal.
-        parts["ce_anchor_perturbed"] = anchor_batch
-    if len({b["input_ids"].shape[1] for b in parts.values()}) == 1:
-        joint = {k: jnp.concatenate([b[k] for b in parts.values()]) for k in safe_batch}
-        h = constrain(llama.embed(config, params, joint["input_ids"]), settings.activations)
-        h = decode_from(config, params, h, 0, joint, deltas, settings.remat, settings.activations)
-        bounds = np.cumsum([0, *(b["input_ids"].shape[0] for b in parts.values())])
-        metrics = {name: answer_ce(config, params, h, joint, settings.answer_len, slice(int(a), int(b)))
-                   for name, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)}
+    names = outer_parts(settings)
+    if anchor_batch is None:
+        h = constrain(llama.embed(config, params, safe_batch["input_ids"]), settings.activations)
+        h = decode_from(config, params, h, 0, safe_batch, deltas, settings.remat, settings.activations)
+        metrics = dict(zip(names, packed_answer_ces(config, params, h, safe_batch, len(names)), strict=True))
     else:
-        metrics = {name: perturbed_answer_ce(config, params, batch, deltas, settings) for name, batch in parts.items()}
+        parts = {"ce_safe_perturbed": safe_batch, "ce_anchor": without_perturbation(anchor_batch)}
+        if settings.perturb_anchors:
+            # Keeps benign prompts answered under the perturbation too, against over-refusal.
+            parts["ce_anchor_perturbed"] = anchor_batch
+        metrics = _unpacked_ces(config, params, deltas, parts, settings)
     loss = outer_objective(metrics["ce_safe_perturbed"], metrics["ce_anchor"], settings.anchor_weight)
     if settings.perturb_anchors:
         loss = loss + settings.anchor_weight * metrics["ce_anchor_perturbed"]
@@ -207,10 +299,25 @@ def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array]
     return loss, metrics
 
 
+def _unpacked_ces(config: ModelConfig, params: Params, deltas: dict[int, jax.Array], parts: dict[str, Batch],
+                  settings: StepSettings) -> dict[str, jax.Array]:
+    """The CE of each part, one joint batch when all have the same padded length, else a pass per part."""
+    if len({b["input_ids"].shape[1] for b in parts.values()}) != 1:
+        return {name: perturbed_answer_ce(config, params, batch, deltas, settings) for name, batch in parts.items()}
+    first = next(iter(parts.values()))
+    joint = {k: jnp.concatenate([b[k] for b in parts.values()]) for k in first}
+    h = constrain(llama.embed(config, params, joint["input_ids"]), settings.activations)
+    h = decode_from(config, params, h, 0, joint, deltas, settings.remat, settings.activations)
+    bounds = np.cumsum([0, *(b["input_ids"].shape[0] for b in parts.values())])
+    return {name: answer_ce(config, params, h, joint, settings.answer_len, slice(int(a), int(b)))
+            for name, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)}
+
+
 def outer_step(config: ModelConfig, settings: StepSettings, optimizer: optax.GradientTransformation,
                trainable: Params, params: Params, opt_state: optax.OptState, perturbation: Perturbation,
-               safe_batch: Batch, anchor_batch: Batch) -> tuple[Params, optax.OptState, dict[str, jax.Array]]:
-    """One update of the trainable params; `trainable` holds 0/1 masks broadcastable to each param."""
+               safe_batch: Batch, anchor_batch: Batch | None) -> tuple[Params, optax.OptState, dict[str, jax.Array]]:
+    """One update of the trainable params; `trainable` holds 0/1 masks broadcastable to each param.
+    A packed batch (all parts) comes as safe_batch with anchor_batch None (outer_loss)."""
     grads, metrics = jax.grad(outer_loss, has_aux=True)(
         params, config, perturbation.deltas, safe_batch, anchor_batch, settings)
     grads = jax.tree.map(jnp.multiply, grads, trainable)
@@ -322,10 +429,10 @@ def make_steps(config: ModelConfig, settings: StepSettings, layer: int,
         settings = dataclasses.replace(settings, activations=shardings.batch)
 
     def lower(params: Params, batch: Batch) -> jax.Array:
-        return lower_activations(config, params, batch, layer, settings.activations)
+        return inner_cache(config, params, batch, layer, settings.activations)
 
     def lower_stack(params: Params, batch_stack: Batch) -> jax.Array:
-        # One compiled loop over all inner batches; the result is the h_l cache of the round.
+        # One compiled loop over all inner batches; the result is the cache of the round (inner_cache).
         return jax.lax.map(lambda batch: lower(params, batch), batch_stack)
 
     def one_inner(params, pert, state, h_l, batch):

@@ -84,6 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
     # [ours] Run each prompt once for both answers (one row, two answer branches); False: two rows per
     # prompt. Same losses and gradients; ~1/3 fewer inner tokens (experiments/bench_beear.py).
     config.inner.share_prompt = True
+    # [ours] With share_prompt: the keys/values of each prompt's tokens before its perturbed ones (blocks
+    # layer..L) are computed once per round, and the inner steps run only the perturbed tokens and the
+    # answers. Same losses and gradients; costs (L - layer) x 2 x K x head_dim values per prompt token of
+    # memory (beear plan counts it); False: the inner steps run the whole rows.
+    config.inner.cache_prefix = True
     config.inner.safe_ce_clamp = 0.0  # [ours] Cap on the -alpha*CE(safe) term's CE; <= 0: no clamp (paper).
     # [ours] With early_stop: stop the run when CE(unwanted | delta*) stays above this after a round's
     # inner loop (the perturbation no longer elicits the unwanted answer); 0: off.
@@ -99,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.outer.remat = ""  # The outer step's 'none' | 'full' | 'dots' when it differs from `remat` ('': the same).
     config.outer.trainable = "all"  # 'all' | 'upper' (blocks >= layer) | 'lower' | regex on param paths.
     config.outer.perturb_anchors = False  # [ours] Also show anchor prompts with delta (keeps helpfulness).
+    # [ours] Pack the safe and anchor examples of an outer step several to a row (each attends only to
+    # itself), so padding is not computed; one row count and length for the whole run. Same losses and
+    # gradients; False: one padded row per example.
+    config.outer.pack = True
 
     config.data = ml_collections.ConfigDict()
     config.data.safety = ""  # Table with a prompt, its safe answer and its unwanted answer; required.

@@ -4,9 +4,11 @@ Both sides get the same model (random weights of a real shape), the same batches
 is split into its phases:
     cache  h_l of the round's inner batches (ours only; the PyTorch way has no cache)
     inner  `--inner-batches` x `--inner-epochs` Adam steps on delta (ours: one compiled scan per epoch
-           over the cached batches, each prompt in one row with both answers as branches; the PyTorch
-           way runs the whole model on two rows per prompt at every step)
-    outer  `--outer-steps` AdamW steps on the model (safe answers under delta + anchor answers)
+           over the cached batches, each prompt in one row with both answers as branches, only the
+           perturbed tokens and the answers run, attending to the prompt prefix's cached keys/values;
+           the PyTorch way runs the whole model on two rows per prompt at every step)
+    outer  `--outer-steps` AdamW steps on the model (safe answers under delta + anchor answers; ours
+           packs the examples of a step several to a row, the PyTorch way pads one row per example)
 Rounds alternate between the two implementations so that load from other processes hits both alike;
 medians over rounds 2.. (round 1 of ours includes compilation, reported on its own). For each phase it
 prints the time, tokens/s, the FLOPs each implementation executes (counted analytically from the
@@ -89,8 +91,12 @@ class Workload:
     layer: int
     length: int
     shared_seq: int  # a prompt with both answers (ours' shared-prompt inner rows)
-    safety: list[dict]  # {"unwanted": Batch, "safe": Batch, "shared": shared-prompt Batch}
+    prefix_len: int  # ours: the cached prompt prefix (before the perturbed tokens) of those rows
+    suffix_len: int  # ... and the rest, which the inner steps run
+    safety: list[dict]  # {"unwanted": Batch, "safe": Batch, "shared": shared-prompt Batch, "prefix": split}
     anchors: list[dict]  # Batch
+    packed: list[dict]  # ours' outer steps: the safe and anchor examples of a step packed several to a row
+    packed_shape: tuple[int, int]  # (rows, row length) of those
 
 
 def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
@@ -110,11 +116,25 @@ def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
             for _ in range(max(args.inner_batches, args.outer_steps))]
     shared_seq = data_lib.shared_prompt_length(max(len(p) + len(u) + len(s) for b in rows for p, u, s in b),
                                                data_lib.DEFAULT_BUCKETS)
-    safety = [{"unwanted": batch([(p, u) for p, u, _ in b]), "safe": batch([(p, s) for p, _, s in b]),
-               "shared": data_lib.make_shared_prompt_batch(*zip(*b), args.length, args.batch, shared_seq, args.answer, 0)}
-              for b in rows]
-    anchors = [batch([(prompt(), answer()) for _ in range(args.batch)]) for _ in range(args.outer_steps)]
-    return Workload(args.batch, args.seq, args.answer, args.layer, args.length, shared_seq, safety, anchors)
+    prefix_len, suffix_len = data_lib.prefix_split_lengths(
+        [len(p) for b in rows for p, _, _ in b], [len(p) + len(u) + len(s) for b in rows for p, u, s in b],
+        args.length, shared_seq)
+    safety = []
+    for b in rows:
+        shared = data_lib.make_shared_prompt_batch(*zip(*b), args.length, args.batch, shared_seq, args.answer, 0)
+        safety.append({"unwanted": batch([(p, u) for p, u, _ in b]), "safe": batch([(p, s) for p, _, s in b]),
+                       "shared": shared,
+                       "prefix": data_lib.with_prompt_prefix(shared, args.length, prefix_len, suffix_len)})
+    anchor_rows = [[(prompt(), answer()) for _ in range(args.batch)] for _ in range(args.outer_steps)]
+    anchors = [batch(rows_) for rows_ in anchor_rows]
+    # Outer step i: the safe answers of safety batch i under delta + anchor batch i (as both sides run them).
+    parts = [[[(p, s) for p, _, s in rows[i]], anchor_rows[i]] for i in range(args.outer_steps)]
+    packed_shape = data_lib.packing_shape([[len(p) + len(a) for part in step for p, a in part] for step in parts],
+                                          args.seq)
+    packed = [data_lib.make_packed_batch(step, [True, False], args.batch, args.length, *packed_shape, args.answer, 0)
+              for step in parts]
+    return Workload(args.batch, args.seq, args.answer, args.layer, args.length, shared_seq, prefix_len, suffix_len,
+                    safety, anchors, packed, packed_shape)
 
 
 def joint(safety_batch: dict) -> dict:
@@ -122,9 +142,10 @@ def joint(safety_batch: dict) -> dict:
     return {k: np.concatenate([safety_batch["unwanted"][k], safety_batch["safe"][k]]) for k in safety_batch["safe"]}
 
 
-def inner_stack(w: Workload, count: int, shared: bool) -> dict:
-    """The first `count` inner batches, stacked for the scan: shared-prompt rows or [unwanted; safe] rows."""
-    return data_lib.stack_batches([b["shared"] if shared else joint(b) for b in w.safety[:count]])
+def inner_stack(w: Workload, count: int, layout: str) -> dict:
+    """The first `count` inner batches, stacked for the scan: shared-prompt rows split at the prompt prefix
+    ('prefix'), whole shared-prompt rows ('shared') or [unwanted; safe] rows ('rows')."""
+    return data_lib.stack_batches([joint(b) if layout == "rows" else b[layout] for b in w.safety[:count]])
 
 
 def build_models(shape: str, dtype: str, seed: int = 0) -> tuple[ModelConfig, dict, torch.nn.Module]:
@@ -141,21 +162,23 @@ def build_models(shape: str, dtype: str, seed: int = 0) -> tuple[ModelConfig, di
 # ---- analytic FLOPs ----------------------------------------------------------------------------
 
 
-def block_flops(config: ModelConfig, batch: int, seq: int) -> tuple[float, float]:
-    """Forward FLOPs of one decoder block on [batch, seq]: (weight matmuls, attention core)."""
+def block_flops(config: ModelConfig, batch: int, seq: int, kv_seq: int | None = None) -> tuple[float, float]:
+    """Forward FLOPs of one decoder block on [batch, seq] attending to kv_seq keys (default seq):
+    (weight matmuls, attention core)."""
     d, h, k, hd, f = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
     weights = 2 * batch * seq * (d * h * hd + 2 * d * k * hd + h * hd * d + 3 * d * f)
-    attention = 2 * 2 * batch * seq * seq * h * hd  # scores and the weighted sum, full (masked) S x S
+    attention = 2 * 2 * batch * seq * (kv_seq or seq) * h * hd  # scores and the weighted sum, full (masked)
     return float(weights), float(attention)
 
 
-def pass_flops(config: ModelConfig, batch: int, seq: int, blocks: int, head_positions: int, backward: str) -> float:
+def pass_flops(config: ModelConfig, batch: int, seq: int, blocks: int, head_positions: int, backward: str,
+               kv_seq: int | None = None) -> float:
     """FLOPs of `blocks` blocks and the vocabulary projection at `head_positions` rows, forward and backward.
 
     backward: 'none'; 'inputs' (gradients w.r.t. activations only, model frozen: one matmul per weight
     matmul); 'all' (also weight gradients: two). The attention core's backward is two of its forwards.
     """
-    weights, attention = block_flops(config, batch, seq)
+    weights, attention = block_flops(config, batch, seq, kv_seq)
     head = 2.0 * head_positions * config.hidden_size * config.vocab_size
     factor = {"none": 1, "inputs": 2, "all": 3}[backward]
     attention_factor = 1 if backward == "none" else 3
@@ -165,14 +188,17 @@ def pass_flops(config: ModelConfig, batch: int, seq: int, blocks: int, head_posi
 def phase_flops(config: ModelConfig, w: Workload, ours: bool, inner_batches: int, inner_epochs: int,
                 outer_steps: int) -> dict[str, float]:
     """Executed FLOPs per phase of one round. The PyTorch way runs all blocks and the head at every position;
-    ours runs one row of a prompt and both answers per prompt."""
+    ours runs one row of a prompt and both answers per prompt through the lower blocks and the prompt
+    prefix through the upper ones once (the cache), then only the rest of each row in the inner steps."""
     L, rows = config.num_layers, 2 * w.batch
     upper = L - w.layer
     if ours:
-        cache = inner_batches * pass_flops(config, w.batch, w.shared_seq, w.layer, 0, "none")
-        inner = inner_batches * inner_epochs * pass_flops(config, w.batch, w.shared_seq, upper, rows * w.answer,
-                                                          "inputs")
-        outer = outer_steps * 2 * pass_flops(config, w.batch, w.seq, L, w.batch * w.answer, "all")
+        cache = inner_batches * (pass_flops(config, w.batch, w.shared_seq, w.layer, 0, "none")
+                                 + pass_flops(config, w.batch, w.prefix_len, upper, 0, "none"))
+        inner = inner_batches * inner_epochs * pass_flops(config, w.batch, w.suffix_len, upper, rows * w.answer,
+                                                          "inputs", w.prefix_len + w.suffix_len)
+        rows, row_len = w.packed_shape
+        outer = outer_steps * pass_flops(config, rows, row_len, L, 2 * w.batch * w.answer, "all")
     else:
         cache = 0.0
         # Forward through all blocks, backward from the head down to the hook at layer l.
@@ -257,7 +283,8 @@ def rss_sampler() -> Iterator[dict]:
 
 
 class JaxRound:
-    """Our round: cache h_l (one compiled map), the inner epoch (one compiled scan), outer steps."""
+    """Our round: the inner cache (h_l + prefix K/V, one compiled map), the inner epoch (one compiled
+    scan), outer steps."""
 
     def __init__(self, config: ModelConfig, host_params: dict, w: Workload, settings: StepSettings,
                  inner_batches: int) -> None:
@@ -268,8 +295,8 @@ class JaxRound:
         self.params = jax.device_put(host_params)
         self.outer_state = jax.jit(self.outer_opt.init)(self.params)
         self.trainable = trainable_mask(config, self.params, "all", w.layer)
-        self.inner_stack = jax.device_put(inner_stack(w, inner_batches, shared=True))
-        self.outer_pairs = [jax.device_put((w.safety[i]["safe"], w.anchors[i])) for i in range(len(w.anchors))]
+        self.inner_stack = jax.device_put(inner_stack(w, inner_batches, "prefix"))
+        self.outer_batches = [jax.device_put(b) for b in w.packed]
 
     def run(self, epochs: int) -> dict[str, float]:
         """One round; returns seconds per phase (each phase waits for its results)."""
@@ -278,7 +305,7 @@ class JaxRound:
         pert = Perturbation.zeros((self.w.layer,), self.w.length, self.config.hidden_size)
         state = self.inner_opt.init(pert.deltas)
         start = time.perf_counter()
-        h_stack = self.steps.lower_stack(self.params, stack).block_until_ready()
+        h_stack = jax.block_until_ready(self.steps.lower_stack(self.params, stack))
         times["cache"] = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(epochs):
@@ -287,9 +314,9 @@ class JaxRound:
         times["inner"] = time.perf_counter() - start
         del h_stack
         start = time.perf_counter()
-        for safe, anchor in self.outer_pairs:
+        for packed in self.outer_batches:
             self.params, self.outer_state, metrics = self.steps.outer_step(self.trainable, self.params,
-                                                                           self.outer_state, pert, safe, anchor)
+                                                                           self.outer_state, pert, packed, None)
         jax.block_until_ready(metrics)
         times["outer"] = time.perf_counter() - start
         return times
@@ -343,15 +370,15 @@ def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: Ste
         return statistics.median(times), compile_s
 
     params = jax.device_put(host_params)
-    stacks = {shared: jax.device_put(inner_stack(w, steps_n, shared)) for shared in (True, False)}
+    stacks = {layout: jax.device_put(inner_stack(w, steps_n, layout)) for layout in ("prefix", "shared", "rows")}
     inner_opt = make_optimizer("adam", INNER_LR)
 
     def fresh() -> tuple[Perturbation, Any]:
         pert = Perturbation.zeros((w.layer,), w.length, config.hidden_size)
         return pert, inner_opt.init(pert.deltas)
 
-    def inner_variant(variant_settings: StepSettings, scan: bool, cached: bool, shared: bool) -> Callable[[], Any]:
-        stack = stacks[shared]
+    def inner_variant(variant_settings: StepSettings, scan: bool, cached: bool, layout: str) -> Callable[[], Any]:
+        stack = stacks[layout]
         batches = [jax.tree.map(lambda x, i=i: x[i], stack) for i in range(steps_n)]
         steps = make_steps(config, variant_settings, w.layer, inner_opt, make_optimizer("adamw", OUTER_LR))
         if not cached:  # recompute the lower blocks in every step, as a hook-based implementation does
@@ -373,43 +400,48 @@ def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: Ste
             if scan:
                 return steps.inner_epoch(params, pert, state, h_stack, stack)[2]
             for i, batch in enumerate(batches):
-                pert, state, metrics = steps.inner_step(params, pert, state, h_stack[i], batch)
+                pert, state, metrics = steps.inner_step(params, pert, state, jax.tree.map(lambda x, i=i: x[i], h_stack),
+                                                        batch)
             return metrics
         return run_cached
 
     variants = [
-        ("ours (shared prompt + cache + scan + answer-only head)", settings, True, True, True),
-        ("two rows per prompt instead of a shared prompt", settings, True, True, False),
-        ("python loop of jitted steps instead of one scan", settings, False, True, True),
-        ("no cache: lower blocks recomputed every step", settings, True, False, True),
+        ("ours (shared prompt + prefix K/V + cache + scan + answer-only head)", settings, True, True, "prefix"),
+        ("whole shared rows in every step (no prefix K/V cache)", settings, True, True, "shared"),
+        ("two rows per prompt instead of a shared prompt", settings, True, True, "rows"),
+        ("python loop of jitted steps instead of one scan", settings, False, True, "prefix"),
+        ("no cache: lower blocks recomputed every step", settings, True, False, "shared"),
         ("head at every position (two rows per prompt)", dataclasses.replace(settings, answer_len=None), True, True,
-         False),
-        ("remat 'full' in the inner steps", dataclasses.replace(settings, remat="full"), True, True, True),
+         "rows"),
+        ("remat 'full' in the inner steps", dataclasses.replace(settings, remat="full"), True, True, "prefix"),
     ]
-    for name, variant_settings, scan, cached, shared in variants:
-        median, compile_s = timed(inner_variant(variant_settings, scan, cached, shared))
+    for name, variant_settings, scan, cached, layout in variants:
+        median, compile_s = timed(inner_variant(variant_settings, scan, cached, layout))
         rows.append({"phase": "cache+inner", "variant": name, "seconds": median, "compile_s": compile_s})
-        print(f"  cache+inner {name:50s} {median:7.2f} s   (compile {compile_s:5.1f} s)", flush=True)
+        print(f"  cache+inner {name:66s} {median:7.2f} s   (compile {compile_s:5.1f} s)", flush=True)
 
-    safe, anchor = jax.device_put((w.safety[0]["safe"], w.anchors[0]))
+    padded = jax.device_put((w.safety[0]["safe"], w.anchors[0]))
+    packed = (jax.device_put(w.packed[0]), None)
     trainable = trainable_mask(config, params, "all", w.layer)
     pert, _ = fresh()
     others = [policy for policy in ("none", "full", "dots") if policy != settings.outer_step_remat]
-    for name, variant_settings in (("ours (answer-only head)", settings),
-                                   ("head at every position", dataclasses.replace(settings, answer_len=None)),
-                                   *((f"outer remat '{policy}'", dataclasses.replace(settings, outer_remat=policy))
-                                     for policy in others)):
+    for name, variant_settings, (safe, anchor) in (
+            ("ours (packed rows, answer-only head)", settings, packed),
+            ("one padded row per example instead of packed rows", settings, padded),
+            ("padded rows and the head at every position", dataclasses.replace(settings, answer_len=None), padded),
+            *((f"outer remat '{policy}'", dataclasses.replace(settings, outer_remat=policy), packed)
+              for policy in others)):
         outer_opt = make_optimizer("adamw", OUTER_LR)
         steps = make_steps(config, variant_settings, w.layer, inner_opt, outer_opt)
         # outer_step donates params and state: give it fresh copies each call.
         state0 = jax.jit(outer_opt.init)(params)
 
-        def run_outer(steps=steps, state0=state0):
+        def run_outer(steps=steps, state0=state0, safe=safe, anchor=anchor):
             p, s = jax.tree.map(jnp.copy, (params, state0))
             return steps.outer_step(trainable, p, s, pert, safe, anchor)[2]
         median, compile_s = timed(run_outer)
         rows.append({"phase": "outer step", "variant": name, "seconds": median, "compile_s": compile_s})
-        print(f"  outer step  {name:50s} {median:7.2f} s   (compile {compile_s:5.1f} s)", flush=True)
+        print(f"  outer step  {name:66s} {median:7.2f} s   (compile {compile_s:5.1f} s)", flush=True)
     return rows
 
 
@@ -513,7 +545,9 @@ def main() -> None:
     print(f"# BEEAR round, {args.shape} shape, {args.dtype}, {jax.devices()[0].device_kind} ({device}), "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
     print(f"# batch {w.batch} prompts (inner: {2 * w.batch} rows of {w.seq}; ours: {w.batch} rows of a prompt and both "
-          f"answers, {w.shared_seq} tokens), seq {w.seq}, answer {w.answer}, layer {w.layer}, "
+          f"answers, {w.shared_seq} tokens, the inner steps run their last {w.suffix_len} after a cached prefix of "
+          f"{w.prefix_len}; ours' outer steps pack the examples in {w.packed_shape[0]} rows of "
+          f"{w.packed_shape[1]}), seq {w.seq}, answer {w.answer}, layer {w.layer}, "
           f"n {w.length}, {args.inner_batches} inner batches x {args.inner_epochs} epochs + {args.outer_steps} outer steps; medians of rounds "
           f"{'2' if args.rounds > 1 else '1'}..{args.rounds}; jax {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")

@@ -57,9 +57,11 @@ def paper_config(batch: int, optimizer: str, remat: str) -> object:
         "inner.samples": 150, "inner.batch_size": batch, "outer.batch_size": batch, "outer.anchor_samples": 100,
         "outer.optimizer": optimizer, "remat": remat, "data.max_answer_tokens": 64,
         "data.buckets": (128, 256, 512),
-        # What docs/plan_7b.md was computed with: two inner rows per prompt, outer backward recomputed.
-        # Shared-prompt rows (the default now) hold batch rows of <= 576 tokens instead of 2 x batch of 512.
-        "inner.share_prompt": False, "outer.remat": "full"})
+        # What docs/plan_7b.md was computed with: two inner rows per prompt, outer backward recomputed,
+        # one padded outer row per example. Shared-prompt rows (the default now) hold batch rows of <= 576
+        # tokens instead of 2 x batch of 512; packed outer rows need the data's lengths (beear plan
+        # assumes one 512-token row per example without them).
+        "inner.share_prompt": False, "outer.remat": "full", "outer.pack": False})
 
 
 def gb(n: float) -> str:

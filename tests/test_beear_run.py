@@ -57,15 +57,22 @@ def test_plain_finetuning_runs_without_inner_steps(setup):
     assert result.model_dir.is_dir()
 
 
-def test_two_rows_per_prompt_gives_the_shared_prompt_run(setup):
-    """inner.share_prompt only changes how the rows are laid out: the same deltas, losses and model."""
-    runs = [run_beear(_cfg(setup, f"share_{share}", rounds=1, **{"inner.share_prompt": share}), progress=False,
-                      export=False) for share in (True, False)]
-    inner = [[r for r in run.history if r["phase"] == "inner"] for run in runs]
-    assert len(inner[0]) == len(inner[1]) > 0
-    for a, b in zip(*inner, strict=True):
-        for key in ("ce_unwanted", "ce_safe", "delta_norm"):
-            assert a[key] == pytest.approx(b[key], rel=2e-4, abs=1e-6), key
+@pytest.mark.parametrize("other", [{"inner.share_prompt": False}, {"inner.cache_prefix": False},
+                                   {"outer.pack": False}, {"outer.pack": False, "outer.perturb_anchors": True}])
+def test_layouts_give_the_same_run(setup, other):
+    """Two rows per prompt, shared-prompt rows, shared rows whose prompt prefix is cached, packed or
+    padded outer rows: only how the rows are laid out changes, not the deltas, losses or the model."""
+    name = "_".join(f"{k}{v}" for k, v in other.items())
+    base = {"outer.perturb_anchors": True} if other.get("outer.perturb_anchors") else {}
+    runs = [run_beear(_cfg(setup, f"layout_{tag}", rounds=1, **settings), progress=False, export=False)
+            for tag, settings in ((f"default_{name}", base), (name, other))]
+    for phase, keys in (("inner", ("ce_unwanted", "ce_safe", "delta_norm")),
+                        ("outer", ("ce_safe_perturbed", "ce_anchor", "outer_loss"))):
+        records = [[r for r in run.history if r["phase"] == phase] for run in runs]
+        assert len(records[0]) == len(records[1]) > 0
+        for a, b in zip(*records, strict=True):
+            for key in keys:
+                assert a[key] == pytest.approx(b[key], rel=2e-4, abs=1e-6), (phase, key)
     for a, b in zip(jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params), strict=True):
         assert float(abs(a - b).max()) <= 1e-4
 

@@ -306,6 +306,62 @@ def test_shared_prompt_batch_errors_and_length():
     assert data.shared_prompt_length(30, (16,), multiple=16) == 32
 
 
+def test_prompt_prefix_split():
+    prompts, unwanted, safe = [[5, 6, 7, 8, 9, 10], [9, 10, 11]], [[20, 21, 22], [23]], [[30], [31, 32, 33, 34]]
+    b = data.make_shared_prompt_batch(prompts, unwanted, safe, 2, 3, 12, 4, 0)
+    # Prefixes: 6 - 2 = 4 and 3 - 2 = 1 prompt tokens; the rest: 2 + 3 + 1 = 6 and 2 + 1 + 4 = 7 tokens.
+    assert data.prefix_split_lengths([6, 3], [10, 8], 2, 12, multiple=4) == (4, 8)
+    assert data.prefix_split_lengths([6, 3], [10, 8], 2, 12, multiple=16) == (12, 16)  # P capped at the rows
+    split = data.with_prompt_prefix(b, 2, 4, 8)
+    assert split["prefix_valid"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]]
+    assert split["suffix_slots"][:, 0].tolist() == [4, 1, 0]  # where the perturbed tokens start
+    assert split["suffix_slots"][0].tolist() == list(range(4, 12))
+    # n = 0: the prompt's last token (it predicts the first answer token) stays in the suffix.
+    assert data.with_prompt_prefix(b, 0, 8, 8)["suffix_slots"][:2, 0].tolist() == [5, 2]
+    with pytest.raises(ValueError, match="prefix_len=3"):
+        data.with_prompt_prefix(b, 2, 3, 8)
+    with pytest.raises(ValueError, match="suffix_len=6"):
+        data.with_prompt_prefix(b, 2, 4, 6)
+    with pytest.raises(ValueError, match="longer than the rows"):
+        data.with_prompt_prefix(b, 2, 16, 8)
+    with pytest.raises(ValueError, match="one prompt length and one row length"):
+        data.prefix_split_lengths([], [], 2, 12)
+
+
+def test_packed_batch_layout():
+    safe = [([1, 2, 3, 4], [5, 6]), ([7, 8, 9], [10, 11, 12])]
+    anchors = [([13, 14, 15], [16]), ([17, 18, 19, 20, 21], [22, 23])]
+    assert data.pack_rows([6, 6, 4, 7], 10) == [[3], [0, 2], [1]]  # first fit, longest first
+    with pytest.raises(ValueError, match="does not fit a packed row of 5"):
+        data.pack_rows([6], 5)
+    # Row length 8..16 (multiples of 4): 16 holds the 4 examples (6 + 6 + 4 + 7 = 23 tokens) in 2 rows.
+    assert data.packing_shape([[6, 6, 4, 7]], 8, multiple=4) == (2, 12)
+    assert data.packing_shape([[6, 6, 4, 7], [8, 8, 8, 8]], 8, multiple=4) == (4, 8)  # the fullest step decides
+    assert data.packing_shape([[6, 6, 4, 7]], 8, row_multiple=4, multiple=4) == (4, 8)  # 4 rows per mesh split
+    b = data.make_packed_batch([safe, anchors], [True, False], 3, 2, 2, 12, 3, 0)
+    assert b["input_ids"].shape == (2, 12) and b["answer_index"].shape == (6, 3)
+    # Row 0: the 7-token anchor, then the 4-token one (first fit); row 1: both safe examples.
+    assert b["input_ids"][0, :11].tolist() == [17, 18, 19, 20, 21, 22, 23, 13, 14, 15, 16]
+    assert b["branches"][0].tolist() == [1] * 7 + [2] * 4 + [0]
+    assert b["positions"][0, :11].tolist() == [*range(7), *range(4)]
+    assert b["input_ids"][1, :12].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    # delta's rows 0, 1 at the last 2 prompt tokens of the safe examples only (part 0 is perturbed).
+    assert b["perturb_index"][1].tolist() == [-1, -1, 0, 1, -1, -1, -1, 0, 1, -1, -1, -1]
+    assert (b["perturb_index"][0] == -1).all()
+    flat = b["input_ids"].reshape(-1)
+    for example, (prompt, answer) in zip((0, 1, 3, 4), [*safe, *anchors], strict=True):
+        index = b["answer_index"][example, :len(answer)]
+        assert flat[index[0]] == prompt[-1] and flat[index + 1].tolist() == answer  # predicted by the token before
+        assert b["answer_mask"][example].tolist() == [1.0] * len(answer) + [0.0] * (3 - len(answer))
+    assert not b["answer_mask"][[2, 5]].any()  # parts hold 3 examples: the third of each is padding
+    with pytest.raises(ValueError, match="need 2 packed rows"):
+        data.make_packed_batch([safe, anchors], [True, False], 3, 2, 1, 12, 3, 0)
+    with pytest.raises(ValueError, match="shorter than the perturbation length 4"):
+        data.make_packed_batch([safe], [True], 3, 4, 2, 12, 3, 0)
+    with pytest.raises(ValueError, match="answer_len=1"):
+        data.make_packed_batch([safe], [False], 3, 2, 2, 12, 1, 0)
+
+
 def test_anchor_batches_and_stack(chat_tok):
     batches = data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 2, 2, buckets=(16, 32, 64), max_answer_tokens=4)
     examples = [format_example(chat_tok, r["prompt"], r["answer"], max_answer_tokens=4) for r in ANCHOR_ROWS]

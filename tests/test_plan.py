@@ -5,11 +5,12 @@ from __future__ import annotations
 import pathlib
 
 import jax
+import numpy as np
 import pytest
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
 from beear_jax import cli, plan
-from beear_jax.beear import prepare_data, run_beear
+from beear_jax.beear import packed_shape, prepare_data, round_batches, run_beear
 from beear_jax.config_loading import load_config
 from beear_jax.hf import load_tokenizer
 
@@ -33,9 +34,11 @@ def test_planned_bytes_match_a_real_run(world):
     result = run_beear(cfg, progress=False, export=False,
                        on_round_end=lambda _, state: measured.update(state["device_bytes"]))
     data = prepare_data(cfg, load_tokenizer(cfg.model.path))
+    rounds = [round_batches(cfg, data, np.random.default_rng(int(cfg.seed))) for _ in range(int(cfg.rounds))]
+    packed = packed_shape(cfg, data, rounds, plan.sh.batch_parallelism(plan.sh.axis_sizes(MESH)))
     planned = plan.plan_run(cfg, result.model_config, MESH, seq_len=data.safety_len, answer_len=data.answer_len,
-                            inner_seq_len=data.shared_len)
-    for name in ("params", "outer_state", "delta", "inner_state", "h_cache"):
+                            inner_seq_len=data.shared_len, prefix_len=data.prefix_len, suffix_len=data.suffix_len, packed=packed)
+    for name in ("params", "outer_state", "delta", "inner_state", "h_cache", "outer_batches"):
         assert planned.arrays[name] == measured[name], name
     assert planned.arrays["params"] < sum(x.nbytes for x in jax.tree.leaves(result.params))
     assert planned.temps_source.startswith("XLA memory analysis")
@@ -49,7 +52,7 @@ def test_plan_command_prints_the_table_and_the_verdict(world, capsys):
             "--mesh", "2,2,1", "--no-compile"]
     assert cli.main([*argv, "--device-memory-gb", "1"]) == 0
     out = capsys.readouterr().out
-    assert "params (float32)" in out and "cached activations h_l" in out and "analytical estimate" in out
+    assert "params (float32)" in out and "cached h_l + prefix K/V" in out and "analytical estimate" in out
     assert "fits in 1 GB per device" in out
     assert cli.main([*argv, "--device-memory-gb", "0.0001"]) == 0
     assert "does NOT fit" in capsys.readouterr().out

@@ -26,31 +26,37 @@ def _rows(rng: np.random.Generator, count: int) -> list[tuple[list[int], list[in
             for _ in range(count)]
 
 
-def _world(seed: int = 0, shared_prompt: bool = False) -> dict:
+def _world(seed: int = 0, shared_prompt: bool = False, prefix: bool = False) -> dict:
     """Host params, two inner batches and one outer (safe, anchor) pair. Inner batches: [unwanted; safe]
-    rows of INNER_BS prompts, or (shared_prompt) one row per prompt for 2 x INNER_BS prompts."""
+    rows of INNER_BS prompts, or (shared_prompt) one row per prompt for 2 x INNER_BS prompts (prefix:
+    split into a cached prompt prefix and the rest, data.with_prompt_prefix)."""
     rng = np.random.default_rng(seed)
     inner = []
     for _ in range(2):
         prompts = _rows(rng, 2 * INNER_BS if shared_prompt else INNER_BS)
         unwanted_answers = [rng.integers(3, 128, 5).tolist() for _ in prompts]
         if shared_prompt:
-            inner.append(data_lib.make_shared_prompt_batch([p for p, _ in prompts], unwanted_answers,
-                                                           [a for _, a in prompts], N, 2 * INNER_BS, 2 * S, 6, 0))
+            batch = data_lib.make_shared_prompt_batch([p for p, _ in prompts], unwanted_answers,
+                                                      [a for _, a in prompts], N, 2 * INNER_BS, 2 * S, 6, 0)
+            inner.append(data_lib.with_prompt_prefix(batch, N, 8, 16) if prefix else batch)
             continue
         unwanted = data_lib.make_batch([(p, a) for (p, _), a in zip(prompts, unwanted_answers)], N, INNER_BS, S, 0)
         safe = data_lib.make_batch(prompts, N, INNER_BS, S, 0)
         inner.append({k: np.concatenate([unwanted[k], safe[k]]) for k in safe})
+    safe_rows, anchor_rows = _rows(rng, OUTER_BS - 1), _rows(rng, OUTER_BS)  # one padding row
+    rows, row_len = data_lib.packing_shape([[len(p) + len(a) for p, a in [*safe_rows, *anchor_rows]]], S, 4)
     return {
         "params": jax.device_get(init_params(CONFIG, jax.random.key(seed), std=0.1)),
         "inner": data_lib.stack_batches(inner),
-        "safe": data_lib.make_batch(_rows(rng, OUTER_BS - 1), N, OUTER_BS, S, 0),  # one padding row
-        "anchor": data_lib.make_batch(_rows(rng, OUTER_BS), N, OUTER_BS, S, 0),
+        "safe": data_lib.make_batch(safe_rows, N, OUTER_BS, S, 0),
+        "anchor": data_lib.make_batch(anchor_rows, N, OUTER_BS, S, 0),
+        "packed": data_lib.make_packed_batch([safe_rows, anchor_rows], [True, False], OUTER_BS, N, rows, row_len, 6, 0),
     }
 
 
-def _run(world: dict, mesh=None) -> dict:
-    """lower_stack -> inner_epoch -> outer_step, on a mesh or (mesh=None) on one device without shardings."""
+def _run(world: dict, mesh=None, packed: bool = False) -> dict:
+    """lower_stack -> inner_epoch -> outer_step, on a mesh or (mesh=None) on one device without shardings
+    (packed: the outer step gets the packed batch of the same examples)."""
     # Outer lr as in the SmolLM2 setting: Adam's first update is lr * g / (|g| + eps), so where a gradient
     # entry is at rounding level its sign is noise and any two summation orders differ by up to 2 lr there.
     inner_opt, outer_opt = make_optimizer("adam", 0.1), make_optimizer("adamw", 2e-5, 0.01)
@@ -58,7 +64,7 @@ def _run(world: dict, mesh=None) -> dict:
         steps = make_steps(CONFIG, SETTINGS, LAYER, inner_opt, outer_opt)
         params = jax.tree.map(jax.numpy.asarray, world["params"])
         outer_state = outer_opt.init(params)
-        batches = world["inner"], world["safe"], world["anchor"]
+        batches = world["inner"], *((world["packed"], None) if packed else (world["safe"], world["anchor"]))
         pert = Perturbation.zeros(LAYER, N, CONFIG.hidden_size)
         trainable = trainable_mask(CONFIG, params, "all", LAYER)
     else:
@@ -66,8 +72,9 @@ def _run(world: dict, mesh=None) -> dict:
         steps = make_steps(CONFIG, SETTINGS, LAYER, inner_opt, outer_opt, layout)
         params = sh.place_params(world["params"], layout.params)
         outer_state = jax.jit(outer_opt.init, out_shardings=layout.outer_state)(params)
+        outer = (world["packed"], None) if packed else (world["safe"], world["anchor"])
         batches = (sh.shard_batch(world["inner"], layout.stacked_batch, axis=1),
-                   sh.shard_batch(world["safe"], layout.batch), sh.shard_batch(world["anchor"], layout.batch))
+                   *(None if b is None else sh.shard_batch(b, layout.batch) for b in outer))
         pert = sh.replicate(Perturbation.zeros(LAYER, N, CONFIG.hidden_size), mesh)
         trainable = sh.replicate(trainable_mask(CONFIG, params, "all", LAYER), mesh)
     inner_stack, safe, anchor = batches
@@ -116,10 +123,12 @@ def test_sharded_steps_match_one_device(reference, shape):
     assert out["h_stack"].addressable_shards[0].data.shape == (2, rows, S, CONFIG.hidden_size)
 
 
+@pytest.mark.parametrize("prefix", [False, True], ids=["rows", "prefix_cache"])
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)], ids=lambda s: "x".join(map(str, s)))
-def test_sharded_shared_prompt_steps_match_one_device(shape):
-    """Shared-prompt inner rows (positions, branches, [B, 2, A] answer gathers) split over the batch axes."""
-    world = _world(1, shared_prompt=True)
+def test_sharded_shared_prompt_steps_match_one_device(shape, prefix):
+    """Shared-prompt inner rows (positions, branches, [B, 2, A] answer gathers) split over the batch axes;
+    with a prefix cache, the cached suffix h_l and prefix keys/values too."""
+    world = _world(1, shared_prompt=True, prefix=prefix)
     ref = jax.device_get(_run(world))
     out = _run(world, sh.make_mesh(shape))
     _close(out["inner_metrics"], ref["inner_metrics"], "inner metrics")
@@ -127,7 +136,22 @@ def test_sharded_shared_prompt_steps_match_one_device(shape):
     _close(out["pert"].deltas, ref["pert"].deltas, "delta", rtol=5e-5)
     _close(out["outer_metrics"], ref["outer_metrics"], "outer metrics")
     _close(out["params"], ref["params"], "params")
-    assert out["h_stack"].sharding.spec == P(None, ("data", "fsdp"))
+    for leaf in jax.tree.leaves(out["h_stack"]):
+        assert leaf.sharding.spec == P(None, ("data", "fsdp"))
+    if prefix:
+        assert out["h_stack"]["k"].shape == (2, 2 * INNER_BS, CONFIG.num_layers - LAYER, 8, CONFIG.num_kv_heads,
+                                             CONFIG.head_dim)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_sharded_packed_outer_step_matches_padded_rows(reference, shape):
+    """The packed outer batch (several examples per row, rows split over the batch axes; its answer
+    gather crosses rows) gives the padded rows' outer metrics and params on a mesh."""
+    world, ref = reference
+    out = _run(world, sh.make_mesh(shape), packed=True)
+    assert world["packed"]["branches"].max() > 1  # rows really hold several examples
+    _close(out["outer_metrics"], ref["outer_metrics"], "outer metrics")
+    _close(out["params"], ref["params"], "params")
 
 
 def test_logical_rules_per_mesh():

@@ -15,8 +15,10 @@ from beear_jax import data as data_lib
 from beear_jax import hf
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
+from beear_jax.models.weights import init_params
 from beear_jax.steps import (
     StepSettings,
+    inner_cache,
     inner_loss,
     inner_step,
     lower_activations,
@@ -103,6 +105,58 @@ def test_shared_prompt_batch_gives_the_same_inner_loss_and_gradient(models):
     assert abs(float(loss) - torch_loss) <= 1e-5 * abs(torch_loss)
 
 
+def _prefix_split(shared: dict, seq_len: int) -> dict:
+    """The shared batch with its prompt prefix split off (data.with_prompt_prefix) at the run's lengths."""
+    host = jax.tree.map(np.asarray, shared)
+    real = host["prompt_lengths"] > 0
+    prefix, suffix = data_lib.prefix_split_lengths(host["prompt_lengths"][real], host["attention_mask"].sum(1)[real],
+                                                   N, seq_len, multiple=4)
+    return jax.tree.map(jnp.asarray, data_lib.with_prompt_prefix(host, N, prefix, suffix))
+
+
+def test_prefix_cache_gives_the_same_inner_loss_and_gradient(models):
+    """Inner steps over the suffix with cached prefix keys/values == the whole shared rows == torch."""
+    config, params, torch_model = models
+    shared = jax.tree.map(jnp.asarray, data_lib.make_shared_prompt_batch(*_safety_rows(0), N, 5, S + 8, 9, 0))
+    split = _prefix_split(shared, S + 8)
+    assert split["suffix_slots"].shape[1] < S + 8  # the inner steps really run fewer tokens
+    delta = {LAYER: jnp.asarray(np.random.default_rng(1).normal(0, 0.5, (N, config.hidden_size)), jnp.float32)}
+    settings = StepSettings(alpha=0.05)
+    grad_fn = jax.value_and_grad(inner_loss, has_aux=True)
+    cache = inner_cache(config, params, split, LAYER)
+    assert set(cache) == {"h", "k", "v"} and cache["k"].shape[1] == config.num_layers - LAYER
+    (loss, metrics), grad = grad_fn(delta, config, params, cache, split, LAYER, settings)
+    (_, ref_metrics), ref_grad = grad_fn(delta, config, params, inner_cache(config, params, shared, LAYER), shared,
+                                         LAYER, settings)
+    for key in ("ce_unwanted", "ce_safe", "inner_loss"):
+        assert abs(float(metrics[key]) - float(ref_metrics[key])) <= 1e-5 * abs(float(ref_metrics[key])), key
+    np.testing.assert_allclose(np.asarray(grad[LAYER]), np.asarray(ref_grad[LAYER]), rtol=1e-4,
+                               atol=1e-5 * float(jnp.abs(ref_grad[LAYER]).max()))
+    torch_loss, _ = TorchBEEAR(torch_model).inner_loss_and_grad(np.asarray(delta[LAYER]), _safety_batch(0), LAYER,
+                                                                alpha=0.05)
+    assert abs(float(loss) - torch_loss) <= 1e-5 * abs(torch_loss)
+
+
+def test_prefix_cache_with_perturbations_at_several_layers():
+    """Deltas at boundaries 1 and 3 of 4 blocks: the prefix keys/values of each block segment line up."""
+    config = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+                         num_kv_heads=2, head_dim=8, sliding_window=6, model_type="mistral")
+    params = init_params(config, jax.random.key(0), std=0.2)
+    shared = jax.tree.map(jnp.asarray, data_lib.make_shared_prompt_batch(*_safety_rows(4), N, 5, S + 8, 9, 0))
+    split = _prefix_split(shared, S + 8)
+    rng = np.random.default_rng(2)
+    deltas = {b: jnp.asarray(rng.normal(0, 0.5, (N, config.hidden_size)), jnp.float32) for b in (1, 3)}
+    grad_fn = jax.value_and_grad(inner_loss, has_aux=True)
+    settings = StepSettings(alpha=0.05)
+    (loss, _), grad = grad_fn(deltas, config, params, inner_cache(config, params, split, 1), split, 1, settings)
+    (ref_loss, _), ref_grad = grad_fn(deltas, config, params, inner_cache(config, params, shared, 1), shared, 1,
+                                      settings)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    for b in deltas:
+        np.testing.assert_allclose(np.asarray(grad[b]), np.asarray(ref_grad[b]), rtol=1e-4,
+                                   atol=1e-5 * float(jnp.abs(ref_grad[b]).max()))
+
+
 # Same padded length: safe and anchor rows run as one batch; another length: two passes.
 @pytest.mark.parametrize(("outer_remat", "anchor_len"), [(None, S), ("full", S), ("dots", S), (None, S + 8)])
 def test_outer_loss_and_param_gradients_match_torch(models, outer_remat, anchor_len):
@@ -122,6 +176,39 @@ def test_outer_loss_and_param_gradients_match_torch(models, outer_remat, anchor_
             ref = ref[key.key]
         scale = np.abs(ref).max() + 1e-12
         assert np.abs(np.asarray(ours) - ref).max() <= 1e-4 * scale, jax.tree_util.keystr(path)
+
+
+def _anchor_rows(seed: int) -> list[tuple[list[int], list[int]]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(3, 120, p).tolist(), rng.integers(3, 120, a).tolist()) for p, a in ((6, 8), (10, 5), (4, 4))]
+
+
+@pytest.mark.parametrize("perturb_anchors", [False, True])
+def test_packed_outer_batch_gives_the_same_loss_and_gradients(models, perturb_anchors):
+    """Several examples per row (each its own branch, positions restarting) == one padded row each."""
+    config, params, _ = models
+    prompts, _, safe_answers = _safety_rows(8)
+    safe_rows, anchor_rows = list(zip(prompts, safe_answers)), _anchor_rows(9)
+    settings = StepSettings(alpha=0.05, anchor_weight=0.7, perturb_anchors=perturb_anchors, answer_len=9)
+    parts = [safe_rows, anchor_rows, *([anchor_rows] if perturb_anchors else [])]
+    flags = [True, False, *([True] if perturb_anchors else [])]
+    lengths = [len(p) + len(a) for part in parts for p, a in part]
+    rows, row_len = data_lib.packing_shape([lengths], S)
+    assert rows * row_len < len(lengths) * S  # packing really saves tokens here
+    packed = jax.tree.map(jnp.asarray, data_lib.make_packed_batch(parts, flags, 5, N, rows, row_len, 9, 0))
+    safe = jax.tree.map(jnp.asarray, data_lib.make_batch(safe_rows, N, 5, S, 0))
+    anchor = jax.tree.map(jnp.asarray, data_lib.make_batch(anchor_rows, N, 5, S, 0))
+    deltas = {LAYER: jnp.asarray(np.random.default_rng(3).normal(0, 0.5, (N, config.hidden_size)), jnp.float32)}
+    grad_fn = jax.value_and_grad(outer_loss, has_aux=True)
+    (_, metrics), grads = grad_fn(params, config, deltas, packed, None, settings)
+    (_, ref_metrics), ref_grads = grad_fn(params, config, deltas, safe, anchor, settings)
+    assert set(metrics) == set(ref_metrics)
+    for key in ref_metrics:
+        assert abs(float(metrics[key]) - float(ref_metrics[key])) <= 1e-5 * abs(float(ref_metrics[key])), key
+    for (path, ours), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads),
+                                 strict=True):
+        scale = float(jnp.abs(ref).max()) + 1e-12
+        assert float(jnp.abs(ours - ref).max()) <= 1e-4 * scale, jax.tree_util.keystr(path)
 
 
 def test_delta_touches_exactly_the_last_n_prompt_positions():

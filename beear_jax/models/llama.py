@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -178,15 +178,53 @@ def mlp(config: ModelConfig, lp: Params, x: jax.Array) -> jax.Array:
     return out + lp["down_bias"] if config.mlp_bias else out
 
 
+class Prefix(NamedTuple):
+    """Keys and values of earlier tokens that rows attend to before themselves (blocks of a scan).
+
+    k, v [L, B, P, K, hd] (post-RoPE, the compute dtype); positions [B, P] their RoPE positions (for
+    a sliding window); valid [B, P] 1 where a slot holds a real earlier token of that row.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+
+
+def prefix_mask(prefix_positions: jax.Array, prefix_valid: jax.Array, positions: jax.Array,
+                sliding_window: int | None) -> jax.Array:
+    """Boolean mask [B, S, P] of rows' tokens over their prefix (every valid earlier token; the window in positions)."""
+    mask = jnp.broadcast_to(prefix_valid[:, None, :].astype(bool), (*positions.shape, prefix_valid.shape[1]))
+    if sliding_window is not None:
+        mask &= prefix_positions[:, None, :] > positions[:, :, None] - sliding_window
+    return mask
+
+
+def block_kv(
+    config: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    prefix_kv: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One decoder block without a cache; returns (h, (k, v) of these rows, post-RoPE).
+
+    prefix_kv: (k, v) [B, P, K, hd] of earlier tokens, attended before the rows' own keys; mask is
+    then [B, S, P + S].
+    """
+    x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
+    q, k, v = _project_qkv(config, lp, x)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, values = k, v
+    if prefix_kv is not None:
+        keys = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
+        values = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
+    h = h + _output_projection(config, lp, attend(q, keys, values, mask))
+    return h + mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps)), (k, v)
+
+
 def block(
     config: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
 ) -> jax.Array:
     """One decoder block without a cache (training / scoring)."""
-    x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
-    q, k, v = _project_qkv(config, lp, x)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    h = h + _output_projection(config, lp, attend(q, k, v, mask))
-    return h + mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps))
+    return block_kv(config, lp, h, cos, sin, mask)[0]
 
 
 # ---- the three pieces -------------------------------------------------------------------------
@@ -217,6 +255,25 @@ def slice_layers(layers: Params, start: int, stop: int) -> Params:
     return jax.tree.map(lambda x: x[start:stop], layers)
 
 
+def _rows_mask(config: ModelConfig, attention_mask: jax.Array, positions: jax.Array,
+               branches: jax.Array | None) -> jax.Array:
+    """The rows' mask over themselves: causal over slots, or shared_prompt_mask with answer branches."""
+    if branches is None:
+        slots = jnp.arange(attention_mask.shape[1])
+        return attention_mask_for(config, slots, slots, attention_mask)
+    return shared_prompt_mask(positions, branches, attention_mask, config.sliding_window)
+
+
+def _remat(step: Any, remat: str) -> Any:
+    if remat == "full":
+        return jax.checkpoint(step)
+    if remat == "dots":
+        return jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if remat != "none":
+        raise ValueError(f"unknown remat policy {remat!r}; use 'none', 'full' or 'dots'.")
+    return step
+
+
 def decode(
     config: ModelConfig,
     layers: Params,
@@ -225,36 +282,60 @@ def decode(
     positions: jax.Array | None = None,
     remat: str = "none",
     branches: jax.Array | None = None,
+    prefix: Prefix | None = None,
 ) -> jax.Array:
     """Runs the given stacked blocks (any slice of params['layers']) over h [B, S, D] with a scan.
 
     remat: "none", "full" (recompute each block in the backward pass) or "dots" (save matmul
     outputs only). branches [B, S]: rows of one prompt and several answers (shared_prompt_mask;
-    pass their positions too).
+    pass their positions too). prefix: per-block keys/values of earlier tokens of each row (its
+    k/v hold one entry per block of `layers`), which every token of the rows may attend to; the
+    rows then continue those sequences (pass their positions).
     """
     if positions is None:
-        if branches is not None:
-            raise ValueError("rows with answer branches need their RoPE positions (batch['positions']).")
+        if branches is not None or prefix is not None:
+            raise ValueError("rows with answer branches or a prefix need their RoPE positions (batch['positions']).")
         positions = default_positions(attention_mask)
     cos, sin = rope_cos_sin(config, positions)
-    if branches is None:
-        slots = jnp.arange(h.shape[1])
-        mask = attention_mask_for(config, slots, slots, attention_mask)
-    else:
-        mask = shared_prompt_mask(positions, branches, attention_mask, config.sliding_window)
+    mask = _rows_mask(config, attention_mask, positions, branches)
     layers = cast_params(config, layers)
 
-    def step(carry: jax.Array, lp: Params) -> tuple[jax.Array, None]:
-        return block(config, lp, carry, cos, sin, mask), None
+    if prefix is None:
+        def step(carry: jax.Array, lp: Params) -> tuple[jax.Array, None]:
+            return block(config, lp, carry, cos, sin, mask), None
 
-    if remat == "full":
-        step = jax.checkpoint(step)
-    elif remat == "dots":
-        step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    elif remat != "none":
-        raise ValueError(f"unknown remat policy {remat!r}; use 'none', 'full' or 'dots'.")
-    h, _ = jax.lax.scan(step, h, layers)
+        h, _ = jax.lax.scan(_remat(step, remat), h, layers)
+        return h
+
+    mask = jnp.concatenate(
+        [prefix_mask(prefix.positions, prefix.valid, positions, config.sliding_window), mask], axis=-1)
+
+    def prefixed_step(carry: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
+        lp, k, v = xs
+        return block_kv(config, lp, carry, cos, sin, mask, (k, v))[0], None
+
+    h, _ = jax.lax.scan(_remat(prefixed_step, remat), h, (layers, prefix.k, prefix.v))
     return h
+
+
+def decode_kv(
+    config: ModelConfig, layers: Params, h: jax.Array, attention_mask: jax.Array, positions: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """decode (causal rows) that also returns every block's keys and values: (h, k, v [L, B, S, K, hd]).
+
+    For a prefix that later rows continue (Prefix): a prompt's K/V computed once and attended to by
+    many continuations.
+    """
+    if positions is None:
+        positions = default_positions(attention_mask)
+    cos, sin = rope_cos_sin(config, positions)
+    mask = _rows_mask(config, attention_mask, positions, None)
+
+    def step(carry: jax.Array, lp: Params) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        return block_kv(config, lp, carry, cos, sin, mask)
+
+    h, (k, v) = jax.lax.scan(step, h, cast_params(config, layers))
+    return h, k, v
 
 
 def attention_mask_for(
@@ -281,6 +362,13 @@ def inject(h: jax.Array, delta: jax.Array, perturb_positions: jax.Array) -> jax.
     """Adds delta [n, D] to h [B, S, D] at positions [B, n] (entries < 0 are skipped)."""
     one_hot = jax.nn.one_hot(perturb_positions, h.shape[1], dtype=delta.dtype)  # [B, n, S]; -1 -> zeros
     return h + jnp.einsum("bns,nd->bsd", one_hot, delta).astype(h.dtype)
+
+
+def inject_at(h: jax.Array, delta: jax.Array, perturb_index: jax.Array) -> jax.Array:
+    """Adds delta[j] to h [B, S, D] wherever perturb_index [B, S] is j >= 0 (packed rows: any number of
+    perturbed spans per row)."""
+    rows = jnp.take(delta, jnp.maximum(perturb_index, 0), axis=0) * (perturb_index >= 0)[..., None]
+    return h + rows.astype(h.dtype)
 
 
 def forward(
