@@ -84,6 +84,15 @@ def test_inner_loss_and_delta_gradient_match_torch(models):
     np.testing.assert_allclose(np.asarray(grad[LAYER]), ref_grad, rtol=1e-5, atol=1e-5 * np.abs(ref_grad).max())
 
 
+def _assert_same_inner(metrics: dict, grads: dict, ref_metrics: dict, ref_grads: dict) -> None:
+    """Inner losses within 1e-5 and each layer's delta gradient within 1e-4 (relative) of the reference."""
+    for key in ("ce_unwanted", "ce_safe", "inner_loss"):
+        assert abs(float(metrics[key]) - float(ref_metrics[key])) <= 1e-5 * abs(float(ref_metrics[key])), key
+    for layer, ref in ref_grads.items():
+        np.testing.assert_allclose(np.asarray(grads[layer]), np.asarray(ref), rtol=1e-4,
+                                   atol=1e-5 * float(jnp.abs(ref).max()))
+
+
 def test_shared_prompt_batch_gives_the_same_inner_loss_and_gradient(models):
     """One row per prompt with both answers as branches == two rows per prompt == the torch reference."""
     config, params, torch_model = models
@@ -97,10 +106,7 @@ def test_shared_prompt_batch_gives_the_same_inner_loss_and_gradient(models):
     joint = _joint(sb)
     (_, ref_metrics), ref_grad = grad_fn(delta, config, params, lower_activations(config, params, joint, LAYER), joint,
                                          LAYER, settings)
-    for key in ("ce_unwanted", "ce_safe", "inner_loss"):
-        assert abs(float(metrics[key]) - float(ref_metrics[key])) <= 1e-5 * abs(float(ref_metrics[key])), key
-    np.testing.assert_allclose(np.asarray(grad[LAYER]), np.asarray(ref_grad[LAYER]), rtol=1e-4,
-                               atol=1e-5 * float(jnp.abs(ref_grad[LAYER]).max()))
+    _assert_same_inner(metrics, grad, ref_metrics, ref_grad)
     torch_loss, _ = TorchBEEAR(torch_model).inner_loss_and_grad(np.asarray(delta[LAYER]), sb, LAYER, alpha=0.05)
     assert abs(float(loss) - torch_loss) <= 1e-5 * abs(torch_loss)
 
@@ -128,10 +134,7 @@ def test_prefix_cache_gives_the_same_inner_loss_and_gradient(models):
     (loss, metrics), grad = grad_fn(delta, config, params, cache, split, LAYER, settings)
     (_, ref_metrics), ref_grad = grad_fn(delta, config, params, inner_cache(config, params, shared, LAYER), shared,
                                          LAYER, settings)
-    for key in ("ce_unwanted", "ce_safe", "inner_loss"):
-        assert abs(float(metrics[key]) - float(ref_metrics[key])) <= 1e-5 * abs(float(ref_metrics[key])), key
-    np.testing.assert_allclose(np.asarray(grad[LAYER]), np.asarray(ref_grad[LAYER]), rtol=1e-4,
-                               atol=1e-5 * float(jnp.abs(ref_grad[LAYER]).max()))
+    _assert_same_inner(metrics, grad, ref_metrics, ref_grad)
     torch_loss, _ = TorchBEEAR(torch_model).inner_loss_and_grad(np.asarray(delta[LAYER]), _safety_batch(0), LAYER,
                                                                 alpha=0.05)
     assert abs(float(loss) - torch_loss) <= 1e-5 * abs(torch_loss)
@@ -148,13 +151,10 @@ def test_prefix_cache_with_perturbations_at_several_layers():
     deltas = {b: jnp.asarray(rng.normal(0, 0.5, (N, config.hidden_size)), jnp.float32) for b in (1, 3)}
     grad_fn = jax.value_and_grad(inner_loss, has_aux=True)
     settings = StepSettings(alpha=0.05)
-    (loss, _), grad = grad_fn(deltas, config, params, inner_cache(config, params, split, 1), split, 1, settings)
-    (ref_loss, _), ref_grad = grad_fn(deltas, config, params, inner_cache(config, params, shared, 1), shared, 1,
-                                      settings)
-    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
-    for b in deltas:
-        np.testing.assert_allclose(np.asarray(grad[b]), np.asarray(ref_grad[b]), rtol=1e-4,
-                                   atol=1e-5 * float(jnp.abs(ref_grad[b]).max()))
+    (_, metrics), grad = grad_fn(deltas, config, params, inner_cache(config, params, split, 1), split, 1, settings)
+    (_, ref_metrics), ref_grad = grad_fn(deltas, config, params, inner_cache(config, params, shared, 1), shared, 1,
+                                         settings)
+    _assert_same_inner(metrics, grad, ref_metrics, ref_grad)
 
 
 # Same padded length: safe and anchor rows run as one batch; another length: two passes.
