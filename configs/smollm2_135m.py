@@ -37,9 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.outer.lr = 2e-5
     config.outer.anchor_samples = 100
     config.outer.trainable = "all"
-    # [measured] 'dots' (keep matmul outputs, recompute the rest in the backward pass) ran the outer
-    # step 4% faster than 'full' and 6% faster than 'none' on a 2-core CPU (experiments/bench_beear.py
-    # --ablations) for 0.2 GiB more peak memory than 'full' (4.66 vs 4.42 GiB, bench_memory.py).
+    # [measured] 'dots' (keep matmul outputs, recompute the rest in the backward pass) ran the packed
+    # outer step 13% faster than 'full' and 7% faster than 'none' on a 2-core CPU (experiments/
+    # bench_beear.py --ablations, 8.18 / 9.41 / 8.79 s) for 0.2 GiB more peak memory than 'full'
+    # (4.66 vs 4.42 GiB, bench_memory.py, measured with padded outer rows).
     config.outer.remat = "dots"
 
     config.data.max_answer_tokens = 32  # [calib]
