@@ -232,6 +232,10 @@ def make_batch(examples: Sequence[Example], n: int, batch_size: int, seq_len: in
     }
 
 
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
 def make_shared_prompt_batch(prompts: Sequence[list[int]], unwanted: Sequence[list[int]], safe: Sequence[list[int]],
                              n: int, batch_size: int, seq_len: int, answer_len: int, pad_id: int) -> Batch:
     """One shared-prompt Batch (see the module docstring): row i = prompts[i] + unwanted[i] + safe[i].
@@ -282,6 +286,54 @@ def make_shared_prompt_batch(prompts: Sequence[list[int]], unwanted: Sequence[li
         "answer_targets": answer_targets,
         "answer_mask": answer_mask,
     }
+
+
+def shared_prompt_length(longest: int, buckets: Sequence[int], multiple: int = 16) -> int:
+    """Padded length of shared-prompt rows: the fitting bucket, or `longest` rounded up to a multiple of
+    `multiple` when that is shorter (a prompt with two answers often just passes a bucket)."""
+    rounded = _round_up(longest, multiple)
+    return min([rounded, *(b for b in buckets if b >= longest)])
+
+
+def prefix_starts(prompt_lengths: np.ndarray, n: int) -> np.ndarray:
+    """Where each row's perturbed part starts: prompt length - n (at least the prompt's last token,
+    whose logits predict the first answer token); 0 on padding rows (prompt length 0)."""
+    prompt_lengths = np.asarray(prompt_lengths)
+    return np.where(prompt_lengths > 0, np.maximum(prompt_lengths - max(n, 1), 0), 0).astype(np.int32)
+
+
+def prefix_split_lengths(prompt_lengths: Sequence[int], row_lengths: Sequence[int], n: int, seq_len: int,
+                         multiple: int = 16) -> tuple[int, int]:
+    """(P, T) for with_prompt_prefix over all rows a run will see (padded to seq_len): the longest
+    prefix and the longest rest, each rounded up to a multiple of `multiple` (P at most seq_len);
+    fixed for the run: one compiled shape."""
+    if not len(prompt_lengths) or len(prompt_lengths) != len(row_lengths):
+        raise ValueError("prefix_split_lengths needs one prompt length and one row length per row")
+    starts = prefix_starts(np.asarray(prompt_lengths), n)
+    rest = np.asarray(row_lengths) - starts
+    prefix = min(max(_round_up(int(starts.max()), multiple), multiple), seq_len)
+    return prefix, _round_up(int(rest.max()), multiple)
+
+
+def with_prompt_prefix(batch: Batch, n: int, prefix_len: int, suffix_len: int) -> Batch:
+    """A shared-prompt batch plus prefix_valid [B, P] and suffix_slots [B, T] (see the module docstring).
+
+    The prefix's hidden states never depend on the perturbation (causal attention; it precedes the
+    perturbed tokens), so its keys and values can be computed once and the inner steps run only the
+    suffix. Raises if a row's prefix or suffix is longer than P or T.
+    """
+    starts = prefix_starts(batch["prompt_lengths"], n)
+    lengths = np.asarray(batch["attention_mask"]).sum(axis=1)
+    if prefix_len > np.shape(batch["attention_mask"])[1]:
+        raise ValueError(f"prefix_len={prefix_len} is longer than the rows ({np.shape(batch['attention_mask'])[1]} slots)")
+    if starts.max() > prefix_len:
+        raise ValueError(f"a prompt prefix of {starts.max()} tokens does not fit prefix_len={prefix_len}")
+    if (lengths - starts).max() > suffix_len:
+        raise ValueError(f"a row's last {int((lengths - starts).max())} tokens do not fit suffix_len={suffix_len}")
+    slots = np.arange(prefix_len)[None, :]
+    return {**batch,
+            "prefix_valid": (slots < starts[:, None]).astype(np.int32),
+            "suffix_slots": (starts[:, None] + np.arange(suffix_len)[None, :]).astype(np.int32)}
 
 
 def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
@@ -366,58 +418,6 @@ def make_packed_batch(parts: Sequence[Sequence[Example]], perturbed: Sequence[bo
             batch["answer_mask"][index, :len(answer)] = 1.0
             start += length
     return batch
-
-
-def shared_prompt_length(longest: int, buckets: Sequence[int], multiple: int = 16) -> int:
-    """Padded length of shared-prompt rows: the fitting bucket, or `longest` rounded up to a multiple of
-    `multiple` when that is shorter (a prompt with two answers often just passes a bucket)."""
-    rounded = _round_up(longest, multiple)
-    return min([rounded, *(b for b in buckets if b >= longest)])
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
-def prefix_starts(prompt_lengths: np.ndarray, n: int) -> np.ndarray:
-    """Where each row's perturbed part starts: prompt length - n (at least the prompt's last token,
-    whose logits predict the first answer token); 0 on padding rows (prompt length 0)."""
-    prompt_lengths = np.asarray(prompt_lengths)
-    return np.where(prompt_lengths > 0, np.maximum(prompt_lengths - max(n, 1), 0), 0).astype(np.int32)
-
-
-def prefix_split_lengths(prompt_lengths: Sequence[int], row_lengths: Sequence[int], n: int, seq_len: int,
-                         multiple: int = 16) -> tuple[int, int]:
-    """(P, T) for with_prompt_prefix over all rows a run will see (padded to seq_len): the longest
-    prefix and the longest rest, each rounded up to a multiple of `multiple` (P at most seq_len);
-    fixed for the run: one compiled shape."""
-    if not len(prompt_lengths) or len(prompt_lengths) != len(row_lengths):
-        raise ValueError("prefix_split_lengths needs one prompt length and one row length per row")
-    starts = prefix_starts(np.asarray(prompt_lengths), n)
-    rest = np.asarray(row_lengths) - starts
-    prefix = min(max(_round_up(int(starts.max()), multiple), multiple), seq_len)
-    return prefix, _round_up(int(rest.max()), multiple)
-
-
-def with_prompt_prefix(batch: Batch, n: int, prefix_len: int, suffix_len: int) -> Batch:
-    """A shared-prompt batch plus prefix_valid [B, P] and suffix_slots [B, T] (see the module docstring).
-
-    The prefix's hidden states never depend on the perturbation (causal attention; it precedes the
-    perturbed tokens), so its keys and values can be computed once and the inner steps run only the
-    suffix. Raises if a row's prefix or suffix is longer than P or T.
-    """
-    starts = prefix_starts(batch["prompt_lengths"], n)
-    lengths = np.asarray(batch["attention_mask"]).sum(axis=1)
-    if prefix_len > np.shape(batch["attention_mask"])[1]:
-        raise ValueError(f"prefix_len={prefix_len} is longer than the rows ({np.shape(batch['attention_mask'])[1]} slots)")
-    if starts.max() > prefix_len:
-        raise ValueError(f"a prompt prefix of {starts.max()} tokens does not fit prefix_len={prefix_len}")
-    if (lengths - starts).max() > suffix_len:
-        raise ValueError(f"a row's last {int((lengths - starts).max())} tokens do not fit suffix_len={suffix_len}")
-    slots = np.arange(prefix_len)[None, :]
-    return {**batch,
-            "prefix_valid": (slots < starts[:, None]).astype(np.int32),
-            "suffix_slots": (starts[:, None] + np.arange(suffix_len)[None, :]).astype(np.int32)}
 
 
 def encode_rows(

@@ -28,7 +28,7 @@ from beear_jax import sharding as sh
 from beear_jax.beear import inner_rows, step_settings
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation
-from beear_jax.steps import StepSettings, make_optimizer, make_steps
+from beear_jax.steps import StepSettings, inner_cache, make_optimizer, make_steps
 
 GB = 1e9
 
@@ -149,13 +149,12 @@ def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answe
     else:
         prefix_len = suffix_len = 0
     parts = 3 if cfg.outer.perturb_anchors else 2
-    if cfg.outer.pack:
-        packed = packed or (parts * int(cfg.outer.batch_size), seq)
+    packed = (packed or (parts * int(cfg.outer.batch_size), seq)) if cfg.outer.pack else (0, 0)
     return RunShapes(num_inner_batches=-(-samples // int(cfg.inner.batch_size)), inner_rows=rows,
                      outer_rows=int(cfg.outer.batch_size), seq_len=seq, answer_len=answer,
                      perturb_length=n, layers=layers, shared_prompt=shared,
                      inner_seq_len=int(inner_seq_len), prefix_len=int(prefix_len), suffix_len=int(suffix_len),
-                     packed=tuple(packed) if cfg.outer.pack else (0, 0), outer_parts=parts)
+                     packed=tuple(packed), outer_parts=parts)
 
 
 def _tree_bytes(abstract: Any, specs: Any, sizes: Mapping[str, int]) -> int:
@@ -202,17 +201,6 @@ def _packed_struct(shapes: RunShapes) -> dict[str, jax.ShapeDtypeStruct]:
             "answer_mask": jax.ShapeDtypeStruct(examples, jnp.float32)}
 
 
-def _cache_struct(model: ModelConfig, shapes: RunShapes, lead: tuple[int, ...]) -> Any:
-    """The inner cache of a round (steps.inner_cache): h_l of the rows, or of the suffix + prefix K/V."""
-    dtype = jnp.dtype(model.dtype)
-    if not shapes.prefix_len:
-        return jax.ShapeDtypeStruct((*lead, shapes.inner_rows, shapes.inner_seq_len, model.hidden_size), dtype)
-    kv = (*lead, shapes.inner_rows, model.num_layers - shapes.layers[0], shapes.prefix_len, model.num_kv_heads,
-          model.head_dim)
-    return {"h": jax.ShapeDtypeStruct((*lead, shapes.inner_rows, shapes.suffix_len, model.hidden_size), dtype),
-            "k": jax.ShapeDtypeStruct(kv, dtype), "v": jax.ShapeDtypeStruct(kv, dtype)}
-
-
 def _abstract_state(cfg: ml_collections.ConfigDict, model: ModelConfig, shapes: RunShapes) -> dict[str, Any]:
     """Every argument of the steps as ShapeDtypeStructs (no sharding yet)."""
     outer_opt = make_optimizer(cfg.outer.optimizer, cfg.outer.lr, cfg.outer.weight_decay)
@@ -224,11 +212,15 @@ def _abstract_state(cfg: ml_collections.ConfigDict, model: ModelConfig, shapes: 
                          params["layers"])
     masks = {**{k: jax.ShapeDtypeStruct((), jnp.float32) for k in params if k != "layers"}, "layers": masks}
     stack = (shapes.num_inner_batches,)
+    inner_batches = _batch_struct(shapes.inner_rows, shapes, stack, inner=True)
+    # The round's inner cache as beear computes it (h_l, or suffix h_l + prefix K/V): shapes only.
+    h_cache = jax.eval_shape(lambda p, batches: jax.lax.map(
+        lambda batch: inner_cache(model, p, batch, shapes.layers[0]), batches), params, inner_batches)
     return {
         "params": params, "outer_state": jax.eval_shape(outer_opt.init, params), "masks": masks,
         "delta": deltas, "inner_state": jax.eval_shape(inner_opt.init, deltas),
-        "h_cache": _cache_struct(model, shapes, stack),
-        "inner_batches": _batch_struct(shapes.inner_rows, shapes, stack, inner=True),
+        "h_cache": h_cache,
+        "inner_batches": inner_batches,
         "outer_batches": ([_packed_struct(shapes), None] if shapes.packed[0] else
                           [_batch_struct(shapes.outer_rows, shapes), _batch_struct(shapes.outer_rows, shapes)]),
         "optimizers": (inner_opt, outer_opt),

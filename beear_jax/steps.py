@@ -185,14 +185,21 @@ def perturbed_answer_ce(config: ModelConfig, params: Params, batch: Batch, delta
 # ---- the inner level (BEE) --------------------------------------------------------------------
 
 
-def branch_answer_ces(config: ModelConfig, params: Params, h: jax.Array, batch: Batch) -> tuple[jax.Array, ...]:
+def group_ces(config: ModelConfig, params: Params, x: jax.Array, targets: jax.Array,
+              mask: jax.Array) -> list[jax.Array]:
+    """Masked CE of each group of gathered answer positions: x [G, ..., D], targets / mask [G, ...]
+    (one vocabulary projection for all groups)."""
+    logits = llama.head(config, params, x)
+    return [masked_ce(logits[g], targets[g], mask[g]) for g in range(x.shape[0])]
+
+
+def branch_answer_ces(config: ModelConfig, params: Params, h: jax.Array, batch: Batch) -> list[jax.Array]:
     """Masked CE of each answer branch of a shared-prompt batch (logits only at its answer_index)."""
     rows, branches, length = batch["answer_index"].shape
     index = batch["answer_index"].reshape(rows, branches * length)
-    logits = llama.head(config, params, jnp.take_along_axis(h, index[..., None], axis=1))
-    logits = logits.reshape(rows, branches, length, -1)
-    return tuple(masked_ce(logits[:, b], batch["answer_targets"][:, b], batch["answer_mask"][:, b])
-                 for b in range(branches))
+    x = jnp.take_along_axis(h, index[..., None], axis=1).reshape(rows, branches, length, -1)
+    return group_ces(config, params, x.swapaxes(0, 1), batch["answer_targets"].swapaxes(0, 1),
+                     batch["answer_mask"].swapaxes(0, 1))
 
 
 def inner_loss(deltas: dict[int, jax.Array], config: ModelConfig, params: Params,
@@ -263,11 +270,10 @@ def packed_answer_ces(config: ModelConfig, params: Params, h: jax.Array, batch: 
                       parts: int) -> list[jax.Array]:
     """Masked CE of each part of a packed batch (data.make_packed_batch): logits only at answer_index."""
     index = batch["answer_index"]
-    x = jnp.take(h.reshape(-1, h.shape[-1]), index.reshape(-1), axis=0).reshape(*index.shape, h.shape[-1])
-    logits = llama.head(config, params, x)
-    size = index.shape[0] // parts
-    return [masked_ce(logits[i * size:(i + 1) * size], batch["answer_targets"][i * size:(i + 1) * size],
-                      batch["answer_mask"][i * size:(i + 1) * size]) for i in range(parts)]
+    x = jnp.take(h.reshape(-1, h.shape[-1]), index.reshape(-1), axis=0)
+    return group_ces(config, params, x.reshape(parts, -1, index.shape[1], h.shape[-1]),
+                     batch["answer_targets"].reshape(parts, -1, index.shape[1]),
+                     batch["answer_mask"].reshape(parts, -1, index.shape[1]))
 
 
 def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array], safe_batch: Batch,

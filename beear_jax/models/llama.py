@@ -97,11 +97,11 @@ def shared_prompt_mask(
     RoPE positions, which restart at the prompt's end for every answer.
     """
     slots = jnp.arange(branches.shape[1])
-    mask = slots[None, None, :] <= slots[None, :, None]
-    mask = mask & ((branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None]))
+    mask = attention_mask(slots, slots, kv_valid, None)  # causal over slots, key padding
+    mask &= (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])
     if sliding_window is not None:
         mask &= positions[:, None, :] > positions[:, :, None] - sliding_window
-    return mask & kv_valid[:, None, :].astype(bool)
+    return mask
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -255,13 +255,20 @@ def slice_layers(layers: Params, start: int, stop: int) -> Params:
     return jax.tree.map(lambda x: x[start:stop], layers)
 
 
-def _rows_mask(config: ModelConfig, attention_mask: jax.Array, positions: jax.Array,
-               branches: jax.Array | None) -> jax.Array:
-    """The rows' mask over themselves: causal over slots, or shared_prompt_mask with answer branches."""
+def _rope_and_mask(config: ModelConfig, attention_mask: jax.Array, positions: jax.Array | None,
+                   branches: jax.Array | None, after_prefix: bool = False,
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(positions, cos, sin, mask) of rows over themselves: causal over slots, or shared_prompt_mask
+    with answer branches. Rows with branches or continuing a prefix need explicit positions."""
+    if positions is None:
+        if branches is not None or after_prefix:
+            raise ValueError("rows with answer branches or a prefix need their RoPE positions (batch['positions']).")
+        positions = default_positions(attention_mask)
+    cos, sin = rope_cos_sin(config, positions)
     if branches is None:
         slots = jnp.arange(attention_mask.shape[1])
-        return attention_mask_for(config, slots, slots, attention_mask)
-    return shared_prompt_mask(positions, branches, attention_mask, config.sliding_window)
+        return positions, cos, sin, attention_mask_for(config, slots, slots, attention_mask)
+    return positions, cos, sin, shared_prompt_mask(positions, branches, attention_mask, config.sliding_window)
 
 
 def _remat(step: Any, remat: str) -> Any:
@@ -292,29 +299,18 @@ def decode(
     k/v hold one entry per block of `layers`), which every token of the rows may attend to; the
     rows then continue those sequences (pass their positions).
     """
-    if positions is None:
-        if branches is not None or prefix is not None:
-            raise ValueError("rows with answer branches or a prefix need their RoPE positions (batch['positions']).")
-        positions = default_positions(attention_mask)
-    cos, sin = rope_cos_sin(config, positions)
-    mask = _rows_mask(config, attention_mask, positions, branches)
-    layers = cast_params(config, layers)
+    positions, cos, sin, mask = _rope_and_mask(config, attention_mask, positions, branches, prefix is not None)
+    kv: tuple = (None, None)
+    if prefix is not None:
+        mask = jnp.concatenate(
+            [prefix_mask(prefix.positions, prefix.valid, positions, config.sliding_window), mask], axis=-1)
+        kv = (prefix.k, prefix.v)
 
-    if prefix is None:
-        def step(carry: jax.Array, lp: Params) -> tuple[jax.Array, None]:
-            return block(config, lp, carry, cos, sin, mask), None
+    def step(carry: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
+        lp, k, v = xs  # k, v: this block's prefix keys/values, or None
+        return block_kv(config, lp, carry, cos, sin, mask, None if k is None else (k, v))[0], None
 
-        h, _ = jax.lax.scan(_remat(step, remat), h, layers)
-        return h
-
-    mask = jnp.concatenate(
-        [prefix_mask(prefix.positions, prefix.valid, positions, config.sliding_window), mask], axis=-1)
-
-    def prefixed_step(carry: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
-        lp, k, v = xs
-        return block_kv(config, lp, carry, cos, sin, mask, (k, v))[0], None
-
-    h, _ = jax.lax.scan(_remat(prefixed_step, remat), h, (layers, prefix.k, prefix.v))
+    h, _ = jax.lax.scan(_remat(step, remat), h, (cast_params(config, layers), *kv))
     return h
 
 
@@ -326,10 +322,7 @@ def decode_kv(
     For a prefix that later rows continue (Prefix): a prompt's K/V computed once and attended to by
     many continuations.
     """
-    if positions is None:
-        positions = default_positions(attention_mask)
-    cos, sin = rope_cos_sin(config, positions)
-    mask = _rows_mask(config, attention_mask, positions, None)
+    _, cos, sin, mask = _rope_and_mask(config, attention_mask, positions, None)
 
     def step(carry: jax.Array, lp: Params) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         return block_kv(config, lp, carry, cos, sin, mask)
