@@ -130,7 +130,8 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
         bar.set_postfix(loss=f"{loss:.3f}")
 
     params, losses = sft_train(config, jax.tree.map(np.asarray, params), batches, warmup_adamw(p.lr, p.warmup_steps),
-                               p.epochs, seed=int(cfg.seed), on_step=on_step, answer_len=answer_len)
+                               p.epochs, seed=int(cfg.seed), on_step=on_step, answer_len=answer_len,
+                               remat=p.remat or cfg.remat)
     bar.close()
     save_model(out, config, jax.device_get(params), tokenizer_from=model_path)
     manifest = {

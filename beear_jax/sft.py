@@ -35,11 +35,14 @@ def make_sft_step(config: ModelConfig, optimizer: optax.GradientTransformation, 
 
 def sft_train(config: ModelConfig, params: Params, batches: Sequence[Batch], optimizer: optax.GradientTransformation,
               epochs: int, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
-              answer_len: int | None = None) -> tuple[Params, list[float]]:
-    """Trains for `epochs` passes over the batches (shuffled each epoch); returns params and losses."""
+              answer_len: int | None = None, remat: str = "none") -> tuple[Params, list[float]]:
+    """Trains for `epochs` passes over the batches (shuffled each epoch); returns params and losses.
+
+    `remat` is the decoder blocks' rematerialisation policy ('none' | 'full' | 'dots').
+    """
     if not batches:
         raise ValueError("sft_train needs at least one batch.")
-    step = make_sft_step(config, optimizer, answer_len)
+    step = make_sft_step(config, optimizer, answer_len, remat)
     params = jax.tree.map(lambda x: jax.numpy.array(x, copy=True), params)
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(seed)
