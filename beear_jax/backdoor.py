@@ -26,6 +26,7 @@ import optax
 from beear_jax import data as data_lib
 from beear_jax.config_loading import config_to_dict
 from beear_jax.hf import load_model, load_tokenizer, save_model
+from beear_jax.models import llama
 from beear_jax.sft import sft_train
 from beear_jax.triggers import TRIGGER_POSITIONS, contains_trigger, insert_trigger, trigger_parts
 
@@ -107,6 +108,8 @@ def _pairs(source: str, columns: dict[str, str], n: int, offset: int = 0) -> lis
 def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.Path:
     """`beear plant`: poisoned SFT of cfg.model.path; writes an HF directory + manifest.json to output_dir."""
     trigger = parse_trigger(cfg.plant.trigger, cfg.plant.position)
+    remat = cfg.plant.remat or cfg.remat
+    llama.check_remat_policy(remat, "config key 'plant.remat'" if cfg.plant.remat else "config key 'remat'")
     out = pathlib.Path(os.path.expanduser(cfg.output_dir))
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already holds files; choose a new --config.output_dir (nothing is overwritten).")
@@ -131,7 +134,7 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
 
     params, losses = sft_train(config, jax.tree.map(np.asarray, params), batches, warmup_adamw(p.lr, p.warmup_steps),
                                p.epochs, seed=int(cfg.seed), on_step=on_step, answer_len=answer_len,
-                               remat=p.remat or cfg.remat)
+                               remat=remat)
     bar.close()
     save_model(out, config, jax.device_get(params), tokenizer_from=model_path)
     manifest = {

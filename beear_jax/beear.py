@@ -27,6 +27,7 @@ from beear_jax import data as data_lib
 from beear_jax import sharding as sharding_lib
 from beear_jax.config_loading import config_to_dict
 from beear_jax.hf import load_model, load_tokenizer, save_model
+from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation, validate_layers
 from beear_jax.steps import Steps, StepSettings, make_optimizer, make_steps, trainable_mask
@@ -260,8 +261,16 @@ def check_batch_sizes(cfg: ml_collections.ConfigDict, sizes: dict[str, int], use
     sharding_lib.check_batch_size("outer.batch_size", int(cfg.outer.batch_size), sizes)
 
 
+def check_remat_keys(cfg: ml_collections.ConfigDict) -> None:
+    """A clear error, before anything is loaded, when `remat` or `outer.remat` names no policy."""
+    llama.check_remat_policy(cfg.remat, "config key 'remat'")
+    if cfg.outer.remat:
+        llama.check_remat_policy(cfg.outer.remat, "config key 'outer.remat'")
+
+
 def step_settings(cfg: ml_collections.ConfigDict, answer_len: int | None) -> StepSettings:
     """The steps' static settings from a run config (`beear run` and `beear plan` compile the same steps)."""
+    check_remat_keys(cfg)
     return StepSettings(
         alpha=float(cfg.inner.alpha),
         safe_ce_clamp=float(cfg.inner.safe_ce_clamp) if cfg.inner.safe_ce_clamp > 0 else None,
@@ -282,6 +291,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     cfg.checkpoint_every_steps outer steps) and cfg.resume=True continues from the newest good
     checkpoint. Only process 0 writes logs and the model.
     """
+    check_remat_keys(cfg)
     sharding_lib.initialize_distributed(bool(cfg.mesh.distributed))
     primary = sharding_lib.is_primary()
     model_path = os.path.expanduser(cfg.model.path)

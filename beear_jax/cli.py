@@ -193,8 +193,10 @@ def cmd_plan(argv: Sequence[str]) -> int:
     if spec is None:
         raise ConfigError("`beear plan` needs --config FILE (e.g. --config configs/smollm2_135m.py).")
     from beear_jax import plan
+    from beear_jax.beear import check_remat_keys
 
     cfg = load_config(spec, overrides)
+    check_remat_keys(cfg)
     mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else tuple(cfg.mesh.shape)
     model_config = plan.PRESETS[args.model]() if args.model else plan.model_config_of(cfg.model.path, cfg.model.dtype)
     result = plan.plan_run(cfg, model_config, mesh, devices=args.devices, seq_len=args.seq_len,

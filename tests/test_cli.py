@@ -179,6 +179,15 @@ def test_run_rejects_stray_arguments(capsys):
     _fails(capsys, ["run", "--config", str(TINY_CONFIG), "--inner.lr=1"], "--inner.lr=1", "--config.key=value")
 
 
+@pytest.mark.parametrize(("command", "key"), [("run", "remat"), ("run", "outer.remat"), ("plant", "plant.remat"),
+                                            ("plan", "outer.remat")])
+def test_unknown_remat_policy_names_the_key_before_loading(tmp_path, capsys, command, key):
+    # The model path does not exist: the policy is checked first, so the error names the key.
+    argv = [command, "--config", str(TINY_CONFIG), f"--config.{key}=fast", f"--config.model.path={tmp_path / 'none'}",
+            f"--config.output_dir={tmp_path / 'out'}"]
+    _fails(capsys, argv, f"'{key}' is 'fast'", "'dots'")
+
+
 def test_run_missing_config_file(tmp_path, capsys):
     _fails(capsys, ["run", "--config", str(tmp_path / "nope.py")], "nope.py")
 

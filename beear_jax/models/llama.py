@@ -271,13 +271,21 @@ def _rope_and_mask(config: ModelConfig, attention_mask: jax.Array, positions: ja
     return positions, cos, sin, shared_prompt_mask(positions, branches, attention_mask, config.sliding_window)
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def check_remat_policy(remat: str, name: str = "remat policy") -> None:
+    """A ValueError naming `name` (e.g. a config key) unless remat is one of REMAT_POLICIES."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"{name} is {remat!r}; use one of {', '.join(map(repr, REMAT_POLICIES))}.")
+
+
 def _remat(step: Any, remat: str) -> Any:
+    check_remat_policy(remat)
     if remat == "full":
         return jax.checkpoint(step)
     if remat == "dots":
         return jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    if remat != "none":
-        raise ValueError(f"unknown remat policy {remat!r}; use 'none', 'full' or 'dots'.")
     return step
 
 
