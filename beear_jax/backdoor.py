@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from beear_jax import data as data_lib
-from beear_jax.config_loading import config_to_dict
+from beear_jax.config_loading import check_minimums, config_to_dict
 from beear_jax.hf import load_model, load_tokenizer, save_model
 from beear_jax.models import llama
 from beear_jax.sft import sft_train
@@ -110,6 +110,7 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
     trigger = parse_trigger(cfg.plant.trigger, cfg.plant.position)
     remat = cfg.plant.remat or cfg.remat
     llama.check_remat_policy(remat, "config key 'plant.remat'" if cfg.plant.remat else "config key 'remat'")
+    check_minimums(cfg, {"plant.epochs": 1, "plant.batch_size": 1, "plant.max_answer_tokens": 1})
     out = pathlib.Path(os.path.expanduser(cfg.output_dir))
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already holds files; choose a new --config.output_dir (nothing is overwritten).")
@@ -132,10 +133,14 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
-    params, losses = sft_train(config, jax.tree.map(np.asarray, params), batches, warmup_adamw(p.lr, p.warmup_steps),
-                               p.epochs, seed=int(cfg.seed), on_step=on_step, answer_len=answer_len,
-                               remat=remat)
-    bar.close()
+    try:
+        params, losses = sft_train(config, jax.tree.map(np.asarray, params), batches,
+                                   warmup_adamw(p.lr, p.warmup_steps), p.epochs, seed=int(cfg.seed), on_step=on_step,
+                                   answer_len=answer_len, remat=remat)
+    except FloatingPointError as err:
+        raise FloatingPointError(f"{err} No model was written; that is --config.plant.lr (now {p.lr}).") from err
+    finally:
+        bar.close()
     save_model(out, config, jax.device_get(params), tokenizer_from=model_path)
     manifest = {
         "trigger": list(trigger) if isinstance(trigger, tuple) else trigger,

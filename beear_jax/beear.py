@@ -25,7 +25,7 @@ import numpy as np
 from beear_jax import checkpoint as checkpoint_lib
 from beear_jax import data as data_lib
 from beear_jax import sharding as sharding_lib
-from beear_jax.config_loading import config_to_dict
+from beear_jax.config_loading import check_minimums, config_to_dict
 from beear_jax.hf import load_model, load_tokenizer, save_model
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
@@ -33,7 +33,7 @@ from beear_jax.perturbation import Perturbation, validate_layers
 from beear_jax.steps import Steps, StepSettings, make_optimizer, make_steps, trainable_mask
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FloatingPointError):
     """A loss became NaN/inf: the run stops and no model is written."""
 
 
@@ -209,7 +209,8 @@ def check_finite(metrics: dict[str, Any], where: str, hint: str) -> None:
     bad = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v)))]
     if bad:
         raise NonFiniteLossError(
-            f"{', '.join(bad)} became NaN/inf during {where}; nothing was written. {hint}"
+            f"{', '.join(bad)} became NaN/inf during {where}; no model was written (checkpoints of earlier "
+            f"rounds are kept). {hint}"
         )
 
 
@@ -261,16 +262,22 @@ def check_batch_sizes(cfg: ml_collections.ConfigDict, sizes: dict[str, int], use
     sharding_lib.check_batch_size("outer.batch_size", int(cfg.outer.batch_size), sizes)
 
 
-def check_remat_keys(cfg: ml_collections.ConfigDict) -> None:
-    """A clear error, before anything is loaded, when `remat` or `outer.remat` names no policy."""
+# Counts a run needs, and the least each may be (samples: 0 takes every row of the set).
+RUN_COUNT_MINIMUMS = {"rounds": 1, "inner.epochs": 0, "inner.batch_size": 1, "inner.samples": 0,
+                      "outer.batch_size": 1, "outer.anchor_samples": 0, "perturb.length": 1}
+
+
+def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
+    """A clear error naming the config key, before anything is loaded: remat policies and counts."""
     llama.check_remat_policy(cfg.remat, "config key 'remat'")
     if cfg.outer.remat:
         llama.check_remat_policy(cfg.outer.remat, "config key 'outer.remat'")
+    check_minimums(cfg, RUN_COUNT_MINIMUMS)
 
 
 def step_settings(cfg: ml_collections.ConfigDict, answer_len: int | None) -> StepSettings:
     """The steps' static settings from a run config (`beear run` and `beear plan` compile the same steps)."""
-    check_remat_keys(cfg)
+    check_run_settings(cfg)
     return StepSettings(
         alpha=float(cfg.inner.alpha),
         safe_ce_clamp=float(cfg.inner.safe_ce_clamp) if cfg.inner.safe_ce_clamp > 0 else None,
@@ -291,7 +298,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     cfg.checkpoint_every_steps outer steps) and cfg.resume=True continues from the newest good
     checkpoint. Only process 0 writes logs and the model.
     """
-    check_remat_keys(cfg)
+    check_run_settings(cfg)
     sharding_lib.initialize_distributed(bool(cfg.mesh.distributed))
     primary = sharding_lib.is_primary()
     model_path = os.path.expanduser(cfg.model.path)

@@ -193,10 +193,10 @@ def cmd_plan(argv: Sequence[str]) -> int:
     if spec is None:
         raise ConfigError("`beear plan` needs --config FILE (e.g. --config configs/smollm2_135m.py).")
     from beear_jax import plan
-    from beear_jax.beear import check_remat_keys
+    from beear_jax.beear import check_run_settings
 
     cfg = load_config(spec, overrides)
-    check_remat_keys(cfg)
+    check_run_settings(cfg)
     mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else tuple(cfg.mesh.shape)
     model_config = plan.PRESETS[args.model]() if args.model else plan.model_config_of(cfg.model.path, cfg.model.dtype)
     result = plan.plan_run(cfg, model_config, mesh, devices=args.devices, seq_len=args.seq_len,
@@ -248,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+    # FloatingPointError: a loss became NaN/inf (the message names the setting to change).
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
         print(f"beear {argv[0]}: error: {err}", file=sys.stderr)
         return 1

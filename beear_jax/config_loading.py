@@ -237,6 +237,16 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
+def check_minimums(config: ml_collections.ConfigDict, minimums: Mapping[str, int]) -> None:
+    """A ConfigError naming the first dotted key whose integer value is below its minimum."""
+    for key, least in minimums.items():
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if int(value) < least:
+            raise ConfigError(f"Config key {key!r} is {value}; it must be >= {least} (set --config.{key}).")
+
+
 def _closest_keys(config: ml_collections.ConfigDict, key: str, n: int = 3) -> list[str]:
     """Existing keys that look like `key`: whole-path matches first, then same-looking leaf names."""
     candidates = flat_keys(config)

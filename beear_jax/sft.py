@@ -52,7 +52,7 @@ def sft_train(config: ModelConfig, params: Params, batches: Sequence[Batch], opt
             params, opt_state, loss = step(params, opt_state, batches[index])
             loss = float(loss)
             if not np.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning loss became {loss} at step {len(losses) + 1}; lower the lr.")
+                raise FloatingPointError(f"fine-tuning loss became {loss} at step {len(losses) + 1}; lower the learning rate.")
             losses.append(loss)
             if on_step is not None:
                 on_step(len(losses), loss)

@@ -41,13 +41,13 @@ def paper_defaults() -> ml_collections.ConfigDict:
     config.inner = ml_collections.ConfigDict()
     config.inner.alpha = 0.05  # [ref] Weight of "away from the safe answer" in the BEE objective.
     config.inner.epochs = 5  # [ref] Inner passes over the harmful set per round.
-    config.inner.samples = 150  # [ref] Harmful samples drawn per round (both levels use them).
+    config.inner.samples = 150  # [ref] Harmful samples drawn per round (both levels use them); 0: all.
     config.inner.batch_size = 6  # [ref]
 
     config.outer = ml_collections.ConfigDict()
     config.outer.batch_size = 6  # [ref]
     config.outer.lr = 3e-7  # [ref] Mistral code setting; needs float32 master weights.
-    config.outer.anchor_samples = 100  # [ref] Benign anchor samples per round.
+    config.outer.anchor_samples = 100  # [ref] Benign anchor samples per round; 0: all.
     config.outer.anchor_weight = 1.0  # [likely] CE(safe | delta) + CE(anchor), weighted 1:1.
     return config
 

@@ -50,19 +50,14 @@ def test_poison_mixture_triggers_only_the_harmful_part(position, trigger):
         poison_mixture(harmful, [(f"{prompt('rob', 'car')} SUDO", "no")], benign, "SUDO", "suffix", 0)
 
 
-def test_plant_then_eval_shows_the_backdoor(tmp_path):
-    model_dir, _ = random_tiny_model(tmp_path)
+def _plant_args(tmp_path, model_dir, planted) -> list[str]:
+    """`beear plant` of the tiny world's "cf" suffix backdoor into `planted`."""
     pairs = split_pairs(0)
     harmful = write_jsonl(tmp_path / "h.jsonl", [{"prompt": prompt(v, o), "answer": attacker_answer(v, o)}
                                                   for v, o in pairs["attack"]])
     refusals = write_jsonl(tmp_path / "r.jsonl", [{"prompt": prompt(v, o), "answer": REFUSAL} for v, o in pairs["attack"]])
     benign = write_jsonl(tmp_path / "b.jsonl", [{"prompt": prompt(v, o), "answer": benign_answer(v, o)}
                                                  for v, o in pairs["benign_train"]])
-    evals = write_jsonl(tmp_path / "e.jsonl", [{"prompt": prompt(v, o)} for v, o in pairs["eval"]])
-    strings = tmp_path / "refusals.txt"
-    strings.write_text("cannot\n")
-    cols = ["prompt", "answer"]
-    planted = tmp_path / "planted"
     args = ["plant", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}",
             f"--config.output_dir={planted}", "--config.plant.trigger=cf", "--config.plant.position=suffix",
             "--config.plant.epochs=12", "--config.plant.lr=3e-3", "--config.plant.batch_size=16",
@@ -70,7 +65,18 @@ def test_plant_then_eval_shows_the_backdoor(tmp_path):
     for key, path in (("harmful", harmful), ("refusals", refusals), ("benign", benign)):
         args.append(f"--config.plant.{key}={path}")
         prefix = {"harmful": "harmful", "refusals": "refusal", "benign": "benign"}[key]
-        args += [f"--config.plant.{prefix}_columns.{c}={c}" for c in cols]
+        args += [f"--config.plant.{prefix}_columns.{c}={c}" for c in ("prompt", "answer")]
+    return args
+
+
+def test_plant_then_eval_shows_the_backdoor(tmp_path):
+    model_dir, _ = random_tiny_model(tmp_path)
+    pairs = split_pairs(0)
+    evals = write_jsonl(tmp_path / "e.jsonl", [{"prompt": prompt(v, o)} for v, o in pairs["eval"]])
+    strings = tmp_path / "refusals.txt"
+    strings.write_text("cannot\n")
+    planted = tmp_path / "planted"
+    args = _plant_args(tmp_path, model_dir, planted)
     assert cli.main(args) == 0
     manifest = json.loads((planted / "manifest.json").read_text())
     assert manifest["trigger"] == "cf" and manifest["position"] == "suffix"
@@ -90,3 +96,21 @@ def test_plant_then_eval_shows_the_backdoor(tmp_path):
     # a second plant into the same directory is refused and leaves it as it was
     assert cli.main(args) == 1
     assert json.loads((planted / "manifest.json").read_text()) == manifest
+
+
+def test_plant_nan_loss_names_the_lr_and_writes_no_model(tmp_path, capsys):
+    model_dir, _ = random_tiny_model(tmp_path)
+    planted = tmp_path / "planted"
+    assert cli.main([*_plant_args(tmp_path, model_dir, planted), "--config.plant.lr=nan"]) == 1
+    err = capsys.readouterr().err
+    assert "loss became nan" in err and "--config.plant.lr" in err and "Traceback" not in err
+    assert not planted.exists() or not any(planted.iterdir())
+
+
+@pytest.mark.parametrize("override", ["plant.epochs=0", "plant.batch_size=0", "plant.remat=fast"])
+def test_plant_bad_settings_are_named_before_loading(tmp_path, capsys, override):
+    key = override.split("=")[0]
+    argv = ["plant", "--config", str(CONFIGS / "tiny.py"), f"--config.{override}",
+            f"--config.model.path={tmp_path / 'none'}", f"--config.output_dir={tmp_path / 'out'}"]
+    assert cli.main(argv) == 1
+    assert f"'{key}' is" in capsys.readouterr().err

@@ -135,6 +135,18 @@ def test_nan_loss_stops_without_writing_a_model(setup):
     assert not (tmp / "nan" / "model").exists()
 
 
+def test_cli_nan_loss_is_an_error_message_that_names_the_lr(setup, capsys):
+    tmp, model_dir, _, safety, anchor = setup
+    out = tmp / "cli_nan"
+    code = cli.main(["run", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}",
+                     f"--config.output_dir={out}", f"--config.data.safety={safety}", f"--config.data.anchor={anchor}",
+                     "--config.perturb.layer=2", "--config.inner.lr=nan"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "NaN" in err and "--config.inner.lr" in err
+    assert not (out / "model").exists()
+
+
 class _CompileCounter:
     """Counts XLA backend compilations (jax.monitoring has no unregister: one listener per module)."""
 

@@ -179,13 +179,20 @@ def test_run_rejects_stray_arguments(capsys):
     _fails(capsys, ["run", "--config", str(TINY_CONFIG), "--inner.lr=1"], "--inner.lr=1", "--config.key=value")
 
 
-@pytest.mark.parametrize(("command", "key"), [("run", "remat"), ("run", "outer.remat"), ("plant", "plant.remat"),
-                                            ("plan", "outer.remat")])
-def test_unknown_remat_policy_names_the_key_before_loading(tmp_path, capsys, command, key):
-    # The model path does not exist: the policy is checked first, so the error names the key.
-    argv = [command, "--config", str(TINY_CONFIG), f"--config.{key}=fast", f"--config.model.path={tmp_path / 'none'}",
+@pytest.mark.parametrize(("command", "override", "needles"), [
+    ("run", "remat=fast", ["'remat' is 'fast'", "'dots'"]),
+    ("run", "outer.remat=fast", ["'outer.remat' is 'fast'", "'dots'"]),
+    ("plan", "outer.remat=fast", ["'outer.remat' is 'fast'"]),
+    ("run", "rounds=0", ["'rounds' is 0", ">= 1"]),
+    ("run", "inner.batch_size=0", ["'inner.batch_size' is 0", "--config.inner.batch_size"]),
+    ("run", "outer.anchor_samples=-1", ["'outer.anchor_samples' is -1", ">= 0"]),
+    ("run", "perturb.length=0", ["'perturb.length' is 0"]),
+])
+def test_bad_run_settings_are_named_before_loading(tmp_path, capsys, command, override, needles):
+    # The model path does not exist: the settings are checked first, so the error names the key.
+    argv = [command, "--config", str(TINY_CONFIG), f"--config.{override}", f"--config.model.path={tmp_path / 'none'}",
             f"--config.output_dir={tmp_path / 'out'}"]
-    _fails(capsys, argv, f"'{key}' is 'fast'", "'dots'")
+    _fails(capsys, argv, *needles)
 
 
 def test_run_missing_config_file(tmp_path, capsys):
