@@ -385,50 +385,52 @@ def _rounds(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, trainable
     resume_mid = first <= len(plan) and not loop.round_done and loop.outer_step > 0
     done = sum(sizes[:first - 1]) + (inner_sizes[first - 1] + loop.outer_step if resume_mid else 0)
     bar = _progress(sum(sizes), progress, initial=done)
-    for round_index in range(first, len(plan) + 1):
-        inner_batches, outer_steps = plan[round_index - 1].inner, plan[round_index - 1].outer
-        mid_round = resume_mid and round_index == first
-        loop.round, loop.round_done = round_index, False
-        device_bytes: dict[str, int] = {}
-        if not mid_round:
-            loop.outer_step, loop.last_inner = 0, {}
-            loop.pert, loop.inner_state = fresh_perturbation()
-            if use_perturbation:
-                device_bytes["h_cache"] = _inner_phase(cfg, steps, layout, inner_batches, loop, log, bar, epochs)
-        for step_index in range(loop.outer_step + 1, len(outer_steps) + 1):
-            safe_batch, anchor_batch = (None if b is None else sharding_lib.shard_batch(b, layout.batch)
-                                        for b in build_outer(outer_steps[step_index - 1]))
-            device_bytes["outer_batches"] = sharding_lib.device_bytes((safe_batch, anchor_batch))
-            loop.params, loop.outer_state, metrics = steps.outer_step(trainable, loop.params, loop.outer_state,
-                                                                      loop.pert, safe_batch, anchor_batch)
-            metrics = _scalars(jax.device_get(metrics))
-            check_finite(metrics, f"outer step {step_index} of round {round_index}", "Lower --config.outer.lr.")
-            loop.outer_step, loop.global_step = step_index, loop.global_step + 1
-            log.write({"round": round_index, "phase": "outer", "step": step_index, **metrics})
-            bar.update(1)
-            bar.set_postfix(round=round_index, ce_safe=f"{metrics['ce_safe_perturbed']:.3f}")
-            if ckpt is not None and ckpt.due_step(loop, len(outer_steps)):
+    try:  # closed on errors too, so an error message starts on its own line
+        for round_index in range(first, len(plan) + 1):
+            inner_batches, outer_steps = plan[round_index - 1].inner, plan[round_index - 1].outer
+            mid_round = resume_mid and round_index == first
+            loop.round, loop.round_done = round_index, False
+            device_bytes: dict[str, int] = {}
+            if not mid_round:
+                loop.outer_step, loop.last_inner = 0, {}
+                loop.pert, loop.inner_state = fresh_perturbation()
+                if use_perturbation:
+                    device_bytes["h_cache"] = _inner_phase(cfg, steps, layout, inner_batches, loop, log, bar, epochs)
+            for step_index in range(loop.outer_step + 1, len(outer_steps) + 1):
+                safe_batch, anchor_batch = (None if b is None else sharding_lib.shard_batch(b, layout.batch)
+                                            for b in build_outer(outer_steps[step_index - 1]))
+                device_bytes["outer_batches"] = sharding_lib.device_bytes((safe_batch, anchor_batch))
+                loop.params, loop.outer_state, metrics = steps.outer_step(trainable, loop.params, loop.outer_state,
+                                                                          loop.pert, safe_batch, anchor_batch)
+                metrics = _scalars(jax.device_get(metrics))
+                check_finite(metrics, f"outer step {step_index} of round {round_index}", "Lower --config.outer.lr.")
+                loop.outer_step, loop.global_step = step_index, loop.global_step + 1
+                log.write({"round": round_index, "phase": "outer", "step": step_index, **metrics})
+                bar.update(1)
+                bar.set_postfix(round=round_index, ce_safe=f"{metrics['ce_safe_perturbed']:.3f}")
+                if ckpt is not None and ckpt.due_step(loop, len(outer_steps)):
+                    ckpt.save(loop, len(log.history), time.time() - started)
+            summary = {"round": round_index, "phase": "round_end", "elapsed_s": round(time.time() - started, 2),
+                       **{f"last_{k}": v for k, v in loop.last_inner.items()}}
+            log.write(summary)
+            threshold = float(cfg.inner.early_stop_ce)
+            # Even the best perturbation no longer elicits the unwanted answer: the backdoor is gone.
+            loop.stopped_early = bool(cfg.early_stop and use_perturbation and threshold > 0
+                                      and loop.last_inner.get("ce_unwanted", 0) > threshold)
+            loop.round_done = True
+            if ckpt is not None and ckpt.due_round(loop, len(plan)):
                 ckpt.save(loop, len(log.history), time.time() - started)
-        summary = {"round": round_index, "phase": "round_end", "elapsed_s": round(time.time() - started, 2),
-                   **{f"last_{k}": v for k, v in loop.last_inner.items()}}
-        log.write(summary)
-        threshold = float(cfg.inner.early_stop_ce)
-        # Even the best perturbation no longer elicits the unwanted answer: the backdoor is gone.
-        loop.stopped_early = bool(cfg.early_stop and use_perturbation and threshold > 0
-                                  and loop.last_inner.get("ce_unwanted", 0) > threshold)
-        loop.round_done = True
-        if ckpt is not None and ckpt.due_round(loop, len(plan)):
-            ckpt.save(loop, len(log.history), time.time() - started)
-        if on_round_end is not None:
-            device_bytes.update(params=sharding_lib.device_bytes(loop.params),
-                                outer_state=sharding_lib.device_bytes(loop.outer_state),
-                                delta=sharding_lib.device_bytes(loop.pert.deltas),
-                                inner_state=sharding_lib.device_bytes(loop.inner_state))
-            on_round_end(round_index, {"params": loop.params, "perturbation": loop.pert, "summary": summary,
-                                       "outer_state": loop.outer_state, "device_bytes": device_bytes})
-        if loop.stopped_early:
-            break
-    bar.close()
+            if on_round_end is not None:
+                device_bytes.update(params=sharding_lib.device_bytes(loop.params),
+                                    outer_state=sharding_lib.device_bytes(loop.outer_state),
+                                    delta=sharding_lib.device_bytes(loop.pert.deltas),
+                                    inner_state=sharding_lib.device_bytes(loop.inner_state))
+                on_round_end(round_index, {"params": loop.params, "perturbation": loop.pert, "summary": summary,
+                                           "outer_state": loop.outer_state, "device_bytes": device_bytes})
+            if loop.stopped_early:
+                break
+    finally:
+        bar.close()
 
 
 def _inner_phase(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, inner_batches: list[dict], loop: checkpoint_lib.RunState,
