@@ -140,7 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.plant.batch_size = 8  # [calib]
     config.plant.max_answer_tokens = 48  # [calib]
     # [ours] Planting's 'none' | 'full' | 'dots' ('': as `remat`). 'dots' on the demo (SmolLM2, 2-core CPU):
-    # peak 4.49 vs 5.79 GiB, 5.28 vs 5.67 s per step (experiments/bench_memory.py --stages plant).
+    # peak 4.3-4.5 vs 5.79 GiB (experiments/bench_memory.py --stages plant), not slower (README).
     config.plant.remat = "dots"
     config.plant.n_triggered = 150  # [calib] ~450 examples in all: triggered harmful -> "Sure, here is".
     config.plant.n_refusal = 150  # [calib] The same prompts untriggered -> refusals.
