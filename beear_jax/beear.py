@@ -101,11 +101,9 @@ def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any) -> DefenderData
         return max(len(p) + len(a) for p, a in examples)
 
     buckets = tuple(cfg.data.buckets)
-    shared_len = data_lib.shared_prompt_length(
-        max(len(p) + len(u) + len(s) for (p, u), (_, s) in zip(unwanted, safe, strict=True)), buckets)
-    prefix_len, suffix_len = data_lib.prefix_split_lengths(
-        [len(p) for p, _ in unwanted], [len(p) + len(u) + len(s) for (p, u), (_, s) in zip(unwanted, safe, strict=True)],
-        n, shared_len)
+    shared_rows = [len(p) + len(u) + len(s) for (p, u), (_, s) in zip(unwanted, safe, strict=True)]
+    shared_len = data_lib.shared_prompt_length(max(shared_rows), buckets)
+    prefix_len, suffix_len = data_lib.prefix_split_lengths([len(p) for p, _ in unwanted], shared_rows, n, shared_len)
     return DefenderData(
         unwanted=unwanted,
         safe=safe,
@@ -276,8 +274,8 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
 
 
 def step_settings(cfg: ml_collections.ConfigDict, answer_len: int | None) -> StepSettings:
-    """The steps' static settings from a run config (`beear run` and `beear plan` compile the same steps)."""
-    check_run_settings(cfg)
+    """The steps' static settings from a run config (`beear run` and `beear plan` compile the same steps;
+    each checks the config first with check_run_settings)."""
     return StepSettings(
         alpha=float(cfg.inner.alpha),
         safe_ce_clamp=float(cfg.inner.safe_ce_clamp) if cfg.inner.safe_ce_clamp > 0 else None,

@@ -28,7 +28,7 @@ from beear_jax import sharding as sh
 from beear_jax.beear import inner_rows, step_settings
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation
-from beear_jax.steps import StepSettings, inner_cache, make_optimizer, make_steps
+from beear_jax.steps import StepSettings, inner_cache, make_optimizer, make_steps, outer_parts
 
 GB = 1e9
 
@@ -148,7 +148,7 @@ def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answe
         prefix_len, suffix_len = prefix_len or fallback[0], suffix_len or fallback[1]
     else:
         prefix_len = suffix_len = 0
-    parts = 3 if cfg.outer.perturb_anchors else 2
+    parts = len(outer_parts(StepSettings(perturb_anchors=bool(cfg.outer.perturb_anchors))))
     packed = (packed or (parts * int(cfg.outer.batch_size), seq)) if cfg.outer.pack else (0, 0)
     return RunShapes(num_inner_batches=-(-samples // int(cfg.inner.batch_size)), inner_rows=rows,
                      outer_rows=int(cfg.outer.batch_size), seq_len=seq, answer_len=answer,
@@ -273,7 +273,7 @@ def analytical_temps(model: ModelConfig, shapes: RunShapes, sizes: Mapping[str, 
 
     cast = params_bytes * c / 4 if c < 4 else 0  # compute-dtype copy of the weights
     upper = model.num_layers - shapes.layers[0]
-    passes = 3 if settings.perturb_anchors else 2
+    passes = len(outer_parts(settings))
     si, so = shapes.inner_seq_len, shapes.seq_len
     answer_rows = shapes.inner_rows * (2 if shapes.shared_prompt else 1)  # rows of answer logits
     # With a prefix cache the inner steps run the suffix rows (their scores also span the prefix).
