@@ -196,7 +196,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
     from beear_jax.beear import check_run_settings
 
     cfg = load_config(spec, overrides)
-    check_run_settings(cfg)
+    check_run_settings(cfg)  # before model.path is read, so a bad setting is named first (plan_run checks too)
     mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else tuple(cfg.mesh.shape)
     model_config = plan.PRESETS[args.model]() if args.model else plan.model_config_of(cfg.model.path, cfg.model.dtype)
     result = plan.plan_run(cfg, model_config, mesh, devices=args.devices, seq_len=args.seq_len,

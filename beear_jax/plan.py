@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from beear_jax import data as data_lib
 from beear_jax import sharding as sh
-from beear_jax.beear import inner_rows, step_settings
+from beear_jax.beear import check_run_settings, inner_rows, step_settings
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation
 from beear_jax.steps import StepSettings, inner_cache, make_optimizer, make_steps, outer_parts
@@ -331,6 +331,7 @@ def plan_run(cfg: ml_collections.ConfigDict, model: ModelConfig, mesh_shape: Seq
              compile_steps: bool = True, inner_seq_len: int | None = None, prefix_len: int | None = None,
              suffix_len: int | None = None, packed: tuple[int, int] | None = None) -> Plan:
     """The memory plan of `beear run` with cfg on a mesh of mesh_shape (nothing is allocated)."""
+    check_run_settings(cfg)
     resolved = sh.resolve_mesh_shape(mesh_shape, devices or jax.device_count())
     sizes = sh.axis_sizes(resolved)
     shapes = run_shapes(cfg, seq_len, answer_len, inner_seq_len, prefix_len, suffix_len, packed)

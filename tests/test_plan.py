@@ -66,3 +66,9 @@ def test_presets_plan_without_model_files():
     sharded = plan.plan_run(cfg, plan.mistral_7b(), (1, 4, 2), devices=8, compile_steps=False)
     assert sharded.arrays["params"] < plan.plan_run(cfg, plan.mistral_7b(), (1, 1, 1),
                                                     compile_steps=False).arrays["params"] / 7
+
+
+def test_plan_run_names_a_bad_config_key_before_tracing():
+    cfg = load_config(str(CONFIGS / "tiny.py"), {"outer.remat": "everything"})
+    with pytest.raises(ValueError, match="outer.remat"):
+        plan.plan_run(cfg, plan.llama2_7b(), (1, 1, 1), compile_steps=False)
