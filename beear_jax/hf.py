@@ -145,6 +145,9 @@ def _load_gguf(path: pathlib.Path, dtype: str) -> tuple[ModelConfig, dict]:
     except (ValueError, KeyError, IndexError, OSError) as err:
         raise CheckpointError(f"{path}: cannot read this GGUF file ({err}). Check that it is a complete Llama or "
                               "Mistral GGUF file.") from err
+    plain = _config_from_dict(hf, dtype, str(path))
+    meta, freq_factors = hf_gguf.read_gguf_rope(path)
+    hf["rope_scaling"] = hf_gguf.rope_scaling_from_gguf(meta, freq_factors, plain.rope_theta, plain.head_dim, str(path))
     config = _config_from_dict(hf, dtype, str(path))
     tensors = hf_gguf.read_gguf_tensors(path, config.to_hf_dict())
     shapes = {name: x.shape for name, x in tensors.items()}

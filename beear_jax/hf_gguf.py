@@ -1,7 +1,9 @@
 """GGUF import through transformers' GGUF reader (needs torch and gguf: `pip install beear_jax[torch]`).
 
 The reader dequantizes every tensor to float32 and undoes llama.cpp's q/k row permutation, so what it
-returns is an ordinary HF state dict; hf.py maps that to our layout like any other checkpoint.
+returns is an ordinary HF state dict; hf.py maps that to our layout like any other checkpoint. It drops
+RoPE scaling (the `{arch}.rope.scaling.*` keys and llama3's `rope_freqs.weight` tensor), so that is read
+here with the gguf package and turned back into an HF rope_scaling dict, or refused.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import pathlib
 from typing import Any
 
 import numpy as np
+
+from beear_jax.hf_layout import CheckpointError
+from beear_jax.models.llama import scaled_inv_freq
 
 TORCH_HINT = "pip install 'beear_jax[torch]'"
 
@@ -29,6 +34,109 @@ def read_gguf_config(path: pathlib.Path) -> dict[str, Any]:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     return dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+
+
+def _field_value(field: Any) -> Any:
+    """A GGUF metadata field's value (gguf's ReaderField.contents(), or its parts on older gguf releases)."""
+    if hasattr(field, "contents"):
+        return field.contents()
+    part = field.parts[field.data[0]]
+    return bytes(part).decode("utf-8") if part.dtype == np.uint8 else part.tolist()[0]
+
+
+def read_gguf_rope(path: pathlib.Path) -> tuple[dict[str, Any], np.ndarray | None]:
+    """({key suffix after `{arch}.rope.scaling.`: value}, the `rope_freqs.weight` tensor or None) of a GGUF file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = _field_value(reader.fields["general.architecture"]) if "general.architecture" in reader.fields else ""
+    prefix = f"{arch}.rope.scaling."
+    meta = {name[len(prefix):]: _field_value(f) for name, f in reader.fields.items() if name.startswith(prefix)}
+    freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    return meta, (np.asarray(freqs[0].data, dtype=np.float32).reshape(-1) if freqs else None)
+
+
+def rope_scaling_from_gguf(meta: dict[str, Any], freq_factors: np.ndarray | None, rope_theta: float,
+                           head_dim: int, where: str) -> dict[str, Any] | None:
+    """The HF rope_scaling dict of a GGUF file's RoPE metadata, or None for plain RoPE.
+
+    llama.cpp divides each RoPE frequency by `rope_freqs.weight`; Llama 3.x's scaling is stored only that
+    way. Those factors are fitted back to llama3 parameters (low/high_freq_factor are determined only up
+    to a common scale with original_max_position_embeddings, which leaves the frequencies unchanged) and
+    kept only if they reproduce every factor; anything else is refused rather than loaded with wrong RoPE.
+    """
+    kind = str(meta.get("type", "none")).lower()
+    factor = float(meta.get("factor") or 0.0)
+    if freq_factors is not None:
+        if kind not in ("none", "llama3"):
+            raise CheckpointError(f"{where}: RoPE scaling {kind!r} together with rope_freqs.weight is not supported "
+                                  "(beear_jax supports linear and llama3); load the HF checkpoint instead.")
+        return _llama3_from_factors(freq_factors, rope_theta, head_dim,
+                                    int(meta.get("original_context_length") or 8192), where)
+    if kind in ("none", "") or (kind == "linear" and factor in (0.0, 1.0)):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    raise CheckpointError(f"{where}: RoPE scaling {kind!r} is not supported (beear_jax supports linear and "
+                          "llama3); load a checkpoint of a model without it.")
+
+
+def _llama3_from_factors(freq_factors: np.ndarray, rope_theta: float, head_dim: int, old_len: int,
+                         where: str) -> dict[str, Any] | None:
+    if freq_factors.shape != (head_dim // 2,):
+        raise CheckpointError(f"{where}: rope_freqs.weight has shape {freq_factors.shape}, expected "
+                              f"({head_dim // 2},) for head_dim {head_dim}; the file is damaged or not a Llama file.")
+    if not np.all(np.isfinite(freq_factors)) or freq_factors.min() <= 0:
+        raise CheckpointError(f"{where}: rope_freqs.weight holds non-positive or non-finite factors; "
+                              "the file is damaged.")
+    factor = float(freq_factors.max())
+    if np.allclose(freq_factors, 1.0, rtol=0, atol=1e-6):
+        return None
+    if np.allclose(freq_factors, factor, rtol=1e-5, atol=0):
+        return {"rope_type": "linear", "factor": factor}
+    base = scaled_inv_freq(head_dim, rope_theta, {})
+    a, b = _smooth_band_line(freq_factors, 2 * np.pi / base, factor)
+    # s = (old_len / wavelen - low) / (high - low), so a = old_len / (high - low) and b = -low / (high - low).
+    low = -b * old_len / a if a > 0 else 0.0
+    high = low + old_len / a if a > 0 else 0.0
+    target = base / freq_factors
+    for digits in (6, 17):  # a fit of 1.0000001 / 3.9999999 is written as Llama 3's 1 / 4 where that is exact enough
+        scaling = {"rope_type": "llama3", "factor": float(f"{factor:.{digits}g}"),
+                   "low_freq_factor": float(f"{low:.{digits}g}"), "high_freq_factor": float(f"{high:.{digits}g}"),
+                   "original_max_position_embeddings": old_len}
+        if low > 0 and high > low and np.allclose(scaled_inv_freq(head_dim, rope_theta, scaling), target,
+                                                  rtol=1e-4, atol=0):
+            return scaling
+    raise CheckpointError(f"{where}: rope_freqs.weight holds per-frequency RoPE factors that are not a llama3 "
+                          "scaling, which beear_jax cannot represent; load the model's HF checkpoint instead.")
+
+
+def _smooth_band_line(freq_factors: np.ndarray, wavelen: np.ndarray, factor: float) -> tuple[float, float]:
+    """(a, b) with llama3's smoothing weight s = a / wavelen + b, from the frequencies between 1 and factor.
+
+    Two or more such frequencies give a least-squares line. With fewer the line is not determined, and
+    any line works whose band edges (s = 1, s = 0) fall between the unscaled frequencies (factor 1) and
+    the fully scaled ones (factor `factor`): one is chosen halfway into those gaps.
+    """
+    smooth = (1.0 / freq_factors - 1.0 / factor) / (1.0 - 1.0 / factor)
+    band = (freq_factors > 1.0 + 1e-5) & (freq_factors < factor * (1.0 - 1e-5))
+    x = 1.0 / wavelen.astype(np.float64)  # s grows with x: unscaled frequencies have the largest x
+    if band.sum() >= 2:
+        a, b = np.polyfit(x[band], smooth[band].astype(np.float64), 1)
+        return float(a), float(b)
+    x_unscaled = x[np.isclose(freq_factors, 1.0, rtol=1e-5)]
+    x_scaled = x[np.isclose(freq_factors, factor, rtol=1e-5)]
+    if band.sum() == 1:
+        x0, s0 = float(x[band][0]), float(smooth[band][0])
+        slopes = [(1.0 - s0) / (x_unscaled.min() - x0)] if len(x_unscaled) else []
+        slopes += [s0 / (x0 - x_scaled.max())] if len(x_scaled) else []
+        a = 2 * max(slopes) if slopes and max(slopes) > 0 else 1.0 / x0
+        return a, s0 - a * x0
+    if not len(x_unscaled) or not len(x_scaled):
+        return 0.0, 0.0
+    lo, hi = float(x_scaled.max()), float(x_unscaled.min())  # s = 0 at lo + gap/3, s = 1 at hi - gap/3
+    a = 3.0 / (hi - lo)
+    return a, -a * (lo + (hi - lo) / 3)
 
 
 def read_gguf_tensors(path: pathlib.Path, hf_config: dict[str, Any]) -> dict[str, np.ndarray]:

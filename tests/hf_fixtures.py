@@ -41,7 +41,7 @@ def _config(kind: str):
     raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS}")
 
 
-def _randomise(model, seed: int) -> None:
+def randomise(model, seed: int) -> None:
     """Overwrites every parameter: matrices ~ N(0, 0.1), norms ~ 1 + N(0, 0.1), biases ~ N(0, 0.1)."""
     import torch
 
@@ -64,7 +64,7 @@ def make_tiny_hf_model(tmp_path: str | pathlib.Path, kind: str, seed: int = 0):
     config = _config(kind)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _randomise(model, seed)
+    randomise(model, seed)
     model.eval()
     out = pathlib.Path(tmp_path) / kind
     model.save_pretrained(out)
@@ -99,3 +99,68 @@ def torch_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None
 def sample_ids(batch: int = 2, length: int = 12, seed: int = 0) -> np.ndarray:
     """Random token ids [batch, length] (longer than the sliding window of mistral_sliding)."""
     return np.random.default_rng(seed).integers(0, VOCAB, size=(batch, length), dtype=np.int64)
+
+
+def _llama_cpp_order(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order (rotary pairs interleaved per head), which GGUF readers undo."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: str | pathlib.Path, model, rope_scaling: dict | None = None,
+                    rope_freqs: np.ndarray | None = None) -> pathlib.Path:
+    """Writes a float32 GGUF file of a tiny torch Llama/Mistral model, as llama.cpp's converter lays it out.
+
+    rope_scaling: `{arch}.rope.scaling.*` keys (e.g. {"type": "linear", "factor": 4.0});
+    rope_freqs: llama.cpp's per-frequency RoPE divisors (`rope_freqs.weight`, how Llama 3.x's scaling is stored).
+    """
+    import gguf
+
+    c = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    path = pathlib.Path(path)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    w.add_token_scores([0.0] * c.vocab_size)
+    w.add_token_types([1] * c.vocab_size)
+    for key, value in (rope_scaling or {}).items():
+        if key == "type":
+            w.add_rope_scaling_type(gguf.RopeScalingType(value))
+        elif key == "factor":
+            w.add_rope_scaling_factor(value)
+        elif key == "original_context_length":
+            w.add_rope_scaling_orig_ctx_len(value)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for ours, theirs in names.items():
+            w.add_tensor(f"blk.{i}.{ours}.weight", sd[p + theirs + ".weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", _llama_cpp_order(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", _llama_cpp_order(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -340,3 +340,29 @@ def test_unsupported_file(tmp_path):
 def test_dtype_is_validated(tmp_path):
     with pytest.raises(CheckpointError, match="dtype 'int8'"):
         load_model(tmp_path, dtype="int8")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+@pytest.mark.parametrize("rope", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0}])
+def test_keys_left_out_of_config_json_mean_what_they_mean_to_transformers(model_type, rope):
+    import transformers
+
+    from beear_jax.models.config import ModelConfig
+
+    minimal = {"model_type": model_type, "vocab_size": 64, "hidden_size": 64, "intermediate_size": 48,
+               "num_hidden_layers": 1, "num_attention_heads": 8}
+    if rope:
+        minimal["rope_scaling"] = rope
+    ours = ModelConfig.from_hf_dict(dict(minimal))
+    fields = {k: v for k, v in minimal.items() if k != "model_type"}
+    theirs = transformers.AutoConfig.for_model(model_type, **fields)
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.sliding_window == getattr(theirs, "sliding_window", None)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
+        theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
+    assert (ours.rms_norm_eps, ours.tie_word_embeddings) == (theirs.rms_norm_eps, theirs.tie_word_embeddings)
+    assert ours.num_kv_heads == theirs.num_key_value_heads and ours.head_dim == theirs.head_dim
+    if rope:
+        assert dict(ours.rope_scaling)["original_max_position_embeddings"] == \
+            theirs.rope_parameters["original_max_position_embeddings"]

@@ -7,6 +7,12 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# transformers' LlamaConfig / MistralConfig defaults for keys a config.json may leave out, so that a
+# missing key means here what it means to transformers (e.g. Mistral's 4096-token sliding window).
+HF_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "sliding_window": None, "num_key_value_heads": None},
+    "mistral": {"max_position_embeddings": 131072, "sliding_window": 4096, "num_key_value_heads": 8},
+}
 
 
 class ModelConfigError(ValueError):
@@ -101,9 +107,11 @@ class ModelConfig:
             }
         except KeyError as missing:
             raise ModelConfigError(f"config.json lacks the key {missing}.") from None
-        kwargs["num_kv_heads"] = int(hf.get("num_key_value_heads") or heads)
+        defaults = HF_DEFAULTS[model_type]
+        kwargs["num_kv_heads"] = int(hf.get("num_key_value_heads") or defaults["num_key_value_heads"] or heads)
         kwargs["head_dim"] = int(hf.get("head_dim") or hidden // heads)
-        rope_theta, rope_scaling = _rope_from_hf(hf)
+        max_positions = int(hf.get("max_position_embeddings") or defaults["max_position_embeddings"])
+        rope_theta, rope_scaling = _rope_from_hf(hf, max_positions)
         eos = hf.get("eos_token_id", 2)
         return cls(
             **kwargs,
@@ -114,9 +122,9 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", False)) if model_type == "llama" else False,
             mlp_bias=bool(hf.get("mlp_bias", False)) if model_type == "llama" else False,
-            sliding_window=(hf.get("sliding_window") if model_type == "mistral" else None),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            bos_token_id=hf.get("bos_token_id"),
+            sliding_window=hf.get("sliding_window", defaults["sliding_window"]) if model_type == "mistral" else None,
+            max_position_embeddings=max_positions,
+            bos_token_id=hf.get("bos_token_id", 1),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=hf.get("pad_token_id"),
             dtype=dtype,
@@ -160,8 +168,9 @@ class ModelConfig:
         return out
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
-    """rope_theta and scaling from either `rope_parameters` (v5) or `rope_theta`/`rope_scaling` (v4)."""
+def _rope_from_hf(hf: dict[str, Any], max_positions: int) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """rope_theta and scaling from either `rope_parameters` (v5) or `rope_theta`/`rope_scaling` (v4);
+    llama3's original context defaults to max_positions, as in transformers."""
     params = dict(hf.get("rope_parameters") or {})
     legacy = dict(hf.get("rope_scaling") or {})
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -172,7 +181,7 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...
     scaling.pop("type", None)
     rope_type = scaling.get("rope_type", "default")
     if rope_type == "llama3":
-        scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))
+        scaling.setdefault("original_max_position_embeddings", max_positions)
     if rope_type == "default":
         return float(theta), None
     return float(theta), tuple(sorted((k, v) for k, v in scaling.items() if v is not None))

@@ -27,13 +27,18 @@ Params = dict[str, Any]
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """Inverse frequencies [head_dim // 2] (float32), with linear or llama3 scaling applied."""
-    dim = config.head_dim
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
-    scaling = dict(config.rope_scaling or ())
-    if config.rope_type == "linear":
+    return scaled_inv_freq(config.head_dim, config.rope_theta, dict(config.rope_scaling or ()))
+
+
+def scaled_inv_freq(head_dim: int, rope_theta: float, scaling: dict[str, Any]) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim // 2] (float32) for an HF-style scaling dict (rope_type default,
+    linear or llama3), computed as transformers does."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(rope_theta) ** exponents)).astype(np.float32)
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
         return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
-    if config.rope_type == "llama3":
+    if rope_type == "llama3":
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
