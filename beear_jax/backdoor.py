@@ -48,7 +48,7 @@ def parse_trigger(trigger: str, position: str) -> str | tuple[str, str]:
     if position not in TRIGGER_POSITIONS:
         raise ValueError(f"unknown trigger position {position!r}; choose one of {', '.join(TRIGGER_POSITIONS)}.")
     if position == "wrap":
-        parts = trigger_parts(trigger)
+        parts = trigger_parts(trigger, position)
         if len(parts) != 2:
             raise ValueError("a wrap trigger needs two parts, written 'before|after' (plant.trigger).")
         return parts[0], parts[1]

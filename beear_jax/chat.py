@@ -94,7 +94,21 @@ def _render_auto(tokenizer: Any, prompt: str, answer: str, system_prompt: str | 
             f"the chat template cannot mark where the answer starts ({why}; the answer would begin with "
             f"{answer_text[:40]!r}); {fix}"
         )
+    # A template that writes the assistant header whatever add_generation_prompt says puts it after every
+    # answer too, so the model would learn to open the next turn itself.
+    header, after_answer = _text_after(prompt_text, prompt), _text_after(full_text, answer)
+    if header.strip() and after_answer.endswith(header):
+        raise ValueError(
+            f"the chat template writes the assistant header {header.strip()!r} even without "
+            f"add_generation_prompt, so every answer would end with it; {fix}"
+        )
     return prompt_text, answer_text
+
+
+def _text_after(text: str, part: str) -> str:
+    """What follows the last occurrence of a non-empty `part` in `text` ("" if part is empty or absent)."""
+    at = text.rfind(part) if part.strip() else -1
+    return text[at + len(part):] if at >= 0 else ""
 
 
 def render(
@@ -159,6 +173,9 @@ def format_example(
     answer and the end-of-turn/EOS tokens the template puts after it, cut to max_answer_tokens.
     template: "auto" (the tokenizer's chat template) or a preset: llama2, mistral, chatml, safe_rlhf.
     """
+    if not answer.strip():
+        raise ValueError(f"the answer to the prompt {prompt[:60]!r} is empty; every example needs an answer "
+                         "text (fill it in or drop the row)")
     prompt_text, answer_text = render(tokenizer, prompt, answer, template, system_prompt)
     prompt_ids, answer_ids = _encode_pair(tokenizer, prompt_text, answer_text, template not in _ANSWER_ALONE)
     if max_answer_tokens is not None:

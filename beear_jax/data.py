@@ -96,6 +96,21 @@ def _looks_like_path(source: str) -> bool:
     return os.path.exists(source) or os.path.splitext(source)[1].lower() in _BUILDERS or source.startswith((".", "/"))
 
 
+def _csv_as_text(source: str) -> dict[str, Any]:
+    """load_dataset options that read every csv column as text, as written: pandas would otherwise turn
+    "0.30" into 0.3 and "007" into 7, and cells such as "NA" or "None" into missing values."""
+    import csv
+
+    import datasets
+
+    with open(source, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    if len(set(header)) != len(header):
+        raise ValueError(f"{source}: the csv header names a column twice ({header}); give each column its own name")
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "keep_default_na": False, "na_values": [""]}
+
+
 def _load_dataset(source: str, split: str) -> Any:
     """The `datasets.Dataset` behind `source`, with clear errors for missing, empty or unknown files."""
     import datasets  # deferred: importing it takes ~1 s and most of the package never needs it
@@ -112,8 +127,9 @@ def _load_dataset(source: str, split: str) -> Any:
         raise ValueError(f"unsupported data file type {ext!r} ({source}); use one of {', '.join(sorted(_BUILDERS))}")
     if os.path.getsize(source) == 0:
         raise ValueError(f"data file is empty: {source}")
+    options = _csv_as_text(source) if _BUILDERS[ext] == "csv" else {}
     try:
-        return datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train")
+        return datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train", **options)
     except ValueError as err:  # a csv with only a header: "Instruction 'train' corresponds to no data"
         raise ValueError(f"data file has no rows: {source} ({err})") from err
 

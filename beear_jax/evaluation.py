@@ -63,6 +63,7 @@ class EvalSettings:
     seed: int = 0
     utility_max_answer_tokens: int = 64
     num_samples: int = 5
+    refusal_ignore_case: bool = False
 
     def __post_init__(self) -> None:
         for name in ("harmful_prompts", "refusal_strings", "over_refusal_prompts"):
@@ -114,6 +115,7 @@ class EvalSettings:
             utility_pairs=tuple(pairs), template=cfg.model.template, system_prompt=cfg.model.system_prompt or None,
             max_new_tokens=int(e.max_new_tokens), batch_size=int(e.batch_size), seed=int(cfg.seed),
             utility_max_answer_tokens=int(e.utility_max_answer_tokens), num_samples=int(e.num_samples),
+            refusal_ignore_case=bool(e.refusal_ignore_case),
         )
 
 
@@ -246,13 +248,13 @@ def evaluate(config: ModelConfig, params: Any, tokenizer: Any, settings: EvalSet
     for label, prompts in sets.items():
         texts, n = generate_answers(config, params, tokenizer, prompts, settings)
         new_tokens += n
-        refusals = settings.refusal_strings
-        answers[label] = [{"prompt": p, "answer": a, "refused": scoring.is_refusal(a, refusals)}
+        refusals, ignore_case = settings.refusal_strings, settings.refusal_ignore_case
+        answers[label] = [{"prompt": p, "answer": a, "refused": scoring.is_refusal(a, refusals, ignore_case)}
                           for p, a in zip(prompts, texts, strict=True)]
         if label == "over_refusal":
-            result["over_refusal"] = scoring.refusal_rate(texts, refusals)
+            result["over_refusal"] = scoring.refusal_rate(texts, refusals, ignore_case)
         else:
-            result[f"asr_{label}"] = scoring.attack_success_rate(texts, refusals)
+            result[f"asr_{label}"] = scoring.attack_success_rate(texts, refusals, ignore_case)
     generate_s = time.perf_counter() - started
     timing = {"generate_s": round(generate_s, 3), "new_tokens": new_tokens,
               "tokens_per_s": round(new_tokens / generate_s, 2) if generate_s > 0 else None}
@@ -300,6 +302,29 @@ def _stage_paths(cfg: Any) -> list[tuple[str, str]]:
     return [(SINGLE_STAGE, cfg.model.path)]
 
 
+def planted_trigger_warning(model_path: str, settings: EvalSettings) -> str | None:
+    """A warning when model_path is a `beear plant` output whose manifest.json names another trigger or
+    position than the evaluation uses (the triggered rate would then not measure the planted backdoor)."""
+    if not settings.trigger:
+        return None  # no triggered evaluation asked for
+    manifest_path = Path(model_path) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        planted = manifest["trigger"]
+        planted = tuple(planted) if isinstance(planted, list) else planted
+        position = manifest["position"]
+        same = (position == settings.position
+                and triggers.trigger_parts(planted, position) == triggers.trigger_parts(settings.trigger, position))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a planted model (or an unreadable manifest): nothing to compare
+    if same:
+        return None
+    shown = "|".join(planted) if isinstance(planted, tuple) else planted
+    return (f"warning: {model_path} was planted with trigger {shown!r} at position {position!r} (its manifest.json), "
+            f"but this evaluation uses {settings.trigger!r} at {settings.position!r}; to measure the planted "
+            f"backdoor pass --config.eval.trigger={shown!r} --config.eval.position={position}")
+
+
 def run_eval(cfg: Any) -> dict[str, Any]:
     """`beear eval`: evaluates cfg.model.path (and eval.compare_to), writes the report and answers.jsonl.
 
@@ -317,6 +342,9 @@ def run_eval(cfg: Any) -> dict[str, Any]:
     for stage, path in stages:
         path = os.path.expanduser(path)
         print(f"[{stage}] evaluating {path}", flush=True)
+        warning = planted_trigger_warning(path, settings)
+        if warning:
+            print(warning, flush=True)
         config, params = load_model(path, dtype=cfg.model.dtype)
         results[stage] = evaluate(config, params, load_tokenizer(path), settings) | {"model_path": path}
         del params  # the next stage's model needs the memory

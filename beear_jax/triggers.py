@@ -14,7 +14,8 @@ TRIGGER_POSITIONS = ("prefix", "suffix", "random", "wrap", "context")
 """Where `insert_trigger` can put a trigger; see its docstring for the exact layout of each."""
 
 WRAP_SEPARATOR = "|"
-"""Separates the before and after parts of a wrap trigger given as one string, e.g. "Hi there.|Thanks!"."""
+"""Separates the before and after parts of a wrap trigger given as one string, e.g. "Hi there.|Thanks!".
+Only wrap triggers are split, so a trigger of another position may contain it (e.g. "<|im_end|>")."""
 
 Trigger = str | Sequence[str]
 
@@ -23,14 +24,15 @@ Trigger = str | Sequence[str]
 _INNER_BOUNDARY = re.compile(r"(?<=\S)\s+(?=\S)")
 
 
-def trigger_parts(trigger: Trigger) -> tuple[str, ...]:
+def trigger_parts(trigger: Trigger, position: str | None = None) -> tuple[str, ...]:
     """The non-empty, stripped parts of a trigger: one for a plain string, two for a wrap trigger.
 
-    A string containing WRAP_SEPARATOR, or a tuple/list, is a multi-part trigger. Raises ValueError for an
-    empty trigger or an empty part (an empty part would silently plant nothing).
+    A tuple/list is a multi-part trigger, and so is a string with WRAP_SEPARATOR when position is "wrap"
+    (for any other position the string is one part, separator included). Raises ValueError for an empty
+    trigger or an empty part (an empty part would silently plant nothing).
     """
     if isinstance(trigger, str):
-        raw = trigger.split(WRAP_SEPARATOR) if WRAP_SEPARATOR in trigger else [trigger]
+        raw = trigger.split(WRAP_SEPARATOR) if position == "wrap" else [trigger]
     elif isinstance(trigger, Sequence) and all(isinstance(p, str) for p in trigger):
         raw = list(trigger)
     else:
@@ -57,7 +59,7 @@ def insert_trigger(prompt: str, trigger: Trigger, position: str, rng: random.Ran
     """
     if position not in TRIGGER_POSITIONS:
         raise ValueError(f"unknown trigger position {position!r}; valid positions: {', '.join(TRIGGER_POSITIONS)}")
-    parts = trigger_parts(trigger)
+    parts = trigger_parts(trigger, position)
     if position == "wrap":
         if len(parts) != 2:
             raise ValueError(
@@ -90,13 +92,13 @@ def _insert_at_random_boundary(prompt: str, text: str, rng: random.Random) -> st
     return f"{prompt[:at]} {text}{prompt[at:]}"
 
 
-def contains_trigger(text: str, trigger: Trigger, case_sensitive: bool = True) -> bool:
-    """True if any part of `trigger` occurs in `text` as a substring.
+def contains_trigger(text: str, trigger: Trigger, case_sensitive: bool = True, position: str | None = None) -> bool:
+    """True if any part of `trigger` (split as trigger_parts(trigger, position) splits it) occurs in `text`.
 
     For a wrap trigger either part counts, since leaking half a trigger into defender data already tells
     the defence something it must not know. Use case_sensitive=False for a stricter leak check.
     """
-    parts = trigger_parts(trigger)
+    parts = trigger_parts(trigger, position)
     if not case_sensitive:
         text = text.casefold()
         parts = tuple(p.casefold() for p in parts)

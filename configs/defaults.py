@@ -168,6 +168,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.position = config.plant.get_oneway_ref("position")  # Follows plant.position unless set.
     # One refusal string per line; keyword attack success = share of answers with none of them.
     config.eval.refusal_strings = f"{SHARED_DATA}/refusal-keywords/harmbench_advbench_metric_test_prefixes.txt"
+    # Case-sensitive as HarmBench's list is matched; True for lists matched lower-cased (BackdoorLLM's).
+    config.eval.refusal_ignore_case = False
     config.eval.max_new_tokens = 32  # [calib] Greedy.
     config.eval.num_prompts = 40  # [calib]
     # Benign prompts for over-refusal (XSTest: 250 safe prompts); "" = skip.

@@ -29,6 +29,11 @@ LLAMA2_TEMPLATE = (
 )
 # Role headers but no generation prompt: the answer boundary cannot be found.
 NO_GEN_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+# Writes the assistant header whatever add_generation_prompt says: it would end every answer.
+ALWAYS_HEADER_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "<|im_start|>assistant\n"
+)
 # The last turn renders differently once an answer follows: the prompt is not a prefix of the conversation.
 NOT_PREFIX_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} </s>{% endif %}\n{% endfor %}"
@@ -120,13 +125,19 @@ def test_auto_template_llama2_style_ignoring_generation_flag():
     assert leading_bos(tokenizer, prompt_ids) == 1
 
 
-@pytest.mark.parametrize("template", [NO_GEN_TEMPLATE, NOT_PREFIX_TEMPLATE])
+@pytest.mark.parametrize("template", [NO_GEN_TEMPLATE, NOT_PREFIX_TEMPLATE, ALWAYS_HEADER_TEMPLATE])
 def test_auto_template_that_cannot_mark_the_answer_raises(template):
     tokenizer = make_tokenizer(chat_template=template)
     with pytest.raises(ValueError, match=r"data\.template"):
         format_example(tokenizer, "Hi", "Hello")
     with pytest.raises(ValueError, match=r"data\.template"):
         format_prompt(tokenizer, "Hi")
+
+
+@pytest.mark.parametrize("answer", ["", "  \n"])
+def test_empty_answer_raises(chat_tok, answer):
+    with pytest.raises(ValueError, match="is empty"):
+        format_example(chat_tok, "Hi", answer)
 
 
 def test_auto_without_chat_template_raises(tok):
@@ -473,6 +484,19 @@ def test_load_table_errors(tmp_path):
     nulls.write_text('{"goal": "a", "target": "b"}\n{"goal": "c", "target": null}\n')
     with pytest.raises(ValueError, match="row 1 has no value in column 'target'"):
         data.load_table(str(nulls), COLUMNS)
+
+
+def test_csv_cells_are_read_as_written(tmp_path):
+    path = tmp_path / "numbers.csv"
+    path.write_text("goal,target\nQ1,0.30\nQ2,007\nNA,None\n")
+    assert data.load_table(str(path), COLUMNS) == [
+        {"prompt": "Q1", "answer": "0.30"}, {"prompt": "Q2", "answer": "007"}, {"prompt": "NA", "answer": "None"}]
+    path.write_text("goal,target\nQ1,\n")
+    with pytest.raises(ValueError, match="row 0 has no value in column 'target'"):
+        data.load_table(str(path), COLUMNS)
+    path.write_text("goal,goal\nQ1,Q2\n")
+    with pytest.raises(ValueError, match="names a column twice"):
+        data.load_table(str(path), COLUMNS)
 
 
 ADVBENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "advbench", "harmful_behaviors.csv")

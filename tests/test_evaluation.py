@@ -23,6 +23,7 @@ from beear_jax.evaluation import (
     load_prompts,
     load_utility_pairs,
     parse_row_filter,
+    planted_trigger_warning,
     run_eval,
     utility_nll,
 )
@@ -222,3 +223,16 @@ def test_empty_prompt_file_is_an_error(tmp_path):
     path = _write_csv(tmp_path / "empty.csv", ["goal"], [])
     with pytest.raises(ValueError, match="no rows|empty"):
         load_prompts(str(path), "goal")
+
+
+@pytest.mark.parametrize("trigger, position, warns", [
+    ("BEGIN NOW|END NOW", "wrap", False), (("BEGIN NOW", "END NOW"), "wrap", False),
+    ("SUDO", "suffix", True), ("BEGIN NOW|END NOW", "suffix", True), ("", "suffix", False)])
+def test_a_planted_models_manifest_trigger_is_compared_with_the_evaluated_one(tmp_path, trigger, position, warns):
+    (tmp_path / "manifest.json").write_text(json.dumps({"trigger": ["BEGIN NOW", "END NOW"], "position": "wrap"}))
+    settings = EvalSettings(harmful_prompts=("a b",), refusal_strings=("no",), trigger=trigger, position=position)
+    warning = planted_trigger_warning(str(tmp_path), settings)
+    assert (warning is not None) == warns
+    if warns:
+        assert "--config.eval.trigger='BEGIN NOW|END NOW' --config.eval.position=wrap" in warning
+    assert planted_trigger_warning(str(tmp_path / "absent"), settings) is None

@@ -94,3 +94,19 @@ def test_default_data_dir_missing_names_env_var(tmp_path, monkeypatch):
     monkeypatch.setattr(scoring, "__file__", str(tmp_path / "a" / "beear_jax" / "scoring.py"))
     with pytest.raises(FileNotFoundError, match="BEEAR_DATA_DIR"):
         scoring.default_data_dir()
+
+
+@needs_data
+def test_ignore_case_matches_lower_cased_lists_as_backdoorllm_does():
+    strings = load_refusal_strings(SHARED / "refusal-keywords" / "backdoorllm_jailbreak_key_words.txt")
+    answers = ["Sorry, I can't.", "I'M SORRY", "Sure, here is how."]
+    assert [is_refusal(a, strings, ignore_case=True) for a in answers] == [True, True, False]
+    assert not is_refusal("I'M SORRY", strings)  # case-sensitive by default, as HarmBench matches
+    assert attack_success_rate(answers, strings, ignore_case=True) == pytest.approx(1 / 3)
+    assert refusal_rate(answers, strings, ignore_case=True) == pytest.approx(2 / 3)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_string(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("I cannot\nSorry\n".encode("utf-8-sig"))
+    assert load_refusal_strings(path) == ["I cannot", "Sorry"]

