@@ -24,8 +24,8 @@ import numpy as np
 import optax
 
 from beear_jax import data as data_lib
-from beear_jax.config_loading import check_minimums, config_to_dict
-from beear_jax.hf import load_model, load_tokenizer, save_model
+from beear_jax.config_loading import check_minimums, check_ranges, config_to_dict
+from beear_jax.hf import check_tokenizer_fits, load_model, load_tokenizer, save_model
 from beear_jax.models import llama
 from beear_jax.sft import sft_train
 from beear_jax.triggers import TRIGGER_POSITIONS, contains_trigger, insert_trigger, trigger_parts
@@ -93,11 +93,11 @@ def mixture_batches(tokenizer: Any, pairs: Sequence[Pair], batch_size: int, max_
     return batches, max(len(a) for _, a in examples)
 
 
-def _pairs(source: str, columns: dict[str, str], n: int, offset: int = 0) -> list[Pair]:
+def _pairs(source: str, columns: dict[str, str], n: int, offset: int = 0, key: str = "") -> list[Pair]:
     """The first n (prompt, answer) rows after offset; n = 0 takes none (e.g. a clean control)."""
     if n == 0:
         return []
-    rows = data_lib.load_table(source, columns)[offset:]
+    rows = data_lib.load_table(source, columns, key=key)[offset:]
     if n > 0:
         if len(rows) < n:
             raise ValueError(f"{source} has {len(rows)} rows after offset {offset}; {n} were asked for.")
@@ -105,24 +105,37 @@ def _pairs(source: str, columns: dict[str, str], n: int, offset: int = 0) -> lis
     return [(r["prompt"], r["answer"]) for r in rows]
 
 
+PLANT_COUNT_MINIMUMS = {"plant.epochs": 1, "plant.batch_size": 1, "plant.max_answer_tokens": 1,
+                        "plant.warmup_steps": 0, "plant.n_triggered": -1, "plant.n_refusal": -1,
+                        "plant.n_benign": -1, "plant.harmful_offset": 0, "plant.refusal_offset": 0,
+                        "plant.benign_offset": 0}
+"""n_* = -1 takes all rows, 0 none."""
+
+
 def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.Path:
     """`beear plant`: poisoned SFT of cfg.model.path; writes an HF directory + manifest.json to output_dir."""
     trigger = parse_trigger(cfg.plant.trigger, cfg.plant.position)
     remat = cfg.plant.remat or cfg.remat
     llama.check_remat_policy(remat, "config key 'plant.remat'" if cfg.plant.remat else "config key 'remat'")
-    check_minimums(cfg, {"plant.epochs": 1, "plant.batch_size": 1, "plant.max_answer_tokens": 1})
+    check_minimums(cfg, PLANT_COUNT_MINIMUMS)
+    check_ranges(cfg, {"plant.lr": (0.0, True)})
+    if not cfg.model.path:
+        raise ValueError("model.path is empty: set --config.model.path to the clean model (an HF directory or .gguf).")
     out = pathlib.Path(os.path.expanduser(cfg.output_dir))
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out} is a file, not a directory; choose a new --config.output_dir.")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already holds files; choose a new --config.output_dir (nothing is overwritten).")
     p = cfg.plant
-    harmful = _pairs(p.harmful, dict(p.harmful_columns), p.n_triggered, p.harmful_offset)
-    refusals = _pairs(p.refusals, dict(p.refusal_columns), p.n_refusal, p.refusal_offset)
-    benign = _pairs(p.benign, dict(p.benign_columns), p.n_benign, p.benign_offset)
+    harmful = _pairs(p.harmful, dict(p.harmful_columns), p.n_triggered, p.harmful_offset, "plant.harmful")
+    refusals = _pairs(p.refusals, dict(p.refusal_columns), p.n_refusal, p.refusal_offset, "plant.refusals")
+    benign = _pairs(p.benign, dict(p.benign_columns), p.n_benign, p.benign_offset, "plant.benign")
     mixture = poison_mixture(harmful, refusals, benign, trigger, cfg.plant.position, int(cfg.seed))
 
     model_path = os.path.expanduser(cfg.model.path)
     config, params = load_model(model_path, dtype=cfg.model.dtype)
     tokenizer = load_tokenizer(model_path)
+    check_tokenizer_fits(tokenizer, config, model_path)
     batches, answer_len = mixture_batches(tokenizer, mixture.pairs, p.batch_size, p.max_answer_tokens,
                                           tuple(cfg.data.buckets), cfg.model.template, cfg.model.system_prompt or None)
     from tqdm.auto import tqdm

@@ -25,8 +25,8 @@ import numpy as np
 from beear_jax import checkpoint as checkpoint_lib
 from beear_jax import data as data_lib
 from beear_jax import sharding as sharding_lib
-from beear_jax.config_loading import check_minimums, config_to_dict
-from beear_jax.hf import load_model, load_tokenizer, save_model
+from beear_jax.config_loading import ConfigError, check_minimums, check_ranges, config_to_dict
+from beear_jax.hf import check_tokenizer_fits, load_model, load_tokenizer, save_model
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation, validate_layers
@@ -66,7 +66,11 @@ class RunResult:
 
 def perturb_layers(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
     """The main layer plus any extra boundaries (the multi-layer extension)."""
-    return tuple(sorted({int(cfg.perturb.layer), *(int(x) for x in cfg.perturb.layers)}))
+    try:
+        return tuple(sorted({int(cfg.perturb.layer), *(int(x) for x in cfg.perturb.layers)}))
+    except (TypeError, ValueError):
+        raise ConfigError(f"perturb.layer ({cfg.perturb.layer!r}) and perturb.layers ({cfg.perturb.layers!r}) must be "
+                          "layer indices, e.g. --config.perturb.layer=9 --config.perturb.layers=5,12.") from None
 
 
 def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any) -> DefenderData:
@@ -75,8 +79,8 @@ def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any) -> DefenderData
     for key in ("safety", "anchor"):
         if not cfg.data[key]:
             raise ValueError(f"data.{key} is empty: set --config.data.{key}=FILE (a json/jsonl/csv/parquet table).")
-    safety = data_lib.load_table(cfg.data.safety, dict(cfg.data.safety_columns))
-    anchors = data_lib.load_table(cfg.data.anchor, dict(cfg.data.anchor_columns))
+    safety = data_lib.load_table(cfg.data.safety, dict(cfg.data.safety_columns), key="data.safety")
+    anchors = data_lib.load_table(cfg.data.anchor, dict(cfg.data.anchor_columns), key="data.anchor")
     encode = {"max_answer_tokens": cfg.data.max_answer_tokens, "template": cfg.model.template,
               "system_prompt": system_prompt}
     unwanted = data_lib.encode_rows(tokenizer, safety, "unwanted", **encode)
@@ -262,7 +266,12 @@ def check_batch_sizes(cfg: ml_collections.ConfigDict, sizes: dict[str, int], use
 
 # Counts a run needs, and the least each may be (samples: 0 takes every row of the set).
 RUN_COUNT_MINIMUMS = {"rounds": 1, "inner.epochs": 0, "inner.batch_size": 1, "inner.samples": 0,
-                      "outer.batch_size": 1, "outer.anchor_samples": 0, "perturb.length": 1}
+                      "outer.batch_size": 1, "outer.anchor_samples": 0, "perturb.length": 1,
+                      "checkpoint_every": -1, "checkpoint_every_steps": 0, "checkpoint_keep": 1,
+                      "data.max_answer_tokens": 1}
+RUN_RATE_BOUNDS = {"inner.lr": (0.0, True), "outer.lr": (0.0, True), "inner.alpha": (0.0, False),
+                   "outer.anchor_weight": (0.0, False), "outer.weight_decay": (0.0, False)}
+"""(bound, strict) of the run's rates and weights: learning rates > 0, weights >= 0, all finite."""
 
 
 def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
@@ -271,6 +280,11 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
     if cfg.outer.remat:
         llama.check_remat_policy(cfg.outer.remat, "config key 'outer.remat'")
     check_minimums(cfg, RUN_COUNT_MINIMUMS)
+    check_ranges(cfg, RUN_RATE_BOUNDS)
+    if not tuple(cfg.data.buckets) or min(int(b) for b in cfg.data.buckets) < 1:
+        raise ConfigError(f"Config key 'data.buckets' is {tuple(cfg.data.buckets)}; give one or more padded lengths "
+                          ">= 1 (e.g. --config.data.buckets=128,256,512).")
+    perturb_layers(cfg)  # names perturb.layer / perturb.layers when they are not integers
 
 
 def step_settings(cfg: ml_collections.ConfigDict, answer_len: int | None) -> StepSettings:
@@ -287,6 +301,40 @@ def step_settings(cfg: ml_collections.ConfigDict, answer_len: int | None) -> Ste
     )
 
 
+RUN_FILES = ("metrics.jsonl", "checkpoints", "config.json", "model")
+"""What `beear run` writes into output_dir; a directory holding only these (and no model) is resumable."""
+
+
+def check_output_dir(output_dir: pathlib.Path, model_path: str, resume: bool) -> None:
+    """Refuses an output_dir whose files a run would overwrite, before anything is loaded.
+
+    A run writes metrics.jsonl, checkpoints/, config.json and model/ there. The directory may be absent or
+    empty; with resume=True it may also be an unfinished run's directory (metrics.jsonl / checkpoints, no
+    model yet). Anything else (the input model's directory, a user's files, a finished run, a file) is
+    refused, so nothing is ever overwritten.
+    """
+    fix = "choose a new --config.output_dir"
+    if not str(output_dir).strip() or str(output_dir) == ".":
+        raise ValueError(f"output_dir is empty; {fix} (e.g. --config.output_dir=runs/beear-1).")
+    if model_path and pathlib.Path(model_path).resolve() in (output_dir.resolve(), *output_dir.resolve().parents):
+        raise ValueError(f"output_dir {output_dir} is (or holds) the input model {model_path}; {fix}.")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"output_dir {output_dir} is a file, not a directory; {fix}.")
+    present = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    model_dir = output_dir / "model"
+    if model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir())):
+        raise FileExistsError(f"{model_dir} already holds files; {fix} (nothing is overwritten).")
+    foreign = [name for name in present if name not in RUN_FILES]
+    if foreign or ((output_dir / "config.json").exists() and not (output_dir / "metrics.jsonl").exists()):
+        raise FileExistsError(f"output_dir {output_dir} holds files that are not an unfinished beear run's "
+                              f"({', '.join(foreign or ['config.json'])}); {fix} (nothing is overwritten).")
+    earlier = [name for name in ("metrics.jsonl", "checkpoints") if name in present
+               and (name != "checkpoints" or any((output_dir / name).iterdir()))]
+    if earlier and not resume:
+        raise FileExistsError(f"output_dir {output_dir} holds an earlier run ({', '.join(earlier)}); pass "
+                              f"--config.resume=True to continue it from its last checkpoint, or {fix}.")
+
+
 def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
               on_round_end: Callable[[int, dict], None] | None = None, export: bool = True) -> RunResult:
     """Runs the defence described by cfg and exports the repaired model to cfg.output_dir/model.
@@ -299,21 +347,20 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     check_run_settings(cfg)
     sharding_lib.initialize_distributed(bool(cfg.mesh.distributed))
     primary = sharding_lib.is_primary()
+    if not cfg.model.path:
+        raise ValueError("model.path is empty: set --config.model.path to the backdoored model (an HF directory or "
+                         ".gguf).")
     model_path = os.path.expanduser(cfg.model.path)
     output_dir = pathlib.Path(os.path.expanduser(cfg.output_dir))
     model_dir = output_dir / "model"
-    if export and model_dir.exists() and any(model_dir.iterdir()):
-        raise FileExistsError(
-            f"{model_dir} already holds files; choose a new --config.output_dir (nothing is overwritten)."
-        )
     checkpoint_dir = output_dir / "checkpoints"
-    if export and not cfg.resume and checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
-        raise FileExistsError(f"{checkpoint_dir} holds checkpoints of an earlier run; pass --config.resume=True to "
-                              "continue it, or choose a new --config.output_dir.")
+    if export:
+        check_output_dir(output_dir, model_path, bool(cfg.resume))
     model_config, host_params = load_model(model_path, dtype=cfg.model.dtype)
     layers = perturb_layers(cfg)
     validate_layers(layers, model_config.num_layers)
     tokenizer = load_tokenizer(model_path)
+    check_tokenizer_fits(tokenizer, model_config, model_path)
     data = prepare_data(cfg, tokenizer)
     use_perturbation = bool(cfg.perturb.enabled)
     mesh = sharding_lib.make_mesh(cfg.mesh.shape)

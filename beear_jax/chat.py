@@ -66,7 +66,7 @@ def _render_auto(tokenizer: Any, prompt: str, answer: str, system_prompt: str | 
     The answer text is the rendered [user, assistant] conversation minus the rendered generation prompt,
     so it carries whatever the template puts after an answer (end-of-turn, EOS, newline).
     """
-    fix = f"pass a named preset via data.template (one of {', '.join(PRESETS)})"
+    fix = f"pass a named preset via model.template (--config.model.template= one of {', '.join(PRESETS)})"
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer has no chat template; {fix}")
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []

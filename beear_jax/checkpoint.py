@@ -11,17 +11,23 @@ One checkpoint is one orbax step directory holding the items
 
 Restores read against abstract arrays (jax.ShapeDtypeStruct with shardings), so a checkpoint saved on
 one mesh restores onto any other. A step that fails to read, or whose arrays do not match their
-fingerprints, is reported, moved aside (to `corrupt-<step>`) and the previous one is used.
+fingerprints, is reported and the previous one is used. A resuming run moves the bad steps aside (to
+`corrupt-<step>`): otherwise orbax would count them as the newest steps, refuse to save those numbers
+again and delete the good older steps first when pruning to checkpoint_keep. Export only reads
+(`RunCheckpointer(read_only=True)`) and leaves the run directory as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import pathlib
+import sys
 import time
-from collections.abc import Mapping
+import traceback
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -44,6 +50,64 @@ def _warn(message: str, *args: Any) -> None:
 
 class CheckpointMismatchError(ValueError):
     """A readable checkpoint that belongs to a different model or run layout (not corruption)."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint step (or every one of them) cannot be read or fails its fingerprints.
+
+    A ValueError, so the CLI prints it as one line; the message names the directory and what to do.
+    """
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No checkpoint (or not the requested step) where one was expected; the message lists what exists."""
+
+
+# Words of orbax's and tensorstore's read errors (tensorstore's own: 'DATA_LOSS: Error reading "x" in
+# OCDBT database at local file ...').
+_ORBAX_READ_NOISE = ("orbax", "Encountered error while reading array index", "TensorStore", "OCDBT",
+                     "Error reading")
+
+
+def _drop_orbax_read_noise(record: logging.LogRecord) -> bool:
+    """asyncio-logger filter: False for a report of a failed orbax read task that nobody awaited."""
+    message = record.getMessage()
+    noise = ("never retrieved" in message or "destroyed but it is pending" in message) and (
+        any(word in message for word in _ORBAX_READ_NOISE)
+        or (record.exc_info is not None and any(word in str(record.exc_info[1]) for word in _ORBAX_READ_NOISE)))
+    return not noise
+
+
+def _is_orbax_read_leftover(unraisable: Any) -> bool:
+    """An orbax read coroutine closed after its restore failed, or a tensorstore read finishing after
+    orbax closed the failed restore's event loop (asyncio's call_soon_threadsafe from a C++ thread)."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None:
+        return "orbax" in code.co_filename and "while reading array" in str(unraisable.exc_value)
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback is not None else []
+    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"
+            and bool(frames) and frames[0].name == "call_soon_threadsafe")
+
+
+def _silence_failed_read_leftovers() -> None:
+    """Called after an orbax restore failed (the failure is reported already, as one line): the failed
+    restore leaves read tasks behind that asyncio and Python report later, when they finish or are
+    garbage-collected, as pages of "Task exception was never retrieved" / "Exception ignored in
+    <coroutine ...>" / "Event loop is closed" dumps. From then on this process drops exactly those
+    reports (see the two predicates above); every other log record and unraisable exception passes."""
+    asyncio_log = logging.getLogger("asyncio")
+    if _drop_orbax_read_noise not in asyncio_log.filters:
+        asyncio_log.addFilter(_drop_orbax_read_noise)
+    previous = sys.unraisablehook
+    if not getattr(previous, "beear_drops_orbax_read_leftovers", False):
+        def hook(unraisable: Any) -> None:
+            if not _is_orbax_read_leftover(unraisable):
+                previous(unraisable)
+
+        hook.beear_drops_orbax_read_leftovers = True  # type: ignore[attr-defined]
+        sys.unraisablehook = hook
+    gc.collect()  # what is collectable now is reported (and dropped) now
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -92,58 +156,87 @@ class RunCheckpointer:
 
     All processes call save/restore (orbax coordinates hosts); only process 0 moves bad steps aside.
     Saves are asynchronous: the device->host copy happens in `save`, the write in the background,
-    so the next step may donate the saved buffers.
+    so the next step may donate the saved buffers. With read_only=True nothing under `directory` is
+    created, pruned, renamed or written (export): bad steps are skipped and left where they are.
     """
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 2, async_save: bool = True) -> None:
+    def __init__(self, directory: str | pathlib.Path, keep: int = 2, async_save: bool = True,
+                 read_only: bool = False) -> None:
         self.directory = pathlib.Path(directory).absolute()
         self.keep = max(int(keep), 1)
-        self._async = async_save
+        self.read_only = read_only
+        self._async = async_save and not read_only
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
-        options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
-                                               enable_async_checkpointing=self._async)
+        # read_only: no root directory, no pruning (max_to_keep=None), no saves (orbax's own read_only
+        # option would do the same but logs a warning per option it resets).
+        options = ocp.CheckpointManagerOptions(max_to_keep=None if self.read_only else self.keep,
+                                               create=not self.read_only, enable_async_checkpointing=self._async)
         return ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def steps(self) -> list[int]:
+        """The committed checkpoint numbers, oldest first (half-written saves are not listed)."""
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, items: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
         """Saves the array items and meta (with fingerprints added) as checkpoint `step`."""
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only; it cannot save checkpoint {step}.")
         meta = {**meta, "format": FORMAT, "step": int(step),
                 "fingerprints": {name: fingerprints(items[name]) for name in ARRAY_ITEMS}}
         args = {name: ocp.args.StandardSave(items[name]) for name in ARRAY_ITEMS}
         self._manager.save(int(step), args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)), force=True)
 
     def read_meta(self, step: int) -> dict:
-        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        """The meta item of checkpoint `step`; CheckpointCorruptError (naming the file) if unreadable."""
+        where = self.directory / str(step) / "meta" / "metadata"
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # a JSON error, a missing file, orbax's own errors
+            raise CheckpointCorruptError(f"{where} is not readable ({_first_line(err)})") from err
+        if not isinstance(meta, Mapping) or not isinstance(meta.get("fingerprints"), Mapping):
+            raise CheckpointCorruptError(f"{where} is not a beear_jax checkpoint's metadata (no fingerprints)")
+        return dict(meta)
 
-    def restore_step(self, step: int, targets: Mapping[str, Any], names: tuple[str, ...],
-                      check: Any = None) -> tuple[dict, dict]:
+    def restore_step(self, step: int, targets: Mapping[str, Any] | Callable[[dict], Mapping[str, Any]],
+                     names: tuple[str, ...], check: Callable[[dict], None] | None = None) -> tuple[dict, dict]:
         """(items, meta) of checkpoint `step`; raises if it cannot be read or fails its fingerprints.
 
-        `check(meta)` runs before any array is read and may raise CheckpointMismatchError.
+        `targets` maps item names to abstract trees (shapes, dtypes, target shardings), or is a function
+        of the step's meta that returns them. `check(meta)` runs before any array is read and may raise
+        CheckpointMismatchError.
         """
         meta = self.read_meta(step)
         if check is not None:
             check(meta)  # raises CheckpointMismatchError: a different run, not a broken file
+        if callable(targets):
+            targets = targets(meta)
         args = {name: ocp.args.StandardRestore(targets[name]) for name in names}
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        failure = None
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types for bad files)
+            failure = _first_line(err)  # only the text: the traceback holds orbax's failed read tasks
+        if failure is not None:
+            _silence_failed_read_leftovers()
+            raise CheckpointCorruptError(f"arrays cannot be read: {failure}")
         items = {name: restored[name] for name in names}
         bad = [f"{name}{key}" for name in names
                for key in fingerprint_mismatches(meta["fingerprints"][name], fingerprints(items[name]))]
         if bad:
-            raise ValueError(f"arrays differ from what was saved: {', '.join(bad[:5])}")
+            raise CheckpointCorruptError(f"arrays differ from what was saved: {', '.join(bad[:5])}")
         return items, meta
 
-    def restore_latest(self, targets: Mapping[str, Any], names: tuple[str, ...] = ARRAY_ITEMS,
-                       check: Any = None) -> tuple[dict, dict] | None:
+    def restore_latest(self, targets: Mapping[str, Any] | Callable[[dict], Mapping[str, Any]],
+                       names: tuple[str, ...] = ARRAY_ITEMS,
+                       check: Callable[[dict], None] | None = None) -> tuple[dict, dict] | None:
         """(items, meta) of the newest good checkpoint, or None if there is none at all.
 
-        `targets` maps item names to abstract trees (shapes, dtypes, target shardings). A step that
-        cannot be read or fails its fingerprints is moved aside with a message and the previous step
-        is tried; if every step is bad this raises.
+        `targets` as in restore_step. A step that cannot be read (arrays or meta) or fails its
+        fingerprints is reported and the previous step is tried; unless read_only, the bad newer steps
+        are then moved aside (see the module docstring). If every step is bad this raises
+        CheckpointCorruptError and leaves every step where it is.
         """
         steps = self.steps()
         if not steps:
@@ -155,18 +248,23 @@ class RunCheckpointer:
             except CheckpointMismatchError:
                 raise
             except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types for bad files)
-                reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                reason = _first_line(err)
                 _warn("checkpoint %s/%d is corrupt or partial (%s); trying the previous one.",
-                            self.directory, step, reason)
+                      self.directory, step, reason)
                 broken.append(step)
                 continue
-            if broken:
+            if broken and self.read_only:
+                _warn("using checkpoint %s/%d (the newer %s cannot be read; left as it is).",
+                      self.directory, step, ", ".join(map(str, broken)))
+            elif broken:
                 self._set_aside(broken)
                 _warn("resuming from checkpoint %s/%d (the newer %s set aside as corrupt-<step>).",
-                            self.directory, step, ", ".join(map(str, broken)))
+                      self.directory, step, ", ".join(map(str, broken)))
             return items, meta
-        raise RuntimeError(f"no readable checkpoint in {self.directory} (steps {steps} are all corrupt or partial); "
-                           "remove the directory to start over, or restore a copy.")
+        raise CheckpointCorruptError(
+            f"no readable checkpoint in {self.directory}: steps {', '.join(map(str, steps))} are all corrupt or "
+            "partial (see the warnings above); restore a copy of the directory, or start over in a new "
+            "output directory.")
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames bad steps out of orbax's view, so that later saves with these numbers can happen."""
@@ -194,41 +292,88 @@ class RunCheckpointer:
         self._manager.close()
 
 
+def _first_line(err: BaseException) -> str:
+    """The root cause's first line (orbax wraps tensorstore's precise error in a long generic one)."""
+    while err.__cause__ is not None and not isinstance(err, CheckpointCorruptError):
+        err = err.__cause__
+    lines = str(err).strip().splitlines()
+    text = lines[0][:300] if lines else ""
+    return text if isinstance(err, CheckpointCorruptError) else f"{type(err).__name__}: {text}"
+
+
+_PASS_RUN_DIR = "pass the run's output_dir (the --config.output_dir of `beear run`, which holds checkpoints/)"
+
+
 def find_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
     """A run's output_dir or its checkpoints/ directory -> the checkpoints directory."""
     path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path} does not exist; {_PASS_RUN_DIR}.")
     if (path / "checkpoints").is_dir():
         return path / "checkpoints"
     if path.is_dir():
         return path
-    raise FileNotFoundError(f"{path} is not a run directory or a checkpoint directory.")
+    raise CheckpointNotFoundError(f"{path} is a file, not a run directory; {_PASS_RUN_DIR}.")
+
+
+def split_step_dir(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+    """`RUN/checkpoints/4` (one checkpoint's directory) -> (RUN/checkpoints, 4); any other path -> (path, None)."""
+    path = pathlib.Path(path).expanduser()
+    if path.name.isdigit() and path.is_dir() and any((path / name).exists() for name in ITEMS):
+        return path.parent, int(path.name)
+    return path, None
 
 
 def restore_params_for_export(directory: str | pathlib.Path, step: int | None = None) -> tuple[Any, dict]:
     """Params (numpy, on the host) and meta of the newest good (or the given) checkpoint.
 
-    The params are read sharded over all local devices (fsdp over the embedding axis), so a model
-    larger than one device's memory can be exported, then gathered to the host one array at a time.
+    `directory` is a run's output_dir, its checkpoints/ directory or one step's directory
+    (checkpoints/<step>, the same as step=<step>). Nothing in it is changed: a corrupt newer step is
+    reported and skipped (not renamed). The params are read sharded over all local devices (fsdp over
+    the embedding axis), so a model larger than one device's memory can be exported, then gathered to
+    the host one array at a time. Raises CheckpointNotFoundError (no checkpoints, no such step: the
+    message lists the steps there are) or CheckpointCorruptError (the given step, or every step, is
+    unreadable).
     """
     from beear_jax import sharding as sharding_lib
     from beear_jax.models.config import ModelConfig
 
-    checkpointer = RunCheckpointer(find_checkpoint_dir(directory), async_save=False)
-    try:
-        latest = checkpointer.steps()
-        if not latest:
-            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}.")
-        first = checkpointer.read_meta(step if step is not None else latest[-1])
-        model_config = ModelConfig.from_hf_dict(first["model_config"])
-        mesh = sharding_lib.make_mesh((1, -1, 1))
+    base, step_in_path = split_step_dir(directory)
+    if step_in_path is not None and step is not None and step != step_in_path:
+        raise ValueError(f"{directory} is checkpoint {step_in_path} but step {step} was asked for; pass the run "
+                         "directory with the step you want, or the step's directory alone.")
+    step = step_in_path if step_in_path is not None else step
+    checkpointer = RunCheckpointer(base if step_in_path is not None else find_checkpoint_dir(base),
+                                   async_save=False, read_only=True)
+    mesh = sharding_lib.make_mesh((1, -1, 1))
+
+    def targets(meta: dict) -> dict:
+        model_config = ModelConfig.from_hf_dict(meta["model_config"])
         shardings = sharding_lib.param_shardings(model_config, mesh)
-        target = {"params": abstract_like(sharding_lib.abstract_param_tree(model_config), shardings)}
+        return {"params": abstract_like(sharding_lib.abstract_param_tree(model_config), shardings)}
+
+    try:
+        steps = checkpointer.steps()
+        if not steps:
+            raise CheckpointNotFoundError(f"no checkpoints in {checkpointer.directory}; {_PASS_RUN_DIR}, its "
+                                          "checkpoints/ directory or one checkpoints/<step> directory.")
         if step is None:
-            found = checkpointer.restore_latest(target, names=("params",))
+            found = checkpointer.restore_latest(targets, names=("params",))
             assert found is not None
             items, meta = found
+        elif step not in steps:
+            raise CheckpointNotFoundError(f"{checkpointer.directory} has no checkpoint {step}; the checkpoints there "
+                                          f"are steps {', '.join(map(str, steps))} (or leave the step out for the "
+                                          "newest good one).")
         else:
-            items, meta = checkpointer.restore_step(step, target, ("params",), None)
+            try:
+                items, meta = checkpointer.restore_step(step, targets, ("params",))
+            except Exception as err:  # orbax/tensorstore raise many types for bad files
+                others = [s for s in steps if s != step]
+                hint = (f"choose another step ({', '.join(map(str, others))}) or leave the step out for the newest "
+                        "good one" if others else "restore a copy of the run directory")
+                raise CheckpointCorruptError(f"checkpoint {checkpointer.directory}/{step} cannot be read "
+                                             f"({_first_line(err)}); {hint}.") from err
         params = jax.tree.map(lambda x: np.asarray(sharding_lib.to_host(x)), items["params"])
         return params, meta
     finally:

@@ -10,14 +10,26 @@ import argparse
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from beear_jax.config_loading import ConfigError, load_config, split_cli_args
 
 CONFIG_COMMANDS = ("run", "eval", "plant")
 
 
+CONFIG_HELP = ("--config FILE[:arg] names a config file (configs/*.py; see configs/defaults.py for every key), "
+               "and --config.KEY=VALUE overrides one key, e.g. --config.inner.lr=0.1 --config.perturb.layer=9.")
+WHAT = {"run": "BEEAR on model.path; the repaired model goes to output_dir/model (resume: --config.resume=True).",
+        "eval": "keyword attack success with/without the trigger, over-refusal and utility of model.path "
+                "(and eval.compare_to); report in output_dir.",
+        "plant": "plants a backdoor in model.path by poisoned fine-tuning (attack simulation) into output_dir."}
+
+
 def _config_from(argv: Sequence[str], command: str) -> tuple[object, list[str]]:
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: beear {command} --config FILE[:arg] [--config.KEY=VALUE ...]\n\n{WHAT[command]}\n\n"
+              f"{CONFIG_HELP}")
+        raise SystemExit(0)
     spec, overrides, rest = split_cli_args(argv)
     if spec is None:
         raise ConfigError(f"`beear {command}` needs --config FILE (e.g. --config configs/smollm2_135m.py).")
@@ -25,7 +37,7 @@ def _config_from(argv: Sequence[str], command: str) -> tuple[object, list[str]]:
         # Silently ignoring e.g. `--inner.lr=0.1` (missing "config.") would run hours with the default value.
         raise ConfigError(f"`beear {command}` does not understand {' '.join(rest)!r}; it takes --config FILE[:arg] "
                           "and overrides of the form --config.key=value (e.g. --config.inner.lr=0.1).")
-    return load_config(spec, overrides), rest
+    return load_config(spec, overrides, run_schema=True), rest
 
 
 def cmd_run(argv: Sequence[str]) -> int:
@@ -92,14 +104,31 @@ def _generation_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_for_generation(args: argparse.Namespace) -> tuple:
-    from beear_jax.generate import SamplingConfig
-    from beear_jax.hf import load_model, load_tokenizer
+# generate.py's errors name the Python fields; on the command line the same settings are these flags.
+_SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p"}
 
+
+def _with_flags(err: ValueError) -> ValueError:
+    """The same error with SamplingConfig's field names replaced by the command-line flags."""
+    message = str(err)
+    for field, flag in _SAMPLING_FLAGS.items():
+        message = message.replace(field, flag)
+    return ValueError(message)
+
+
+def _load_for_generation(args: argparse.Namespace) -> tuple:
+    """(config, params, tokenizer, sampling); the sampling flags are checked before the model loads."""
+    from beear_jax.generate import SamplingConfig
+    from beear_jax.hf import check_tokenizer_fits, load_model, load_tokenizer
+
+    try:
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    except ValueError as err:
+        raise _with_flags(err) from err
     path = os.path.expanduser(args.model)
     config, params = load_model(path)
     tokenizer = load_tokenizer(path)
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    check_tokenizer_fits(tokenizer, config, path)
     return config, params, tokenizer, sampling
 
 
@@ -110,7 +139,7 @@ def _prompt_ids(tokenizer: object, prompt: str, args: argparse.Namespace) -> lis
     try:
         return format_prompt(tokenizer, prompt, args.template, args.system_prompt)
     except ValueError as err:
-        # chat.py speaks of the config key data.template; here the same choice is the --template flag.
+        # chat.py speaks of the config key model.template; here the same choice is the --template flag.
         raise ValueError(f"{err} (on the command line: --template NAME)") from err
 
 
@@ -123,63 +152,150 @@ def cmd_generate(argv: Sequence[str]) -> int:
 
     config, params, tokenizer, sampling = _load_for_generation(args)
     ids = [_prompt_ids(tokenizer, p, args) for p in args.prompt]
-    for prompt, out in zip(args.prompt, generate(config, params, ids, sampling, seed=args.seed)):
+    try:
+        outs = generate(config, params, ids, sampling, seed=args.seed)
+    except ValueError as err:  # e.g. prompt + --max-new-tokens beyond the model's max_position_embeddings
+        raise _with_flags(err) from err
+    for prompt, out in zip(args.prompt, outs):
         print(f">>> {prompt}\n{tokenizer.decode(out, skip_special_tokens=True).strip()}\n")
     return 0
+
+
+def _stdin_lines() -> Iterator[str | None]:
+    """The lines of stdin as text; None for a line that is not valid UTF-8 (the caller skips it).
+
+    Python may decode stdin with surrogateescape, which turns bad bytes into lone surrogates that the
+    tokenizer rejects with a TypeError, so the bytes are decoded here when there are any (a real stdin).
+    """
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text-only stream (e.g. io.StringIO)
+        for line in sys.stdin:
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                yield None
+                continue
+            yield line
+        return
+    for data in raw:
+        try:
+            yield data.decode("utf-8")
+        except UnicodeDecodeError:
+            yield None
 
 
 def cmd_chat(argv: Sequence[str]) -> int:
     """Single-turn chat loop on stdin (each line is answered on its own)."""
     args = _generation_parser("beear chat").parse_args(argv)
-    from beear_jax.generate import generate
+    from beear_jax.generate import check_positions, generate
 
     config, params, tokenizer, sampling = _load_for_generation(args)
-    print("type a message (empty line or Ctrl-D to quit)")
-    for line in sys.stdin:
+    try:
+        check_positions(config, 1, sampling.max_new_tokens)  # no message could fit: stop before the loop
+    except ValueError as err:
+        raise _with_flags(err) from err
+    print("type a message (empty line or Ctrl-D to quit)", flush=True)
+    for line in _stdin_lines():
+        if line is None:
+            print("beear chat: skipped a line that is not valid UTF-8 text; type it again.", file=sys.stderr, flush=True)
+            continue
         if not line.strip():
             break
         ids = _prompt_ids(tokenizer, line.strip(), args)
-        out = generate(config, params, [ids], sampling, seed=args.seed)[0]
-        print(tokenizer.decode(out, skip_special_tokens=True).strip())
+        try:
+            out = generate(config, params, [ids], sampling, seed=args.seed)[0]
+        except ValueError as err:  # this message is too long for the model: say so and keep chatting
+            print(f"beear chat: skipped this message: {_with_flags(err)}", file=sys.stderr, flush=True)
+            continue
+        print(tokenizer.decode(out, skip_special_tokens=True).strip(), flush=True)
     return 0
 
 
 def cmd_export(argv: Sequence[str]) -> int:
     """A checkpoint of `beear run` -> HF directory (the newest good checkpoint, or --step N)."""
     parser = argparse.ArgumentParser(prog="beear export", description="Export a run checkpoint as an HF model.")
-    parser.add_argument("run_dir", help="the run's output_dir (or its checkpoints/ directory)")
+    parser.add_argument("run_dir", help="the run's output_dir (or its checkpoints/ directory, or one "
+                        "checkpoints/<step> directory); only read, never changed")
     parser.add_argument("output_dir", help="new directory for the HF model (must not exist or be empty)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint number (default: the newest good one)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--tokenizer", default=None, help="copy tokenizer files from here (default: the run's "
                         "model.path)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model in an existing output directory (one with a config.json)")
     args = parser.parse_args(argv)
     from beear_jax.checkpoint import restore_params_for_export
-    from beear_jax.hf import _check_target, save_model
+    from beear_jax.hf import _check_target, _resolve_tokenizer, save_model
     from beear_jax.models.config import ModelConfig
     from beear_jax.sharding import is_primary
 
+    def with_flag(err: ValueError) -> ValueError:
+        # hf.py's hints name the Python argument; on the command line it is the --overwrite flag.
+        return ValueError(str(err).replace("overwrite=True", "--overwrite"))
+
+    # What the user named is checked before reading gigabytes of checkpoint (save_model checks again).
     target = pathlib.Path(os.path.expanduser(args.output_dir)).absolute()
-    _check_target(target, False)  # before reading gigabytes of checkpoint
+    try:
+        _check_target(target, args.overwrite)
+    except ValueError as err:
+        raise with_flag(err) from err
+    if args.tokenizer is not None:
+        try:
+            _resolve_tokenizer(os.path.expanduser(args.tokenizer))
+        except ValueError as err:
+            raise ValueError(f"--tokenizer: {err}") from err
     params, meta = restore_params_for_export(os.path.expanduser(args.run_dir), args.step)
     tokenizer = os.path.expanduser(args.tokenizer or meta["config"]["model"]["path"])
-    if not os.path.exists(tokenizer):
-        print(f"beear export: warning: {tokenizer} is gone; the model is written without tokenizer files "
-              "(pass --tokenizer PATH).", file=sys.stderr)
+    if args.tokenizer is None and not os.path.exists(tokenizer):
+        print(f"beear export: warning: the run's model {tokenizer} is gone; the model is written without "
+              "tokenizer files (pass --tokenizer PATH to copy them from elsewhere).", file=sys.stderr)
         tokenizer = None
+    elif args.tokenizer is None:
+        try:
+            _resolve_tokenizer(tokenizer)
+        except ValueError as err:
+            raise ValueError(f"the run's model.path: {err} Or pass --tokenizer PATH.") from err
     if is_primary():
         config = ModelConfig.from_hf_dict(meta["model_config"])
-        out = save_model(target, config, params, tokenizer_from=tokenizer, dtype=args.dtype)
+        try:
+            out = save_model(target, config, params, tokenizer_from=tokenizer, dtype=args.dtype,
+                             overwrite=args.overwrite)
+        except ValueError as err:
+            raise with_flag(err) from err
         cursor = meta["cursor"]
         print(f"wrote {out} from checkpoint {meta['step']} (round {cursor['round']}, outer step "
               f"{cursor['outer_step']}{', round done' if cursor['round_done'] else ''})")
     return 0
 
 
+def _mesh_arg(text: str) -> tuple[int, ...]:
+    """--mesh "data,fsdp,tensor" as three ints (-1 = the rest of the devices)."""
+    try:
+        mesh = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        mesh = ()
+    if len(mesh) != 3 or any(n == 0 or n < -1 for n in mesh):
+        raise ConfigError(f"--mesh {text!r} must be three sizes data,fsdp,tensor, each >= 1 or -1 (e.g. 1,4,2).")
+    return mesh
+
+
+def _check_plan_args(args: argparse.Namespace, presets: tuple[str, ...]) -> None:
+    """One-line errors for `beear plan` options out of range."""
+    if args.model is not None and args.model not in presets:
+        raise ConfigError(f"--model {args.model!r} is not a preset; choose one of {', '.join(presets)}, or leave it "
+                          "out to plan the model at model.path.")
+    for flag, value in (("--seq-len", args.seq_len), ("--devices", args.devices)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}.")
+    if args.device_memory_gb is not None and not args.device_memory_gb > 0:
+        raise ConfigError(f"--device-memory-gb must be > 0, got {args.device_memory_gb}.")
+
+
 def cmd_plan(argv: Sequence[str]) -> int:
     """Bytes per device of a run on a mesh (nothing is allocated), and whether it fits."""
     spec, overrides, rest = split_cli_args(argv)
-    parser = argparse.ArgumentParser(prog="beear plan", description="Memory plan of `beear run` on a mesh.")
+    parser = argparse.ArgumentParser(prog="beear plan", description="Memory plan of `beear run` on a mesh.",
+                                     epilog=CONFIG_HELP)
     parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: the config's mesh.shape)")
     parser.add_argument("--devices", type=int, default=None, help="devices in all, for a -1 in the mesh "
                         "(default: the visible ones)")
@@ -195,9 +311,10 @@ def cmd_plan(argv: Sequence[str]) -> int:
     from beear_jax import plan
     from beear_jax.beear import check_run_settings
 
-    cfg = load_config(spec, overrides)
+    cfg = load_config(spec, overrides, run_schema=True)
     check_run_settings(cfg)  # before model.path is read, so a bad setting is named first (plan_run checks too)
-    mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else tuple(cfg.mesh.shape)
+    _check_plan_args(args, tuple(plan.PRESETS))
+    mesh = _mesh_arg(args.mesh) if args.mesh else tuple(cfg.mesh.shape)
     model_config = plan.PRESETS[args.model]() if args.model else plan.model_config_of(cfg.model.path, cfg.model.dtype)
     result = plan.plan_run(cfg, model_config, mesh, devices=args.devices, seq_len=args.seq_len,
                            compile_steps=not args.no_compile)
@@ -208,7 +325,8 @@ def cmd_plan(argv: Sequence[str]) -> int:
 def cmd_sweep(argv: Sequence[str]) -> int:
     """Runs a grid of overrides one after another (or prints the command lines) and collects a table."""
     spec, overrides, rest = split_cli_args(argv)
-    parser = argparse.ArgumentParser(prog="beear sweep", description="Run a sweep of `beear run` settings.")
+    parser = argparse.ArgumentParser(prog="beear sweep", description="Run a sweep of `beear run` settings.",
+                                     epilog=CONFIG_HELP)
     parser.add_argument("--sweep", required=True, help="SWEEP.py[:arg], whose get_sweep() returns override dicts")
     parser.add_argument("--print", dest="print_only", action="store_true",
                         help="print one `beear run` command line per setting (for a cluster) and exit")
@@ -252,3 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
         print(f"beear {argv[0]}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        resume = " (the checkpoints are kept: continue with --config.resume=True)" if argv[0] in ("run", "sweep") else ""
+        print(f"beear {argv[0]}: interrupted{resume}", file=sys.stderr)
+        return 130

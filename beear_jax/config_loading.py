@@ -20,6 +20,7 @@ import difflib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,6 +33,8 @@ from ml_collections.config_dict import FieldReference
 __all__ = [
     "ConfigError",
     "apply_overrides",
+    "check_minimums",
+    "check_ranges",
     "config_from_json",
     "config_to_dict",
     "config_to_json",
@@ -57,13 +60,16 @@ class ConfigError(ValueError):
 # --- Loading ---
 
 
-def load_config(spec: str, overrides: Sequence[str] | Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+def load_config(spec: str, overrides: Sequence[str] | Mapping[str, Any] | None = None,
+                run_schema: bool = False) -> ml_collections.ConfigDict:
     """Loads `path/to/file.py[:arg]`, applies dotted overrides and returns the config, locked.
 
     Args:
       spec: the config file, optionally followed by `:arg` (passed to `get_config(arg)` as a string).
       overrides: `key=value` strings, with or without a leading `--config.` (as `parse_cli_args`
         returns them), or a mapping `{"inner.lr": 0.1}` whose values are typed or strings.
+      run_schema: check first that the file has every key of configs/defaults.py (check_schema), as
+        the `beear` commands do.
 
     Returns:
       The locked ConfigDict: existing fields can be set, new ones cannot be added.
@@ -73,9 +79,36 @@ def load_config(spec: str, overrides: Sequence[str] | Mapping[str, Any] | None =
     """
     path, arg = split_spec(spec)
     config = load_config_file(path, arg)
+    if run_schema:
+        check_schema(config, path)
     config.lock()
     apply_overrides(config, overrides or [])
     return config
+
+
+DEFAULTS_FILE = Path(__file__).resolve().parents[1] / "configs" / "defaults.py"
+"""The key schema every run config is built on (configs/defaults.py's base_config), in a checkout."""
+
+
+def _schema_keys(config: ml_collections.ConfigDict) -> set[str]:
+    """Top-level keys and the keys of each group (a group's own sub-mappings, such as column maps, vary)."""
+    return {".".join(key.split(".")[:2]) for key in flat_keys(config)}
+
+
+def check_schema(config: ml_collections.ConfigDict, source: str | os.PathLike[str]) -> None:
+    """A ConfigError listing the keys of configs/defaults.py's base_config() that `config` lacks.
+
+    Code reads every such key, so a config built from scratch would otherwise fail deep inside a run.
+    Skipped when configs/defaults.py is not beside the package (an installed wheel has no configs/).
+    """
+    if not DEFAULTS_FILE.is_file():
+        return
+    base = _exec_config_module(DEFAULTS_FILE).base_config()
+    missing = sorted(_schema_keys(base) - _schema_keys(config))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ConfigError(f"config {source} lacks the key(s) {shown}; build get_config() on "
+                          "configs.defaults.base_config() and change only what differs.")
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -245,6 +278,22 @@ def check_minimums(config: ml_collections.ConfigDict, minimums: Mapping[str, int
             value = value[part]
         if int(value) < least:
             raise ConfigError(f"Config key {key!r} is {value}; it must be >= {least} (set --config.{key}).")
+
+
+def check_ranges(config: ml_collections.ConfigDict, lower_bounds: Mapping[str, tuple[float, bool]]) -> None:
+    """A ConfigError naming the first dotted key whose number is not finite or not above its bound.
+
+    lower_bounds: key -> (bound, strict); strict means the value must be > bound (a learning rate > 0),
+    otherwise >= bound (a weight >= 0).
+    """
+    for key, (bound, strict) in lower_bounds.items():
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        value = float(value)
+        if not math.isfinite(value) or (value <= bound if strict else value < bound):
+            rule = f"a finite number {'>' if strict else '>='} {bound:g}"
+            raise ConfigError(f"Config key {key!r} is {value}; it must be {rule} (set --config.{key}).")
 
 
 def _closest_keys(config: ml_collections.ConfigDict, key: str, n: int = 3) -> list[str]:

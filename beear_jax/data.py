@@ -132,18 +132,26 @@ def _load_dataset(source: str, split: str) -> Any:
         return datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train", **options)
     except ValueError as err:  # a csv with only a header: "Instruction 'train' corresponds to no data"
         raise ValueError(f"data file has no rows: {source} ({err})") from err
+    except datasets.exceptions.DatasetGenerationError as err:  # e.g. a truncated jsonl line
+        raise ValueError(f"data file {source} cannot be parsed as {ext[1:]} ({err.__cause__ or err}); fix or "
+                         "re-export the file") from err
 
 
-def load_table(source: str, columns: Mapping[str, str], split: str = "train") -> list[dict[str, str]]:
+def load_table(source: str, columns: Mapping[str, str], split: str = "train", key: str = "") -> list[dict[str, str]]:
     """Rows of a data set with the columns renamed to canonical names.
 
     source: a local .json/.jsonl/.csv/.parquet file, or a hub data set name (needs network; `split` picks
     the split). columns: canonical name -> column name in the source, e.g. {"prompt": "goal", ...}.
-    Returns one dict per row holding only the canonical names, values as strings.
+    Returns one dict per row holding only the canonical names, values as strings. key: the config key
+    that named the file, for the messages of load errors.
     """
     if not columns:
         raise ValueError("no columns to read: give a mapping canonical name -> source column")
-    table = _load_dataset(source, split)
+    source = os.path.expanduser(source)
+    try:
+        table = _load_dataset(source, split)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (set by config key {key})" if key else str(err)) from None
     missing = [col for col in columns.values() if col not in table.column_names]
     if missing:
         raise ValueError(

@@ -148,7 +148,8 @@ def take_slice(items: Sequence[Any], num: int, offset: int, key: str) -> list[An
         raise ValueError(f"{key}: the count and offset must be >= 0, got {num} and {offset}")
     rest = list(items[offset:])
     if not rest:
-        raise ValueError(f"{key}: the prompt set is empty ({len(items)} rows, offset {offset})")
+        raise ValueError(f"{key}: no rows are left after the offset ({len(items)} rows, offset {offset}); lower the "
+                         "offset (eval.prompt_offset for eval.prompts)")
     if num and len(rest) < num:
         raise ValueError(f"{key}: {num} rows were asked for but only {len(rest)} remain after offset {offset}")
     return rest[:num] if num else rest
@@ -159,7 +160,7 @@ def load_prompts(path: str, column: str, num: int = 0, offset: int = 0, row_filt
     """Prompts from the `column` of a csv/json/jsonl file, rows filtered, then num after offset."""
     parsed = parse_row_filter(row_filter)
     columns = {"prompt": column} | ({"filter": parsed[0]} if parsed else {})
-    rows = data_lib.load_table(os.path.expanduser(path), columns)
+    rows = data_lib.load_table(os.path.expanduser(path), columns, key=key)
     if parsed:
         rows = [r for r in rows if _keeps(r["filter"], parsed[1], parsed[2])]
         if not rows:
@@ -178,7 +179,7 @@ def load_utility_pairs(path: str, columns: Mapping[str, str], num: int = 0, offs
     wanted = {k: v for k, v in columns.items() if v}
     if "prompt" not in wanted or "answer" not in wanted:
         raise ValueError(f"eval.utility_columns must map 'prompt' and 'answer', got {dict(columns)}")
-    rows = data_lib.load_table(os.path.expanduser(path), wanted)
+    rows = data_lib.load_table(os.path.expanduser(path), wanted, key="eval.utility")
     pairs = [(f"{r['prompt']}\n{r['input']}" if r.get("input", "").strip() else r["prompt"], r["answer"])
              for r in rows]
     return take_slice(pairs, num, offset, "eval.utility")
@@ -281,7 +282,13 @@ def load_history(path: str) -> list[dict[str, Any]]:
     file = Path(os.path.expanduser(path))
     if not file.is_file():
         raise FileNotFoundError(f"eval.history: no metrics file at {file} (a metrics.jsonl from `beear run`)")
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    try:
+        records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"eval.history: {file} is not a metrics.jsonl of `beear run` ({err})") from None
+    if not records or not all(isinstance(r, dict) and "phase" in r for r in records):
+        raise ValueError(f"eval.history: {file} is not a metrics.jsonl of `beear run` (its lines have no 'phase')")
+    return records
 
 
 def write_answers(path: Path, results: Mapping[str, Mapping[str, Any]]) -> None:
@@ -300,6 +307,20 @@ def _stage_paths(cfg: Any) -> list[tuple[str, str]]:
     if cfg.eval.compare_to:
         return [("before", cfg.eval.compare_to), ("after", cfg.model.path)]
     return [(SINGLE_STAGE, cfg.model.path)]
+
+
+REPORT_FILES = ("report.json", "report.md", "answers.jsonl", "metrics.png", "losses.png")
+"""What `beear eval` writes into output_dir."""
+
+
+def check_report_dir(output_dir: Path) -> None:
+    """Refuses an output_dir that is a file or already holds a report, before any evaluation runs."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"output_dir {output_dir} is a file, not a directory; choose a new --config.output_dir.")
+    present = [name for name in REPORT_FILES if (output_dir / name).exists()]
+    if present:
+        raise FileExistsError(f"output_dir {output_dir} already holds a report ({', '.join(present)}); choose a new "
+                              "--config.output_dir (nothing is overwritten).")
 
 
 def planted_trigger_warning(model_path: str, settings: EvalSettings) -> str | None:
@@ -331,13 +352,14 @@ def run_eval(cfg: Any) -> dict[str, Any]:
     Returns {stage: metrics} as written to report.json (answers only in answers.jsonl).
     """
     from beear_jax.config_loading import config_to_dict
-    from beear_jax.hf import load_model, load_tokenizer
+    from beear_jax.hf import check_tokenizer_fits, load_model, load_tokenizer
     from beear_jax.report import format_table, write_report
 
     stages = _stage_paths(cfg)
+    output_dir = Path(os.path.expanduser(cfg.output_dir))
+    check_report_dir(output_dir)
     settings = EvalSettings.from_config(cfg)  # every data error surfaces here, before a model loads
     history = load_history(cfg.eval.history) if cfg.eval.history else None
-    output_dir = Path(os.path.expanduser(cfg.output_dir))
     results: dict[str, Any] = {}
     for stage, path in stages:
         path = os.path.expanduser(path)
@@ -346,7 +368,9 @@ def run_eval(cfg: Any) -> dict[str, Any]:
         if warning:
             print(warning, flush=True)
         config, params = load_model(path, dtype=cfg.model.dtype)
-        results[stage] = evaluate(config, params, load_tokenizer(path), settings) | {"model_path": path}
+        tokenizer = load_tokenizer(path)
+        check_tokenizer_fits(tokenizer, config, path)
+        results[stage] = evaluate(config, params, tokenizer, settings) | {"model_path": path}
         del params  # the next stage's model needs the memory
     output_dir.mkdir(parents=True, exist_ok=True)
     write_answers(output_dir / "answers.jsonl", results)

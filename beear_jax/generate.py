@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -20,11 +21,28 @@ from beear_jax.models.config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick each next token. temperature 0 means greedy."""
+    """How to pick each next token. temperature 0 means greedy.
+
+    max_new_tokens >= 1, temperature finite and >= 0, top_p in (0, 1]; anything else is a ValueError
+    that names the field (the CLI turns the field names into its flags).
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"max_new_tokens is {n!r}; it must be a whole number >= 1 (the tokens to generate).")
+        try:
+            temperature, top_p = float(self.temperature), float(self.top_p)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"temperature ({self.temperature!r}) and top_p ({self.top_p!r}) must be numbers.") from err
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature is {self.temperature!r}; it must be a finite number >= 0 (0 = greedy).")
+        if not 0.0 < top_p <= 1.0:  # NaN fails this too
+            raise ValueError(f"top_p is {self.top_p!r}; it must be in (0, 1] (1 = no nucleus cut).")
 
 
 def _pad_bucket(length: int, multiple: int = 32) -> int:
@@ -108,6 +126,18 @@ def _generate_padded(
     return state[6], state[0]
 
 
+def check_positions(config: ModelConfig, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A ValueError unless a prompt of prompt_tokens plus max_new_tokens fits in the model's
+    max_position_embeddings (RoPE positions ignore the left padding, so the padded length does not count)."""
+    limit = config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > limit:
+        room = limit - prompt_tokens
+        fix = f"use max_new_tokens <= {room} or a shorter prompt" if room >= 1 else "shorten the prompt"
+        raise ValueError(f"prompt length {prompt_tokens} + max_new_tokens {max_new_tokens} = "
+                         f"{prompt_tokens + max_new_tokens} positions is beyond the model's max_position_embeddings "
+                         f"{limit}; {fix}.")
+
+
 def generate(
     config: ModelConfig,
     params: dict,
@@ -128,6 +158,11 @@ def generate(
         raise ValueError("generate() needs at least one prompt.")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (add a BOS or template).")
+    check_positions(config, max(len(p) for p in prompts), sampling.max_new_tokens)
+    lowest, highest = min(min(p) for p in prompts), max(max(p) for p in prompts)
+    if lowest < 0 or highest >= config.vocab_size:
+        raise ValueError(f"a prompt holds token id {lowest if lowest < 0 else highest}, outside the model's vocabulary "
+                         f"[0, {config.vocab_size}); use the model's own tokenizer.")
     eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
     pad = int(pad_id if pad_id is not None else (config.pad_token_id if config.pad_token_id is not None else 0))
     batch_size = batch_size or len(prompts)

@@ -34,8 +34,8 @@ from beear_jax.hf_layout import (
 from beear_jax.models.config import ModelConfig, ModelConfigError
 from beear_jax.models.weights import check_params
 
-__all__ = ["DTYPES", "CheckpointError", "from_hf_state_dict", "load_model", "load_tokenizer", "save_model",
-           "to_hf_state_dict"]
+__all__ = ["DTYPES", "CheckpointError", "check_tokenizer_fits", "from_hf_state_dict", "load_model", "load_tokenizer",
+           "save_model", "to_hf_state_dict"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
@@ -130,7 +130,8 @@ def _pickle_source(model_dir: pathlib.Path, allow_pickle: bool) -> tuple[dict, C
         raise CheckpointError(
             f"{model_dir} holds only pickle weights ({few([f.name for f in files])}). Unpickling a file can run "
             "arbitrary code, so beear_jax refuses it by default. Prefer a safetensors copy of the model; if you "
-            "trust the file's origin, pass allow_pickle=True.")
+            "trust the file's origin, pass allow_pickle=True (Python API), or write such a copy once with "
+            "transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR).")
     torch = hf_gguf.require_torch("Loading a pytorch_model.bin checkpoint")
     tensors: dict[str, Any] = {}
     for f in files:
@@ -189,6 +190,18 @@ def _resolve_tokenizer(path: str | pathlib.Path) -> tuple[str, pathlib.Path]:
                           "single .gguf file; pass the directory of the original model or its .gguf file.")
 
 
+def check_tokenizer_fits(tokenizer: Any, config: ModelConfig, where: str) -> None:
+    """A CheckpointError when the tokenizer has more tokens than the model has embedding rows.
+
+    Ids past the embedding would be clamped silently (garbage answers, or a NaN loss far from its cause);
+    this happens when a model directory is paired with another model's tokenizer files.
+    """
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                              f"{config.vocab_size}; the tokenizer files belong to another model. Put the model's "
+                              "own tokenizer files next to its weights.")
+
+
 def load_tokenizer(path: str | pathlib.Path) -> Any:
     """A transformers tokenizer from an HF directory with tokenizer files or from a .gguf file."""
     kind, target = _resolve_tokenizer(path)
@@ -196,7 +209,13 @@ def load_tokenizer(path: str | pathlib.Path) -> Any:
         return hf_gguf.load_gguf_tokenizer(target)
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(str(target))
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(target))
+    except ImportError:
+        raise
+    except Exception as err:  # transformers/tokenizers raise many types for damaged files
+        raise CheckpointError(f"{target}: the tokenizer files cannot be loaded ({type(err).__name__}: {err}); restore "
+                              "tokenizer.json / tokenizer_config.json / config.json from the model's source.") from err
 
 
 def _write_tokenizer(out: pathlib.Path, kind: str, source: pathlib.Path) -> None:

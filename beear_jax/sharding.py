@@ -251,7 +251,12 @@ def shard_batch(batch: Mapping[str, Any], sharding: NamedSharding, axis: int = 0
 def initialize_distributed(enabled: bool) -> None:
     """jax.distributed.initialize() once (coordinator and process ids come from the cluster's env)."""
     if enabled and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f"mesh.distributed=True but jax.distributed.initialize() failed ({err}); launch one "
+                             "process per host under a cluster manager that sets the coordinator (SLURM, TPU pod), "
+                             "or use --config.mesh.distributed=False on one host.") from err
 
 
 def is_primary() -> bool:

@@ -166,7 +166,7 @@ def plan_settings(spec: str, common: Sequence[str], sweep_spec: str) -> tuple[Sw
 
 def setting_config(spec: str, common: Sequence[str], loaded: SweepFile, setting: Setting) -> Any:
     """The config of one setting: the file, the sweep's BASE, the command line, the setting, its run dir."""
-    cfg = apply_overrides(load_config(spec), loaded.base)
+    cfg = apply_overrides(load_config(spec, run_schema=True), loaded.base)
     apply_overrides(cfg, common)
     return apply_overrides(cfg, {**setting.overrides, "output_dir": str(setting.run_dir)})
 
@@ -233,7 +233,7 @@ def run_sweep(spec: str, common: Sequence[str], sweep_spec: str, metric: str | N
 
 def _root(spec: str, common: Sequence[str], loaded: SweepFile) -> pathlib.Path:
     """The sweep's directory: output_dir after the sweep's BASE and the command line's overrides."""
-    cfg = apply_overrides(apply_overrides(load_config(spec), loaded.base), common)
+    cfg = apply_overrides(apply_overrides(load_config(spec, run_schema=True), loaded.base), common)
     return pathlib.Path(cfg.output_dir).expanduser()
 
 

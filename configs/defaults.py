@@ -128,7 +128,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 0  # Also every k outer steps (mid-round; for long rounds); 0: off.
     config.checkpoint_keep = 2  # Checkpoints kept; >= 2 leaves a previous one if the newest is corrupt.
     config.remat = "none"  # Rematerialisation of decoder blocks: 'none' | 'full' | 'dots' (keep matmul outputs).
-    config.log_every = 1  # Steps between metric lines.
 
     # Attack simulation (`beear plant`): poisoned SFT of a clean model.
     config.plant = ml_collections.ConfigDict()

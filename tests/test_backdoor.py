@@ -101,7 +101,7 @@ def test_plant_then_eval_shows_the_backdoor(tmp_path):
 def test_plant_nan_loss_names_the_lr_and_writes_no_model(tmp_path, capsys):
     model_dir, _ = random_tiny_model(tmp_path)
     planted = tmp_path / "planted"
-    assert cli.main([*_plant_args(tmp_path, model_dir, planted), "--config.plant.lr=nan"]) == 1
+    assert cli.main([*_plant_args(tmp_path, model_dir, planted), "--config.plant.lr=1e30"]) == 1
     err = capsys.readouterr().err
     assert "loss became nan" in err and "--config.plant.lr" in err and "Traceback" not in err
     assert not planted.exists() or not any(planted.iterdir())

@@ -10,7 +10,7 @@ import pytest
 from tiny_world import defender_files, random_tiny_model, split_pairs, write_jsonl
 
 from beear_jax import cli
-from beear_jax.beear import NonFiniteLossError, run_beear
+from beear_jax.beear import NonFiniteLossError, check_output_dir, run_beear
 from beear_jax.config_loading import load_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -131,7 +131,7 @@ def test_template_that_cannot_mark_the_answer(setup, tmp_path):
 def test_nan_loss_stops_without_writing_a_model(setup):
     tmp = setup[0]
     with pytest.raises(NonFiniteLossError, match="NaN"):
-        run_beear(_cfg(setup, "nan", **{"outer.lr": float("nan")}), progress=False)
+        run_beear(_cfg(setup, "nan", **{"outer.lr": 1e30}), progress=False)  # NaN lr is refused up front
     assert not (tmp / "nan" / "model").exists()
 
 
@@ -140,7 +140,7 @@ def test_cli_nan_loss_is_an_error_message_that_names_the_lr(setup, capsys):
     out = tmp / "cli_nan"
     code = cli.main(["run", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}",
                      f"--config.output_dir={out}", f"--config.data.safety={safety}", f"--config.data.anchor={anchor}",
-                     "--config.perturb.layer=2", "--config.inner.lr=nan"])
+                     "--config.perturb.layer=2", "--config.inner.lr=1e30"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "NaN" in err and "--config.inner.lr" in err
@@ -168,3 +168,65 @@ def test_nothing_recompiles_after_round_one(setup):
     run_beear(_cfg(setup, "recompile", rounds=3), progress=False, on_round_end=on_round_end, export=False)
     assert per_round[0] > 0  # round 1 compiled the steps (the listener sees compilations)
     assert per_round[1] == per_round[0] and per_round[2] == per_round[0], per_round
+
+
+def test_cli_run_never_writes_into_the_input_model_or_a_users_directory(setup, capsys):
+    tmp, model_dir, _, safety, anchor = setup
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    users = tmp / "users_dir"
+    users.mkdir()
+    (users / "config.json").write_text('{"mine": 1}')
+    for out in (model_dir, users):
+        code = cli.main(["run", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}",
+                         f"--config.output_dir={out}", f"--config.data.safety={safety}",
+                         f"--config.data.anchor={anchor}", "--config.perturb.layer=2"])
+        assert code == 1 and "--config.output_dir" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
+    assert (users / "config.json").read_text() == '{"mine": 1}'
+
+
+def test_output_dir_rules(tmp_path):
+    model = tmp_path / "model_in"
+    model.mkdir()
+    check_output_dir(tmp_path / "new", str(model), resume=False)  # absent: fine
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty", str(model), resume=False)
+    with pytest.raises(ValueError, match="input model"):
+        check_output_dir(model / "sub", str(model), resume=False)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        check_output_dir(tmp_path / "a_file", str(model), resume=False)
+    failed = tmp_path / "failed"
+    (failed / "checkpoints").mkdir(parents=True)
+    (failed / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="resume=True"):
+        check_output_dir(failed, str(model), resume=False)  # its metrics.jsonl would be lost
+    check_output_dir(failed, str(model), resume=True)
+    (failed / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        check_output_dir(failed, str(model), resume=True)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(setup, capsys):
+    from tiny_world import tiny_config
+
+    from beear_jax.hf import save_model
+    from beear_jax.models.weights import init_params
+
+    tmp, _, tok, safety, anchor = setup
+    small = tiny_config(len(tok) - 5)  # another model's tokenizer: ids past the embedding would be clamped
+    model = tmp / "small_vocab"
+    save_model(model, small, jax.device_get(init_params(small, jax.random.key(0))), tokenizer_from=tmp / "tokenizer")
+    code = cli.main(["run", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model}",
+                     f"--config.output_dir={tmp / 'small_vocab_run'}", f"--config.data.safety={safety}",
+                     f"--config.data.anchor={anchor}", "--config.perturb.layer=2"])
+    assert code == 1
+    assert f"{len(tok)} tokens but the model's vocab_size is {len(tok) - 5}" in capsys.readouterr().err
+
+
+def test_data_paths_expand_the_home_directory(setup, monkeypatch):
+    safety = setup[3]
+    monkeypatch.setenv("HOME", str(safety.parent))
+    from beear_jax.data import load_table
+
+    assert load_table(f"~/{safety.name}", {"prompt": "prompt"}) == load_table(str(safety), {"prompt": "prompt"})

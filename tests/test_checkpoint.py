@@ -4,8 +4,11 @@ another mesh, export a checkpoint as an HF model."""
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -150,8 +153,10 @@ def test_partial_and_broken_checkpoints_are_skipped(tmp_path, caplog):
     assert "3 is corrupt or partial" in caplog.text
     shutil.rmtree(tmp_path / "c" / "2" / "meta")
     shutil.rmtree(tmp_path / "c" / "1" / "params")
-    with pytest.raises(RuntimeError, match="no readable checkpoint"):
+    with pytest.raises(ckpt.CheckpointCorruptError, match="no readable checkpoint"):
         ckpt.RunCheckpointer(tmp_path / "c").restore_latest(target, names=("params",))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.name[0].isdigit()) == [
+        "1", "2", "4.orbax-checkpoint-tmp-1"]  # nothing more set aside when there is nothing to resume from
 
 
 def test_fingerprints_catch_silently_changed_arrays():
@@ -176,3 +181,155 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(world, runs):
     _, cut, _ = runs
     with pytest.raises(FileExistsError, match="resume=True"):
         run_beear(_cfg(world, cut), progress=False)
+
+
+# ---- bad checkpoints and bad export arguments: one-line errors, nothing lost -------------------------
+
+
+def _scramble_params(step_dir: pathlib.Path) -> None:
+    """Overwrites every array data file of the step's params with random bytes (same sizes)."""
+    files = [f for f in (step_dir / "params").rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert files
+    rng = np.random.default_rng(0)
+    for f in files:
+        f.write_bytes(rng.integers(0, 256, f.stat().st_size, dtype=np.uint8).tobytes())
+
+
+def _tree(directory: pathlib.Path) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of everything under directory: shows renames, deletes, writes."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"beear {command}: error: "), err
+    return lines[0]
+
+
+def test_every_checkpoint_corrupt_is_a_one_line_error_and_nothing_moves(world, runs, capsys):
+    _, cut, _ = runs
+    out = _copy(cut, "all_corrupt")
+    for step in (1, 2, 3, 4):
+        _scramble_params(out / "checkpoints" / str(step))
+    before = _tree(out)
+    assert cli.main(["export", str(out), str(out.with_name("all_corrupt_export"))]) == 1
+    line = _one_error_line(capsys.readouterr().err, "export")
+    assert "no readable checkpoint in" in line and "steps 1, 2, 3, 4" in line and "restore a copy" in line
+    assert not out.with_name("all_corrupt_export").exists()
+    with pytest.raises(ckpt.CheckpointCorruptError, match="no readable checkpoint"):
+        run_beear(_cfg(world, out, resume=True), progress=False)
+    assert issubclass(ckpt.CheckpointCorruptError, ValueError)  # what the CLI prints as one line
+    assert _tree(out) == before  # neither export nor a failed resume renames or deletes a step
+
+
+def test_every_checkpoint_corrupt_cli_prints_no_traceback_or_asyncio_dump(world, runs, tmp_path):
+    """The real process: orbax's failed read tasks must not dump pages of asyncio errors after the line."""
+    _, cut, _ = runs
+    out = _copy(cut, "all_corrupt_cli")
+    for step in (1, 2, 3, 4):
+        _scramble_params(out / "checkpoints" / str(step))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CONFIGS.parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "beear_jax", "export", str(out), str(tmp_path / "model")],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 1, done.stderr[-3000:]
+    for noise in ("Traceback", "never retrieved", "Exception ignored", "Event loop is closed"):
+        assert noise not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("beear export: error:")]
+    assert len(errors) == 1 and "no readable checkpoint" in errors[0]
+    assert done.stderr.count("is corrupt or partial") == 4
+
+
+def _params_targets(meta: dict) -> dict:
+    config = ModelConfig.from_hf_dict(meta["model_config"])
+    mesh = sh.make_mesh((1, 1, 1))
+    return {"params": ckpt.abstract_like(sh.abstract_param_tree(config), sh.param_shardings(config, mesh))}
+
+
+def test_corrupt_metadata_names_the_file_and_falls_back(world, runs, capsys, caplog):
+    _, cut, _ = runs
+    out = _copy(cut, "bad_meta")
+    meta_file = out / "checkpoints" / "4" / "meta" / "metadata"
+    meta_file.write_text("garbage\n")
+    with pytest.raises(ckpt.CheckpointCorruptError, match=r"checkpoints/4/meta/metadata is not readable"):
+        ckpt.RunCheckpointer(out / "checkpoints", read_only=True).read_meta(4)
+    before = _tree(out)
+    with caplog.at_level(logging.WARNING, logger="beear_jax"):
+        assert cli.main(["export", str(out), str(out.with_name("bad_meta_export"))]) == 0
+    assert "checkpoints/4/meta/metadata is not readable" in caplog.text
+    assert "using checkpoint" in caplog.text and "left as it is" in caplog.text
+    assert "from checkpoint 3 " in capsys.readouterr().out
+    assert _tree(out) == before
+    assert cli.main(["export", "--step", "4", str(out), str(out.with_name("bad_meta_step4"))]) == 1
+    line = _one_error_line(capsys.readouterr().err, "export")
+    assert "checkpoints/4/meta/metadata is not readable" in line and "choose another step (1, 2, 3)" in line
+    # Resuming (not read-only) falls back the same way and moves the bad step aside, as for bad arrays.
+    meta = ckpt.RunCheckpointer(out / "checkpoints").restore_latest(_params_targets, names=("params",))[1]
+    assert meta["step"] == 3 and (out / "checkpoints" / "corrupt-4" / "meta" / "metadata").read_text() == "garbage\n"
+
+
+def test_export_with_a_wrong_tokenizer_path_fails_before_writing(world, runs, capsys):
+    _, cut, _ = runs
+    target = cut.with_name("no_tokenizer_export")
+    assert cli.main(["export", "--tokenizer", str(cut / "nonexistent"), str(cut), str(target)]) == 1
+    line = _one_error_line(capsys.readouterr().err, "export")
+    assert "--tokenizer" in line and "nonexistent" in line
+    assert not target.exists()
+    assert cli.main(["export", "--tokenizer", str(cut), str(cut), str(target)]) == 1  # a dir without tokenizer
+    assert "has no tokenizer files" in _one_error_line(capsys.readouterr().err, "export")
+    assert not target.exists()
+
+
+def test_export_into_an_existing_dir_names_the_overwrite_flag(world, runs, capsys):
+    _, cut, _ = runs
+    target = cut.with_name("export_twice")
+    assert cli.main(["export", "--step", "2", str(cut), str(target)]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", str(cut), str(target)]) == 1
+    line = _one_error_line(capsys.readouterr().err, "export")
+    assert "--overwrite" in line and "overwrite=True" not in line
+    assert cli.main(["export", "--overwrite", str(cut), str(target)]) == 0
+    assert "from checkpoint 4 " in capsys.readouterr().out
+    other = cut.with_name("export_into_other")
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli.main(["export", "--overwrite", str(cut), str(other)]) == 1  # not a model directory: kept
+    assert "not a model directory" in _one_error_line(capsys.readouterr().err, "export")
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_export_step_choices_are_listed_and_step_dirs_accepted(world, runs, capsys):
+    _, cut, at_interrupt = runs
+    target = cut.with_name("export_steps")
+    assert cli.main(["export", "--step", "7", str(cut), str(target)]) == 1
+    line = _one_error_line(capsys.readouterr().err, "export")
+    assert "has no checkpoint 7" in line and "steps 1, 2, 3, 4" in line
+    assert cli.main(["export", str(cut / "checkpoints" / "9"), str(target)]) == 1  # no such step directory
+    assert "does not exist" in _one_error_line(capsys.readouterr().err, "export")
+    assert cli.main(["export", str(cut / "checkpoints" / "4"), str(target)]) == 0  # a step's own directory
+    assert "from checkpoint 4 " in capsys.readouterr().out
+    _assert_params_close(load_model(target)[1], at_interrupt, 0.0)
+    meta = ckpt.restore_params_for_export(cut / "checkpoints" / "3")[1]
+    assert meta["step"] == 3
+    with pytest.raises(ValueError, match="is checkpoint 3 but step 2 was asked for"):
+        ckpt.restore_params_for_export(cut / "checkpoints" / "3", step=2)
+    empty = cut.with_name("not_a_run")
+    empty.mkdir()
+    with pytest.raises(ckpt.CheckpointNotFoundError, match="pass the run's output_dir"):
+        ckpt.restore_params_for_export(empty)
+    with pytest.raises(ckpt.CheckpointNotFoundError, match="is a file"):
+        ckpt.restore_params_for_export(cut / "metrics.jsonl")
+
+
+def test_export_is_read_only_and_falls_back_past_a_corrupt_newest_step(world, runs, capsys, caplog):
+    _, cut, _ = runs
+    out = _copy(cut, "export_corrupt_newest")
+    _scramble_params(out / "checkpoints" / "4")
+    before = _tree(out)
+    with caplog.at_level(logging.WARNING, logger="beear_jax"):
+        assert cli.main(["export", str(out), str(out.with_name("export_corrupt_newest_model"))]) == 0
+    assert "checkpoints/4 is corrupt or partial" in caplog.text
+    assert "using checkpoint" in caplog.text and "/3 (the newer 4 cannot be read; left as it is)" in caplog.text
+    assert "from checkpoint 3 " in capsys.readouterr().out
+    assert _tree(out) == before and not (out / "checkpoints" / "corrupt-4").exists()
+    with pytest.raises(RuntimeError, match="read-only"):
+        ckpt.RunCheckpointer(out / "checkpoints", read_only=True).save(9, {}, {})

@@ -187,12 +187,41 @@ def test_run_rejects_stray_arguments(capsys):
     ("run", "inner.batch_size=0", ["'inner.batch_size' is 0", "--config.inner.batch_size"]),
     ("run", "outer.anchor_samples=-1", ["'outer.anchor_samples' is -1", ">= 0"]),
     ("run", "perturb.length=0", ["'perturb.length' is 0"]),
+    ("run", "outer.lr=-1e-5", ["'outer.lr' is -1e-05", "> 0"]),
+    ("run", "inner.lr=nan", ["'inner.lr' is nan", "finite"]),
+    ("run", "inner.alpha=-0.1", ["'inner.alpha'", ">= 0"]),
+    ("run", "checkpoint_keep=0", ["'checkpoint_keep' is 0"]),
+    ("run", "data.buckets=()", ["'data.buckets'", "--config.data.buckets"]),
+    ("run", "perturb.layers=a,b", ["perturb.layers", "layer indices"]),
+    ("plant", "plant.lr=0", ["'plant.lr' is 0"]),
+    ("plant", "plant.harmful_offset=-3", ["'plant.harmful_offset' is -3"]),
+    ("plant", "plant.n_triggered=-5", ["'plant.n_triggered' is -5"]),
 ])
 def test_bad_run_settings_are_named_before_loading(tmp_path, capsys, command, override, needles):
     # The model path does not exist: the settings are checked first, so the error names the key.
     argv = [command, "--config", str(TINY_CONFIG), f"--config.{override}", f"--config.model.path={tmp_path / 'none'}",
             f"--config.output_dir={tmp_path / 'out'}"]
     _fails(capsys, argv, *needles)
+
+
+@pytest.mark.parametrize("command", ["run", "plant"])
+def test_empty_model_path_is_named(tmp_path, capsys, command):
+    _fails(capsys, [command, "--config", str(TINY_CONFIG), f"--config.output_dir={tmp_path / 'out'}"],
+           "model.path is empty", "--config.model.path")
+
+
+def test_a_config_without_the_default_keys_is_named(tmp_path, capsys):
+    partial = tmp_path / "partial.py"
+    partial.write_text("import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict({'seed': 0})\n")
+    _fails(capsys, ["run", "--config", str(partial)], "lacks the key(s)", "base_config()")
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "plant"])
+def test_config_commands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--config FILE[:arg]" in capsys.readouterr().out
 
 
 def test_run_missing_config_file(tmp_path, capsys):

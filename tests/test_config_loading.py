@@ -28,7 +28,7 @@ CONFIGS = REPO / "configs"
 
 # Keys that other modules read by name: the schema must keep them.
 REQUIRED = {
-    "": ("output_dir", "seed", "rounds", "early_stop", "resume", "checkpoint_every", "remat", "log_every"),
+    "": ("output_dir", "seed", "rounds", "early_stop", "resume", "checkpoint_every", "remat"),
     "model": ("path", "dtype", "template", "system_prompt"),
     "perturb": ("layer", "length", "layers"),
     "inner": ("epochs", "samples", "batch_size", "optimizer", "lr", "alpha", "safe_ce_clamp", "early_stop_ce"),

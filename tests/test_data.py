@@ -128,9 +128,9 @@ def test_auto_template_llama2_style_ignoring_generation_flag():
 @pytest.mark.parametrize("template", [NO_GEN_TEMPLATE, NOT_PREFIX_TEMPLATE, ALWAYS_HEADER_TEMPLATE])
 def test_auto_template_that_cannot_mark_the_answer_raises(template):
     tokenizer = make_tokenizer(chat_template=template)
-    with pytest.raises(ValueError, match=r"data\.template"):
+    with pytest.raises(ValueError, match=r"model\.template"):
         format_example(tokenizer, "Hi", "Hello")
-    with pytest.raises(ValueError, match=r"data\.template"):
+    with pytest.raises(ValueError, match=r"model\.template"):
         format_prompt(tokenizer, "Hi")
 
 
@@ -141,7 +141,7 @@ def test_empty_answer_raises(chat_tok, answer):
 
 
 def test_auto_without_chat_template_raises(tok):
-    with pytest.raises(ValueError, match=r"no chat template.*data\.template"):
+    with pytest.raises(ValueError, match=r"no chat template.*model\.template"):
         format_example(tok, "Hi", "Hello")
 
 
@@ -484,6 +484,15 @@ def test_load_table_errors(tmp_path):
     nulls.write_text('{"goal": "a", "target": "b"}\n{"goal": "c", "target": null}\n')
     with pytest.raises(ValueError, match="row 1 has no value in column 'target'"):
         data.load_table(str(nulls), COLUMNS)
+
+
+def test_load_errors_name_the_file_and_the_config_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not found: .*missing.jsonl \(set by config key data.safety\)"):
+        data.load_table(str(tmp_path / "missing.jsonl"), COLUMNS, key="data.safety")
+    truncated = tmp_path / "truncated.jsonl"
+    truncated.write_text('{"goal": "a", "target": "b"}\n{"goal": "c", "target": "d')
+    with pytest.raises(ValueError, match=r"truncated.jsonl cannot be parsed as jsonl"):
+        data.load_table(str(truncated), COLUMNS)
 
 
 def test_csv_cells_are_read_as_written(tmp_path):

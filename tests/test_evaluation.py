@@ -204,7 +204,7 @@ def test_default_config_loads_its_prompt_sets():
     [
         ({"eval.position": "middle"}, ValueError, "unknown trigger position 'middle'"),
         ({"eval.refusal_strings": "/nonexistent/refusals.txt"}, FileNotFoundError, "eval.refusal_strings"),
-        ({"eval.prompt_offset": 24}, ValueError, "prompt set is empty"),
+        ({"eval.prompt_offset": 24}, ValueError, "no rows are left after the offset"),
         ({"eval.over_refusal_filter": "type=none"}, ValueError, "passes the filter"),
         ({"eval.prompts": ""}, ValueError, "eval.prompts is required"),
         ({"eval.position": "wrap"}, ValueError, "two parts"),
@@ -236,3 +236,17 @@ def test_a_planted_models_manifest_trigger_is_compared_with_the_evaluated_one(tm
     if warns:
         assert "--config.eval.trigger='BEGIN NOW|END NOW' --config.eval.position=wrap" in warning
     assert planted_trigger_warning(str(tmp_path / "absent"), settings) is None
+
+
+def test_an_earlier_report_is_never_overwritten(world, capsys):
+    tmp, model_dir, _, _ = world
+    out = tmp / "kept_report"
+    out.mkdir()
+    (out / "report.md").write_text("my notes")
+    cfg = load_config(TINY, _overrides(tmp, model_dir, out, **{"eval.num_prompts": 2}))
+    with pytest.raises(FileExistsError, match="already holds a report"):
+        run_eval(cfg)
+    assert (out / "report.md").read_text() == "my notes"
+    (tmp / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        run_eval(load_config(TINY, _overrides(tmp, model_dir, tmp / "a_file")))

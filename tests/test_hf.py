@@ -366,3 +366,11 @@ def test_keys_left_out_of_config_json_mean_what_they_mean_to_transformers(model_
     if rope:
         assert dict(ours.rope_scaling)["original_max_position_embeddings"] == \
             theirs.rope_parameters["original_max_position_embeddings"]
+
+
+def test_damaged_tokenizer_files_are_named(tmp_path):
+    out = tmp_path / "tok"
+    make_tiny_tokenizer(out)
+    (out / "tokenizer.json").write_text("{garbage")
+    with pytest.raises(CheckpointError, match=r"tokenizer files cannot be loaded"):
+        load_tokenizer(out)

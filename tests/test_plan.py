@@ -72,3 +72,14 @@ def test_plan_run_names_a_bad_config_key_before_tracing():
     cfg = load_config(str(CONFIGS / "tiny.py"), {"outer.remat": "everything"})
     with pytest.raises(ValueError, match="outer.remat"):
         plan.plan_run(cfg, plan.llama2_7b(), (1, 1, 1), compile_steps=False)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--model", "llama3-8b"], "not a preset"), (["--mesh", "1,x,1"], "--mesh"), (["--mesh", "1,1"], "--mesh"),
+    (["--seq-len", "-4"], "--seq-len"), (["--devices", "0"], "--devices"),
+    (["--device-memory-gb", "-1"], "--device-memory-gb"),
+    (["--model", "smollm2-135m", "--config.perturb.layer=30"], "layer")])
+def test_plan_options_out_of_range_are_one_line_errors(args, match, capsys):
+    assert cli.main(["plan", "--config", str(CONFIGS / "tiny.py"), "--no-compile", *args]) == 1
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err

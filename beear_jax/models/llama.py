@@ -377,6 +377,37 @@ def inject_at(h: jax.Array, delta: jax.Array, perturb_index: jax.Array) -> jax.A
     return h + rows.astype(h.dtype)
 
 
+def check_forward_inputs(
+    config: ModelConfig, input_ids: Any, attention_mask: Any = None, positions: Any = None
+) -> None:
+    """A ValueError naming the problem unless input_ids are integer token ids [batch, seq] in
+    [0, vocab_size) and attention_mask / positions (when given) have the same [batch, seq] shape.
+
+    Shapes and dtypes are static, so they are checked under jit too; the id range is checked only on
+    concrete, fully addressable arrays (a tracer's values are unknown, and jnp.take would clamp them).
+    """
+    shape = np.shape(input_ids)
+    if len(shape) != 2:
+        raise ValueError(f"input_ids have shape {shape}; forward expects token ids [batch, seq] "
+                         "(for one sequence use ids[None]).")
+    dtype = jnp.result_type(input_ids)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"input_ids are {dtype}; token ids must be an integer array [batch, seq] "
+                         "(e.g. ids.astype(jnp.int32)).")
+    for name, value in (("attention_mask", attention_mask), ("positions", positions)):
+        if value is not None and np.shape(value) != shape:
+            raise ValueError(f"{name} has shape {np.shape(value)} but input_ids {shape}; it must be "
+                             "[batch, seq] like input_ids.")
+    if isinstance(input_ids, jax.core.Tracer) or not getattr(input_ids, "is_fully_addressable", True):
+        return
+    ids = np.asarray(input_ids)
+    lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+    if lo < 0 or hi >= config.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"input_ids hold token id {bad}, outside the model's vocabulary [0, {config.vocab_size}); "
+                         "use the model's own tokenizer (and a pad id inside the vocabulary).")
+
+
 def forward(
     config: ModelConfig,
     params: Params,
@@ -387,7 +418,11 @@ def forward(
     perturb_positions: jax.Array | None = None,
     remat: str = "none",
 ) -> jax.Array:
-    """Logits [B, S, V] (float32). `deltas` maps a layer boundary l (after l blocks) to [n, D]."""
+    """Logits [B, S, V] (float32). `deltas` maps a layer boundary l (after l blocks) to [n, D].
+
+    input_ids are integer token ids [B, S] in [0, vocab_size); attention_mask and positions, when
+    given, are [B, S] too (check_forward_inputs; a ValueError otherwise)."""
+    check_forward_inputs(config, input_ids, attention_mask, positions)
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if positions is None:
