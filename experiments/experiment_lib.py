@@ -116,8 +116,10 @@ def show_samples(result: Mapping[str, Any], labels: Sequence[str], k: int = 2) -
 
 def run_defence(cfg: ml_collections.ConfigDict, model_dir: str | os.PathLike[str], out: pathlib.Path,
                 **overrides: Any) -> RunResult:
-    """BEEAR (or, with perturb.enabled=False, plain safety fine-tuning) on model_dir into out."""
-    run_cfg = with_overrides(cfg, {"model.path": str(model_dir), "output_dir": str(out), **overrides})
+    """BEEAR (or, with perturb.enabled=False, plain safety fine-tuning) on model_dir into out; a run
+    stopped half way in `out` continues from its last checkpoint (resume)."""
+    run_cfg = with_overrides(cfg, {"model.path": str(model_dir), "output_dir": str(out), "resume": True,
+                                   **overrides})
     started = time.time()
     result = run_beear(run_cfg)
     print(f"defence finished in {(time.time() - started) / 60:.1f} min -> {result.model_dir}", flush=True)
