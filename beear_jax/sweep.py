@@ -38,6 +38,7 @@ from typing import Any
 from beear_jax.config_loading import ConfigError, apply_overrides, load_config, split_spec
 
 MARKER = "sweep_done"
+ERROR_FILE = "sweep_error.txt"  # the traceback of a setting's last failure, in its run directory
 RESULTS_CSV = "sweep_results.csv"
 HEATMAP_PNG = "sweep_heatmap.png"
 Overrides = dict[str, Any]
@@ -218,12 +219,15 @@ def run_sweep(spec: str, common: Sequence[str], sweep_spec: str, metric: str | N
             s.status = "skipped"
             continue
         cfg = setting_config(spec, common, loaded, s)
+        # The last failure's record goes before the retry: `beear run` refuses a directory with files
+        # that are not its own (written again below if this try fails too).
+        (s.run_dir / ERROR_FILE).unlink(missing_ok=True)
         try:
             runner(cfg, evaluate)
         except Exception as err:  # noqa: BLE001 (one bad setting must not stop the sweep)
             s.status = f"failed: {type(err).__name__}: {err}"
             s.run_dir.mkdir(parents=True, exist_ok=True)
-            (s.run_dir / "sweep_error.txt").write_text(traceback.format_exc())
+            (s.run_dir / ERROR_FILE).write_text(traceback.format_exc())
             continue
         s.run_dir.mkdir(parents=True, exist_ok=True)
         (s.run_dir / MARKER).write_text(json.dumps(s.overrides, default=str) + "\n")

@@ -11,6 +11,7 @@ from tiny_world import defender_files, random_tiny_model, split_pairs
 
 from beear_jax import cli
 from beear_jax import sweep as sweep_lib
+from beear_jax.beear import check_output_dir
 from beear_jax.config_loading import ConfigError
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -92,6 +93,12 @@ def test_a_failing_setting_is_recorded_and_the_rest_run(world, tmp_path):
     assert "boom" in (tmp_path / "out" / "perturb.layer-2_perturb.length-1" / "sweep_error.txt").read_text()
     again = sweep_lib.run_sweep(spec, common, str(sweep_file), runner=runner)
     assert [s.status.split(":")[0] for s in again.settings] == ["skipped", "skipped", "failed", "skipped"]
+
+    def fixed_runner(cfg, evaluate):  # the retry sees a directory `beear run` accepts (no stale error file)
+        check_output_dir(pathlib.Path(cfg.output_dir), cfg.model.path, resume=True)
+
+    third = sweep_lib.run_sweep(spec, common, str(sweep_file), runner=fixed_runner)
+    assert [s.status.split(":")[0] for s in third.settings] == ["skipped", "skipped", "done", "skipped"]
 
 
 def test_bad_sweep_keys_fail_before_any_run(world, tmp_path):
