@@ -317,7 +317,7 @@ def check_output_dir(output_dir: pathlib.Path, model_path: str, resume: bool) ->
     if not str(output_dir).strip() or str(output_dir) == ".":
         raise ValueError(f"output_dir is empty; {fix} (e.g. --config.output_dir=runs/beear-1).")
     if model_path and pathlib.Path(model_path).resolve() in (output_dir.resolve(), *output_dir.resolve().parents):
-        raise ValueError(f"output_dir {output_dir} is (or holds) the input model {model_path}; {fix}.")
+        raise ValueError(f"output_dir {output_dir} is (or lies inside) the input model {model_path}; {fix}.")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output_dir {output_dir} is a file, not a directory; {fix}.")
     present = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []

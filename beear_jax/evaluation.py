@@ -309,8 +309,9 @@ def _stage_paths(cfg: Any) -> list[tuple[str, str]]:
     return [(SINGLE_STAGE, cfg.model.path)]
 
 
-REPORT_FILES = ("report.json", "report.md", "answers.jsonl", "metrics.png", "losses.png")
-"""What `beear eval` writes into output_dir."""
+REPORT_FILES = ("report.json", "report.md")
+"""A finished `beear eval` in output_dir (its answers.jsonl and plots come with them; an eval that stopped
+before its report may be run again into the same directory)."""
 
 
 def check_report_dir(output_dir: Path) -> None:
