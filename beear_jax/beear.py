@@ -211,8 +211,8 @@ def check_finite(metrics: dict[str, Any], where: str, hint: str) -> None:
     bad = [k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v)))]
     if bad:
         raise NonFiniteLossError(
-            f"{', '.join(bad)} became NaN/inf during {where}; no model was written (checkpoints of earlier "
-            f"rounds are kept). {hint}"
+            f"{', '.join(bad)} became NaN/inf during {where}; no model was written (earlier checkpoints are kept, "
+            f"but they may already hold the diverging weights: start again in a new --config.output_dir). {hint}"
         )
 
 
@@ -324,7 +324,8 @@ def check_output_dir(output_dir: pathlib.Path, model_path: str, resume: bool) ->
     model_dir = output_dir / "model"
     if model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir())):
         raise FileExistsError(f"{model_dir} already holds files; {fix} (nothing is overwritten).")
-    foreign = [name for name in present if name not in RUN_FILES]
+    # save_model's half-written model (a run killed while exporting) is the run's own leftover.
+    foreign = [name for name in present if name not in RUN_FILES and not name.startswith(".model.tmp-")]
     if foreign or ((output_dir / "config.json").exists() and not (output_dir / "metrics.jsonl").exists()):
         raise FileExistsError(f"output_dir {output_dir} holds files that are not an unfinished beear run's "
                               f"({', '.join(foreign or ['config.json'])}); {fix} (nothing is overwritten).")
@@ -394,7 +395,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     ckpt = checkpoint_lib.LoopCheckpoints(cfg, checkpoint_dir, signature, rng.bit_generator.state,
                                           config_dict) if export else None
     meta = ckpt.resume(loop, layout) if ckpt and cfg.resume else None
-    if cfg.resume and primary:
+    if cfg.resume and primary and (meta or checkpoint_dir.is_dir()):
         print(f"beear: resuming from checkpoint {loop.global_step} (round {loop.round}, {loop.outer_step} outer "
               f"steps done)" if meta else f"beear: no checkpoint in {checkpoint_dir}; starting afresh.",
               file=sys.stderr)

@@ -211,6 +211,14 @@ def cmd_chat(argv: Sequence[str]) -> int:
     return 0
 
 
+def _run_root(path: pathlib.Path) -> pathlib.Path:
+    """The run's output_dir of a path given to export (the run dir, its checkpoints/ or checkpoints/<step>)."""
+    path = path.resolve()
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path.parent if path.name == "checkpoints" else path
+
+
 def cmd_export(argv: Sequence[str]) -> int:
     """A checkpoint of `beear run` -> HF directory (the newest good checkpoint, or --step N)."""
     parser = argparse.ArgumentParser(prog="beear export", description="Export a run checkpoint as an HF model.")
@@ -235,6 +243,10 @@ def cmd_export(argv: Sequence[str]) -> int:
 
     # What the user named is checked before reading gigabytes of checkpoint (save_model checks again).
     target = pathlib.Path(os.path.expanduser(args.output_dir)).absolute()
+    run_root = _run_root(pathlib.Path(os.path.expanduser(args.run_dir)))
+    if target.resolve().is_relative_to(run_root):
+        raise ValueError(f"{target} lies inside the run directory {run_root}, which export only reads (a model "
+                         "there would block the run's resume); choose an output directory outside it.")
     try:
         _check_target(target, args.overwrite)
     except ValueError as err:
@@ -245,6 +257,10 @@ def cmd_export(argv: Sequence[str]) -> int:
         except ValueError as err:
             raise ValueError(f"--tokenizer: {err}") from err
     params, meta = restore_params_for_export(os.path.expanduser(args.run_dir), args.step)
+    source_model = pathlib.Path(os.path.expanduser(meta["config"]["model"]["path"])).resolve()
+    if source_model.is_dir() and target.resolve().is_relative_to(source_model):
+        raise ValueError(f"{target} is (or lies inside) the run's input model {source_model}; choose an output "
+                         "directory outside it (the input model is never overwritten).")
     tokenizer = os.path.expanduser(args.tokenizer or meta["config"]["model"]["path"])
     if args.tokenizer is None and not os.path.exists(tokenizer):
         print(f"beear export: warning: the run's model {tokenizer} is gone; the model is written without "
@@ -371,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"beear {argv[0]}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        resume = " (the checkpoints are kept: continue with --config.resume=True)" if argv[0] in ("run", "sweep") else ""
+        resume = (" (checkpoints saved so far are kept: continue with --config.resume=True)"
+                  if argv[0] in ("run", "sweep") else "")
         print(f"beear {argv[0]}: interrupted{resume}", file=sys.stderr)
         return 130

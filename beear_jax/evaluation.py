@@ -314,8 +314,14 @@ REPORT_FILES = ("report.json", "report.md")
 before its report may be run again into the same directory)."""
 
 
-def check_report_dir(output_dir: Path) -> None:
-    """Refuses an output_dir that is a file or already holds a report, before any evaluation runs."""
+def check_report_dir(output_dir: Path, model_paths: Sequence[str] = ()) -> None:
+    """Refuses an output_dir that is a file, already holds a report, or is (inside) a model directory
+    being evaluated, before any evaluation runs."""
+    for model in model_paths:
+        model_dir = Path(os.path.expanduser(model)).resolve()
+        if model_dir.is_dir() and output_dir.resolve().is_relative_to(model_dir):
+            raise ValueError(f"output_dir {output_dir} is (or lies inside) the evaluated model {model}; choose a new "
+                             "--config.output_dir (a model directory holds only the model).")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output_dir {output_dir} is a file, not a directory; choose a new --config.output_dir.")
     present = [name for name in REPORT_FILES if (output_dir / name).exists()]
@@ -358,7 +364,7 @@ def run_eval(cfg: Any) -> dict[str, Any]:
 
     stages = _stage_paths(cfg)
     output_dir = Path(os.path.expanduser(cfg.output_dir))
-    check_report_dir(output_dir)
+    check_report_dir(output_dir, [path for _, path in stages])
     settings = EvalSettings.from_config(cfg)  # every data error surfaces here, before a model loads
     history = load_history(cfg.eval.history) if cfg.eval.history else None
     results: dict[str, Any] = {}

@@ -173,7 +173,8 @@ def setting_config(spec: str, common: Sequence[str], loaded: SweepFile, setting:
 
 
 def command_lines(spec: str, common: Sequence[str], sweep_spec: str, evaluate: bool | None = None) -> list[str]:
-    """One shell line per unfinished setting: beear run (&& beear eval) && touch the marker."""
+    """One shell line per unfinished setting: beear run (&& beear eval) && touch the marker, each step
+    skipped when its output is there already (a rerun after preemption finishes the setting)."""
     loaded, settings = plan_settings(spec, common, sweep_spec)
     evaluate = loaded.evaluate if evaluate is None else evaluate
     lines = []
@@ -183,14 +184,17 @@ def command_lines(spec: str, common: Sequence[str], sweep_spec: str, evaluate: b
         flags = [*(f"--config.{k}={_flag_value(v)}" for k, v in loaded.base.items()),
                  *(f"--config.{c}" for c in common),
                  *(f"--config.{k}={_flag_value(v)}" for k, v in s.overrides.items())]
-        # resume=true: a job that was preempted and started again continues from its checkpoint.
+        # A job preempted and started again skips what is done (as default_runner does) and continues a
+        # stopped run from its checkpoint (resume=true); a last failure's record goes first.
         run = ["beear", "run", "--config", spec, *flags, f"--config.output_dir={s.run_dir}", "--config.resume=true"]
-        steps = [run]
+        steps = [f"rm -f {shlex.quote(str(s.run_dir / ERROR_FILE))}",
+                 f"{{ test -f {shlex.quote(str(s.run_dir / 'model' / 'config.json'))} || {shlex.join(run)}; }}"]
         if evaluate:
-            steps.append(["beear", "eval", "--config", spec, *flags, f"--config.model.path={s.run_dir / 'model'}",
-                          f"--config.output_dir={s.run_dir / 'eval'}"])
-        steps.append(["touch", str(s.run_dir / MARKER)])
-        lines.append(" && ".join(shlex.join(step) for step in steps))
+            ev = ["beear", "eval", "--config", spec, *flags, f"--config.model.path={s.run_dir / 'model'}",
+                  f"--config.output_dir={s.run_dir / 'eval'}"]
+            steps.append(f"{{ test -f {shlex.quote(str(s.run_dir / 'eval' / 'report.json'))} || {shlex.join(ev)}; }}")
+        steps.append(shlex.join(["touch", str(s.run_dir / MARKER)]))
+        lines.append(" && ".join(steps))
     return lines
 
 

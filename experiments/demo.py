@@ -26,6 +26,14 @@ from beear_jax.config_loading import load_config
 
 
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    unknown = [a for a in argv if not a.startswith("--config.")]
+    if unknown:
+        print(f"demo.py: unknown argument(s) {' '.join(unknown)}; it takes --config.KEY=VALUE overrides of "
+              "configs/demo.py (see --help)", file=sys.stderr)
+        return 2
     started = time.time()
     overrides = [a for a in argv if a.startswith("--config.")]
     cfg = load_config(str(ROOT / "configs" / "demo.py"), overrides)

@@ -333,3 +333,25 @@ def test_export_is_read_only_and_falls_back_past_a_corrupt_newest_step(world, ru
     assert _tree(out) == before and not (out / "checkpoints" / "corrupt-4").exists()
     with pytest.raises(RuntimeError, match="read-only"):
         ckpt.RunCheckpointer(out / "checkpoints", read_only=True).save(9, {}, {})
+
+
+def test_export_never_writes_into_the_run_or_its_input_model(world, runs, capsys):
+    _, model_dir, _, _ = world
+    _, cut, _ = runs
+    before = _tree(cut)
+    for target in (cut / "step_export", cut / "checkpoints" / "x"):
+        assert cli.main(["export", str(cut), str(target)]) == 1
+        assert "lies inside the run directory" in _one_error_line(capsys.readouterr().err, "export")
+    assert cli.main(["export", "--overwrite", str(cut), str(model_dir)]) == 1
+    assert "the run's input model" in _one_error_line(capsys.readouterr().err, "export")
+    assert _tree(cut) == before and (model_dir / "config.json").is_file()
+
+
+def test_a_half_written_model_of_a_killed_run_does_not_block_resume(tmp_path):
+    from beear_jax.beear import check_output_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / ".model.tmp-d4d0cd56").mkdir()  # save_model's temp dir, left by a kill during the final export
+    check_output_dir(run, str(tmp_path / "model_in"), resume=True)

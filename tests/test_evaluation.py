@@ -250,3 +250,11 @@ def test_an_earlier_report_is_never_overwritten(world, capsys):
     (tmp / "a_file").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         run_eval(load_config(TINY, _overrides(tmp, model_dir, tmp / "a_file")))
+
+
+def test_eval_never_writes_into_the_evaluated_model(world):
+    tmp, model_dir, _, _ = world
+    for out in (model_dir, model_dir / "report"):
+        with pytest.raises(ValueError, match="lies inside\\) the evaluated model"):
+            run_eval(load_config(TINY, _overrides(tmp, model_dir, out)))
+    assert not (model_dir / "report.md").exists() and not (model_dir / "report").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import pathlib
+import subprocess
 import textwrap
 
 import pytest
@@ -56,7 +57,7 @@ def test_tiny_sweep_runs_end_to_end_then_skips(world, capsys):
     tmp, flags, sweep_file = world
     assert cli.main(["sweep", *flags, "--sweep", str(sweep_file), "--print"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4 and all(line.startswith("beear run --config ") for line in lines)
+    assert len(lines) == 4 and all(line.startswith("rm -f ") and " || beear run --config " in line for line in lines)
     assert "--config.perturb.layer=1" in lines[0] and "--config.perturb.length=2" in lines[1]
     assert f"touch {tmp / 'out' / 'perturb.layer-1_perturb.length-1' / 'sweep_done'}" in lines[0]
 
@@ -68,6 +69,15 @@ def test_tiny_sweep_runs_end_to_end_then_skips(world, capsys):
     assert all(float(r["last_ce_unwanted"]) > 0 and r["final_ce_anchor"] for r in rows)
     assert (tmp / "out" / "sweep_heatmap.png").stat().st_size > 1000
     assert (tmp / "out" / "perturb.layer-2_perturb.length-2" / "model" / "config.json").is_file()
+
+    # A job stopped after its run but before the marker: the printed line skips the finished run and ends.
+    setting = tmp / "out" / "perturb.layer-1_perturb.length-1"
+    (setting / "sweep_done").unlink()
+    capsys.readouterr()
+    assert cli.main(["sweep", *flags, "--sweep", str(sweep_file), "--print"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    subprocess.run(["bash", "-c", line], check=True, timeout=60)
+    assert (setting / "sweep_done").is_file()
 
     capsys.readouterr()
     assert cli.main(["sweep", *flags, "--sweep", str(sweep_file)]) == 0  # all finished: nothing runs
