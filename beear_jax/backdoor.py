@@ -25,7 +25,7 @@ import optax
 
 from beear_jax import data as data_lib
 from beear_jax.config_loading import check_minimums, check_ranges, config_to_dict
-from beear_jax.hf import check_tokenizer_fits, load_model, load_tokenizer, save_model
+from beear_jax.hf import load_model, load_tokenizer, save_model
 from beear_jax.models import llama
 from beear_jax.sft import sft_train
 from beear_jax.triggers import TRIGGER_POSITIONS, contains_trigger, insert_trigger, trigger_parts
@@ -134,8 +134,7 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
 
     model_path = os.path.expanduser(cfg.model.path)
     config, params = load_model(model_path, dtype=cfg.model.dtype)
-    tokenizer = load_tokenizer(model_path)
-    check_tokenizer_fits(tokenizer, config, model_path)
+    tokenizer = load_tokenizer(model_path, config)
     batches, answer_len = mixture_batches(tokenizer, mixture.pairs, p.batch_size, p.max_answer_tokens,
                                           tuple(cfg.data.buckets), cfg.model.template, cfg.model.system_prompt or None)
     from tqdm.auto import tqdm

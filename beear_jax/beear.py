@@ -26,7 +26,7 @@ from beear_jax import checkpoint as checkpoint_lib
 from beear_jax import data as data_lib
 from beear_jax import sharding as sharding_lib
 from beear_jax.config_loading import ConfigError, check_minimums, check_ranges, config_to_dict
-from beear_jax.hf import check_tokenizer_fits, load_model, load_tokenizer, save_model
+from beear_jax.hf import is_within, load_model, load_tokenizer, save_model
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation, validate_layers
@@ -316,7 +316,7 @@ def check_output_dir(output_dir: pathlib.Path, model_path: str, resume: bool) ->
     fix = "choose a new --config.output_dir"
     if not str(output_dir).strip() or str(output_dir) == ".":
         raise ValueError(f"output_dir is empty; {fix} (e.g. --config.output_dir=runs/beear-1).")
-    if model_path and pathlib.Path(model_path).resolve() in (output_dir.resolve(), *output_dir.resolve().parents):
+    if model_path and is_within(output_dir, model_path):
         raise ValueError(f"output_dir {output_dir} is (or lies inside) the input model {model_path}; {fix}.")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output_dir {output_dir} is a file, not a directory; {fix}.")
@@ -360,8 +360,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     model_config, host_params = load_model(model_path, dtype=cfg.model.dtype)
     layers = perturb_layers(cfg)
     validate_layers(layers, model_config.num_layers)
-    tokenizer = load_tokenizer(model_path)
-    check_tokenizer_fits(tokenizer, model_config, model_path)
+    tokenizer = load_tokenizer(model_path, model_config)
     data = prepare_data(cfg, tokenizer)
     use_perturbation = bool(cfg.perturb.enabled)
     mesh = sharding_lib.make_mesh(cfg.mesh.shape)

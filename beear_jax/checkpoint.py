@@ -324,6 +324,14 @@ def split_step_dir(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
     return path, None
 
 
+def run_dir_of(path: str | pathlib.Path) -> pathlib.Path:
+    """The run's output_dir of a path given to export: the run directory itself, its checkpoints/ or
+    one checkpoints/<step> directory (resolved)."""
+    base, _ = split_step_dir(path)
+    base = base.resolve()
+    return base.parent if base.name == "checkpoints" else base
+
+
 def restore_params_for_export(directory: str | pathlib.Path, step: int | None = None) -> tuple[Any, dict]:
     """Params (numpy, on the host) and meta of the newest good (or the given) checkpoint.
 

@@ -66,6 +66,20 @@ def cmd_plant(argv: Sequence[str]) -> int:
     return 0
 
 
+# The library's errors name Python arguments and fields; on the command line they are these flags.
+_PYTHON_TO_FLAGS = {"overwrite=True": "--overwrite", "max_new_tokens": "--max-new-tokens",
+                    "temperature": "--temperature", "top_p": "--top-p"}
+
+
+def _with_flags(err: ValueError) -> ValueError:
+    """The same error with the Python names (save_model's overwrite=True, SamplingConfig's fields) replaced
+    by the command-line flags."""
+    message = str(err)
+    for name, flag in _PYTHON_TO_FLAGS.items():
+        message = message.replace(name, flag)
+    return ValueError(message)
+
+
 def cmd_convert(argv: Sequence[str]) -> int:
     """GGUF (or HF directory) -> HF safetensors directory."""
     parser = argparse.ArgumentParser(prog="beear convert", description="Convert a GGUF file to an HF directory.")
@@ -86,8 +100,7 @@ def cmd_convert(argv: Sequence[str]) -> int:
         config, params = load_model(source)
         out = save_model(target, config, params, tokenizer_from=source, dtype=args.dtype, overwrite=args.overwrite)
     except ValueError as err:
-        # hf.py's hints name the Python argument; on the command line it is the --overwrite flag.
-        raise ValueError(str(err).replace("overwrite=True", "--overwrite")) from err
+        raise _with_flags(err) from err
     print(f"wrote {out}")
     return 0
 
@@ -104,22 +117,11 @@ def _generation_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-# generate.py's errors name the Python fields; on the command line the same settings are these flags.
-_SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p"}
-
-
-def _with_flags(err: ValueError) -> ValueError:
-    """The same error with SamplingConfig's field names replaced by the command-line flags."""
-    message = str(err)
-    for field, flag in _SAMPLING_FLAGS.items():
-        message = message.replace(field, flag)
-    return ValueError(message)
-
 
 def _load_for_generation(args: argparse.Namespace) -> tuple:
     """(config, params, tokenizer, sampling); the sampling flags are checked before the model loads."""
     from beear_jax.generate import SamplingConfig
-    from beear_jax.hf import check_tokenizer_fits, load_model, load_tokenizer
+    from beear_jax.hf import load_model, load_tokenizer
 
     try:
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
@@ -127,8 +129,7 @@ def _load_for_generation(args: argparse.Namespace) -> tuple:
         raise _with_flags(err) from err
     path = os.path.expanduser(args.model)
     config, params = load_model(path)
-    tokenizer = load_tokenizer(path)
-    check_tokenizer_fits(tokenizer, config, path)
+    tokenizer = load_tokenizer(path, config)
     return config, params, tokenizer, sampling
 
 
@@ -211,14 +212,6 @@ def cmd_chat(argv: Sequence[str]) -> int:
     return 0
 
 
-def _run_root(path: pathlib.Path) -> pathlib.Path:
-    """The run's output_dir of a path given to export (the run dir, its checkpoints/ or checkpoints/<step>)."""
-    path = path.resolve()
-    if path.name.isdigit() and path.parent.name == "checkpoints":
-        return path.parent.parent
-    return path.parent if path.name == "checkpoints" else path
-
-
 def cmd_export(argv: Sequence[str]) -> int:
     """A checkpoint of `beear run` -> HF directory (the newest good checkpoint, or --step N)."""
     parser = argparse.ArgumentParser(prog="beear export", description="Export a run checkpoint as an HF model.")
@@ -232,25 +225,21 @@ def cmd_export(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the model in an existing output directory (one with a config.json)")
     args = parser.parse_args(argv)
-    from beear_jax.checkpoint import restore_params_for_export
-    from beear_jax.hf import _check_target, _resolve_tokenizer, save_model
+    from beear_jax.checkpoint import restore_params_for_export, run_dir_of
+    from beear_jax.hf import _check_target, _resolve_tokenizer, is_within, save_model
     from beear_jax.models.config import ModelConfig
     from beear_jax.sharding import is_primary
 
-    def with_flag(err: ValueError) -> ValueError:
-        # hf.py's hints name the Python argument; on the command line it is the --overwrite flag.
-        return ValueError(str(err).replace("overwrite=True", "--overwrite"))
-
     # What the user named is checked before reading gigabytes of checkpoint (save_model checks again).
     target = pathlib.Path(os.path.expanduser(args.output_dir)).absolute()
-    run_root = _run_root(pathlib.Path(os.path.expanduser(args.run_dir)))
-    if target.resolve().is_relative_to(run_root):
+    run_root = run_dir_of(os.path.expanduser(args.run_dir))
+    if is_within(target, run_root):
         raise ValueError(f"{target} lies inside the run directory {run_root}, which export only reads (a model "
                          "there would block the run's resume); choose an output directory outside it.")
     try:
         _check_target(target, args.overwrite)
     except ValueError as err:
-        raise with_flag(err) from err
+        raise _with_flags(err) from err
     if args.tokenizer is not None:
         try:
             _resolve_tokenizer(os.path.expanduser(args.tokenizer))
@@ -258,7 +247,7 @@ def cmd_export(argv: Sequence[str]) -> int:
             raise ValueError(f"--tokenizer: {err}") from err
     params, meta = restore_params_for_export(os.path.expanduser(args.run_dir), args.step)
     source_model = pathlib.Path(os.path.expanduser(meta["config"]["model"]["path"])).resolve()
-    if source_model.is_dir() and target.resolve().is_relative_to(source_model):
+    if is_within(target, source_model):
         raise ValueError(f"{target} is (or lies inside) the run's input model {source_model}; choose an output "
                          "directory outside it (the input model is never overwritten).")
     tokenizer = os.path.expanduser(args.tokenizer or meta["config"]["model"]["path"])
@@ -277,7 +266,7 @@ def cmd_export(argv: Sequence[str]) -> int:
             out = save_model(target, config, params, tokenizer_from=tokenizer, dtype=args.dtype,
                              overwrite=args.overwrite)
         except ValueError as err:
-            raise with_flag(err) from err
+            raise _with_flags(err) from err
         cursor = meta["cursor"]
         print(f"wrote {out} from checkpoint {meta['step']} (round {cursor['round']}, outer step "
               f"{cursor['outer_step']}{', round done' if cursor['round_done'] else ''})")

@@ -270,12 +270,18 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _value_at(config: ml_collections.ConfigDict, key: str) -> Any:
+    """The value of a dotted key that is known to exist (e.g. "inner.lr")."""
+    value: Any = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
 def check_minimums(config: ml_collections.ConfigDict, minimums: Mapping[str, int]) -> None:
     """A ConfigError naming the first dotted key whose integer value is below its minimum."""
     for key, least in minimums.items():
-        value = config
-        for part in key.split("."):
-            value = value[part]
+        value = _value_at(config, key)
         if int(value) < least:
             raise ConfigError(f"Config key {key!r} is {value}; it must be >= {least} (set --config.{key}).")
 
@@ -287,10 +293,7 @@ def check_ranges(config: ml_collections.ConfigDict, lower_bounds: Mapping[str, t
     otherwise >= bound (a weight >= 0).
     """
     for key, (bound, strict) in lower_bounds.items():
-        value = config
-        for part in key.split("."):
-            value = value[part]
-        value = float(value)
+        value = float(_value_at(config, key))
         if not math.isfinite(value) or (value <= bound if strict else value < bound):
             rule = f"a finite number {'>' if strict else '>='} {bound:g}"
             raise ConfigError(f"Config key {key!r} is {value}; it must be {rule} (set --config.{key}).")

@@ -317,9 +317,10 @@ before its report may be run again into the same directory)."""
 def check_report_dir(output_dir: Path, model_paths: Sequence[str] = ()) -> None:
     """Refuses an output_dir that is a file, already holds a report, or is (inside) a model directory
     being evaluated, before any evaluation runs."""
+    from beear_jax.hf import is_within
+
     for model in model_paths:
-        model_dir = Path(os.path.expanduser(model)).resolve()
-        if model_dir.is_dir() and output_dir.resolve().is_relative_to(model_dir):
+        if is_within(output_dir, model):
             raise ValueError(f"output_dir {output_dir} is (or lies inside) the evaluated model {model}; choose a new "
                              "--config.output_dir (a model directory holds only the model).")
     if output_dir.exists() and not output_dir.is_dir():
@@ -359,7 +360,7 @@ def run_eval(cfg: Any) -> dict[str, Any]:
     Returns {stage: metrics} as written to report.json (answers only in answers.jsonl).
     """
     from beear_jax.config_loading import config_to_dict
-    from beear_jax.hf import check_tokenizer_fits, load_model, load_tokenizer
+    from beear_jax.hf import load_model, load_tokenizer
     from beear_jax.report import format_table, write_report
 
     stages = _stage_paths(cfg)
@@ -375,8 +376,7 @@ def run_eval(cfg: Any) -> dict[str, Any]:
         if warning:
             print(warning, flush=True)
         config, params = load_model(path, dtype=cfg.model.dtype)
-        tokenizer = load_tokenizer(path)
-        check_tokenizer_fits(tokenizer, config, path)
+        tokenizer = load_tokenizer(path, config)
         results[stage] = evaluate(config, params, tokenizer, settings) | {"model_path": path}
         del params  # the next stage's model needs the memory
     output_dir.mkdir(parents=True, exist_ok=True)

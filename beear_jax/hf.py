@@ -202,20 +202,29 @@ def check_tokenizer_fits(tokenizer: Any, config: ModelConfig, where: str) -> Non
                               "own tokenizer files next to its weights.")
 
 
-def load_tokenizer(path: str | pathlib.Path) -> Any:
-    """A transformers tokenizer from an HF directory with tokenizer files or from a .gguf file."""
+def load_tokenizer(path: str | pathlib.Path, model_config: ModelConfig | None = None) -> Any:
+    """A transformers tokenizer from an HF directory with tokenizer files or from a .gguf file.
+
+    With model_config, a tokenizer with more tokens than the model's embedding rows is refused
+    (check_tokenizer_fits).
+    """
     kind, target = _resolve_tokenizer(path)
     if kind == "gguf":
-        return hf_gguf.load_gguf_tokenizer(target)
-    import transformers
+        tokenizer = hf_gguf.load_gguf_tokenizer(target)
+    else:
+        import transformers
 
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(target))
-    except ImportError:
-        raise
-    except Exception as err:  # transformers/tokenizers raise many types for damaged files
-        raise CheckpointError(f"{target}: the tokenizer files cannot be loaded ({type(err).__name__}: {err}); restore "
-                              "tokenizer.json / tokenizer_config.json / config.json from the model's source.") from err
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(target))
+        except ImportError:
+            raise
+        except Exception as err:  # transformers/tokenizers raise many types for damaged files
+            raise CheckpointError(f"{target}: the tokenizer files cannot be loaded ({type(err).__name__}: {err}); "
+                                  "restore tokenizer.json / tokenizer_config.json / config.json from the model's "
+                                  "source.") from err
+    if model_config is not None:
+        check_tokenizer_fits(tokenizer, model_config, str(path))
+    return tokenizer
 
 
 def _write_tokenizer(out: pathlib.Path, kind: str, source: pathlib.Path) -> None:
@@ -231,6 +240,13 @@ def _write_tokenizer(out: pathlib.Path, kind: str, source: pathlib.Path) -> None
 
 
 # ---- saving ----------------------------------------------------------------------------------------------
+
+
+def is_within(path: str | pathlib.Path, directory: str | pathlib.Path) -> bool:
+    """True when `path` is the existing directory `directory` or lies inside it (both resolved): what a
+    command must not write into (an input model, a run it only reads)."""
+    directory = pathlib.Path(directory).expanduser().resolve()
+    return directory.is_dir() and pathlib.Path(path).expanduser().resolve().is_relative_to(directory)
 
 
 def _check_target(out: pathlib.Path, overwrite: bool) -> None:

@@ -245,6 +245,18 @@ def _params_targets(meta: dict) -> dict:
     return {"params": ckpt.abstract_like(sh.abstract_param_tree(config), sh.param_shardings(config, mesh))}
 
 
+def _export_falls_back_to_step_3(out: pathlib.Path, name: str, capsys, caplog) -> str:
+    """Exports the run in `out` (whose step 4 is damaged) and checks that step 3 was used and the run left
+    as it was; returns the warnings logged."""
+    before = _tree(out)
+    with caplog.at_level(logging.WARNING, logger="beear_jax"):
+        assert cli.main(["export", str(out), str(out.with_name(name))]) == 0
+    assert "using checkpoint" in caplog.text and "left as it is" in caplog.text
+    assert "from checkpoint 3 " in capsys.readouterr().out
+    assert _tree(out) == before
+    return caplog.text
+
+
 def test_corrupt_metadata_names_the_file_and_falls_back(world, runs, capsys, caplog):
     _, cut, _ = runs
     out = _copy(cut, "bad_meta")
@@ -252,13 +264,8 @@ def test_corrupt_metadata_names_the_file_and_falls_back(world, runs, capsys, cap
     meta_file.write_text("garbage\n")
     with pytest.raises(ckpt.CheckpointCorruptError, match=r"checkpoints/4/meta/metadata is not readable"):
         ckpt.RunCheckpointer(out / "checkpoints", read_only=True).read_meta(4)
-    before = _tree(out)
-    with caplog.at_level(logging.WARNING, logger="beear_jax"):
-        assert cli.main(["export", str(out), str(out.with_name("bad_meta_export"))]) == 0
-    assert "checkpoints/4/meta/metadata is not readable" in caplog.text
-    assert "using checkpoint" in caplog.text and "left as it is" in caplog.text
-    assert "from checkpoint 3 " in capsys.readouterr().out
-    assert _tree(out) == before
+    log = _export_falls_back_to_step_3(out, "bad_meta_export", capsys, caplog)
+    assert "checkpoints/4/meta/metadata is not readable" in log
     assert cli.main(["export", "--step", "4", str(out), str(out.with_name("bad_meta_step4"))]) == 1
     line = _one_error_line(capsys.readouterr().err, "export")
     assert "checkpoints/4/meta/metadata is not readable" in line and "choose another step (1, 2, 3)" in line
@@ -324,13 +331,10 @@ def test_export_is_read_only_and_falls_back_past_a_corrupt_newest_step(world, ru
     _, cut, _ = runs
     out = _copy(cut, "export_corrupt_newest")
     _scramble_params(out / "checkpoints" / "4")
-    before = _tree(out)
-    with caplog.at_level(logging.WARNING, logger="beear_jax"):
-        assert cli.main(["export", str(out), str(out.with_name("export_corrupt_newest_model"))]) == 0
-    assert "checkpoints/4 is corrupt or partial" in caplog.text
-    assert "using checkpoint" in caplog.text and "/3 (the newer 4 cannot be read; left as it is)" in caplog.text
-    assert "from checkpoint 3 " in capsys.readouterr().out
-    assert _tree(out) == before and not (out / "checkpoints" / "corrupt-4").exists()
+    log = _export_falls_back_to_step_3(out, "export_corrupt_newest_model", capsys, caplog)
+    assert "checkpoints/4 is corrupt or partial" in log
+    assert "/3 (the newer 4 cannot be read; left as it is)" in log
+    assert not (out / "checkpoints" / "corrupt-4").exists()
     with pytest.raises(RuntimeError, match="read-only"):
         ckpt.RunCheckpointer(out / "checkpoints", read_only=True).save(9, {}, {})
 
