@@ -82,12 +82,15 @@ def _with_flags(err: ValueError) -> ValueError:
 
 def cmd_convert(argv: Sequence[str]) -> int:
     """GGUF (or HF directory) -> HF safetensors directory."""
-    parser = argparse.ArgumentParser(prog="beear convert", description="Convert a GGUF file to an HF directory.")
+    parser = argparse.ArgumentParser(prog="beear convert", description=(
+        "Convert a GGUF file (or an HF directory, e.g. one with pickle weights) to an HF safetensors directory."))
     parser.add_argument("source", help="a .gguf file (or an HF model directory)")
     parser.add_argument("output_dir", help="new directory for the HF model (must not exist or be empty)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the model in an existing output directory (one with a config.json)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read pytorch_model*.bin weights (unpickling can run code: only for files you trust)")
     args = parser.parse_args(argv)
     from beear_jax.hf import _check_target, load_model, save_model
 
@@ -97,7 +100,7 @@ def cmd_convert(argv: Sequence[str]) -> int:
         # Refuse an occupied output directory before loading (dequantizing a GGUF takes a while);
         # save_model checks again.
         _check_target(pathlib.Path(target).absolute(), args.overwrite)
-        config, params = load_model(source)
+        config, params = load_model(source, allow_pickle=args.allow_pickle)
         out = save_model(target, config, params, tokenizer_from=source, dtype=args.dtype, overwrite=args.overwrite)
     except ValueError as err:
         raise _with_flags(err) from err

@@ -559,16 +559,17 @@ def split_cli_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[str
             rest.extend(args[i:])
             break
         if arg == _FLAG or arg.startswith(_FLAG + "="):
-            if spec is not None:
-                raise ConfigError(f"--config given twice ({spec!r} and {arg!r}); name one config file.")
             if arg == _FLAG:
                 if i + 1 >= len(args):
                     raise ConfigError("--config needs a value: --config path/to/config.py[:arg].")
-                spec = args[i + 1]
+                given = args[i + 1]
                 i += 2
             else:
-                spec = arg[len(_FLAG) + 1 :]
+                given = arg[len(_FLAG) + 1 :]
                 i += 1
+            if spec is not None:
+                raise ConfigError(f"--config given twice ({spec!r} and {given!r}); name one config file.")
+            spec = given
             continue
         if arg.startswith(_FLAG + "."):
             key, sep, value = arg[len(_FLAG) + 1 :].partition("=")

@@ -130,8 +130,8 @@ def _pickle_source(model_dir: pathlib.Path, allow_pickle: bool) -> tuple[dict, C
         raise CheckpointError(
             f"{model_dir} holds only pickle weights ({few([f.name for f in files])}). Unpickling a file can run "
             "arbitrary code, so beear_jax refuses it by default. Prefer a safetensors copy of the model; if you "
-            "trust the file's origin, pass allow_pickle=True (Python API), or write such a copy once with "
-            "transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR).")
+            "trust the file's origin, write such a copy once with `beear convert --allow-pickle DIR NEW_DIR` "
+            "and use NEW_DIR (Python API: load_model(DIR, allow_pickle=True)).")
     torch = hf_gguf.require_torch("Loading a pytorch_model.bin checkpoint")
     tensors: dict[str, Any] = {}
     for f in files:

@@ -369,7 +369,8 @@ def test_parse_cli_args() -> None:
     ("argv", "pattern"),
     [
         (["--config"], "needs a value"),
-        (["--config", "a.py", "--config=b.py"], "given twice"),
+        (["--config", "a.py", "--config=b.py"], r"given twice \('a.py' and 'b.py'\)"),
+        (["--config=a.py", "--config", "b.py"], r"given twice \('a.py' and 'b.py'\)"),
         (["--config.inner.lr"], "needs a value"),
     ],
 )

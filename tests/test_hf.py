@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hf_fixtures import KINDS, make_tiny_hf_model, make_tiny_tokenizer, sample_ids, torch_logits
 
+from beear_jax import cli
 from beear_jax.hf import CheckpointError, from_hf_state_dict, load_model, load_tokenizer, save_model, to_hf_state_dict
 
 torch = pytest.importorskip("torch")
@@ -196,9 +197,14 @@ def test_pickle_checkpoint_needs_consent(tmp_path):
     _, params = load_model(hf_dir)
     (hf_dir / "model.safetensors").unlink()
     torch.save(model.state_dict(), hf_dir / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="arbitrary code.*allow_pickle=True"):
+    with pytest.raises(CheckpointError, match="arbitrary code.*convert --allow-pickle.*allow_pickle=True"):
         load_model(hf_dir)
     _assert_trees_equal(load_model(hf_dir, allow_pickle=True)[1], params)
+    # The command line's way: one safetensors copy, which then loads without consent.
+    make_tiny_tokenizer(hf_dir)
+    assert cli.main(["convert", str(hf_dir), str(tmp_path / "copy")]) == 1
+    assert cli.main(["convert", "--allow-pickle", str(hf_dir), str(tmp_path / "copy")]) == 0
+    _assert_trees_equal(load_model(tmp_path / "copy")[1], params)
 
 
 def _rewrite_weights(hf_dir: pathlib.Path, edit) -> None:

@@ -398,9 +398,12 @@ def check_forward_inputs(
         if value is not None and np.shape(value) != shape:
             raise ValueError(f"{name} has shape {np.shape(value)} but input_ids {shape}; it must be "
                              "[batch, seq] like input_ids.")
-    if isinstance(input_ids, jax.core.Tracer) or not getattr(input_ids, "is_fully_addressable", True):
-        return
-    ids = np.asarray(input_ids)
+    try:
+        if not getattr(input_ids, "is_fully_addressable", True):
+            return  # spread over hosts: each host sees only its part
+        ids = np.asarray(input_ids)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # traced (under jit): the values are not known here (jax.errors is public, jax.core moves)
     lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
     if lo < 0 or hi >= config.vocab_size:
         bad = lo if lo < 0 else hi
