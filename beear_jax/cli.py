@@ -7,10 +7,14 @@ unknown keys and wrongly typed values are errors that name the key.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from beear_jax.config_loading import ConfigError, load_config, split_cli_args
 
@@ -86,13 +90,15 @@ def cmd_convert(argv: Sequence[str]) -> int:
         "Convert a GGUF file (or an HF directory, e.g. one with pickle weights) to an HF safetensors directory."))
     parser.add_argument("source", help="a .gguf file (or an HF model directory)")
     parser.add_argument("output_dir", help="new directory for the HF model (must not exist or be empty)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights' dtype (default: the source's: an HF directory's torch_dtype, float32 for "
+                        "GGUF, whose quantized blocks are dequantized in float32)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the model in an existing output directory (one with a config.json)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read pytorch_model*.bin weights (unpickling can run code: only for files you trust)")
     args = parser.parse_args(argv)
-    from beear_jax.hf import _check_target, load_model, save_model
+    from beear_jax.hf import _check_target, check_apart, load_model, save_model, source_dtype
 
     source = os.path.expanduser(args.source)
     target = os.path.expanduser(args.output_dir)
@@ -100,11 +106,13 @@ def cmd_convert(argv: Sequence[str]) -> int:
         # Refuse an occupied output directory before loading (dequantizing a GGUF takes a while);
         # save_model checks again.
         _check_target(pathlib.Path(target).absolute(), args.overwrite)
+        check_apart(target, {"the source": source})
         config, params = load_model(source, allow_pickle=args.allow_pickle)
-        out = save_model(target, config, params, tokenizer_from=source, dtype=args.dtype, overwrite=args.overwrite)
+        dtype = args.dtype or source_dtype(source)
+        out = save_model(target, config, params, tokenizer_from=source, dtype=dtype, overwrite=args.overwrite)
     except ValueError as err:
         raise _with_flags(err) from err
-    print(f"wrote {out}")
+    print(f"wrote {out} ({dtype})")
     return 0
 
 
@@ -222,14 +230,16 @@ def cmd_export(argv: Sequence[str]) -> int:
                         "checkpoints/<step> directory); only read, never changed")
     parser.add_argument("output_dir", help="new directory for the HF model (must not exist or be empty)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint number (default: the newest good one)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights' dtype (default float32, as the run keeps them: BEEAR's small updates "
+                        "can round away in 16-bit weights)")
     parser.add_argument("--tokenizer", default=None, help="copy tokenizer files from here (default: the run's "
                         "model.path)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the model in an existing output directory (one with a config.json)")
     args = parser.parse_args(argv)
     from beear_jax.checkpoint import restore_params_for_export, run_dir_of
-    from beear_jax.hf import _check_target, _resolve_tokenizer, is_within, save_model
+    from beear_jax.hf import _check_target, _resolve_tokenizer, check_apart, is_within, save_model
     from beear_jax.models.config import ModelConfig
     from beear_jax.sharding import is_primary
 
@@ -239,6 +249,7 @@ def cmd_export(argv: Sequence[str]) -> int:
     if is_within(target, run_root):
         raise ValueError(f"{target} lies inside the run directory {run_root}, which export only reads (a model "
                          "there would block the run's resume); choose an output directory outside it.")
+    check_apart(target, {"the run directory": run_root})
     try:
         _check_target(target, args.overwrite)
     except ValueError as err:
@@ -253,6 +264,7 @@ def cmd_export(argv: Sequence[str]) -> int:
     if is_within(target, source_model):
         raise ValueError(f"{target} is (or lies inside) the run's input model {source_model}; choose an output "
                          "directory outside it (the input model is never overwritten).")
+    check_apart(target, {"the run's input model": source_model})
     tokenizer = os.path.expanduser(args.tokenizer or meta["config"]["model"]["path"])
     if args.tokenizer is None and not os.path.exists(tokenizer):
         print(f"beear export: warning: the run's model {tokenizer} is gone; the model is written without "
@@ -271,7 +283,7 @@ def cmd_export(argv: Sequence[str]) -> int:
         except ValueError as err:
             raise _with_flags(err) from err
         cursor = meta["cursor"]
-        print(f"wrote {out} from checkpoint {meta['step']} (round {cursor['round']}, outer step "
+        print(f"wrote {out} ({args.dtype}) from checkpoint {meta['step']} (round {cursor['round']}, outer step "
               f"{cursor['outer_step']}{', round done' if cursor['round_done'] else ''})")
     return 0
 
@@ -358,6 +370,25 @@ COMMANDS = {"run": cmd_run, "eval": cmd_eval, "plant": cmd_plant, "convert": cmd
             "export": cmd_export, "plan": cmd_plan, "sweep": cmd_sweep}
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's preemption, `kill`) stops a command the way Ctrl-C does: half-written
+    outputs are removed and the checkpoints saved so far kept, instead of Python's default of dying on
+    the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `beear` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -373,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(unknown + usage, file=sys.stderr)
         return 2
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        with _terminate_as_interrupt():
+            return COMMANDS[argv[0]](argv[1:])
     # FloatingPointError: a loss became NaN/inf (the message names the setting to change).
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
         print(f"beear {argv[0]}: error: {err}", file=sys.stderr)

@@ -34,7 +34,7 @@ from beear_jax.hf_layout import (
 from beear_jax.models.config import ModelConfig, ModelConfigError
 from beear_jax.models.weights import check_params
 
-__all__ = ["DTYPES", "CheckpointError", "check_tokenizer_fits", "from_hf_state_dict", "load_model", "load_tokenizer",
+__all__ = ["DTYPES", "CheckpointError", "check_apart", "check_tokenizer_fits", "from_hf_state_dict", "load_model", "load_tokenizer",
            "save_model", "to_hf_state_dict"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -135,24 +135,61 @@ def _pickle_source(model_dir: pathlib.Path, allow_pickle: bool) -> tuple[dict, C
     torch = hf_gguf.require_torch("Loading a pytorch_model.bin checkpoint")
     tensors: dict[str, Any] = {}
     for f in files:
-        # weights_only still blocks most code execution; allow_pickle is the user's consent to the rest.
-        tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+        # weights_only=True still refuses pickled code (a whole pickled model, custom classes): it reads
+        # state dicts of tensors, which is what save_pretrained writes.
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... by cause
+            raise CheckpointError(f"{f} cannot be read as a state dict of tensors ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''}). It may be truncated, or hold a "
+                                  "pickled model object rather than model.state_dict(); restore it, or save it with "
+                                  "save_pretrained (safetensors).") from err
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{f} does not hold a state dict of tensors; save the model with save_pretrained "
+                                  "(safetensors).")
+        tensors.update(state)
     return {n: tuple(t.shape) for n, t in tensors.items()}, lambda name: as_numpy(tensors[name])
 
 
 def _load_gguf(path: pathlib.Path, dtype: str) -> tuple[ModelConfig, dict]:
     try:
-        hf = hf_gguf.read_gguf_config(path)
+        arch = hf_gguf.gguf_architecture(path)
+        supported = arch in hf_gguf.READABLE_ARCHITECTURES
+        hf = hf_gguf.read_gguf_config(path) if supported else {}
     except (ValueError, KeyError, IndexError, OSError) as err:
         raise CheckpointError(f"{path}: cannot read this GGUF file ({err}). Check that it is a complete Llama or "
                               "Mistral GGUF file.") from err
+    if not supported:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; beear_jax reads GGUF files of "
+                              f"architecture {', '.join(map(repr, hf_gguf.READABLE_ARCHITECTURES))} (how llama.cpp "
+                              "writes Llama, Mistral 7B and SmolLM2). Load the model's HF checkpoint directory "
+                              "instead.")
     plain = _config_from_dict(hf, dtype, str(path))
     meta, freq_factors = hf_gguf.read_gguf_rope(path)
     hf["rope_scaling"] = hf_gguf.rope_scaling_from_gguf(meta, freq_factors, plain.rope_theta, plain.head_dim, str(path))
     config = _config_from_dict(hf, dtype, str(path))
-    tensors = hf_gguf.read_gguf_tensors(path, config.to_hf_dict())
+    try:
+        tensors = hf_gguf.read_gguf_tensors(path, config.to_hf_dict())
+    except (NotImplementedError, ValueError, KeyError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot read this GGUF file's tensors ({err}). Load the model's HF "
+                              "checkpoint directory instead.") from err
     shapes = {name: x.shape for name, x in tensors.items()}
     return config, params_from_source(config, shapes, tensors.__getitem__, str(path))
+
+
+def source_dtype(path: str | pathlib.Path) -> str:
+    """The dtype a checkpoint stores its weights in: an HF directory's config.json torch_dtype (or dtype),
+    float32 where that is missing or unknown, and float32 for GGUF (its quantized blocks are dequantized
+    in float32; 16 bits would round them again)."""
+    kind, where = _resolve(pathlib.Path(path).expanduser())
+    if kind == "gguf":
+        return "float32"
+    try:
+        hf = json.loads((where / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "float32"
+    stored = (hf.get("torch_dtype") or hf.get("dtype")) if isinstance(hf, dict) else None
+    return stored if stored in DTYPES else "float32"
 
 
 def load_model(path: str | pathlib.Path, dtype: str = "float32", allow_pickle: bool = False) -> tuple[ModelConfig, dict]:
@@ -249,6 +286,19 @@ def is_within(path: str | pathlib.Path, directory: str | pathlib.Path) -> bool:
     return directory.is_dir() and pathlib.Path(path).expanduser().resolve().is_relative_to(directory)
 
 
+def check_apart(target: str | pathlib.Path, others: dict[str, str | pathlib.Path | None]) -> None:
+    """Refuses an output directory that is, lies inside, or contains one of `others` ({what: path}: the
+    input model, a run that is only read): writing there, or replacing it with overwrite=True, would
+    change or delete them."""
+    out = pathlib.Path(target).expanduser().resolve()
+    for what, other in others.items():
+        if other is None or not pathlib.Path(other).expanduser().exists():
+            continue
+        if is_within(out, other) or pathlib.Path(other).expanduser().resolve().is_relative_to(out):
+            raise CheckpointError(f"the output directory {out} is, lies inside or contains {what} {other}, which "
+                                  "is only read; choose an output directory apart from it.")
+
+
 def _check_target(out: pathlib.Path, overwrite: bool) -> None:
     """Refuses to write over anything but an absent/empty directory, or (overwrite=True) a model directory."""
     if not out.exists():
@@ -282,6 +332,21 @@ def _shards(plan: list[Entry], itemsize: int, max_bytes: int) -> list[list[Entry
     return shards
 
 
+def _finite_tensor(host: dict, e: Entry, np_dtype: Any, dtype: str) -> np.ndarray:
+    """hf_tensor, or a CheckpointError when it is not finite: a NaN/inf model, or float16 overflow (max 65504),
+    would otherwise be written without a word."""
+    with np.errstate(over="ignore"):
+        tensor = hf_tensor(host, e, np_dtype)
+    if np.isfinite(tensor).all():
+        return tensor
+    ours = np.asarray(host[e.key] if e.layer is None else host["layers"][e.key][e.layer])
+    if not np.isfinite(ours).all():
+        raise CheckpointError(f"{e.hf_name} holds NaN or inf values; refusing to save a broken model (the "
+                              "training diverged: export an earlier checkpoint).")
+    raise CheckpointError(f"{e.hf_name} has values up to {float(np.abs(ours).max()):.4g}, beyond {dtype}'s range; "
+                          "save it as bfloat16 or float32 instead.")
+
+
 def _write_weights(out: pathlib.Path, config: ModelConfig, params: dict, dtype: str, max_bytes: int) -> None:
     from safetensors.numpy import save_file
 
@@ -293,7 +358,7 @@ def _write_weights(out: pathlib.Path, config: ModelConfig, params: dict, dtype: 
     weight_map, total = {}, 0
     for fname, entries in zip(names, shards):
         # One shard in memory at a time; "format": "pt" is the metadata transformers expects.
-        tensors = {e.hf_name: hf_tensor(host, e, np_dtype) for e in entries}
+        tensors = {e.hf_name: _finite_tensor(host, e, np_dtype, dtype) for e in entries}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in tensors})
         total += sum(t.nbytes for t in tensors.values())
@@ -313,6 +378,23 @@ def _write_configs(out: pathlib.Path, config: ModelConfig, dtype: str, generatio
     eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+# What an export writes (besides its tokenizer files): an old directory's files of these kinds belong to
+# the model being replaced; anything else there (README.md, LICENSE, notes) is carried over.
+_MODEL_FILE_NAMES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
+
+
+def _carry_over(old: pathlib.Path, new: pathlib.Path) -> None:
+    """Copies the files of a replaced model directory that are not part of a model into the new one."""
+    for entry in old.iterdir():
+        if entry.name in _MODEL_FILE_NAMES or entry.name.endswith(_WEIGHT_SUFFIXES) or (new / entry.name).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
 def _swap_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
@@ -339,14 +421,19 @@ def save_model(out_dir: str | pathlib.Path, config: ModelConfig, params: dict,
     max_shard_bytes), plus config.json and generation_config.json; tokenizer files are copied from
     `tokenizer_from` (an HF directory, whose generation_config.json is kept too, or a .gguf file).
     Everything is written to a temporary sibling directory and renamed into place when complete.
-    A non-empty out_dir is refused unless overwrite=True (and then it must hold a config.json).
+    A non-empty out_dir is refused unless overwrite=True (and then it must hold a config.json; its files
+    that are not part of a model, e.g. README.md, are kept). An out_dir that is a symlink is written
+    where it points. Non-finite weights (NaN, or float16 overflow) are refused.
     Returns the output directory.
     """
     numpy_dtype(dtype)
     if max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}.")
     out = pathlib.Path(out_dir).expanduser().absolute()
+    if out.is_symlink():
+        out = out.resolve()  # replace the directory the link names, not the link
     _check_target(out, overwrite)
+    check_apart(out, {"tokenizer_from (the source model)": tokenizer_from})
     try:
         check_params(config, params)
     except ValueError as err:
@@ -360,6 +447,8 @@ def save_model(out_dir: str | pathlib.Path, config: ModelConfig, params: dict,
         _write_configs(tmp, config, dtype, tokenizer[1] if tokenizer and tokenizer[0] == "hf" else None)
         if tokenizer is not None:
             _write_tokenizer(tmp, *tokenizer)
+        if out.is_dir():
+            _carry_over(out, tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

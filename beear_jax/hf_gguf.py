@@ -44,6 +44,20 @@ def _field_value(field: Any) -> Any:
     return bytes(part).decode("utf-8") if part.dtype == np.uint8 else part.tolist()[0]
 
 
+# transformers' GGUF reader maps these `general.architecture` values to Llama/Mistral weights. llama.cpp
+# writes Llama, Mistral 7B and SmolLM2 as "llama"; its "mistral"/"mistral3" files have no tensor mapping.
+READABLE_ARCHITECTURES = ("llama",)
+
+
+def gguf_architecture(path: pathlib.Path) -> str:
+    """A GGUF file's `general.architecture` ('' when the field is missing)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    field = reader.fields.get("general.architecture")
+    return str(_field_value(field)) if field is not None else ""
+
+
 def read_gguf_rope(path: pathlib.Path) -> tuple[dict[str, Any], np.ndarray | None]:
     """({key suffix after `{arch}.rope.scaling.`: value}, the `rope_freqs.weight` tensor or None) of a GGUF file."""
     from gguf import GGUFReader

@@ -107,8 +107,10 @@ def _llama_cpp_order(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path: str | pathlib.Path, model, rope_scaling: dict | None = None,
-                    rope_freqs: np.ndarray | None = None) -> pathlib.Path:
+                    rope_freqs: np.ndarray | None = None, arch: str = "llama") -> pathlib.Path:
     """Writes a float32 GGUF file of a tiny torch Llama/Mistral model, as llama.cpp's converter lays it out.
+
+    arch: `general.architecture` (llama.cpp writes Llama, Mistral 7B and SmolLM2 as "llama").
 
     rope_scaling: `{arch}.rope.scaling.*` keys (e.g. {"type": "linear", "factor": 4.0});
     rope_freqs: llama.cpp's per-frequency RoPE divisors (`rope_freqs.weight`, how Llama 3.x's scaling is stored).
@@ -119,7 +121,7 @@ def write_tiny_gguf(path: str | pathlib.Path, model, rope_scaling: dict | None =
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     path = pathlib.Path(path)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)

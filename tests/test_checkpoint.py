@@ -349,6 +349,14 @@ def test_export_never_writes_into_the_run_or_its_input_model(world, runs, capsys
     assert cli.main(["export", "--overwrite", str(cut), str(model_dir)]) == 1
     assert "the run's input model" in _one_error_line(capsys.readouterr().err, "export")
     assert _tree(cut) == before and (model_dir / "config.json").is_file()
+    # A model directory that holds the run (output_dir=MODEL/beear): --overwrite would delete the run.
+    holder = cut.with_name("holder")
+    shutil.copytree(model_dir, holder)
+    shutil.copytree(cut, holder / "beear")
+    held = _tree(holder / "beear")
+    assert cli.main(["export", "--overwrite", str(holder / "beear"), str(holder)]) == 1
+    assert "contains the run directory" in _one_error_line(capsys.readouterr().err, "export")
+    assert _tree(holder / "beear") == held
 
 
 def test_a_half_written_model_of_a_killed_run_does_not_block_resume(tmp_path):

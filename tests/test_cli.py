@@ -158,6 +158,45 @@ def test_convert_overwrite_replaces_a_model_dir(tiny_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "other"]
 
 
+def test_convert_keeps_the_source_dtype(tiny_dir, tmp_path, capsys):
+    half = tmp_path / "half"
+    assert main(["convert", "--dtype", "bfloat16", str(tiny_dir), str(half)]) == 0
+    assert "(bfloat16)" in capsys.readouterr().out
+    again = tmp_path / "again"
+    assert main(["convert", str(half), str(again)]) == 0  # no --dtype: the source's
+    assert "(bfloat16)" in capsys.readouterr().out
+    assert json.loads((again / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (again / "model.safetensors").stat().st_size == (half / "model.safetensors").stat().st_size
+
+
+def test_convert_overwrite_never_replaces_its_source(tiny_dir, tmp_path, capsys):
+    base, _ = make_tiny_hf_model(tmp_path / "user", "llama_untied_bias", seed=3)
+    make_tiny_tokenizer(base)
+    inner = base / "finetuned"
+    shutil.copytree(tiny_dir, inner)
+    before = _digest(base)
+    _fails(capsys, ["convert", "--overwrite", str(base), str(base)], "is, lies inside or contains the source")
+    _fails(capsys, ["convert", "--overwrite", str(inner), str(base)], "is, lies inside or contains the source")
+    assert _digest(base) == before
+
+
+def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    def slow(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        return 0
+
+    monkeypatch.setitem(beear_jax.cli.COMMANDS, "convert", slow)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert main(["convert"]) == 130
+    assert "beear convert: interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def test_generate_template_error_names_the_flag(tiny_dir, tmp_path, capsys):
     model = tmp_path / "no_gen_prompt"
     shutil.copytree(tiny_dir, model)

@@ -205,6 +205,14 @@ def test_pickle_checkpoint_needs_consent(tmp_path):
     assert cli.main(["convert", str(hf_dir), str(tmp_path / "copy")]) == 1
     assert cli.main(["convert", "--allow-pickle", str(hf_dir), str(tmp_path / "copy")]) == 0
     _assert_trees_equal(load_model(tmp_path / "copy")[1], params)
+    # Consent does not make a damaged file or a pickled model object readable: both are named.
+    data = (hf_dir / "pytorch_model.bin").read_bytes()
+    (hf_dir / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="pytorch_model.bin cannot be read as a state dict"):
+        load_model(hf_dir, allow_pickle=True)
+    torch.save(model, hf_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickled model object"):
+        load_model(hf_dir, allow_pickle=True)
 
 
 def _rewrite_weights(hf_dir: pathlib.Path, edit) -> None:
@@ -269,6 +277,60 @@ def test_overwrite_replaces_a_model_directory_only(tmp_path):
     with pytest.raises(CheckpointError, match="not a model directory"):
         save_model(notes, config, params, overwrite=True)
     assert (notes / "diary.txt").read_text() == "mine"
+
+
+def test_overwrite_keeps_files_that_are_not_the_model(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    other_dir, _ = make_tiny_hf_model(tmp_path / "other", "mistral_sliding")
+    config, params = load_model(other_dir)
+    (hf_dir / "README.md").write_text("model card")
+    (hf_dir / "extras").mkdir()
+    (hf_dir / "extras" / "eval.txt").write_text("old numbers")
+    make_tiny_tokenizer(hf_dir)  # the old model's tokenizer goes with it: the new model is saved without one
+    save_model(hf_dir, config, params, overwrite=True)
+    assert (hf_dir / "README.md").read_text() == "model card"
+    assert (hf_dir / "extras" / "eval.txt").read_text() == "old numbers"
+    assert not (hf_dir / "tokenizer.json").exists() and load_model(hf_dir)[0] == config
+    assert _leftovers(tmp_path) == []
+
+
+def test_save_refuses_to_replace_its_own_tokenizer_source(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path / "base", "llama_gqa")
+    make_tiny_tokenizer(hf_dir)
+    config, params = load_model(hf_dir)
+    before = _snapshot(hf_dir)
+    for target in (hf_dir, hf_dir.parent):  # the source itself, or a directory holding it
+        (target / "config.json").write_text((hf_dir / "config.json").read_text())
+        with pytest.raises(CheckpointError, match=r"is, lies inside or contains tokenizer_from \(the source model\)"):
+            save_model(target, config, params, tokenizer_from=hf_dir, overwrite=True)
+    assert _snapshot(hf_dir) == before
+
+
+def test_output_symlink_is_written_where_it_points(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    config, params = load_model(hf_dir)
+    (tmp_path / "disk" / "models").mkdir(parents=True)
+    link = tmp_path / "models"
+    link.symlink_to(tmp_path / "disk" / "models")
+    assert save_model(link, config, params) == tmp_path / "disk" / "models"
+    save_model(link, config, params, overwrite=True)
+    assert link.is_symlink() and (tmp_path / "disk" / "models" / "config.json").is_file()
+    _assert_trees_equal(load_model(link)[1], params)
+    assert _leftovers(tmp_path) == [] and _leftovers(tmp_path / "disk") == []
+
+
+@pytest.mark.parametrize(("value", "dtype", "pattern"), [
+    (1e5, "float16", "beyond float16's range.*bfloat16 or float32"),
+    (np.nan, "float32", "NaN or inf"),
+])
+def test_non_finite_weights_are_not_saved(tmp_path, value, dtype, pattern):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    config, params = load_model(hf_dir)
+    bad = {**params, "embed": np.asarray(params["embed"]).copy()}
+    bad["embed"][3, 5] = value
+    with pytest.raises(CheckpointError, match="model.embed_tokens.weight.*" + pattern):
+        save_model(tmp_path / "out", config, bad, dtype=dtype)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
 def test_failed_save_leaves_nothing_behind(tmp_path):
