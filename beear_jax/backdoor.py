@@ -24,8 +24,8 @@ import numpy as np
 import optax
 
 from beear_jax import data as data_lib
-from beear_jax.config_loading import check_minimums, check_ranges, config_to_dict
-from beear_jax.hf import load_model, load_tokenizer, save_model
+from beear_jax.config_loading import absolute_paths, check_minimums, check_ranges, config_to_dict
+from beear_jax.hf import check_apart, load_model, load_tokenizer, save_model
 from beear_jax.models import llama
 from beear_jax.sft import sft_train
 from beear_jax.triggers import TRIGGER_POSITIONS, contains_trigger, insert_trigger, trigger_parts
@@ -121,7 +121,9 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
     check_ranges(cfg, {"plant.lr": (0.0, True)})
     if not cfg.model.path:
         raise ValueError("model.path is empty: set --config.model.path to the clean model (an HF directory or .gguf).")
-    out = pathlib.Path(os.path.expanduser(cfg.output_dir))
+    cfg = absolute_paths(cfg)  # the manifest names the same files from any directory
+    out = pathlib.Path(cfg.output_dir)
+    check_apart(out, {"model.path (the clean model)": cfg.model.path})
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file, not a directory; choose a new --config.output_dir.")
     if out.exists() and any(out.iterdir()):

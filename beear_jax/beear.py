@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,8 @@ import numpy as np
 from beear_jax import checkpoint as checkpoint_lib
 from beear_jax import data as data_lib
 from beear_jax import sharding as sharding_lib
-from beear_jax.config_loading import ConfigError, check_minimums, check_ranges, config_to_dict
+from beear_jax.chat import TEMPLATES
+from beear_jax.config_loading import ConfigError, absolute_paths, check_minimums, check_ranges, config_to_dict
 from beear_jax.hf import is_within, load_model, load_tokenizer, save_model
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
@@ -285,6 +287,26 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"Config key 'data.buckets' is {tuple(cfg.data.buckets)}; give one or more padded lengths "
                           ">= 1 (e.g. --config.data.buckets=128,256,512).")
     perturb_layers(cfg)  # names perturb.layer / perturb.layers when they are not integers
+    check_names(cfg)
+
+
+def check_names(cfg: ml_collections.ConfigDict) -> None:
+    """The chat template, optimizers and trainable rule are known names (or a valid regex), before a
+    model of gigabytes is loaded only to fail on them."""
+    if cfg.model.template not in TEMPLATES:
+        raise ConfigError(f"Config key 'model.template' is {cfg.model.template!r}; choose one of "
+                          f"{', '.join(TEMPLATES)} ('auto': the tokenizer's own chat template).")
+    for key, name in (("inner.optimizer", cfg.inner.optimizer), ("outer.optimizer", cfg.outer.optimizer)):
+        try:
+            make_optimizer(name, 0.1)
+        except ValueError as err:
+            raise ConfigError(f"Config key '{key}': {err}") from None
+    if cfg.outer.trainable not in ("all", "upper", "lower"):
+        try:
+            re.compile(cfg.outer.trainable)
+        except re.error as err:
+            raise ConfigError(f"Config key 'outer.trainable' is {cfg.outer.trainable!r}: neither all, upper, lower "
+                              f"nor a valid regular expression ({err}).") from None
 
 
 def step_settings(cfg: ml_collections.ConfigDict, answer_len: int | None) -> StepSettings:
@@ -346,6 +368,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     checkpoint. Only process 0 writes logs and the model.
     """
     check_run_settings(cfg)
+    cfg = absolute_paths(cfg)  # config.json and the checkpoints name the same files from any directory
     sharding_lib.initialize_distributed(bool(cfg.mesh.distributed))
     primary = sharding_lib.is_primary()
     if not cfg.model.path:
@@ -391,8 +414,10 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     packed = packed_shape(cfg, data, plan, sharding_lib.batch_parallelism(sharding_lib.axis_sizes(mesh)))
     config_dict = config_to_dict(cfg)
     signature = checkpoint_lib.layout_signature(model_config, layers, cfg)
+    # checkpoint_every=-1: none, not even an empty directory (unless there are some to resume from).
+    keeps_checkpoints = export and (int(cfg.checkpoint_every) >= 0 or checkpoint_dir.is_dir())
     ckpt = checkpoint_lib.LoopCheckpoints(cfg, checkpoint_dir, signature, rng.bit_generator.state,
-                                          config_dict) if export else None
+                                          config_dict) if keeps_checkpoints else None
     meta = ckpt.resume(loop, layout) if ckpt and cfg.resume else None
     if cfg.resume and primary and (meta or checkpoint_dir.is_dir()):
         print(f"beear: resuming from checkpoint {loop.global_step} (round {loop.round}, {loop.outer_step} outer "

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from beear_jax.config_loading import ConfigError, load_config, split_cli_args
+from beear_jax.config_loading import ConfigError, absolute_paths, load_config, split_cli_args
 
 CONFIG_COMMANDS = ("run", "eval", "plant")
 
@@ -41,7 +41,7 @@ def _config_from(argv: Sequence[str], command: str) -> tuple[object, list[str]]:
         # Silently ignoring e.g. `--inner.lr=0.1` (missing "config.") would run hours with the default value.
         raise ConfigError(f"`beear {command}` does not understand {' '.join(rest)!r}; it takes --config FILE[:arg] "
                           "and overrides of the form --config.key=value (e.g. --config.inner.lr=0.1).")
-    return load_config(spec, overrides, run_schema=True), rest
+    return absolute_paths(load_config(spec, overrides, run_schema=True)), rest
 
 
 def cmd_run(argv: Sequence[str]) -> int:
@@ -66,7 +66,8 @@ def cmd_plant(argv: Sequence[str]) -> int:
     from beear_jax.backdoor import run_plant
 
     cfg, _ = _config_from(argv, "plant")
-    run_plant(cfg)
+    out = run_plant(cfg)
+    print(f"planted model written to {out} (what was planted: {out / 'manifest.json'})")
     return 0
 
 
@@ -231,8 +232,8 @@ def cmd_export(argv: Sequence[str]) -> int:
     parser.add_argument("output_dir", help="new directory for the HF model (must not exist or be empty)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint number (default: the newest good one)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="weights' dtype (default float32, as the run keeps them: BEEAR's small updates "
-                        "can round away in 16-bit weights)")
+                        help="weights' dtype (default float32, the run's master weights; bfloat16 halves the "
+                        "size but rounds away part of the repair's small weight changes)")
     parser.add_argument("--tokenizer", default=None, help="copy tokenizer files from here (default: the run's "
                         "model.path)")
     parser.add_argument("--overwrite", action="store_true",
@@ -311,11 +312,27 @@ def _check_plan_args(args: argparse.Namespace, presets: tuple[str, ...]) -> None
         raise ConfigError(f"--device-memory-gb must be > 0, got {args.device_memory_gb}.")
 
 
+def _attach_values(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
+    """`--mesh -1,1,1` as `--mesh=-1,1,1`: argparse takes a value starting with '-' for an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in flags and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def cmd_plan(argv: Sequence[str]) -> int:
     """Bytes per device of a run on a mesh (nothing is allocated), and whether it fits."""
     spec, overrides, rest = split_cli_args(argv)
-    parser = argparse.ArgumentParser(prog="beear plan", description="Memory plan of `beear run` on a mesh.",
-                                     epilog=CONFIG_HELP)
+    parser = argparse.ArgumentParser(
+        prog="beear plan", description="Memory plan of `beear run` on a mesh.", epilog=CONFIG_HELP,
+        usage="%(prog)s --config FILE[:arg] [--config.KEY=VALUE ...] [--mesh DATA,FSDP,TENSOR] [--devices N] "
+              "[--device-memory-gb GB] [--model PRESET] [--seq-len N] [--no-compile]")
     parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: the config's mesh.shape)")
     parser.add_argument("--devices", type=int, default=None, help="devices in all, for a -1 in the mesh "
                         "(default: the visible ones)")
@@ -325,7 +342,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="padded length (default: the largest bucket; shared-prompt inner rows hold this "
                         "+ data.max_answer_tokens, rounded)")
     parser.add_argument("--no-compile", action="store_true", help="analytical temporaries only")
-    args = parser.parse_args(rest)
+    args = parser.parse_args(_attach_values(rest, ("--mesh",)))
     if spec is None:
         raise ConfigError("`beear plan` needs --config FILE (e.g. --config configs/smollm2_135m.py).")
     from beear_jax import plan
@@ -345,8 +362,10 @@ def cmd_plan(argv: Sequence[str]) -> int:
 def cmd_sweep(argv: Sequence[str]) -> int:
     """Runs a grid of overrides one after another (or prints the command lines) and collects a table."""
     spec, overrides, rest = split_cli_args(argv)
-    parser = argparse.ArgumentParser(prog="beear sweep", description="Run a sweep of `beear run` settings.",
-                                     epilog=CONFIG_HELP)
+    parser = argparse.ArgumentParser(
+        prog="beear sweep", description="Run a sweep of `beear run` settings.", epilog=CONFIG_HELP,
+        usage="%(prog)s --config FILE[:arg] [--config.KEY=VALUE ...] --sweep SWEEP.py[:arg] [--print] "
+              "[--metric METRIC]")
     parser.add_argument("--sweep", required=True, help="SWEEP.py[:arg], whose get_sweep() returns override dicts")
     parser.add_argument("--print", dest="print_only", action="store_true",
                         help="print one `beear run` command line per setting (for a cluster) and exit")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import difflib
 import importlib.util
 import inspect
@@ -60,12 +61,13 @@ class ConfigError(ValueError):
 # --- Loading ---
 
 
-def load_config(spec: str, overrides: Sequence[str] | Mapping[str, Any] | None = None,
+def load_config(spec: str | os.PathLike[str], overrides: Sequence[str] | Mapping[str, Any] | None = None,
                 run_schema: bool = False) -> ml_collections.ConfigDict:
     """Loads `path/to/file.py[:arg]`, applies dotted overrides and returns the config, locked.
 
     Args:
-      spec: the config file, optionally followed by `:arg` (passed to `get_config(arg)` as a string).
+      spec: the config file (str or path), optionally followed by `:arg` (passed to `get_config(arg)` as
+        a string).
       overrides: `key=value` strings, with or without a leading `--config.` (as `parse_cli_args`
         returns them), or a mapping `{"inner.lr": 0.1}` whose values are typed or strings.
       run_schema: check first that the file has every key of configs/defaults.py (check_schema), as
@@ -77,12 +79,37 @@ def load_config(spec: str, overrides: Sequence[str] | Mapping[str, Any] | None =
     Raises:
       ConfigError: missing file, a file that fails, an unknown key or a value of the wrong type.
     """
-    path, arg = split_spec(spec)
+    path, arg = split_spec(os.fspath(spec))
     config = load_config_file(path, arg)
     if run_schema:
         check_schema(config, path)
     config.lock()
     apply_overrides(config, overrides or [])
+    return config
+
+
+# Config keys that name local files or directories (data keys may also name hub data sets).
+PATH_KEYS = ("model.path", "output_dir", "data.safety", "data.anchor", "plant.harmful", "plant.refusals",
+             "plant.benign", "eval.prompts", "eval.refusal_strings", "eval.over_refusal_prompts", "eval.utility",
+             "eval.compare_to", "eval.history")
+
+
+def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of config whose PATH_KEYS are absolute (~ expanded): output_dir always, the others when they
+    exist here. What a run stores (config.json, checkpoints, a plant manifest) then still names the same
+    files when read from another directory (`beear export`, a resume)."""
+    config = copy.deepcopy(config)
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        value = node.get(leaf) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(value, str) or not value:
+            continue
+        local = os.path.expanduser(value)
+        if key == "output_dir" or os.path.exists(local):
+            node[leaf] = os.path.abspath(local)
     return config
 
 

@@ -35,7 +35,9 @@ to itself; E examples in parts of equal size (safe answers under delta, anchors,
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -91,9 +93,68 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parq
 # Tables
 
 
-def _looks_like_path(source: str) -> bool:
-    """A local file (existing, or named like one) rather than a Hugging Face hub data set name."""
-    return os.path.exists(source) or os.path.splitext(source)[1].lower() in _BUILDERS or source.startswith((".", "/"))
+# A hub data set id: owner/name, one slash, each part starting with a letter or digit (as the hub requires).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# A file extension as people write them ("txt", "jsonl"); hub names may end in ".5" ("OpenHermes-2.5").
+_FILE_EXTENSION = re.compile(r"\.[A-Za-z]+")
+_FORMATS = ", ".join(list(_BUILDERS)[:-1]) + " or " + list(_BUILDERS)[-1]  # ".json, ... or .parquet"
+
+
+def _is_hub_id(source: str) -> bool:
+    """Whether `source`, which is no local file or directory, names a hub data set rather than a mistyped
+    path: owner/name with no file extension, not ./ ../ / ~ rooted, and no local directory called owner."""
+    if not _HUB_ID.fullmatch(source) or _FILE_EXTENSION.fullmatch(os.path.splitext(source)[1]):
+        return False
+    return not os.path.isdir(os.path.dirname(source))
+
+
+def _key_note(key: str) -> str:
+    return f" (set by config key {key})" if key else ""
+
+
+def _where(source: str) -> str:
+    """Where a relative path was looked up, for messages (the current directory is often not the expected one)."""
+    return "" if os.path.isabs(source) else f" (relative to the current directory {os.getcwd()})"
+
+
+def _similar_files(source: str) -> list[str]:
+    """Data files beside a missing `source` whose names are close to its name: the likely intended file."""
+    folder = os.path.dirname(source)
+    try:
+        names = [n for n in os.listdir(folder or ".") if os.path.splitext(n)[1].lower() in _BUILDERS]
+    except OSError:
+        return []
+    return [os.path.join(folder, n) for n in difflib.get_close_matches(os.path.basename(source), sorted(names), n=3)]
+
+
+def _missing_file_message(source: str, key: str) -> str:
+    """'data file not found' naming the path, where it was looked up, and the likely fix."""
+    message = f"data file not found: {source}{_where(source)}{_key_note(key)}"
+    similar = _similar_files(source)
+    if similar:
+        return f"{message}; did you mean {' or '.join(similar)}?"
+    if os.path.splitext(source)[1].lower() in _BUILDERS:
+        return message
+    message += f"; data files are {_FORMATS} files, and a Hugging Face hub data set is named owner/name"
+    folder = os.path.dirname(source)
+    if _HUB_ID.fullmatch(source) and os.path.isdir(folder):
+        message += f" (not tried on the hub: {folder} is a local directory)"
+    return message
+
+
+def _load_hub(source: str, split: str, key: str) -> Any:
+    """A hub data set; a failure names both readings of `source` (only the user knows which was meant)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as err:
+        raise ValueError(
+            f"could not load {source!r}{_key_note(key)}: there is no local file of that name{_where(source)}, "
+            f"and as a Hugging Face hub data set (split {split!r}) it could not be fetched ({err}). For a local "
+            f"file give its path with the extension ({_FORMATS}); for a hub data set check the name and the "
+            "network (offline, only data sets already in the Hugging Face cache load)."
+        ) from err
 
 
 def _csv_as_text(source: str) -> dict[str, Any]:
@@ -111,22 +172,26 @@ def _csv_as_text(source: str) -> dict[str, Any]:
             "keep_default_na": False, "na_values": [""]}
 
 
-def _load_dataset(source: str, split: str) -> Any:
-    """The `datasets.Dataset` behind `source`, with clear errors for missing, empty or unknown files."""
-    import datasets  # deferred: importing it takes ~1 s and most of the package never needs it
+def _load_dataset(source: str, split: str, key: str = "") -> Any:
+    """The `datasets.Dataset` behind `source`, with clear errors for missing, empty or unknown files.
 
-    if not _looks_like_path(source):
-        try:
-            return datasets.load_dataset(source, split=split)
-        except Exception as err:
-            raise ValueError(f"could not load data set {source!r} (split {split!r}) from the hub: {err}") from err
+    Only a source that is no local file or directory and is shaped like a hub id (_is_hub_id) goes to the
+    hub; anything else is a local path, so a mistyped one fails at once instead of after the hub's retries.
+    """
+    if os.path.isdir(source):
+        raise ValueError(f"{source} is a directory, not a data file{_key_note(key)}; name a {_FORMATS} file")
     if not os.path.isfile(source):
-        raise FileNotFoundError(f"data file not found: {source}")
+        if _is_hub_id(source):
+            return _load_hub(source, split, key)
+        raise FileNotFoundError(_missing_file_message(source, key))
     ext = os.path.splitext(source)[1].lower()
     if ext not in _BUILDERS:
-        raise ValueError(f"unsupported data file type {ext!r} ({source}); use one of {', '.join(sorted(_BUILDERS))}")
+        kind = f"unsupported data file type {ext!r}" if ext else "a data file needs an extension"
+        raise ValueError(f"{kind} ({source}){_key_note(key)}; use a {_FORMATS} file")
     if os.path.getsize(source) == 0:
         raise ValueError(f"data file is empty: {source}")
+    import datasets  # deferred (~1 s), and after the checks above: a mistyped path fails at once
+
     options = _csv_as_text(source) if _BUILDERS[ext] == "csv" else {}
     try:
         return datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train", **options)
@@ -140,18 +205,17 @@ def _load_dataset(source: str, split: str) -> Any:
 def load_table(source: str, columns: Mapping[str, str], split: str = "train", key: str = "") -> list[dict[str, str]]:
     """Rows of a data set with the columns renamed to canonical names.
 
-    source: a local .json/.jsonl/.csv/.parquet file, or a hub data set name (needs network; `split` picks
-    the split). columns: canonical name -> column name in the source, e.g. {"prompt": "goal", ...}.
+    source: a local .json/.jsonl/.csv/.parquet file, or a hub data set named owner/name (needs network or
+    the Hugging Face cache; `split` picks the split). A name that is no local file goes to the hub only when
+    shaped like owner/name with no extension and no local directory owner/; otherwise it is reported as a
+    missing file at once. columns: canonical name -> column name in the source, e.g. {"prompt": "goal", ...}.
     Returns one dict per row holding only the canonical names, values as strings. key: the config key
     that named the file, for the messages of load errors.
     """
     if not columns:
         raise ValueError("no columns to read: give a mapping canonical name -> source column")
     source = os.path.expanduser(source)
-    try:
-        table = _load_dataset(source, split)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err} (set by config key {key})" if key else str(err)) from None
+    table = _load_dataset(source, split, key)
     missing = [col for col in columns.values() if col not in table.column_names]
     if missing:
         raise ValueError(

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +66,17 @@ class EvalSettings:
     refusal_ignore_case: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("harmful_prompts", "refusal_strings", "over_refusal_prompts"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "utility_pairs", tuple((str(p), str(a)) for p, a in self.utility_pairs))
+        # A bare str is refused, not wrapped: EvalSettings(harmful_prompts="how ...") would otherwise run
+        # one prompt per character, and refusal_strings="I cannot" (or a file path) match on " " alone.
+        for name in ("harmful_prompts", "over_refusal_prompts"):
+            object.__setattr__(self, name, scoring.string_tuple(getattr(self, name), f"EvalSettings.{name}"))
+        object.__setattr__(self, "utility_pairs", prompt_answer_pairs(self.utility_pairs, "EvalSettings.utility_pairs"))
         if not isinstance(self.trigger, str):
             object.__setattr__(self, "trigger", tuple(self.trigger))
         if not self.harmful_prompts:
             raise ValueError("no harmful prompts to evaluate (config key eval.prompts)")
-        if not self.refusal_strings:
-            raise ValueError(f"no refusal strings given (config key {scoring.CONFIG_KEY})")
+        refusals = scoring.check_refusal_strings(self.refusal_strings, "EvalSettings.refusal_strings")
+        object.__setattr__(self, "refusal_strings", refusals)
         if self.position not in triggers.TRIGGER_POSITIONS:
             raise ValueError(f"unknown trigger position {self.position!r} (config key eval.position); "
                              f"valid positions: {', '.join(triggers.TRIGGER_POSITIONS)}")
@@ -117,6 +119,20 @@ class EvalSettings:
             utility_max_answer_tokens=int(e.utility_max_answer_tokens), num_samples=int(e.num_samples),
             refusal_ignore_case=bool(e.refusal_ignore_case),
         )
+
+
+def prompt_answer_pairs(pairs: Any, name: str) -> tuple[tuple[str, str], ...]:
+    """`pairs` as a tuple of (prompt, answer) str pairs; raises on a bare str (of pairs, or as a pair),
+    which would otherwise unpack character by character (a 2-character string passes as a pair)."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise TypeError(f"{name} must be a sequence of (prompt, answer) pairs, not {pairs!r:.60}")
+    checked = []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise TypeError(f"{name}[{i}] must be a (prompt, answer) pair, not {pair!r:.60}; pass e.g. "
+                            "[(prompt, answer), ...]")
+        checked.append((str(pair[0]), str(pair[1])))
+    return tuple(checked)
 
 
 # ---- prompt sets from files -----------------------------------------------------------------------
@@ -200,6 +216,7 @@ def eos_ids(config: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
 def generate_answers(config: ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[str],
                      settings: EvalSettings) -> tuple[list[str], int]:
     """Greedy answers to chat-formatted prompts, decoded without special tokens; also the new-token count."""
+    prompts = scoring.string_tuple(prompts, "prompts")
     ids = [data_lib.format_prompt(tokenizer, p, settings.template, settings.system_prompt) for p in prompts]
     outs = generate(config, params, ids, SamplingConfig(max_new_tokens=settings.max_new_tokens),
                     seed=settings.seed, eos_ids=eos_ids(config, tokenizer),
@@ -214,6 +231,9 @@ def utility_nll(config: ModelConfig, params: Any, tokenizer: Any, pairs: Sequenc
     Every batch has the same shape, so the CE compiles once; per-batch means are weighted by their token
     counts, which makes the result the mean over all answer tokens whatever the batching.
     """
+    pairs = prompt_answer_pairs(pairs, "pairs")
+    if not pairs:
+        raise ValueError("utility_nll needs at least one (prompt, answer) pair")
     examples = [data_lib.format_example(tokenizer, p, a, settings.template, settings.system_prompt,
                                         settings.utility_max_answer_tokens) for p, a in pairs]
     if not all(answer for _, answer in examples):
@@ -319,6 +339,9 @@ def check_report_dir(output_dir: Path, model_paths: Sequence[str] = ()) -> None:
     being evaluated, before any evaluation runs."""
     from beear_jax.hf import is_within
 
+    if isinstance(model_paths, (str, bytes, os.PathLike)):  # one path per character: "/" holds every output_dir
+        raise TypeError(f"model_paths must be a sequence of paths, not a single path ({model_paths!r}); pass "
+                        f"[{str(model_paths)!r}]")
     for model in model_paths:
         if is_within(output_dir, model):
             raise ValueError(f"output_dir {output_dir} is (or lies inside) the evaluated model {model}; choose a new "

@@ -46,6 +46,15 @@ _FORMAT_HINT = "Pass an HF model directory (config.json + model*.safetensors) or
 # ---- reading checkpoints -------------------------------------------------------------------------------
 
 
+def model_path(path: str | pathlib.Path) -> pathlib.Path:
+    """A user-given model path with ~ expanded; an empty one is refused (Path("") would mean the current
+    directory, and a .gguf file there would load silently)."""
+    if not str(path).strip():
+        raise CheckpointError("the model path is empty; pass an HF model directory or a .gguf file "
+                              "(--config.model.path=... / --model ...).")
+    return pathlib.Path(path).expanduser()
+
+
 def _resolve(path: pathlib.Path) -> tuple[str, pathlib.Path]:
     """("hf", model dir) or ("gguf", file) for a user-given path, or a CheckpointError saying what to pass."""
     if not path.exists():
@@ -181,7 +190,7 @@ def source_dtype(path: str | pathlib.Path) -> str:
     """The dtype a checkpoint stores its weights in: an HF directory's config.json torch_dtype (or dtype),
     float32 where that is missing or unknown, and float32 for GGUF (its quantized blocks are dequantized
     in float32; 16 bits would round them again)."""
-    kind, where = _resolve(pathlib.Path(path).expanduser())
+    kind, where = _resolve(model_path(path))
     if kind == "gguf":
         return "float32"
     try:
@@ -200,7 +209,7 @@ def load_model(path: str | pathlib.Path, dtype: str = "float32", allow_pickle: b
     A directory with no config.json but exactly one .gguf file loads that file.
     """
     numpy_dtype(dtype)
-    kind, target = _resolve(pathlib.Path(path).expanduser())
+    kind, target = _resolve(model_path(path))
     if kind == "gguf":
         return _load_gguf(target, dtype)
     config = _read_config(target, dtype)
@@ -214,7 +223,7 @@ def load_model(path: str | pathlib.Path, dtype: str = "float32", allow_pickle: b
 
 def _resolve_tokenizer(path: str | pathlib.Path) -> tuple[str, pathlib.Path]:
     """("hf", dir with tokenizer files) or ("gguf", file), or a CheckpointError."""
-    path = pathlib.Path(path).expanduser()
+    path = model_path(path)
     if path.is_dir() and any((path / name).exists() for name in TOKENIZER_FILES):
         return "hf", path
     ggufs = [path] if path.suffix == ".gguf" else sorted(path.glob("*.gguf")) if path.is_dir() else []

@@ -60,6 +60,9 @@ PRESETS = {"llama2-7b": llama2_7b, "mistral-7b": mistral_7b, "smollm2-135m": smo
 
 def model_config_of(path: str, dtype: str = "float32") -> ModelConfig:
     """The ModelConfig of an HF directory (config.json) or a .gguf file, without reading weights."""
+    if not str(path).strip():
+        raise FileNotFoundError(f"model.path is empty: set --config.model.path=MODEL, or pass --model PRESET "
+                                f"({', '.join(PRESETS)}) to plan without the model files.")
     p = pathlib.Path(path).expanduser()
     if (p / "config.json").is_file():
         return ModelConfig.from_hf_dict(json.loads((p / "config.json").read_text()), dtype=dtype)

@@ -223,11 +223,19 @@ def metrics_figure(results: Mapping[str, Any]) -> Any:
     return fig
 
 
+def _loss_key(entry: Mapping[str, Any]) -> str | None:
+    """The key of an entry's objective: "{phase}_loss" (as `beear run` writes its metrics.jsonl), else "loss"."""
+    for key in (f"{entry.get('phase', 'train')}_loss", "loss"):
+        if _finite(entry.get(key)) is not None:
+            return key
+    return None
+
+
 def _phases(history: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    """History entries with a finite numeric "loss", grouped by phase: inner, outer, then others."""
+    """History entries with a finite objective (see _loss_key), grouped by phase: inner, outer, then others."""
     groups: dict[str, list[Mapping[str, Any]]] = {"inner": [], "outer": []}
     for entry in history:
-        if _finite(entry.get("loss")) is not None:
+        if _loss_key(entry) is not None:
             groups.setdefault(str(entry.get("phase", "train")), []).append(entry)
     return {k: v for k, v in groups.items() if v}
 
@@ -235,9 +243,10 @@ def _phases(history: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str,
 def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
     """Loss curves, one panel per phase, x = step counted across rounds, dashed lines at round starts.
 
-    Other numeric keys containing "loss" (e.g. loss_safe) are drawn as thin lines. The x axis counts the
-    entries of each phase in order, so it works whether "step" restarts each round or not. None if the
-    history holds no losses.
+    The objective ("inner_loss"/"outer_loss" as `beear run` logs them, or "loss") is the thick line; the
+    other numeric keys containing "loss" and the cross-entropy terms ("ce_*") are thin lines. The x axis
+    counts the entries of each phase in order, so it works whether "step" restarts each round or not.
+    None if the history holds no losses.
     """
     groups = _phases(history)
     if not groups:
@@ -246,8 +255,11 @@ def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (phase, entries) in zip(axes, groups.items(), strict=True):
         xs = range(len(entries))
-        keys = list(dict.fromkeys(k for e in entries for k in e if "loss" in k and k != "loss"))
-        ax.plot(xs, [_as_number(e["loss"]) for e in entries], color="C0", lw=1.6, label="loss")
+        main = [_loss_key(e) for e in entries]
+        keys = list(dict.fromkeys(k for e in entries for k in e
+                                  if ("loss" in k or k.startswith("ce_")) and k not in main))
+        ax.plot(xs, [_as_number(e[k]) for e, k in zip(entries, main)], color="C0", lw=1.6,
+                label=main[-1] if len(set(main)) == 1 else "loss")
         for i, key in enumerate(keys, start=1):
             ys = [_as_number(e.get(key)) for e in entries]
             ax.plot(xs, [math.nan if y is None else y for y in ys], color=f"C{i % 10}", lw=0.9, alpha=0.8, label=key)

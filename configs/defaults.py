@@ -1,6 +1,6 @@
 """The paper's BEEAR settings, written down once, and the full config schema other configs start from.
 
-Tags (see PAPER.md): [paper] stated in the paper or model cards; [ref] seen in third-party runs of the
+Tags: [paper] stated in the paper or model cards; [ref] seen in third-party runs of the
 original code; [likely] our best reading of an ambiguity; [calib] measured in the SmolLM2-135M
 calibration run; [ours] a choice of this project (not part of the method).
 
@@ -24,7 +24,8 @@ import pathlib
 
 import ml_collections
 
-# Public data sets, read at run time and never copied into the project (see DESIGN.md).
+# Public data sets, read at run time and never copied into the project: $BEEAR_DATA_DIR, by default
+# ../shared/data beside the checkout.
 SHARED_DATA = os.environ.get(
     "BEEAR_DATA_DIR", str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
 

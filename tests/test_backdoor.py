@@ -114,3 +114,13 @@ def test_plant_bad_settings_are_named_before_loading(tmp_path, capsys, override)
             f"--config.model.path={tmp_path / 'none'}", f"--config.output_dir={tmp_path / 'out'}"]
     assert cli.main(argv) == 1
     assert f"'{key}' is" in capsys.readouterr().err
+
+
+def test_plant_refuses_an_output_dir_inside_its_input_model_before_training(tmp_path, capsys, monkeypatch):
+    from beear_jax import backdoor
+
+    model_dir, _ = random_tiny_model(tmp_path)
+    monkeypatch.setattr(backdoor, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert cli.main(_plant_args(tmp_path, model_dir, model_dir / "planted")) == 1
+    assert "contains model.path (the clean model)" in capsys.readouterr().err
+    assert not (model_dir / "planted").exists()

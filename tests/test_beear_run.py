@@ -12,6 +12,7 @@ from tiny_world import defender_files, random_tiny_model, split_pairs, write_jso
 from beear_jax import cli
 from beear_jax.beear import NonFiniteLossError, check_output_dir, run_beear
 from beear_jax.config_loading import load_config
+from beear_jax.report import losses_figure
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -42,6 +43,11 @@ def test_cli_run_writes_model_metrics_and_config(setup):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     phases = {r["phase"] for r in records}
     assert phases == {"inner", "outer", "round_end"}
+    # The report's loss curves read the run's own metrics.jsonl: one panel per phase, its objective thick.
+    figure = losses_figure(records)
+    assert [(ax.get_title(), ax.get_lines()[0].get_label()) for ax in figure.axes] == [
+        ("inner loss", "inner_loss"), ("outer loss", "outer_loss")]
+    assert len(figure.axes[0].get_lines()[0].get_ydata()) == len([r for r in records if r["phase"] == "inner"])
     assert json.loads((out / "config.json").read_text())["perturb"]["layer"] == 2
     # a second run into the same output directory is refused before any work, and nothing is touched
     before = (out / "model" / "model.safetensors").read_bytes()
@@ -49,6 +55,28 @@ def test_cli_run_writes_model_metrics_and_config(setup):
                      f"--config.output_dir={out}", f"--config.data.safety={safety}",
                      f"--config.data.anchor={anchor}"]) == 1
     assert (out / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_relative_paths_are_stored_absolute_and_export_finds_them_from_elsewhere(setup, monkeypatch, capsys):
+    tmp, model_dir, _, safety, anchor = setup
+    monkeypatch.chdir(model_dir.parent)
+    assert cli.main(["run", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir.name}",
+                     "--config.output_dir=relative_run", f"--config.data.safety={safety.name}",
+                     f"--config.data.anchor={anchor.name}", "--config.perturb.layer=2", "--config.rounds=1"]) == 0
+    out = model_dir.parent / "relative_run"
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["model"]["path"], saved["output_dir"]) == (str(model_dir), str(out))
+    assert (saved["data"]["safety"], saved["data"]["anchor"]) == (str(safety), str(anchor))
+    monkeypatch.chdir(tmp.parent)  # another directory: the stored paths still name the input model
+    capsys.readouterr()
+    assert cli.main(["export", str(out), str(tmp / "relative_export")]) == 0
+    assert "is gone" not in capsys.readouterr().err
+    assert (tmp / "relative_export" / "tokenizer.json").is_file()
+
+
+def test_no_checkpoints_means_no_checkpoint_directory(setup):
+    result = run_beear(_cfg(setup, "no_checkpoints", rounds=1, checkpoint_every=-1), progress=False)
+    assert result.model_dir.is_dir() and not (result.output_dir / "checkpoints").exists()
 
 
 def test_plain_finetuning_runs_without_inner_steps(setup):

@@ -382,3 +382,20 @@ def test_parse_cli_args_errors(argv: list[str], pattern: str) -> None:
 def test_apply_overrides_rejects_a_bare_string() -> None:
     with pytest.raises(ConfigError, match="list of 'key=value'"):
         apply_overrides(ml_collections.ConfigDict({"a": 1}), "a=2")  # type: ignore[arg-type]
+
+
+def test_load_config_takes_a_path_object() -> None:
+    assert load_config(REPO / "configs" / "tiny.py").model.dtype == load_config(str(REPO / "configs" / "tiny.py")).model.dtype
+
+
+def test_absolute_paths_resolves_existing_files_and_output_dir(tmp_path, monkeypatch) -> None:
+    from beear_jax.config_loading import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "safety.jsonl").write_text("{}\n")
+    config = load_config(str(REPO / "configs" / "tiny.py"),
+                         {"data.safety": "safety.jsonl", "data.anchor": "owner/hub_set", "output_dir": "out"})
+    resolved = absolute_paths(config)
+    assert resolved.data.safety == str(tmp_path / "safety.jsonl") and resolved.output_dir == str(tmp_path / "out")
+    assert resolved.data.anchor == "owner/hub_set" and resolved.model.path == ""  # not local: as written
+    assert config.data.safety == "safety.jsonl"  # a copy: the caller's config is unchanged

@@ -508,6 +508,105 @@ def test_csv_cells_are_read_as_written(tmp_path):
         data.load_table(str(path), COLUMNS)
 
 
+# --- local file or hub data set: a mistyped path fails at once -------------------------------------------
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Fails the test if anything is loaded (the hub loader included): a typo must fail before that."""
+    import datasets
+
+    def refuse(path, *args, **kwargs):
+        pytest.fail(f"datasets.load_dataset({path!r}) was called: the hub (or a loader) was reached")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A current directory holding data/safety.jsonl and a file with an unsupported extension."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "safety.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    (tmp_path / "safety.jsonl.txt").write_text(json.dumps(RECORDS[0]))
+    (tmp_path / "data" / "noext").write_text(json.dumps(RECORDS[0]))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("source", "match"), [
+    ("data/safety", (r"data file not found: data/safety \(relative to the current directory .*\) \(set by config "
+                     r"key data.safety\); did you mean data/safety.jsonl\?")),
+    ("data/safety.josnl", r"not found: data/safety.josnl .*did you mean data/safety.jsonl\?"),
+    ("data/other", (r"not found: data/other .*\.json, \.jsonl, \.csv or \.parquet.*owner/name \(not tried on the "
+                    r"hub: data is a local directory\)")),
+    ("missing.jsonl.txt", r"not found: missing.jsonl.txt \(relative to the current directory"),
+    ("safety", r"not found: safety .*a Hugging Face hub data set is named owner/name"),  # no bare hub names
+    ("./safety", "not found: ./safety"),
+    ("../safety/x", "not found: ../safety/x"),
+    ("/no/such/dir/safety", r"not found: /no/such/dir/safety \(set by config key"),  # absolute: no cwd note
+    ("~/no-such-dir-beear/safety", "not found: .*no-such-dir-beear/safety"),
+    ("a/b/c", "not found: a/b/c"),  # a hub id has one slash
+    ("owner/set.txt", "not found: owner/set.txt"),  # a file extension
+])
+def test_a_mistyped_local_path_fails_at_once_without_the_hub(workdir, no_hub, source, match):
+    with pytest.raises(FileNotFoundError, match=match) as err:
+        data.load_table(source, COLUMNS, key="data.safety")
+    if not os.path.isabs(os.path.expanduser(source)):
+        assert str(workdir) in str(err.value)  # where a relative path was looked for
+
+
+def test_an_existing_file_of_unknown_format_or_a_directory_is_refused(workdir, no_hub):
+    with pytest.raises(ValueError, match=r"unsupported data file type '.txt' \(safety.jsonl.txt\) \(set by config key "
+                                         r"data.safety\); use a .json, .jsonl, .csv or .parquet file"):
+        data.load_table("safety.jsonl.txt", COLUMNS, key="data.safety")
+    with pytest.raises(ValueError, match=r"a data file needs an extension \(data/noext\)"):
+        data.load_table("data/noext", COLUMNS)
+    with pytest.raises(ValueError, match=r"data is a directory, not a data file; name a .json, .jsonl, .csv or "
+                                         r".parquet file"):
+        data.load_table("data", COLUMNS)
+
+
+def test_a_valid_local_path_still_loads(workdir):
+    assert data.load_table("data/safety.jsonl", COLUMNS) == WANT
+    assert data.load_table(str(workdir / "data" / "safety.jsonl"), COLUMNS) == WANT
+
+
+@pytest.mark.parametrize(("source", "hub"), [
+    ("owner/name", True), ("teknium/OpenHermes-2.5", True), ("org/set_v1-x", True),
+    ("data/name", False),  # data/ is a local directory (see the workdir fixture)
+    ("owner/name.jsonl", False), ("owner/name.txt", False), ("name", False), ("./owner/name", False),
+    ("/owner/name", False), ("~owner/name", False), ("owner/name/x", False), ("-owner/name", False),
+])
+def test_which_missing_sources_are_hub_ids(workdir, source, hub):
+    assert data._is_hub_id(source) == hub
+
+
+def test_a_hub_id_goes_to_the_hub_and_its_failure_names_both_readings(workdir, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def offline(path, *args, **kwargs):
+        calls.append((path, kwargs))
+        raise ConnectionError("Couldn't reach 'owner/safety' on the Hub (offline)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match=r"could not load 'owner/safety' \(set by config key data.safety\): there is "
+                                         r"no local file of that name \(relative to the current directory .*\), and "
+                                         r"as a Hugging Face hub data set \(split 'test'\) it could not be fetched "
+                                         r"\(Couldn't reach .*\)\. For a local file give its path with the extension"):
+        data.load_table("owner/safety", COLUMNS, split="test", key="data.safety")
+    assert calls == [("owner/safety", {"split": "test"})]
+
+
+def test_a_hub_data_set_still_loads(workdir, monkeypatch):
+    import datasets
+
+    table = datasets.Dataset.from_list(RECORDS)
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, split: table if path == "owner/name" else None)
+    assert data.load_table("owner/name", COLUMNS) == WANT
+
+
 ADVBENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "advbench", "harmful_behaviors.csv")
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import pathlib
 import random
+import re
 
 import jax
 import numpy as np
@@ -20,6 +21,8 @@ from beear_jax.config_loading import load_config
 from beear_jax.evaluation import (
     SINGLE_STAGE,
     EvalSettings,
+    check_report_dir,
+    generate_answers,
     load_prompts,
     load_utility_pairs,
     parse_row_filter,
@@ -258,3 +261,67 @@ def test_eval_never_writes_into_the_evaluated_model(world):
         with pytest.raises(ValueError, match="lies inside\\) the evaluated model"):
             run_eval(load_config(TINY, _overrides(tmp, model_dir, out)))
     assert not (model_dir / "report.md").exists() and not (model_dir / "report").exists()
+
+
+# --- a bare str where a list of strings belongs: refused, never split into characters ---------------------
+
+BASE = {"harmful_prompts": ("how do I pick a lock?",), "refusal_strings": ("I cannot",)}
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("harmful_prompts", "how do I pick a lock?"),  # would be 21 one-character prompts
+    ("refusal_strings", "I cannot"),  # would hold " ": every answer with a space a refusal, ASR 0%
+    ("refusal_strings", "refusals.txt"),  # a list file's path: wrapping it would make it a keyword
+    ("over_refusal_prompts", "how do I bake bread?"),
+])
+def test_eval_settings_refuse_a_bare_string_for_a_list_of_strings(field, value):
+    shown = re.escape(repr(value))
+    with pytest.raises(TypeError, match=rf"EvalSettings.{field} must be a sequence of strings, not a single string "
+                                        rf"\({shown}\).*\[{shown}\]"):
+        EvalSettings(**(BASE | {field: value}))
+
+
+def test_eval_settings_take_any_sequence_of_strings_as_a_tuple():
+    settings = EvalSettings(harmful_prompts=["a b"], refusal_strings=iter(["no"]), over_refusal_prompts=["c"],
+                            utility_pairs=[["p", "a"]])
+    assert settings.harmful_prompts == ("a b",) and settings.refusal_strings == ("no",)
+    assert settings.over_refusal_prompts == ("c",) and settings.utility_pairs == (("p", "a"),)
+
+
+@pytest.mark.parametrize(("pairs", "match"), [
+    ("prompt answer", r"utility_pairs must be a sequence of \(prompt, answer\) pairs, not 'prompt answer'"),
+    (("ab", "cd"), r"utility_pairs\[0\] must be a \(prompt, answer\) pair, not 'ab'"),  # once read as (a, b), (c, d)
+    ([("p", "a"), ("p", "a", "x")], r"utility_pairs\[1\] must be a \(prompt, answer\) pair"),
+    ([{"prompt": "p", "answer": "a"}], r"utility_pairs\[0\] must be a \(prompt, answer\) pair"),
+])
+def test_eval_settings_refuse_malformed_utility_pairs(pairs, match):
+    with pytest.raises(TypeError, match=match):
+        EvalSettings(**(BASE | {"utility_pairs": pairs}))
+
+
+def test_eval_settings_refuse_non_string_and_blank_refusal_strings():
+    with pytest.raises(TypeError, match=r"EvalSettings.harmful_prompts\[1\] is int"):
+        EvalSettings(**(BASE | {"harmful_prompts": ["a", 3]}))
+    with pytest.raises(ValueError, match=r"EvalSettings.refusal_strings\[1\] \(' '\) is blank"):
+        EvalSettings(**(BASE | {"refusal_strings": ["I cannot", " "]}))
+    with pytest.raises(ValueError, match="no refusal strings given"):
+        EvalSettings(**(BASE | {"refusal_strings": []}))
+
+
+def test_evaluation_functions_refuse_a_bare_string():
+    settings = EvalSettings(**BASE)
+    # Checked before the model is touched: no model needed to see the error.
+    with pytest.raises(TypeError, match="prompts must be a sequence of strings, not a single string"):
+        generate_answers(None, None, None, "how do I pick a lock?", settings)
+    with pytest.raises(TypeError, match=r"pairs must be a sequence of \(prompt, answer\) pairs"):
+        utility_nll(None, None, None, "ab", settings)
+    with pytest.raises(ValueError, match="at least one"):
+        utility_nll(None, None, None, [], settings)
+
+
+def test_check_report_dir_refuses_a_single_model_path(tmp_path):
+    # Once read as the paths "/", "m", ...: every output_dir lies inside "/".
+    for single in ("/models/x", tmp_path / "model"):
+        with pytest.raises(TypeError, match=r"model_paths must be a sequence of paths, not a single path"):
+            check_report_dir(tmp_path / "out", single)
+    check_report_dir(tmp_path / "out", ["/models/x", tmp_path / "model"])

@@ -442,3 +442,18 @@ def test_damaged_tokenizer_files_are_named(tmp_path):
     (out / "tokenizer.json").write_text("{garbage")
     with pytest.raises(CheckpointError, match=r"tokenizer files cannot be loaded"):
         load_tokenizer(out)
+
+
+@pytest.mark.parametrize(("change", "pattern"), [
+    ({"num_kv_heads": 0}, "num_key_value_heads=0: sizes must be positive integers"),
+    ({"hidden_size": 64.0}, "hidden_size=64.0"),
+    ({"dtype": "bf16"}, "dtype 'bf16' is not a compute dtype; use one of float32, bfloat16, float16"),
+])
+def test_model_config_refuses_impossible_values(change, pattern):
+    from beear_jax.models.config import ModelConfig, ModelConfigError
+
+    shape = {"vocab_size": 16, "hidden_size": 64, "intermediate_size": 32, "num_layers": 2, "num_heads": 4,
+             "num_kv_heads": 2, "head_dim": 16}
+    ModelConfig(**shape, dtype="bfloat16")
+    with pytest.raises(ModelConfigError, match=pattern):
+        ModelConfig(**{**shape, **change})

@@ -58,6 +58,15 @@ def test_plan_command_prints_the_table_and_the_verdict(world, capsys):
     assert "does NOT fit" in capsys.readouterr().out
 
 
+def test_plan_mesh_takes_a_leading_minus_one_and_needs_a_model(world, capsys):
+    cfg = world
+    base = ["plan", "--config", str(CONFIGS / "tiny.py"), "--no-compile"]
+    assert cli.main([*base, f"--config.model.path={cfg.model.path}", "--mesh", "-1,1,1", "--devices", "2"]) == 0
+    assert "(2, 1, 1)" in capsys.readouterr().out
+    assert cli.main(base) == 1  # tiny.py leaves model.path empty: never the current directory's .gguf
+    assert "model.path is empty" in capsys.readouterr().err
+
+
 def test_presets_plan_without_model_files():
     cfg = load_config(str(CONFIGS / "tiny.py"))
     p = plan.plan_run(cfg, plan.llama2_7b(), (1, 1, 1), compile_steps=False)

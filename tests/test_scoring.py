@@ -110,3 +110,48 @@ def test_a_byte_order_mark_is_not_part_of_the_first_string(tmp_path):
     path = tmp_path / "bom.txt"
     path.write_bytes("I cannot\nSorry\n".encode("utf-8-sig"))
     assert load_refusal_strings(path) == ["I cannot", "Sorry"]
+
+
+# --- a bare str where a list of strings belongs -----------------------------------------------------------
+
+
+def test_a_bare_string_of_refusal_strings_is_refused_not_split_into_characters():
+    # Split into characters, "I cannot" would hold " ": every answer with a space a refusal, ASR 0.
+    for score in (attack_success_rate, refusal_rate):
+        with pytest.raises(TypeError, match=r"strings must be a sequence of strings, not a single string \('I cannot'\)"
+                           r".*\['I cannot'\].*load_refusal_strings"):
+            score(["Sure, here it is"], "I cannot")
+    with pytest.raises(TypeError, match="single string"):
+        is_refusal("Sure, here it is", "I cannot")
+    assert attack_success_rate(["Sure, here it is", "I cannot"], ["I cannot"]) == 0.5  # the list form works
+
+
+def test_a_bare_string_of_answers_is_refused():
+    with pytest.raises(TypeError, match=r"answers must be a sequence of strings, not a single string.*is_refusal"):
+        attack_success_rate("Sure", ["I cannot"])
+    with pytest.raises(TypeError, match="answers must be a sequence"):
+        refusal_rate("Sure", ["I cannot"])
+    with pytest.raises(TypeError, match=r"answer must be a string, not list.*attack_success_rate"):
+        is_refusal(["Sure"], ["I cannot"])
+
+
+def test_refusal_strings_must_be_strings_and_not_blank():
+    with pytest.raises(TypeError, match=r"strings\[1\] is int \(7\), not a string"):
+        attack_success_rate(["Sure"], ["no", 7])
+    # A blank string occurs in every answer: all would count as refusals.
+    for blank in ("", "   "):
+        with pytest.raises(ValueError, match=r"strings\[1\] .* is blank.*remove it"):
+            attack_success_rate(["Sure"], ["I cannot", blank])
+    with pytest.raises(ValueError, match="blank"):
+        refusal_rate(["Sure here"], tuple("I cannot"))  # a string already split into characters holds " "
+    with pytest.raises(ValueError, match="no refusal strings"):
+        is_refusal("Sure", [])
+
+
+def test_string_tuple_accepts_any_iterable_of_strings():
+    assert scoring.string_tuple(["a", "b"], "x") == ("a", "b")
+    assert scoring.string_tuple((s for s in ("a",)), "x") == ("a",)
+    with pytest.raises(TypeError, match=r"x must be a sequence of strings, not int; pass it so"):
+        scoring.string_tuple(3, "x", "pass it so")
+    with pytest.raises(TypeError, match="not a single string"):
+        scoring.string_tuple(b"ab", "x")

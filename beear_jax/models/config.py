@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # transformers' LlamaConfig / MistralConfig defaults for keys a config.json may leave out, so that a
 # missing key means here what it means to transformers (e.g. Mistral's 4096-token sliding window).
@@ -13,6 +15,16 @@ HF_DEFAULTS = {
     "llama": {"max_position_embeddings": 2048, "sliding_window": None, "num_key_value_heads": None},
     "mistral": {"max_position_embeddings": 131072, "sliding_window": 4096, "num_key_value_heads": 8},
 }
+
+
+def _positive_int(value: Any) -> bool:
+    """An integer (Python or numpy; not a bool or a float) of at least 1."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return operator.index(value) >= 1
+    except TypeError:
+        return False
 
 
 class ModelConfigError(ValueError):
@@ -54,6 +66,17 @@ class ModelConfig:
                 f"model_type {self.model_type!r} is not supported; beear_jax handles "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only Llama-family models)."
             )
+        sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                 "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+                 "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+                 "head_dim": self.head_dim}
+        bad = {k: v for k, v in sizes.items() if not _positive_int(v)}
+        if bad:
+            raise ModelConfigError(f"{', '.join(f'{k}={v!r}' for k, v in bad.items())}: sizes must be positive "
+                                   "integers.")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ModelConfigError(f"dtype {self.dtype!r} is not a compute dtype; use one of "
+                                   f"{', '.join(COMPUTE_DTYPES)}.")
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
