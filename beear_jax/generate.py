@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import numpy as np
 
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
+from beear_jax.perturbation import check_deltas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +140,83 @@ def check_positions(config: ModelConfig, prompt_tokens: int, max_new_tokens: int
                          f"{limit}; {fix}.")
 
 
+def check_prompts(prompts: Any, vocab_size: int) -> list[np.ndarray]:
+    """The prompts as 1-D integer arrays; a ValueError naming the problem unless prompts is a non-empty
+    list of non-empty token-id sequences with ids in [0, vocab_size), or a 2-D integer array (each row
+    a prompt)."""
+    flat = ("prompts must be a list of token-id sequences (for one prompt use [ids]); got "
+            f"{_preview(prompts)}.")
+    if isinstance(prompts, np.ndarray | jax.Array) and np.ndim(prompts) != 2:
+        raise ValueError(flat if np.ndim(prompts) == 1 else f"prompts is an array of shape {np.shape(prompts)}; "
+                         "use a 2-D array [prompts, tokens] (each row a prompt) or a list of token-id sequences.")
+    rows = list(prompts)  # an array's rows, or the list's items
+    if not rows:
+        raise ValueError("generate() needs at least one prompt.")
+    out = []
+    for index, prompt in enumerate(rows):
+        try:
+            ids = np.asarray(prompt)
+        except ValueError as err:  # ragged nesting
+            raise ValueError(f"prompt {index} is not a flat sequence of token ids ({_preview(prompt)}).") from err
+        if ids.dtype.kind in "US":  # a str or bytes prompt, or a list of them
+            raise ValueError(f"prompt {index} is text ({_preview(prompt)}); tokenize it first: prompts must be "
+                             "token-id sequences.")
+        if ids.ndim == 0:  # one flat list of ids: its items are numbers, not sequences
+            raise ValueError(flat)
+        if ids.ndim != 1:
+            raise ValueError(f"prompt {index} has shape {ids.shape}; each prompt must be a 1-D sequence of token ids.")
+        if ids.size == 0:
+            raise ValueError(f"prompt {index} is empty; every prompt needs at least one token (add a BOS or template).")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt {index} holds {ids.dtype} values ({_preview(prompt)}); token ids must be "
+                             "integers.")
+        lowest, highest = int(ids.min()), int(ids.max())
+        if lowest < 0 or highest >= vocab_size:
+            raise ValueError(f"prompt {index} holds token id {lowest if lowest < 0 else highest}, outside the model's "
+                             f"vocabulary [0, {vocab_size}); use the model's own tokenizer.")
+        out.append(ids)
+    return out
+
+
+def _preview(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_batch_size(batch_size: Any) -> None:
+    """A ValueError unless batch_size is None (all prompts in one batch) or a whole number >= 1."""
+    if batch_size is None:
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"batch_size is {batch_size!r}; it must be a whole number >= 1 (prompts per compiled "
+                         "batch), or None for all prompts in one batch.")
+
+
+def check_generate_deltas(config: ModelConfig, deltas: Any,
+                          prompt_lengths: Sequence[int]) -> tuple[dict[int, jax.Array], int]:
+    """({layer: delta}, n) with int keys ({} and 0 without deltas); a ValueError unless deltas map layer
+    boundaries in 1..num_layers - 1 to [n, hidden_size] arrays with n <= the shortest prompt (they are
+    added at the last n prompt tokens; positions before a prompt's start are padding, the delta lost there)."""
+    if deltas is None:
+        return {}, 0
+    try:
+        deltas = dict(deltas)
+    except (TypeError, ValueError) as err:  # not a mapping (a Perturbation is not one)
+        raise ValueError(f"deltas is a {type(deltas).__name__}; it must map a layer boundary to a [n, hidden_size] "
+                         "array, e.g. {9: delta} (for a Perturbation p use p.deltas).") from err
+    n = check_deltas(deltas, config.num_layers, config.hidden_size)
+    shortest = min(prompt_lengths)
+    if n > shortest:
+        index = list(prompt_lengths).index(shortest)
+        raise ValueError(f"the deltas cover {n} tokens but prompt {index} has only {shortest}; a delta is added "
+                         f"at the last n prompt tokens, so use deltas of at most {shortest} tokens or longer prompts.")
+    return {int(layer): jnp.asarray(delta) for layer, delta in deltas.items()}, n
+
+
 def generate(
     config: ModelConfig,
     params: dict,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]] | np.ndarray,
     sampling: SamplingConfig = SamplingConfig(),
     seed: int = 0,
     pad_id: int | None = None,
@@ -151,21 +226,20 @@ def generate(
 ) -> list[list[int]]:
     """Generates continuations of token-id prompts; returns the new tokens of each, EOS included.
 
-    deltas (optional) maps a layer boundary to a [n, D] perturbation added at the last n prompt
-    tokens during prefill, to see what a perturbation elicits.
+    prompts: a list of token-id sequences, or a 2-D integer array (each row a prompt; for one prompt use
+    [ids]). batch_size: prompts per compiled batch (None: all in one). deltas (optional) maps a layer
+    boundary in 1..num_layers - 1 to a [n, D] perturbation added at the last n prompt tokens during
+    prefill (n at most the shortest prompt), to see what a perturbation elicits. Bad input is a ValueError.
     """
-    if not prompts:
-        raise ValueError("generate() needs at least one prompt.")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (add a BOS or template).")
+    prompts = check_prompts(prompts, config.vocab_size)
+    check_batch_size(batch_size)
     check_positions(config, max(len(p) for p in prompts), sampling.max_new_tokens)
-    lowest, highest = min(min(p) for p in prompts), max(max(p) for p in prompts)
-    if lowest < 0 or highest >= config.vocab_size:
-        raise ValueError(f"a prompt holds token id {lowest if lowest < 0 else highest}, outside the model's vocabulary "
-                         f"[0, {config.vocab_size}); use the model's own tokenizer.")
+    deltas, n = check_generate_deltas(config, deltas, [len(p) for p in prompts])
     eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
     pad = int(pad_id if pad_id is not None else (config.pad_token_id if config.pad_token_id is not None else 0))
     batch_size = batch_size or len(prompts)
+    layers = tuple(sorted(deltas))
+    values = tuple(deltas[layer] for layer in layers)
     # Host (numpy) params would be copied to the device again for every chunk; arrays already placed
     # (e.g. sharded on a mesh) stay where they are.
     params = jax.tree.map(jnp.asarray, params)
@@ -177,11 +251,8 @@ def generate(
         chunk += [chunk[-1]] * (batch_size - rows)  # fixed batch shape: one compiled program
         length = _pad_bucket(max(len(p) for p in chunk))
         ids, mask = left_pad(chunk, length, pad)
-        layers = tuple(sorted(deltas or {}))
-        values = tuple(jnp.asarray(deltas[layer]) for layer in layers)
         positions = None
         if layers:
-            n = values[0].shape[0]
             positions = jnp.broadcast_to(jnp.arange(length - n, length, dtype=jnp.int32), (len(chunk), n))
         key, sub = jax.random.split(key)
         out, _ = _generate_padded(

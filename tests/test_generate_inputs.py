@@ -207,3 +207,162 @@ def test_generate_refuses_token_ids_outside_the_vocabulary():
     for bad in (16, -1):
         with pytest.raises(ValueError, match=f"token id {bad}, outside the model's vocabulary"):
             generate(config, params, [[1, 2, bad]], SamplingConfig(max_new_tokens=2))
+
+
+# ---- generate(): batch size, prompt structure, deltas ---------------------------------------------------------
+
+
+PROMPT = [1, 5, 6]
+
+
+@pytest.mark.parametrize("batch_size", [-1, 0, 2.5, True, "2"])
+def test_generate_rejects_a_batch_size_that_is_not_a_positive_int(small, batch_size):
+    config, params = small
+    with pytest.raises(ValueError, match=r"batch_size is .*whole number >= 1"):
+        generate(config, params, [PROMPT], SamplingConfig(max_new_tokens=2), batch_size=batch_size)
+
+
+def test_generate_batch_size_none_and_one_agree(small):
+    config, params = small
+    prompts, sampling = [PROMPT, [1, 8, 9, 10]], SamplingConfig(max_new_tokens=3)
+    assert (generate(config, params, prompts, sampling, eos_ids=(), batch_size=None)
+            == generate(config, params, prompts, sampling, eos_ids=(), batch_size=1))
+
+
+@pytest.mark.parametrize(("prompts", "needles"), [
+    ([1, 2, 3], ["prompts must be a list of token-id sequences", "for one prompt use [ids]", "[1, 2, 3]"]),
+    (np.array([1, 2, 3]), ["prompts must be a list of token-id sequences", "for one prompt use [ids]"]),
+    (np.zeros((1, 2, 3), np.int32), ["shape (1, 2, 3)", "2-D"]),
+    ([], ["at least one prompt"]),
+    (np.zeros((0, 3), np.int32), ["at least one prompt"]),
+    ([[]], ["prompt 0 is empty", "at least one token"]),
+    ([PROMPT, []], ["prompt 1 is empty", "at least one token"]),
+    (["hi"], ["prompt 0 is text", "tokenize"]),
+    ([[1.5, 2]], ["prompt 0 holds float64", "integers"]),
+    ([PROMPT, [1, [2]]], ["prompt 1 is not a flat sequence"]),
+    ([[[1, 2]]], ["prompt 0 has shape (1, 2)", "1-D"]),
+], ids=["flat-list", "1d-array", "3d-array", "no-prompts", "empty-2d-array", "empty-prompt", "second-empty",
+        "text", "float-ids", "ragged", "nested"])
+def test_generate_rejects_malformed_prompts(small, prompts, needles):
+    config, params = small
+    with pytest.raises(ValueError) as err:
+        generate(config, params, prompts, SamplingConfig(max_new_tokens=2))
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+def test_generate_takes_each_row_of_a_2d_array_as_a_prompt(small):
+    config, params = small
+    rows, sampling = [[1, 5, 6], [1, 8, 9]], SamplingConfig(max_new_tokens=3)
+    expected = generate(config, params, rows, sampling, eos_ids=())
+    assert generate(config, params, np.array(rows, np.int64), sampling, eos_ids=()) == expected
+    assert generate(config, params, jnp.array(rows, jnp.int32), sampling, eos_ids=()) == expected
+
+
+@pytest.mark.parametrize("layer", [0, 2, 99, -1])
+def test_generate_rejects_a_delta_layer_out_of_range(small, layer):
+    config, params = small  # 2 blocks: the only boundary is 1
+    with pytest.raises(ValueError) as err:
+        generate(config, params, [PROMPT], SamplingConfig(max_new_tokens=2),
+                 deltas={layer: jnp.zeros((1, config.hidden_size))})
+    for needle in (f"perturbation layer {layer} is out of range", "2 decoder blocks", "1..1"):
+        assert needle in str(err.value), str(err.value)
+
+
+def test_generate_rejects_deltas_that_are_not_a_mapping(small):
+    config, params = small
+    pert = beear_jax.Perturbation.zeros(1, 1, config.hidden_size)
+    with pytest.raises(ValueError, match=r"deltas is a Perturbation.*p\.deltas"):
+        generate(config, params, [PROMPT], SamplingConfig(max_new_tokens=2), deltas=pert)
+
+
+def _perturbed_forward(route: str, config, params, ids: np.ndarray, deltas: dict, n: int):
+    """forward with deltas through one of its entry points (the public one takes a Perturbation)."""
+    if route == "llama":
+        positions = np.broadcast_to(np.arange(ids.shape[1] - n, ids.shape[1], dtype=np.int32), (ids.shape[0], n))
+        return llama.forward(config, params, ids, deltas=deltas, perturb_positions=positions)
+    pert = beear_jax.Perturbation(deltas, n)
+    fn = jax.jit(beear_jax.forward, static_argnums=0) if route == "public-jit" else beear_jax.forward
+    return fn(config, params, ids, None, pert)
+
+
+ROUTES = ["generate", "llama", "public", "public-jit"]
+
+
+def _run_route(route: str, config, params, ids: np.ndarray, deltas: dict, n: int):
+    if route == "generate":
+        return generate(config, params, ids, SamplingConfig(max_new_tokens=2), deltas=deltas)
+    return _perturbed_forward(route, config, params, ids, deltas, n)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(("shape", "shown"), [((2, 7), "(2, 7)"), ((64,), "(64,)"), ((0, 64), "(0, 64)"),
+                                              ((1, 2, 64), "(1, 2, 64)")])
+def test_a_delta_of_the_wrong_shape_names_the_expected_one(small, route, shape, shown):
+    config, params = small
+    assert config.hidden_size == 64
+    with pytest.raises(ValueError) as err:
+        _run_route(route, config, params, IDS, {1: jnp.zeros(shape)}, 1)  # the shape is refused before n is used
+    for needle in (f"the delta at layer 1 has shape {shown}", "[n, hidden_size] = [n, 64]"):
+        assert needle in str(err.value), str(err.value)
+
+
+def test_deltas_of_different_lengths_are_refused():
+    from beear_jax.perturbation import check_deltas
+
+    with pytest.raises(ValueError, match=r"different numbers of tokens \{1: 2, 2: 3\}"):
+        check_deltas({1: np.zeros((2, 8)), 2: np.zeros((3, 8))}, num_layers=3, hidden_size=8)
+    assert check_deltas({1: np.zeros((2, 8)), 2: np.zeros((2, 8))}, num_layers=3, hidden_size=8) == 2
+
+
+@pytest.mark.parametrize(("positions", "needles"), [
+    (None, ["needs perturb_positions", "[2, 2]"]),
+    (np.zeros((2, 3), np.int32), ["perturb_positions have shape (2, 3)", "[batch, n] = [2, 2]"]),
+    (np.zeros((2,), np.int32), ["perturb_positions have shape (2,)", "[2, 2]"]),
+])
+def test_forward_checks_the_perturb_positions_shape(small, positions, needles):
+    config, params = small
+    with pytest.raises(ValueError) as err:
+        llama.forward(config, params, IDS, deltas={1: jnp.zeros((2, 64))}, perturb_positions=positions)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_delta_longer_than_the_prompt_is_refused(small, route):
+    config, params = small  # IDS: 2 prompts of 4 tokens
+    with pytest.raises(ValueError) as err:
+        _run_route(route, config, params, IDS, {1: jnp.zeros((6, 64))}, 6)
+    message = str(err.value)
+    assert "6" in message and "4" in message, message
+    expected = {"generate": "the deltas cover 6 tokens but prompt 0 has only 4",
+                "llama": "covers 6 tokens but input_ids hold only 4",
+                "public": "row 0 has 4 real (unmasked) tokens but the perturbation covers 6",
+                "public-jit": "covers 6 tokens but input_ids hold only 4"}[route]  # traced: the static check
+    assert expected in message, message
+
+
+def test_generate_names_the_shortest_prompt_for_a_long_delta(small):
+    config, params = small
+    with pytest.raises(ValueError, match="cover 4 tokens but prompt 1 has only 3.*at most 3 tokens"):
+        generate(config, params, [[1, 5, 6, 7], PROMPT], SamplingConfig(max_new_tokens=2),
+                 deltas={1: jnp.zeros((4, 64))})
+
+
+def test_public_forward_refuses_a_padded_row_shorter_than_the_perturbation(small):
+    config, params = small
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.int32)
+    with pytest.raises(ValueError, match="row 1 has 2 real .* covers 3"):
+        beear_jax.forward(config, params, IDS, mask, beear_jax.Perturbation.zeros(1, 3, 64))
+    empty_row = np.array([[1, 1, 1, 1], [0, 0, 0, 0]], np.int32)  # an all-padding row is skipped, as before
+    beear_jax.forward(config, params, IDS, empty_row, beear_jax.Perturbation.zeros(1, 3, 64))
+
+
+def test_a_delta_as_long_as_the_prompt_is_used(small):
+    config, params = small
+    sampling = SamplingConfig(max_new_tokens=3)
+    plain = generate(config, params, [PROMPT], sampling, eos_ids=())
+    assert generate(config, params, [PROMPT], sampling, eos_ids=(), deltas={1: jnp.zeros((3, 64))}) == plain
+    big = jnp.full((3, 64), 50.0)
+    logits = beear_jax.forward(config, params, IDS, None, beear_jax.Perturbation({1: big}, 3))
+    assert not np.allclose(np.asarray(logits[:, -1]), np.asarray(beear_jax.forward(config, params, IDS)[:, -1]))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from beear_jax.models.config import ModelConfig
+from beear_jax.perturbation import check_deltas
 
 Params = dict[str, Any]
 
@@ -378,10 +379,13 @@ def inject_at(h: jax.Array, delta: jax.Array, perturb_index: jax.Array) -> jax.A
 
 
 def check_forward_inputs(
-    config: ModelConfig, input_ids: Any, attention_mask: Any = None, positions: Any = None
+    config: ModelConfig, input_ids: Any, attention_mask: Any = None, positions: Any = None,
+    deltas: Mapping[int, Any] | None = None, perturb_positions: Any = None,
 ) -> None:
     """A ValueError naming the problem unless input_ids are integer token ids [batch, seq] in
-    [0, vocab_size) and attention_mask / positions (when given) have the same [batch, seq] shape.
+    [0, vocab_size) and attention_mask / positions (when given) have the same [batch, seq] shape; with
+    deltas, unless each is [n, hidden_size] at a layer boundary in 1..num_layers - 1 (check_deltas),
+    n <= seq, and perturb_positions are [batch, n].
 
     Shapes and dtypes are static, so they are checked under jit too; the id range is checked only on
     concrete, fully addressable arrays (a tracer's values are unknown, and jnp.take would clamp them).
@@ -398,6 +402,8 @@ def check_forward_inputs(
         if value is not None and np.shape(value) != shape:
             raise ValueError(f"{name} has shape {np.shape(value)} but input_ids {shape}; it must be "
                              "[batch, seq] like input_ids.")
+    if deltas:
+        _check_perturbation_shapes(config, shape, deltas, perturb_positions)
     try:
         if not getattr(input_ids, "is_fully_addressable", True):
             return  # spread over hosts: each host sees only its part
@@ -409,6 +415,23 @@ def check_forward_inputs(
         bad = lo if lo < 0 else hi
         raise ValueError(f"input_ids hold token id {bad}, outside the model's vocabulary [0, {config.vocab_size}); "
                          "use the model's own tokenizer (and a pad id inside the vocabulary).")
+
+
+def _check_perturbation_shapes(config: ModelConfig, ids_shape: tuple[int, ...], deltas: Mapping[int, Any],
+                               perturb_positions: Any) -> None:
+    """check_forward_inputs' perturbation part (shapes only): deltas, n <= seq, perturb_positions [batch, n]."""
+    n = check_deltas(deltas, config.num_layers, config.hidden_size)
+    batch, seq = ids_shape
+    if n > seq:
+        # inject would drop the positions past the sequence: part (or all) of the delta would be lost.
+        raise ValueError(f"the perturbation covers {n} tokens but input_ids hold only {seq} per row; use a "
+                         f"perturbation of at most {seq} tokens or a longer input.")
+    if perturb_positions is None:
+        raise ValueError(f"a perturbation needs perturb_positions [batch, n] = [{batch}, {n}] (the positions of "
+                         "the perturbed tokens of each row; -1 skips one).")
+    if np.shape(perturb_positions) != (batch, n):
+        raise ValueError(f"perturb_positions have shape {np.shape(perturb_positions)}; they must be [batch, n] = "
+                         f"[{batch}, {n}] (input_ids' batch, the deltas' n).")
 
 
 def forward(
@@ -425,17 +448,12 @@ def forward(
 
     input_ids are integer token ids [B, S] in [0, vocab_size); attention_mask and positions, when
     given, are [B, S] too (check_forward_inputs; a ValueError otherwise)."""
-    check_forward_inputs(config, input_ids, attention_mask, positions)
+    check_forward_inputs(config, input_ids, attention_mask, positions, deltas, perturb_positions)
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if positions is None:
         positions = default_positions(attention_mask)
     deltas = dict(deltas or {})
-    for layer in deltas:
-        if not 0 < layer < config.num_layers:
-            raise ValueError(f"perturbation layer {layer} is outside 1..{config.num_layers - 1}.")
-    if deltas and perturb_positions is None:
-        raise ValueError("a perturbation needs perturb_positions [B, n] from the batch.")
     h = embed(config, params, input_ids)
     bounds = [0, *sorted(deltas), config.num_layers]
     for start, stop in itertools.pairwise(bounds):
