@@ -27,6 +27,7 @@ import pathlib
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -91,11 +92,12 @@ def _is_orbax_read_leftover(unraisable: Any) -> bool:
 
 
 def _silence_failed_read_leftovers() -> None:
-    """Called after an orbax restore failed (the failure is reported already, as one line): the failed
-    restore leaves read tasks behind that asyncio and Python report later, when they finish or are
-    garbage-collected, as pages of "Task exception was never retrieved" / "Exception ignored in
-    <coroutine ...>" / "Event loop is closed" dumps. From then on this process drops exactly those
-    reports (see the two predicates above); every other log record and unraisable exception passes."""
+    """Called before an orbax restore of arrays: a failed restore (reported as one line) leaves read tasks
+    behind that asyncio and Python report when they finish or are garbage-collected, as pages of "Task
+    exception was never retrieved" / "Exception ignored in <coroutine ...>" / "Event loop is closed"
+    dumps, some as soon as orbax closes its event loop, before the failure reaches us (so the filters go
+    in first). From then on this process drops exactly those reports (see the two predicates above);
+    every other log record and unraisable exception passes. Idempotent."""
     asyncio_log = logging.getLogger("asyncio")
     if _drop_orbax_read_noise not in asyncio_log.filters:
         asyncio_log.addFilter(_drop_orbax_read_noise)
@@ -107,7 +109,6 @@ def _silence_failed_read_leftovers() -> None:
 
         hook.beear_drops_orbax_read_leftovers = True  # type: ignore[attr-defined]
         sys.unraisablehook = hook
-    gc.collect()  # what is collectable now is reported (and dropped) now
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -214,12 +215,16 @@ class RunCheckpointer:
             targets = targets(meta)
         args = {name: ocp.args.StandardRestore(targets[name]) for name in names}
         failure = None
+        _silence_failed_read_leftovers()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types for bad files)
             failure = _first_line(err)  # only the text: the traceback holds orbax's failed read tasks
         if failure is not None:
-            _silence_failed_read_leftovers()
+            with warnings.catch_warnings():
+                # The failed restore's coroutines that orbax never awaited: collected (and dropped) now.
+                warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+                gc.collect()
             raise CheckpointCorruptError(f"arrays cannot be read: {failure}")
         items = {name: restored[name] for name in names}
         bad = [f"{name}{key}" for name in names
