@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -255,7 +256,9 @@ def inner_rows(cfg: ml_collections.ConfigDict) -> tuple[str, int]:
     """Rows of an inner batch (and how to name them in errors): one per prompt with shared prompts,
     else the unwanted and the safe answers of inner.batch_size prompts."""
     size = int(cfg.inner.batch_size)
-    return ("inner.batch_size", size) if cfg.inner.share_prompt else ("2 x inner.batch_size", 2 * size)
+    if cfg.inner.share_prompt:
+        return "inner.batch_size", size
+    return f"2 x inner.batch_size (inner.share_prompt=False: {size} prompts, two rows each)", 2 * size
 
 
 def check_batch_sizes(cfg: ml_collections.ConfigDict, sizes: dict[str, int], use_perturbation: bool) -> None:
@@ -358,6 +361,24 @@ def check_output_dir(output_dir: pathlib.Path, model_path: str, resume: bool) ->
                               f"--config.resume=True to continue it from its last checkpoint, or {fix}.")
 
 
+def _digest(value: Any) -> str:
+    """sha256 of a JSON rendering (numpy arrays as lists): equal for equal token ids and row indices."""
+    text = json.dumps(value, default=lambda x: np.asarray(x).tolist() if hasattr(x, "shape") else str(x),
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def data_fingerprint(data: DefenderData) -> str:
+    """The tokenized defender sets' digest: a resume on other data (even at the same path) is refused."""
+    return _digest([data.unwanted, data.safe, data.anchors])
+
+
+def model_fingerprint(host_params: Any, stride: int = 997) -> str:
+    """A digest of every `stride`-th weight of each param (cheap even for 7B models): a resume on
+    another model of the same shape is refused; the same weights at another path are the same model."""
+    return _digest([np.asarray(x).ravel()[::stride] for x in jax.tree.leaves(host_params)])
+
+
 def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
               on_round_end: Callable[[int, dict], None] | None = None, export: bool = True) -> RunResult:
     """Runs the defence described by cfg and exports the repaired model to cfg.output_dir/model.
@@ -380,20 +401,25 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     checkpoint_dir = output_dir / "checkpoints"
     if export:
         check_output_dir(output_dir, model_path, bool(cfg.resume))
+    use_perturbation = bool(cfg.perturb.enabled)
+    mesh = sharding_lib.make_mesh(cfg.mesh.shape)  # a bad mesh or batch is named before the model loads
+    check_batch_sizes(cfg, sharding_lib.axis_sizes(mesh), use_perturbation)
+    if primary and mesh.size < jax.device_count():
+        print(f"beear: warning: mesh.shape={tuple(mesh.shape.values())} uses {mesh.size} of the {jax.device_count()} "
+              "devices; the others stay idle (a -1 in one axis takes the rest, e.g. --config.mesh.shape=-1,1,1).",
+              file=sys.stderr)
     model_config, host_params = load_model(model_path, dtype=cfg.model.dtype)
     layers = perturb_layers(cfg)
     validate_layers(layers, model_config.num_layers)
     tokenizer = load_tokenizer(model_path, model_config)
     data = prepare_data(cfg, tokenizer)
-    use_perturbation = bool(cfg.perturb.enabled)
-    mesh = sharding_lib.make_mesh(cfg.mesh.shape)
-    check_batch_sizes(cfg, sharding_lib.axis_sizes(mesh), use_perturbation)
 
     settings = step_settings(cfg, data.answer_len)
     inner_opt = make_optimizer(cfg.inner.optimizer, cfg.inner.lr)
     outer_opt = make_optimizer(cfg.outer.optimizer, cfg.outer.lr, cfg.outer.weight_decay)
     layout = sharding_lib.step_shardings(model_config, mesh, outer_opt)
     steps = make_steps(model_config, settings, layers[0], inner_opt, outer_opt, layout)
+    inputs = {"input_model": model_fingerprint(host_params), "defender_data": data_fingerprint(data)}
     params = sharding_lib.place_params(host_params, layout.params)  # each device gets only its shards
     del host_params
     trainable = sharding_lib.replicate(trainable_mask(model_config, params, cfg.outer.trainable, layers[0]), mesh)
@@ -416,7 +442,8 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     signature = checkpoint_lib.layout_signature(model_config, layers, cfg)
     # checkpoint_every=-1: none, not even an empty directory (unless there are some to resume from).
     keeps_checkpoints = export and (int(cfg.checkpoint_every) >= 0 or checkpoint_dir.is_dir())
-    ckpt = checkpoint_lib.LoopCheckpoints(cfg, checkpoint_dir, signature, rng.bit_generator.state,
+    round_digests = [_digest(dataclasses.asdict(r)) for r in plan]
+    ckpt = checkpoint_lib.LoopCheckpoints(cfg, checkpoint_dir, signature, inputs, round_digests,
                                           config_dict) if keeps_checkpoints else None
     meta = ckpt.resume(loop, layout) if ckpt and cfg.resume else None
     if cfg.resume and primary and (meta or checkpoint_dir.is_dir()):

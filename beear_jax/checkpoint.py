@@ -426,6 +426,11 @@ def layout_signature(model_config: Any, layers: tuple[int, ...], cfg: Any) -> di
         "outer_optimizer": cfg.outer.optimizer}))
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _lookup(tree: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         tree = tree.get(part) if isinstance(tree, dict) else None
@@ -442,12 +447,16 @@ class LoopCheckpoints:
     """When the loop saves (cfg.checkpoint_every rounds, cfg.checkpoint_every_steps outer steps), what
     goes into a checkpoint, and resuming a RunState from the newest good one."""
 
-    def __init__(self, cfg: Any, directory: pathlib.Path, signature: dict, rng_state: dict,
-                 config_dict: dict) -> None:
+    def __init__(self, cfg: Any, directory: pathlib.Path, signature: dict, inputs: dict,
+                 round_digests: list[str], config_dict: dict) -> None:
+        """signature: layout_signature; inputs: {what: fingerprint} of the run's input model and data
+        (a resume on others is refused); round_digests: one per planned round (which rows it draws)."""
         self.seed = int(cfg.seed)
+        self.rounds = int(cfg.rounds)
         self.every_rounds = int(cfg.checkpoint_every)
         self.every_steps = int(cfg.checkpoint_every_steps)
-        self.signature, self.rng_state, self.config_dict = signature, rng_state, config_dict
+        self.signature, self.inputs, self.config_dict = signature, inputs, config_dict
+        self.round_digests = round_digests
         self.store = RunCheckpointer(directory, keep=int(cfg.checkpoint_keep))
 
     def due_round(self, state: RunState, rounds: int) -> bool:
@@ -463,17 +472,36 @@ class LoopCheckpoints:
 
     def save(self, state: RunState, log_lines: int, elapsed: float) -> None:
         meta = {"cursor": {"round": state.round, "outer_step": state.outer_step, "round_done": state.round_done},
-                "global_step": state.global_step, "seed": self.seed, "numpy_rng_state": self.rng_state,
+                "global_step": state.global_step, "seed": self.seed, "inputs": self.inputs,
+                "round_digests": self.round_digests,
                 "log_lines": log_lines, "elapsed_s": elapsed, "last_inner": state.last_inner,
                 "stopped_early": state.stopped_early, "layout": self.signature, "config": self.config_dict,
                 "model_config": self.signature["model_config"]}
         self.store.save(state.global_step, state.array_items(), meta)
 
     def _check(self, meta: dict) -> None:
-        if meta.get("layout") != self.signature:
+        """Refuses (CheckpointMismatchError) a checkpoint of another run: another layout, input model or
+        defender data, or a round beyond this run's `rounds` (its model would be a mid-run state)."""
+        where = f"the checkpoints in {self.store.directory}"
+        saved = meta.get("layout") or {}
+        differ = sorted(k for k in {*saved, *self.signature} if saved.get(k) != self.signature.get(k))
+        if differ:
+            shown = "; ".join(f"{k}: checkpoint {_short(saved.get(k))}, now {_short(self.signature.get(k))}"
+                              for k in differ)
+            raise CheckpointMismatchError(f"{where} belong to a run with another layout ({shown}); resume with "
+                                          "the run's settings, or choose a new --config.output_dir.")
+        for what, value in (meta.get("inputs") or {}).items():
+            if what in self.inputs and value != self.inputs[what]:
+                raise CheckpointMismatchError(
+                    f"{where} belong to a run on another {what.replace('_', ' ')} (its fingerprint differs): "
+                    "resuming would mix two runs. Resume with the run's own model.path and data (moved files "
+                    "are fine), or choose a new --config.output_dir.")
+        reached = int(meta["cursor"]["round"])
+        if reached > self.rounds:
             raise CheckpointMismatchError(
-                f"the checkpoints in {self.store.directory} belong to a run with another model or perturbation "
-                "layout (model, perturb.layer(s)/length, optimizers); choose a new --config.output_dir.")
+                f"{where} reach round {reached}, beyond rounds={self.rounds}: exporting would write a mid-run "
+                f"state. Resume with --config.rounds >= {reached} (the run's own: "
+                f"{_lookup(meta.get('config') or {}, 'rounds')}), or export a checkpoint with `beear export`.")
 
     def resume(self, state: RunState, shardings: Any) -> dict | None:
         """Restores `state` in place from the newest good checkpoint onto `shardings` (a StepShardings,
@@ -488,9 +516,13 @@ class LoopCheckpoints:
         if found is None:
             return None
         restored, meta = found
-        if meta.get("numpy_rng_state") != self.rng_state:
-            _warn("the seed or the data differ from the checkpointed run; later rounds draw other samples.")
-        changed = [k for k in _leaf_paths(meta["config"]) if k != "resume"
+        saved_rounds = list(meta.get("round_digests") or [])
+        common = min(len(saved_rounds), len(self.round_digests))
+        if saved_rounds[:common] != self.round_digests[:common]:
+            _warn("the seed or the sampling settings differ from the checkpointed run; later rounds draw other "
+                  "samples.")
+        # mesh.shape may change on resume (checkpoints restore onto any mesh); rounds may grow.
+        changed = [k for k in _leaf_paths(meta["config"]) if k not in ("resume", "mesh.shape", "rounds")
                    and _lookup(meta["config"], k) != _lookup(self.config_dict, k)]
         if changed:
             _warn("resuming with changed settings: %s", ", ".join(changed))

@@ -292,7 +292,7 @@ def cmd_export(argv: Sequence[str]) -> int:
 def _mesh_arg(text: str) -> tuple[int, ...]:
     """--mesh "data,fsdp,tensor" as three ints (-1 = the rest of the devices)."""
     try:
-        mesh = tuple(int(x) for x in text.split(","))
+        mesh = tuple(int(x) for x in text.strip().strip("()[]").split(","))  # as --config.mesh.shape takes it
     except ValueError:
         mesh = ()
     if len(mesh) != 3 or any(n == 0 or n < -1 for n in mesh):

@@ -127,6 +127,14 @@ class Plan:
         return max(self.phases.values())
 
 
+def safety_rows(cfg: ml_collections.ConfigDict) -> int:
+    """The rows of data.safety: what inner.samples=0 ("all rows") means; the config alone cannot say."""
+    if not cfg.data.safety:
+        raise ValueError("inner.samples=0 uses all rows of data.safety, which is not set: set "
+                         "--config.data.safety=FILE to count them, or --config.inner.samples=N.")
+    return len(data_lib.load_table(cfg.data.safety, dict(cfg.data.safety_columns), key="data.safety"))
+
+
 def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answer_len: int | None = None,
                inner_seq_len: int | None = None, prefix_len: int | None = None,
                suffix_len: int | None = None, packed: tuple[int, int] | None = None) -> RunShapes:
@@ -135,7 +143,7 @@ def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answe
     unless the data's lengths are given (beear.DefenderData). A packed outer batch: from the config alone,
     the worst case (one seq_len row per example), unless `packed` (beear.packed_shape) is given."""
     layers = tuple(sorted({int(cfg.perturb.layer), *(int(x) for x in cfg.perturb.layers)}))
-    samples = int(cfg.inner.samples)
+    samples = int(cfg.inner.samples) or safety_rows(cfg)
     _, rows = inner_rows(cfg)
     seq = int(seq_len or max(cfg.data.buckets))
     answer = int(answer_len or cfg.data.max_answer_tokens)

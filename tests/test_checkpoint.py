@@ -117,6 +117,32 @@ def test_resume_onto_another_mesh(world, runs):
     _assert_params_close(resumed.params, full.params, 1e-4)  # other reduction order, same run
 
 
+def test_resume_refuses_another_model_other_data_or_fewer_rounds(world, runs, tmp_path, caplog):
+    _, cut, _ = runs
+    out = _copy(cut, "cut_refusals")
+    before = _tree(out)
+    other_model, _ = random_tiny_model(tmp_path / "other", seed=7)  # the same shape, other weights
+    with pytest.raises(ckpt.CheckpointMismatchError, match="another input model"):
+        run_beear(_cfg(world, out, resume=True, **{"model.path": str(other_model)}), progress=False)
+    safety = world[2]
+    fewer = tmp_path / "safety.jsonl"
+    fewer.write_text("".join(safety.read_text().splitlines(keepends=True)[:-1]))  # one row less
+    with pytest.raises(ckpt.CheckpointMismatchError, match="another defender data"):
+        run_beear(_cfg(world, out, resume=True, **{"data.safety": str(fewer)}), progress=False)
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"reach round 2, beyond rounds=1.*rounds >= 2"):
+        run_beear(_cfg(world, out, resume=True, rounds=1), progress=False)
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"another layout \(perturb_length"):
+        run_beear(_cfg(world, out, resume=True, **{"perturb.length": 3}), progress=False)
+    assert _tree(out) == before
+    # The same model at another path is the same model: resumed, with a note on the changed setting.
+    moved = tmp_path / "moved_model"
+    shutil.copytree(world[1], moved)
+    with caplog.at_level(logging.WARNING, logger="beear_jax"):
+        resumed = run_beear(_cfg(world, out, resume=True, rounds=4, **{"model.path": str(moved)}), progress=False)
+    assert resumed.resumed_from == 4 and "changed settings: model.path" in caplog.text
+    assert "draw other samples" not in caplog.text  # more rounds: the first ones draw what they drew
+
+
 def test_restore_onto_other_meshes_is_exact(tmp_path):
     config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8)

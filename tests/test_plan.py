@@ -61,8 +61,9 @@ def test_plan_command_prints_the_table_and_the_verdict(world, capsys):
 def test_plan_mesh_takes_a_leading_minus_one_and_needs_a_model(world, capsys):
     cfg = world
     base = ["plan", "--config", str(CONFIGS / "tiny.py"), "--no-compile"]
-    assert cli.main([*base, f"--config.model.path={cfg.model.path}", "--mesh", "-1,1,1", "--devices", "2"]) == 0
-    assert "(2, 1, 1)" in capsys.readouterr().out
+    for mesh in ("-1,1,1", "(-1, 1, 1)"):
+        assert cli.main([*base, f"--config.model.path={cfg.model.path}", "--mesh", mesh, "--devices", "2"]) == 0
+        assert "(2, 1, 1)" in capsys.readouterr().out
     assert cli.main(base) == 1  # tiny.py leaves model.path empty: never the current directory's .gguf
     assert "model.path is empty" in capsys.readouterr().err
 
@@ -92,3 +93,13 @@ def test_plan_options_out_of_range_are_one_line_errors(args, match, capsys):
     assert cli.main(["plan", "--config", str(CONFIGS / "tiny.py"), "--no-compile", *args]) == 1
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
+
+
+def test_all_samples_are_counted_from_the_safety_set(world):
+    rows = len(plan.data_lib.load_table(world.data.safety, dict(world.data.safety_columns)))
+    every = world.copy_and_resolve_references()
+    every.inner.samples = 0  # "0 = all rows"
+    assert plan.run_shapes(every).num_inner_batches == -(-rows // int(world.inner.batch_size)) > 0
+    every.data.safety = ""
+    with pytest.raises(ValueError, match="inner.samples=0 uses all rows of data.safety"):
+        plan.run_shapes(every)
