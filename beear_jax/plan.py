@@ -344,7 +344,8 @@ def plan_run(cfg: ml_collections.ConfigDict, model: ModelConfig, mesh_shape: Seq
     """The memory plan of `beear run` with cfg on a mesh of mesh_shape (nothing is allocated)."""
     check_run_settings(cfg)
     validate_layers(perturb_layers(cfg), model.num_layers)
-    resolved = sh.resolve_mesh_shape(mesh_shape, devices or jax.device_count())
+    resolved = sh.resolve_mesh_shape(mesh_shape, devices or jax.device_count(),
+                                     "given by --devices" if devices else "visible (plan for more with --devices N)")
     sizes = sh.axis_sizes(resolved)
     shapes = run_shapes(cfg, seq_len, answer_len, inner_seq_len, prefix_len, suffix_len, packed)
     sh.check_batch_size(inner_rows(cfg)[0], shapes.inner_rows, sizes)

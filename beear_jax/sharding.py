@@ -45,11 +45,13 @@ LOGICAL_RULES: Mapping[str, str | None] = {
 # ---- meshes -------------------------------------------------------------------------------------
 
 
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int,
+                       devices_are: str = "visible") -> tuple[int, int, int]:
     """(data, fsdp, tensor) with a -1 entry replaced by the devices left over.
 
     Without a -1 the product may be smaller than num_devices (the first devices are used: handy for
-    tiny models and tests on a many-device host), never larger.
+    tiny models and tests on a many-device host), never larger. devices_are: where num_devices comes
+    from, for the message ("visible", or e.g. "given by --devices").
     """
     shape = tuple(int(x) for x in shape)
     if len(shape) != 3:
@@ -62,7 +64,8 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int
             raise ValueError(f"mesh.shape={shape}: {num_devices} devices do not split into a multiple of {known}.")
         shape = tuple(num_devices // known if x == -1 else x for x in shape)
     if math.prod(shape) > num_devices:
-        raise ValueError(f"mesh.shape={shape} needs {math.prod(shape)} devices but only {num_devices} are visible.")
+        raise ValueError(f"mesh.shape={shape} needs {math.prod(shape)} devices but only {num_devices} are "
+                         f"{devices_are}.")
     return shape  # type: ignore[return-value]
 
 
