@@ -123,7 +123,7 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
         raise ValueError("model.path is empty: set --config.model.path to the clean model (an HF directory or .gguf).")
     cfg = absolute_paths(cfg)  # the manifest names the same files from any directory
     out = pathlib.Path(cfg.output_dir)
-    check_apart(out, {"model.path (the clean model)": cfg.model.path})
+    check_apart(out, {"model.path (the clean model)": cfg.model.path}, "choose a new --config.output_dir")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file, not a directory; choose a new --config.output_dir.")
     if out.exists() and any(out.iterdir()):

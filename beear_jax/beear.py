@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -29,7 +28,7 @@ from beear_jax import data as data_lib
 from beear_jax import sharding as sharding_lib
 from beear_jax.chat import TEMPLATES
 from beear_jax.config_loading import ConfigError, absolute_paths, check_minimums, check_ranges, config_to_dict
-from beear_jax.hf import is_within, load_model, load_tokenizer, save_model
+from beear_jax.hf import check_apart, load_model, load_tokenizer, save_model
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation, validate_layers
@@ -341,8 +340,8 @@ def check_output_dir(output_dir: pathlib.Path, model_path: str, resume: bool) ->
     fix = "choose a new --config.output_dir"
     if not str(output_dir).strip() or str(output_dir) == ".":
         raise ValueError(f"output_dir is empty; {fix} (e.g. --config.output_dir=runs/beear-1).")
-    if model_path and is_within(output_dir, model_path):
-        raise ValueError(f"output_dir {output_dir} is (or lies inside) the input model {model_path}; {fix}.")
+    if model_path:
+        check_apart(output_dir, {"the input model (model.path)": model_path}, fix)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output_dir {output_dir} is a file, not a directory; {fix}.")
     present = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
@@ -359,24 +358,6 @@ def check_output_dir(output_dir: pathlib.Path, model_path: str, resume: bool) ->
     if earlier and not resume:
         raise FileExistsError(f"output_dir {output_dir} holds an earlier run ({', '.join(earlier)}); pass "
                               f"--config.resume=True to continue it from its last checkpoint, or {fix}.")
-
-
-def _digest(value: Any) -> str:
-    """sha256 of a JSON rendering (numpy arrays as lists): equal for equal token ids and row indices."""
-    text = json.dumps(value, default=lambda x: np.asarray(x).tolist() if hasattr(x, "shape") else str(x),
-                      sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def data_fingerprint(data: DefenderData) -> str:
-    """The tokenized defender sets' digest: a resume on other data (even at the same path) is refused."""
-    return _digest([data.unwanted, data.safe, data.anchors])
-
-
-def model_fingerprint(host_params: Any, stride: int = 997) -> str:
-    """A digest of every `stride`-th weight of each param (cheap even for 7B models): a resume on
-    another model of the same shape is refused; the same weights at another path are the same model."""
-    return _digest([np.asarray(x).ravel()[::stride] for x in jax.tree.leaves(host_params)])
 
 
 def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
@@ -419,7 +400,9 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     outer_opt = make_optimizer(cfg.outer.optimizer, cfg.outer.lr, cfg.outer.weight_decay)
     layout = sharding_lib.step_shardings(model_config, mesh, outer_opt)
     steps = make_steps(model_config, settings, layers[0], inner_opt, outer_opt, layout)
-    inputs = {"input_model": model_fingerprint(host_params), "defender_data": data_fingerprint(data)}
+    # What a resume must find again (checkpoint.LoopCheckpoints refuses another model or other data).
+    inputs = {"input_model": checkpoint_lib.params_fingerprint(host_params),
+              "defender_data": checkpoint_lib.digest([data.unwanted, data.safe, data.anchors])}
     params = sharding_lib.place_params(host_params, layout.params)  # each device gets only its shards
     del host_params
     trainable = sharding_lib.replicate(trainable_mask(model_config, params, cfg.outer.trainable, layers[0]), mesh)
@@ -442,7 +425,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     signature = checkpoint_lib.layout_signature(model_config, layers, cfg)
     # checkpoint_every=-1: none, not even an empty directory (unless there are some to resume from).
     keeps_checkpoints = export and (int(cfg.checkpoint_every) >= 0 or checkpoint_dir.is_dir())
-    round_digests = [_digest(dataclasses.asdict(r)) for r in plan]
+    round_digests = [checkpoint_lib.digest(dataclasses.asdict(r)) for r in plan]
     ckpt = checkpoint_lib.LoopCheckpoints(cfg, checkpoint_dir, signature, inputs, round_digests,
                                           config_dict) if keeps_checkpoints else None
     meta = ckpt.resume(loop, layout) if ckpt and cfg.resume else None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
 import pathlib
@@ -91,7 +92,7 @@ def _is_orbax_read_leftover(unraisable: Any) -> bool:
             and bool(frames) and frames[0].name == "call_soon_threadsafe")
 
 
-def _silence_failed_read_leftovers() -> None:
+def _filter_orbax_read_leftovers() -> None:
     """Called before an orbax restore of arrays: a failed restore (reported as one line) leaves read tasks
     behind that asyncio and Python report when they finish or are garbage-collected, as pages of "Task
     exception was never retrieved" / "Exception ignored in <coroutine ...>" / "Event loop is closed"
@@ -215,7 +216,7 @@ class RunCheckpointer:
             targets = targets(meta)
         args = {name: ocp.args.StandardRestore(targets[name]) for name in names}
         failure = None
-        _silence_failed_read_leftovers()
+        _filter_orbax_read_leftovers()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types for bad files)
@@ -424,6 +425,19 @@ def layout_signature(model_config: Any, layers: tuple[int, ...], cfg: Any) -> di
         "model_config": model_config.to_hf_dict(), "perturb_layers": list(layers),
         "perturb_length": int(cfg.perturb.length), "inner_optimizer": cfg.inner.optimizer,
         "outer_optimizer": cfg.outer.optimizer}))
+
+
+def digest(value: Any) -> str:
+    """sha256 of a JSON rendering (numpy arrays as lists): equal for equal token ids and row indices."""
+    text = json.dumps(value, default=lambda x: np.asarray(x).tolist() if hasattr(x, "shape") else str(x),
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def params_fingerprint(host_params: Any, stride: int = 997) -> str:
+    """A digest of every `stride`-th weight of each param (cheap even for 7B models): a resume on
+    another model of the same shape is refused; the same weights at another path are the same model."""
+    return digest([np.asarray(x).ravel()[::stride] for x in jax.tree.leaves(host_params)])
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -295,17 +295,18 @@ def is_within(path: str | pathlib.Path, directory: str | pathlib.Path) -> bool:
     return directory.is_dir() and pathlib.Path(path).expanduser().resolve().is_relative_to(directory)
 
 
-def check_apart(target: str | pathlib.Path, others: dict[str, str | pathlib.Path | None]) -> None:
+def check_apart(target: str | pathlib.Path, others: dict[str, str | pathlib.Path | None],
+                fix: str = "choose an output directory apart from it") -> None:
     """Refuses an output directory that is, lies inside, or contains one of `others` ({what: path}: the
     input model, a run that is only read): writing there, or replacing it with overwrite=True, would
-    change or delete them."""
+    change or delete them. `fix` ends the message (e.g. the config key to change)."""
     out = pathlib.Path(target).expanduser().resolve()
     for what, other in others.items():
         if other is None or not pathlib.Path(other).expanduser().exists():
             continue
         if is_within(out, other) or pathlib.Path(other).expanduser().resolve().is_relative_to(out):
             raise CheckpointError(f"the output directory {out} is, lies inside or contains {what} {other}, which "
-                                  "is only read; choose an output directory apart from it.")
+                                  f"is only read; {fix}.")
 
 
 def _check_target(out: pathlib.Path, overwrite: bool) -> None:

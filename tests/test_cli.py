@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -181,10 +184,6 @@ def test_convert_overwrite_never_replaces_its_source(tiny_dir, tmp_path, capsys)
 
 
 def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
-    import os
-    import signal
-    import time
-
     def slow(argv):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)
