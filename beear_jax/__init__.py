@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from beear_jax.hf import load_model, load_tokenizer, save_model
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.llama import forward as _forward
-from beear_jax.perturbation import Perturbation, last_prompt_positions
+from beear_jax.perturbation import Perturbation, check_deltas, last_prompt_positions
 
 __all__ = ["ModelConfig", "Perturbation", "forward", "load_model", "load_tokenizer", "save_model"]
 
@@ -32,6 +32,10 @@ def forward(config: ModelConfig, params: dict, input_ids: jax.Array, attention_m
     deltas = None
     if perturbation is not None:
         deltas = perturbation.deltas
+        n = check_deltas(deltas, config.num_layers, config.hidden_size)
+        if n != perturbation.length:
+            raise ValueError(f"the perturbation says length={perturbation.length} but its deltas cover {n} tokens; "
+                             f"build it with length={n} (Perturbation.zeros sets both).")
         if perturb_positions is None:
             perturb_positions = last_prompt_positions(attention_mask.sum(-1), perturbation.length)
     return _forward(config, params, input_ids, attention_mask, deltas=deltas, perturb_positions=perturb_positions)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -377,8 +379,24 @@ def _write_weights(out: pathlib.Path, config: ModelConfig, params: dict, dtype: 
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+# config.json keys that ModelConfig does not hold (the forward does not use them) but transformers reads
+# (dropout and init for further training, Llama's pretraining_tp): an export from an HF directory keeps
+# the source's values. Keys that describe stored weights or code (quantization_config, auto_map) are not
+# carried: the export is plain float weights for the stock classes.
+CARRIED_HF_CONFIG_KEYS = ("attention_dropout", "initializer_range", "pretraining_tp")
+
+
+def _carried_config_keys(source: pathlib.Path | None) -> dict[str, Any]:
+    """The CARRIED_HF_CONFIG_KEYS of source/config.json (nothing when unreadable: the load checked it)."""
+    try:
+        hf = json.loads((source / "config.json").read_text()) if source is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return {key: hf[key] for key in CARRIED_HF_CONFIG_KEYS if isinstance(hf, dict) and key in hf}
+
+
 def _write_configs(out: pathlib.Path, config: ModelConfig, dtype: str, generation_from: pathlib.Path | None) -> None:
-    hf = config.to_hf_dict()
+    hf = {**_carried_config_keys(generation_from), **config.to_hf_dict()}
     hf["torch_dtype"] = hf["dtype"] = dtype  # transformers v4 reads torch_dtype, v5 reads dtype
     (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     if generation_from is not None and (generation_from / "generation_config.json").is_file():
@@ -407,6 +425,31 @@ def _carry_over(old: pathlib.Path, new: pathlib.Path) -> None:
             shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
+def _temp_prefix(out: pathlib.Path) -> str:
+    """The start of the names of out's temporary siblings made on this host: `.NAME.tmp-HOST-` + pid."""
+    return f".{out.name}.tmp-{socket.gethostname()}-"
+
+
+def _remove_dead_temp_dirs(out: pathlib.Path) -> None:
+    """Deletes temporary siblings of out left by an export on this host whose process no longer runs
+    (killed with SIGKILL, or the machine lost power); a live process's export is left alone."""
+    prefix = _temp_prefix(out)
+    for entry in out.parent.glob(f"{prefix}*"):
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and entry.is_dir() and not entry.is_symlink() and not _process_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, run by someone else
+    return True
+
+
 def _swap_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
     """Renames the finished tmp dir to out; an existing out is moved aside first and deleted only afterwards."""
     if not out.exists():
@@ -429,8 +472,9 @@ def save_model(out_dir: str | pathlib.Path, config: ModelConfig, params: dict,
 
     Weights go to safetensors as `dtype` (sharded with model.safetensors.index.json above
     max_shard_bytes), plus config.json and generation_config.json; tokenizer files are copied from
-    `tokenizer_from` (an HF directory, whose generation_config.json is kept too, or a .gguf file).
-    Everything is written to a temporary sibling directory and renamed into place when complete.
+    `tokenizer_from` (an HF directory, whose generation_config.json and CARRIED_HF_CONFIG_KEYS are kept
+    too, or a .gguf file). Everything is written to a temporary sibling directory and renamed into place
+    when complete; such a directory left by a killed export on this host is deleted first.
     A non-empty out_dir is refused unless overwrite=True (and then it must hold a config.json; its files
     that are not part of a model, e.g. README.md, are kept). An out_dir that is a symlink is written
     where it points. Non-finite weights (NaN, or float16 overflow) are refused.
@@ -450,7 +494,8 @@ def save_model(out_dir: str | pathlib.Path, config: ModelConfig, params: dict,
         raise CheckpointError(f"cannot save: {err}") from err
     tokenizer = _resolve_tokenizer(tokenizer_from) if tokenizer_from is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _remove_dead_temp_dirs(out)
+    tmp = out.with_name(f"{_temp_prefix(out)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         _write_weights(tmp, config, params, dtype, max_shard_bytes)

@@ -358,6 +358,12 @@ def test_public_forward_refuses_a_padded_row_shorter_than_the_perturbation(small
     beear_jax.forward(config, params, IDS, empty_row, beear_jax.Perturbation.zeros(1, 3, 64))
 
 
+
+def test_public_forward_refuses_a_length_that_is_not_the_deltas(small):
+    config, params = small
+    with pytest.raises(ValueError, match="length=3 but its deltas cover 2 tokens"):
+        beear_jax.forward(config, params, IDS, None, beear_jax.Perturbation({1: jnp.zeros((2, 64))}, 3))
+
 def test_a_delta_as_long_as_the_prompt_is_used(small):
     config, params = small
     sampling = SamplingConfig(max_new_tokens=3)

@@ -162,6 +162,47 @@ def test_tokenizer_files_and_generation_config_are_copied(tmp_path):
     assert load_tokenizer(out)("w1 w2").input_ids == load_tokenizer(hf_dir)("w1 w2").input_ids
 
 
+
+def test_export_keeps_the_source_training_keys_of_config_json(tmp_path):
+    """attention_dropout / initializer_range / pretraining_tp are not ours to use, but transformers
+    reads them (further training), so an export from an HF directory keeps the source's values."""
+    import transformers
+
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    make_tiny_tokenizer(hf_dir)
+    source = json.loads((hf_dir / "config.json").read_text())
+    source.update(attention_dropout=0.125, initializer_range=0.0625, pretraining_tp=1,
+                  quantization_config={"quant_method": "bitsandbytes"})
+    (hf_dir / "config.json").write_text(json.dumps(source))
+    config, params = load_model(hf_dir)
+    out = save_model(tmp_path / "export", config, params, tokenizer_from=hf_dir)
+    written = json.loads((out / "config.json").read_text())
+    assert (written["attention_dropout"], written["initializer_range"], written["pretraining_tp"]) == (0.125, 0.0625, 1)
+    assert "quantization_config" not in written  # the export's weights are plain floats
+    reread = transformers.AutoConfig.from_pretrained(out)
+    assert (reread.attention_dropout, reread.initializer_range) == (0.125, 0.0625)
+
+
+def test_a_killed_exports_temp_dir_is_removed_by_the_next(tmp_path):
+    """A temp dir whose process is gone (SIGKILL mid-export) is deleted; a live process's is left."""
+    import os
+    import socket
+    import subprocess
+
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    config, params = load_model(hf_dir)
+    child = subprocess.Popen(["true"])
+    child.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".export.tmp-{host}-{child.pid}-0badc0de"
+    live = tmp_path / f".export.tmp-{host}-{os.getpid()}-0badc0de"
+    for path in (stale, live):
+        (path).mkdir()
+        (path / "model.safetensors").write_bytes(b"partial")
+    save_model(tmp_path / "export", config, params)
+    assert not stale.exists() and live.exists()
+
+
 # ---- refusals ----------------------------------------------------------------------------------------------
 
 
