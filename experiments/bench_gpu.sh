@@ -8,6 +8,9 @@ set -o pipefail
 out=${OUT:-runs/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# JAX takes 75% of the GPU at its first use by default, leaving PyTorch (same process, ~20 GB of float32
+# weights + Adam moments at this shape, plus activations) too little; split the GPU between the two.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
 py=${PYTHON:-python3}
 date -u | tee "$out/device.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/device.txt"
