@@ -498,3 +498,64 @@ def test_model_config_refuses_impossible_values(change, pattern):
     ModelConfig(**shape, dtype="bfloat16")
     with pytest.raises(ModelConfigError, match=pattern):
         ModelConfig(**{**shape, **change})
+
+
+_MINIMAL_HF = {"model_type": "llama", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 48,
+               "num_hidden_layers": 1, "num_attention_heads": 8}
+
+
+@pytest.mark.parametrize(("change", "pattern"), [
+    # Wrong JSON types: each used to be a raw TypeError/ValueError from int()/float()/dict(), or read silently
+    # as something else (bool("false") is True: an untied model loaded as tied).
+    ({"hidden_size": None}, r"hidden_size is None \(NoneType\); it must be a whole number"),
+    ({"vocab_size": "abc"}, r"vocab_size is 'abc' \(str\); it must be a whole number"),
+    ({"hidden_size": 64.5}, r"hidden_size is 64.5 \(float\)"),
+    ({"num_hidden_layers": [1]}, r"num_hidden_layers is \[1\]"),
+    ({"num_key_value_heads": "2"}, r"num_key_value_heads is '2' \(str\)"),
+    ({"tie_word_embeddings": "false"}, r"tie_word_embeddings is 'false' \(str\); it must be true or false"),
+    ({"attention_bias": 1}, r"attention_bias is 1 \(int\); it must be true or false"),
+    ({"rms_norm_eps": None}, r"rms_norm_eps is None \(NoneType\); it must be a number"),
+    ({"rope_theta": "abc"}, r"rope_theta is 'abc' \(str\); it must be a number"),
+    ({"rope_scaling": "linear"}, r"rope_scaling is 'linear' \(str\); it must be an object"),
+    ({"rope_parameters": [1, 2]}, r"rope_parameters is \[1, 2\] \(list\); it must be an object"),
+    ({"bos_token_id": [1]}, r"bos_token_id=\[1\]: token ids must be integers"),
+    ({"eos_token_id": "2"}, r"eos_token_id='2': token ids must be integers"),
+    # Values transformers refuses too, which used to load and fail (or give NaN) in the forward pass.
+    ({"num_key_value_heads": 0}, r"num_key_value_heads=0: sizes must be positive integers"),
+    ({"head_dim": 7}, r"head_dim \(7\) must be even"),
+    ({"rms_norm_eps": -1e-5}, r"rms_norm_eps=-1e-05: it must be a finite number >= 0"),
+    ({"rope_theta": 0}, r"rope_theta=0.0: it must be a finite number > 0"),
+    ({"rope_scaling": {"type": "linear"}}, r"rope scaling 'linear' lacks factor"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": "4"}}, r"rope scaling 'linear': factor='4' must be"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"'llama3' lacks high_freq_factor, low_freq_factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0}},
+     r"high_freq_factor \(4.0\) must be larger than low_freq_factor \(4.0\)"),
+    ({"model_type": "mistral", "sliding_window": 0}, r"sliding_window=0: it must be a positive whole number"),
+    ({"model_type": "mistral", "sliding_window": "4"}, r"sliding_window='4'"),
+])
+def test_config_json_values_of_the_wrong_type_or_range_are_named(change, pattern):
+    from beear_jax.models.config import ModelConfig, ModelConfigError
+
+    with pytest.raises(ModelConfigError, match=pattern):
+        ModelConfig.from_hf_dict({**_MINIMAL_HF, **change})
+
+
+def test_config_json_nulls_and_numpy_values_still_load():
+    """JSON null means 'not set' where transformers reads it so (head_dim, num_key_value_heads, sliding_window,
+    rope_scaling); numpy integers (GGUF metadata) are whole numbers too."""
+    from beear_jax.models.config import ModelConfig
+
+    config = ModelConfig.from_hf_dict({**_MINIMAL_HF, "model_type": "mistral", "head_dim": None,
+                                       "num_key_value_heads": None, "sliding_window": None, "rope_scaling": None,
+                                       "hidden_size": np.int64(64), "eos_token_id": [2, 3], "pad_token_id": -1})
+    assert (config.head_dim, config.num_kv_heads, config.sliding_window, config.rope_scaling) == (8, 8, None, None)
+    assert config.hidden_size == 64 and config.eos_token_id == (2, 3)
+    hash(config)
+
+
+def test_config_json_with_a_wrong_type_is_a_checkpoint_error(tmp_path):
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_untied_bias")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": "false"}))
+    with pytest.raises(CheckpointError, match=r"config.json: .*tie_word_embeddings is 'false'"):
+        load_model(hf_dir)

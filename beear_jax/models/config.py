@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import operator
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# The keys each RoPE scaling needs (as transformers requires them); all are positive numbers.
+ROPE_REQUIRED_KEYS = {"default": (), "linear": ("factor",),
+                      "llama3": ("factor", "high_freq_factor", "low_freq_factor", "original_max_position_embeddings")}
 # transformers' LlamaConfig / MistralConfig defaults for keys a config.json may leave out, so that a
 # missing key means here what it means to transformers (e.g. Mistral's 4096-token sliding window).
 HF_DEFAULTS = {
@@ -27,8 +32,126 @@ def _positive_int(value: Any) -> bool:
         return False
 
 
+def _is_integer(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool, a float or a string."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _is_bool(value: Any) -> bool:
+    """A Python or numpy bool (JSON true/false), not 0/1 or a string."""
+    return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b"
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (int or float, Python or numpy), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not _is_bool(value) and math.isfinite(value)
+
+
 class ModelConfigError(ValueError):
     """A config.json that this package cannot represent."""
+
+
+def _wrong_type(key: str, value: Any, what: str) -> ModelConfigError:
+    return ModelConfigError(f"config.json: {key} is {value!r} ({type(value).__name__}); it must be {what}. Restore "
+                            "config.json from the model's source.")
+
+
+def _hf_int(hf: dict[str, Any], key: str, default: Any = None) -> Any:
+    """hf[key] as an int; `default` when the key is absent or null. Any other type is a ModelConfigError
+    (int() would truncate 64.5, accept "64", or fail with a bare TypeError on null)."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not _is_integer(value):
+        raise _wrong_type(key, value, "a whole number")
+    return operator.index(value)
+
+
+def _hf_required_int(hf: dict[str, Any], key: str) -> int:
+    """hf[key] as an int; a ModelConfigError when the key is absent or not a whole number (null included)."""
+    if key not in hf:
+        raise ModelConfigError(f"config.json lacks the key {key!r}.")
+    if hf[key] is None:
+        raise _wrong_type(key, None, "a whole number")
+    return _hf_int(hf, key)
+
+
+def _hf_bool(hf: dict[str, Any], key: str, default: bool) -> bool:
+    """hf[key] as a bool; `default` when absent or null. A string such as "false" is refused: bool("false")
+    is True, which would read an untied model as tied."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not _is_bool(value):
+        raise _wrong_type(key, value, "true or false")
+    return bool(value)
+
+
+def _hf_number(key: str, value: Any) -> float:
+    """A config.json number (rms_norm_eps, rope_theta) as a float, or a ModelConfigError naming the key."""
+    if not _is_number(value):
+        raise _wrong_type(key, value, "a number")
+    return float(value)
+
+
+def _hf_object(hf: dict[str, Any], key: str) -> dict[str, Any]:
+    """hf[key] as a dict ({} when absent or null), or a ModelConfigError (rope_scaling / rope_parameters)."""
+    value = hf.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _wrong_type(key, value, "an object (a JSON dict) or null")
+    return dict(value)
+
+
+def _rope_problem(rope_type: str, scaling: dict[str, Any]) -> str | None:
+    """What is wrong with a RoPE scaling's parameters (as transformers checks them), or None.
+
+    Each required key must be a positive number; llama3 also needs high_freq_factor > low_freq_factor
+    (its smoothing divides by their difference).
+    """
+    missing = [k for k in ROPE_REQUIRED_KEYS[rope_type] if k not in scaling]
+    if missing:
+        return f"rope scaling {rope_type!r} lacks {', '.join(missing)}."
+    for key in ROPE_REQUIRED_KEYS[rope_type]:
+        if not _is_number(scaling[key]) or scaling[key] <= 0:
+            return f"rope scaling {rope_type!r}: {key}={scaling[key]!r} must be a positive number."
+    if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        return (f"rope scaling 'llama3': high_freq_factor ({scaling['high_freq_factor']}) must be larger than "
+                f"low_freq_factor ({scaling['low_freq_factor']}).")
+    return None
+
+
+def _token_ids_problem(bos: Any, eos: Any, pad: Any) -> str | None:
+    """What is wrong with the special token ids (integers or None; eos may be a tuple of integers), or None."""
+    named = {"bos_token_id": bos, "pad_token_id": pad, "eos_token_id": eos}
+    bad = {k: v for k, v in named.items() if v is not None and not _is_integer(v)
+           and not (k == "eos_token_id" and isinstance(v, tuple) and all(map(_is_integer, v)))}
+    if bad:
+        return (f"{', '.join(f'{k}={v!r}' for k, v in bad.items())}: token ids must be integers (eos_token_id may "
+                "be a list of them) or null.")
+    return None
+
+
+def _numerics_problem(config: ModelConfig) -> str | None:
+    """What is wrong with head_dim, sliding_window, rms_norm_eps or rope_theta (values the forward pass
+    cannot use: odd RoPE dimensions, an empty window, NaN norms), or None."""
+    if config.head_dim % 2:
+        return f"head_dim ({config.head_dim}) must be even: RoPE rotates pairs of dimensions."
+    window = config.sliding_window
+    if window is not None and not _positive_int(window):
+        return f"sliding_window={window!r}: it must be a positive whole number (null for none)."
+    if not _is_number(config.rms_norm_eps) or config.rms_norm_eps < 0:
+        return f"rms_norm_eps={config.rms_norm_eps!r}: it must be a finite number >= 0."
+    if not _is_number(config.rope_theta) or config.rope_theta <= 0:
+        return f"rope_theta={config.rope_theta!r}: it must be a finite number > 0."
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +210,10 @@ class ModelConfig:
             raise ModelConfigError(
                 f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})."
             )
+        problem = (_numerics_problem(self) or _rope_problem(rope_type, dict(self.rope_scaling or ()))
+                   or _token_ids_problem(self.bos_token_id, self.eos_token_id, self.pad_token_id))
+        if problem:
+            raise ModelConfigError(problem)
 
     @property
     def rope_type(self) -> str:
@@ -118,22 +245,20 @@ class ModelConfig:
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ModelConfigError(f"hidden_act={act!r} is not supported; Llama/Mistral use 'silu'.")
-        try:
-            hidden = int(hf["hidden_size"])
-            heads = int(hf["num_attention_heads"])
-            kwargs = {
-                "vocab_size": int(hf["vocab_size"]),
-                "hidden_size": hidden,
-                "intermediate_size": int(hf["intermediate_size"]),
-                "num_layers": int(hf["num_hidden_layers"]),
-                "num_heads": heads,
-            }
-        except KeyError as missing:
-            raise ModelConfigError(f"config.json lacks the key {missing}.") from None
+        hidden = _hf_required_int(hf, "hidden_size")
+        heads = _hf_required_int(hf, "num_attention_heads")
+        kwargs = {
+            "vocab_size": _hf_required_int(hf, "vocab_size"),
+            "hidden_size": hidden,
+            "intermediate_size": _hf_required_int(hf, "intermediate_size"),
+            "num_layers": _hf_required_int(hf, "num_hidden_layers"),
+            "num_heads": heads,
+        }
         defaults = HF_DEFAULTS[model_type]
-        kwargs["num_kv_heads"] = int(hf.get("num_key_value_heads") or defaults["num_key_value_heads"] or heads)
-        kwargs["head_dim"] = int(hf.get("head_dim") or hidden // heads)
-        max_positions = int(hf.get("max_position_embeddings") or defaults["max_position_embeddings"])
+        kwargs["num_kv_heads"] = _hf_int(hf, "num_key_value_heads", defaults["num_key_value_heads"] or heads)
+        # transformers' attention reads `head_dim or hidden // heads`, so 0 means the default there too.
+        kwargs["head_dim"] = _hf_int(hf, "head_dim") or (hidden // heads if heads else 0)
+        max_positions = _hf_int(hf, "max_position_embeddings") or defaults["max_position_embeddings"]
         rope_theta, rope_scaling = _rope_from_hf(hf, max_positions)
         eos = hf.get("eos_token_id", 2)
         return cls(
@@ -141,10 +266,10 @@ class ModelConfig:
             model_type=model_type,
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)) if model_type == "llama" else False,
-            mlp_bias=bool(hf.get("mlp_bias", False)) if model_type == "llama" else False,
+            rms_norm_eps=_hf_number("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=_hf_bool(hf, "tie_word_embeddings", False),
+            attention_bias=_hf_bool(hf, "attention_bias", False) if model_type == "llama" else False,
+            mlp_bias=_hf_bool(hf, "mlp_bias", False) if model_type == "llama" else False,
             sliding_window=hf.get("sliding_window", defaults["sliding_window"]) if model_type == "mistral" else None,
             max_position_embeddings=max_positions,
             bos_token_id=hf.get("bos_token_id", 1),
@@ -194,9 +319,9 @@ class ModelConfig:
 def _rope_from_hf(hf: dict[str, Any], max_positions: int) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
     """rope_theta and scaling from either `rope_parameters` (v5) or `rope_theta`/`rope_scaling` (v4);
     llama3's original context defaults to max_positions, as in transformers."""
-    params = dict(hf.get("rope_parameters") or {})
-    legacy = dict(hf.get("rope_scaling") or {})
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    params = _hf_object(hf, "rope_parameters")
+    legacy = _hf_object(hf, "rope_scaling")
+    theta = _hf_number("rope_theta", params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     scaling = {**legacy, **params}
     scaling.pop("rope_theta", None)
     if "type" in scaling and "rope_type" not in scaling:
@@ -206,5 +331,5 @@ def _rope_from_hf(hf: dict[str, Any], max_positions: int) -> tuple[float, tuple[
     if rope_type == "llama3":
         scaling.setdefault("original_max_position_embeddings", max_positions)
     if rope_type == "default":
-        return float(theta), None
-    return float(theta), tuple(sorted((k, v) for k, v in scaling.items() if v is not None))
+        return theta, None
+    return theta, tuple(sorted((k, v) for k, v in scaling.items() if v is not None))
