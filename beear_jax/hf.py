@@ -101,16 +101,31 @@ def _safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as err:
+            parsed = json.loads(index.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{index} is not a valid shard index ({err}); download it again.") from err
+        names = _shard_names(parsed, index)
         absent = [n for n in names if not (model_dir / n).is_file()]
         if absent:
             raise CheckpointError(f"{index} names shard(s) that are not there: {few(absent)}; download them.")
         return [model_dir / n for n in names]
     if (model_dir / "model.safetensors").is_file():
         return [model_dir / "model.safetensors"]
-    return sorted(model_dir.glob("*.safetensors"))
+    return sorted(f for f in model_dir.glob("*.safetensors") if f.is_file())
+
+
+def _shard_names(index: Any, where: pathlib.Path) -> list[str]:
+    """The shard file names of a parsed model.safetensors.index.json ({"weight_map": {tensor: file}}), sorted;
+    a CheckpointError saying what is wrong when it does not have that form (`where`: the index's path)."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    problem = None if isinstance(weight_map, dict) else 'it has no "weight_map" object'
+    entries = weight_map.items() if isinstance(weight_map, dict) else ()
+    bad = [f"{k}: {v!r}" for k, v in entries if not isinstance(v, str) or not v]
+    if bad:
+        problem = f"weight_map values must be shard file names, got {few(bad)}"
+    if problem:
+        raise CheckpointError(f"{where} is not a valid shard index ({problem}); download it again.")
+    return sorted(set(weight_map.values()))
 
 
 def _safetensors_source(files: list[pathlib.Path]) -> tuple[dict[str, tuple[int, ...]], Callable[[str], Any]]:

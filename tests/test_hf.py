@@ -295,6 +295,27 @@ def test_index_naming_absent_shard(tmp_path):
         load_model(out)
 
 
+@pytest.mark.parametrize("index", [[], {"weight_map": ["model.safetensors"]}, {"weight_map": {"a": 3}},
+                                   {"weight_map": {"a": None}}, {"metadata": {}}])
+def test_malformed_shard_index(tmp_path, index):
+    """A shard index that is not {"weight_map": {tensor: file}} is named (a list or a number in it was a
+    bare TypeError)."""
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="index.json is not a valid shard index .*; download it again"):
+        load_model(hf_dir)
+
+
+def test_directory_named_like_a_weight_file_is_not_read(tmp_path):
+    """A directory called *.safetensors is skipped (it was an OSError from safe_open), so the message says
+    that no weights are there."""
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    (hf_dir / "model.safetensors").unlink()
+    (hf_dir / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match="has no weights"):
+        load_model(hf_dir)
+
+
 def test_existing_model_directory_is_never_overwritten(tmp_path):
     hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
     other_dir, _ = make_tiny_hf_model(tmp_path / "other", "mistral_sliding")
