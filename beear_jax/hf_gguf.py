@@ -172,8 +172,20 @@ def read_gguf_tensors(path: pathlib.Path, hf_config: dict[str, Any]) -> dict[str
 
 
 def load_gguf_tokenizer(path: pathlib.Path) -> Any:
-    """The transformers tokenizer (vocab, merges, special tokens, chat template) embedded in a GGUF file."""
+    """The transformers tokenizer (vocab, merges, special tokens, chat template) embedded in a GGUF file.
+
+    A file whose tokenizer cannot be read (truncated, no tokenizer metadata, an unknown tokenizer model) is
+    a CheckpointError naming it: the GGUF reader raises struct.error, ValueError, KeyError, ... by cause.
+    """
     require_torch("Reading a GGUF tokenizer")
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError:
+        raise
+    except Exception as err:  # the GGUF reader and the tokenizer converters raise many types
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"{path}: the tokenizer in this GGUF file cannot be read ({type(err).__name__}: "
+                              f"{reason}). The file may be truncated (copy it again) or hold no tokenizer; pass "
+                              "the original model's directory with its tokenizer files instead.") from err

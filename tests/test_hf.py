@@ -461,6 +461,24 @@ def test_gguf_directory_with_two_files_is_ambiguous(tmp_path):
         load_model(tmp_path)
 
 
+def test_damaged_gguf_tokenizer_is_named(tmp_path):
+    """A GGUF file whose tokenizer cannot be read is a CheckpointError naming it (a bare struct.error or
+    ValueError from the GGUF reader before), also as save_model's tokenizer_from, which leaves nothing behind."""
+    from hf_fixtures import write_tiny_gguf
+
+    hf_dir, model = make_tiny_hf_model(tmp_path, "llama_gqa")
+    config, params = load_model(hf_dir)
+    good = write_tiny_gguf(tmp_path / "good.gguf", model)
+    damaged = tmp_path / "damaged" / "model.gguf"
+    damaged.parent.mkdir()
+    damaged.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"model.gguf: the tokenizer in this GGUF file cannot be read"):
+        load_tokenizer(damaged)
+    with pytest.raises(CheckpointError, match=r"model.gguf: the tokenizer in this GGUF file cannot be read"):
+        save_model(tmp_path / "out", config, params, tokenizer_from=damaged)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
 def test_unsupported_file(tmp_path):
     (tmp_path / "model.bin").write_bytes(b"\0")
     with pytest.raises(CheckpointError, match="not a .gguf file"):
