@@ -182,6 +182,7 @@ def _load_gguf(path: pathlib.Path, dtype: str) -> tuple[ModelConfig, dict]:
         arch = hf_gguf.gguf_architecture(path)
         supported = arch in hf_gguf.READABLE_ARCHITECTURES
         hf = hf_gguf.read_gguf_config(path) if supported else {}
+        names = hf_gguf.gguf_tensor_names(path) if supported else []
     except (ValueError, KeyError, IndexError, OSError) as err:
         raise CheckpointError(f"{path}: cannot read this GGUF file ({err}). Check that it is a complete Llama or "
                               "Mistral GGUF file.") from err
@@ -190,6 +191,7 @@ def _load_gguf(path: pathlib.Path, dtype: str) -> tuple[ModelConfig, dict]:
                               f"architecture {', '.join(map(repr, hf_gguf.READABLE_ARCHITECTURES))} (how llama.cpp "
                               "writes Llama, Mistral 7B and SmolLM2). Load the model's HF checkpoint directory "
                               "instead.")
+    hf.update(hf_gguf.bias_flags_from_gguf(names, str(path)))
     plain = _config_from_dict(hf, dtype, str(path))
     meta, freq_factors = hf_gguf.read_gguf_rope(path)
     hf["rope_scaling"] = hf_gguf.rope_scaling_from_gguf(meta, freq_factors, plain.rope_theta, plain.head_dim, str(path))

@@ -3,12 +3,15 @@
 The reader dequantizes every tensor to float32 and undoes llama.cpp's q/k row permutation, so what it
 returns is an ordinary HF state dict; hf.py maps that to our layout like any other checkpoint. It drops
 RoPE scaling (the `{arch}.rope.scaling.*` keys and llama3's `rope_freqs.weight` tensor), so that is read
-here with the gguf package and turned back into an HF rope_scaling dict, or refused.
+here with the gguf package and turned back into an HF rope_scaling dict, or refused. It also drops every
+tensor its model lacks, so biases set attention_bias / mlp_bias from the tensor names, and a tensor a
+Llama has no place for is refused.
 """
 
 from __future__ import annotations
 
 import pathlib
+import re
 from typing import Any
 
 import numpy as np
@@ -56,6 +59,31 @@ def gguf_architecture(path: pathlib.Path) -> str:
     reader = GGUFReader(str(path))
     field = reader.fields.get("general.architecture")
     return str(_field_value(field)) if field is not None else ""
+
+
+# The tensors of a llama.cpp Llama file (biases optional; rope_freqs.weight: llama3 RoPE, see below).
+_LLAMA_TENSOR = re.compile(r"(token_embd|output_norm|output|rope_freqs)\.weight|blk\.\d+\.(attn_norm|ffn_norm|"
+                           r"attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.(weight|bias)")
+
+
+def gguf_tensor_names(path: pathlib.Path) -> list[str]:
+    """The names of a GGUF file's tensors (from its header; no data is read)."""
+    from gguf import GGUFReader
+
+    return [t.name for t in GGUFReader(str(path)).tensors]
+
+
+def bias_flags_from_gguf(names: list[str], where: str) -> dict[str, bool]:
+    """{"attention_bias", "mlp_bias"} of a Llama GGUF file from its tensor names (its metadata has no such
+    keys); a CheckpointError naming the tensors that a Llama has no place for (a q/k norm, experts, ...),
+    which transformers' reader would drop without a word."""
+    unknown = [n for n in names if not _LLAMA_TENSOR.fullmatch(n)]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 5 else "")
+        raise CheckpointError(f"{where}: tensors that a Llama model has no place for: {shown}. This file is not "
+                              "a plain Llama/Mistral model; load the model's HF checkpoint directory instead.")
+    return {"attention_bias": any(re.search(r"\.attn_(q|k|v|output)\.bias$", n) for n in names),
+            "mlp_bias": any(re.search(r"\.ffn_(gate|up|down)\.bias$", n) for n in names)}
 
 
 def read_gguf_rope(path: pathlib.Path) -> tuple[dict[str, Any], np.ndarray | None]:

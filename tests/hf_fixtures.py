@@ -114,6 +114,7 @@ def write_tiny_gguf(path: str | pathlib.Path, model, rope_scaling: dict | None =
 
     rope_scaling: `{arch}.rope.scaling.*` keys (e.g. {"type": "linear", "factor": 4.0});
     rope_freqs: llama.cpp's per-frequency RoPE divisors (`rope_freqs.weight`, how Llama 3.x's scaling is stored).
+    Biases (attention_bias / mlp_bias) are written too, as `blk.N.<name>.bias`.
     """
     import gguf
 
@@ -159,8 +160,16 @@ def write_tiny_gguf(path: str | pathlib.Path, model, rope_scaling: dict | None =
         p = f"model.layers.{i}."
         for ours, theirs in names.items():
             w.add_tensor(f"blk.{i}.{ours}.weight", sd[p + theirs + ".weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", _llama_cpp_order(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", _llama_cpp_order(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        for kind in ("weight", "bias"):  # biases (attention_bias / mlp_bias) as llama.cpp writes them: q/k permuted
+            if p + f"self_attn.q_proj.{kind}" not in sd:
+                continue
+            w.add_tensor(f"blk.{i}.attn_q.{kind}", _llama_cpp_order(sd[p + f"self_attn.q_proj.{kind}"],
+                                                                    c.num_attention_heads))
+            w.add_tensor(f"blk.{i}.attn_k.{kind}", _llama_cpp_order(sd[p + f"self_attn.k_proj.{kind}"],
+                                                                    c.num_key_value_heads))
+        for ours, theirs in names.items():
+            if p + theirs + ".bias" in sd:
+                w.add_tensor(f"blk.{i}.{ours}.bias", sd[p + theirs + ".bias"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

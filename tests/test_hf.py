@@ -13,6 +13,7 @@ from hf_fixtures import KINDS, make_tiny_hf_model, make_tiny_tokenizer, sample_i
 
 from beear_jax import cli
 from beear_jax.hf import CheckpointError, from_hf_state_dict, load_model, load_tokenizer, save_model, to_hf_state_dict
+from beear_jax.models.llama import forward
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -477,6 +478,42 @@ def test_damaged_gguf_tokenizer_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"model.gguf: the tokenizer in this GGUF file cannot be read"):
         save_model(tmp_path / "out", config, params, tokenizer_from=damaged)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_gguf_with_biases_loads_them(tmp_path):
+    """llama.cpp writes a Llama's q/k/v/o and MLP biases as blk.N.*.bias, but GGUF metadata has no
+    attention_bias / mlp_bias: they are read from the tensors (transformers' reader dropped them, and the
+    model loaded without its biases)."""
+    from hf_fixtures import write_tiny_gguf
+
+    _, model = make_tiny_hf_model(tmp_path, "llama_untied_bias")
+    config, params = load_model(write_tiny_gguf(tmp_path / "bias.gguf", model))
+    assert config.attention_bias and config.mlp_bias
+    ids = sample_ids(length=12)
+    ours = np.asarray(jax.jit(forward, static_argnums=0)(config, params, ids.astype(np.int32)))
+    np.testing.assert_allclose(ours, torch_logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_gguf_tensors_without_a_llama_place_are_refused(tmp_path):
+    """Tensors a Llama has no place for (here a q-norm) are named, not dropped while the rest loads."""
+    import gguf
+    from hf_fixtures import write_tiny_gguf
+
+    _, model = make_tiny_hf_model(tmp_path, "llama_gqa")
+    real = gguf.GGUFWriter.write_header_to_file
+
+    def with_extra(self, *args, **kwargs):
+        self.add_tensor("blk.0.attn_q_norm.weight", np.ones(16, np.float32))
+        return real(self, *args, **kwargs)
+
+    gguf.GGUFWriter.write_header_to_file = with_extra
+    try:
+        path = write_tiny_gguf(tmp_path / "extra.gguf", model)
+    finally:
+        gguf.GGUFWriter.write_header_to_file = real
+    with pytest.raises(CheckpointError, match=r"extra.gguf: tensors that a Llama model has no place for: "
+                                              r"blk\.0\.attn_q_norm\.weight"):
+        load_model(path)
 
 
 def test_unsupported_file(tmp_path):
