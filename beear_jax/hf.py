@@ -138,6 +138,9 @@ def _safetensors_source(files: list[pathlib.Path]) -> tuple[dict[str, tuple[int,
             handle = safe_open(str(f), framework="numpy")
             names = handle.keys()
             for name in names:
+                if name in owner:
+                    raise CheckpointError(f"tensor {name} is stored in two files of {f.parent} ({f.name} and "
+                                          "another); remove the stale copy (or add model.safetensors.index.json).")
                 shapes[name] = tuple(handle.get_slice(name).get_shape())
                 owner[name] = handle
         except SafetensorError as err:

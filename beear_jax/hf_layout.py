@@ -140,7 +140,7 @@ def params_from_source(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]
     _check_tensors(config, plan, shapes, where)
     params: dict = {"layers": {}}
     for e in plan:
-        value = _to_ours(e.layout, np.asarray(get(e.hf_name), dtype=np.float32), e.shape)
+        value = _to_ours(e.layout, _float_tensor(get(e.hf_name), e.hf_name, where), e.shape)
         if e.layer is None:
             params[e.key] = np.ascontiguousarray(value)
             continue
@@ -149,6 +149,16 @@ def params_from_source(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]
             params["layers"][e.key] = np.empty((config.num_layers, *e.shape), np.float32)
         params["layers"][e.key][e.layer] = value
     return params
+
+
+def _float_tensor(x: Any, name: str, where: str) -> np.ndarray:
+    """A stored weight as float32; a CheckpointError for integer, bool or complex tensors (quantized or
+    damaged checkpoints), which a plain cast would turn into nonsense weights without a word."""
+    raw = np.asarray(x)
+    if raw.dtype.kind in "iubc":
+        raise CheckpointError(f"{where}: tensor {name} is stored as {raw.dtype}, not as floating point; this looks "
+                              "like a quantized or damaged checkpoint. Load the float (unquantized) weights.")
+    return raw.astype(np.float32, copy=False)
 
 
 def as_numpy(x: Any) -> np.ndarray:

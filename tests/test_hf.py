@@ -279,6 +279,33 @@ def test_wrong_shape(tmp_path):
         load_model(hf_dir)
 
 
+
+def test_integer_weights_are_refused(tmp_path):
+    """An integer tensor (a quantized or damaged file) is named, not cast to float32 without a word."""
+    from safetensors.numpy import load_file, save_file
+
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(np.int32)
+    save_file(tensors, hf_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model.norm.weight is stored as int32, not as floating point"):
+        load_model(hf_dir)
+
+
+def test_a_tensor_in_two_unindexed_files_is_refused(tmp_path):
+    """Without an index, every *.safetensors is read: a tensor in two of them (a stale copy) is named
+    instead of the last file read silently winning."""
+    from safetensors.numpy import load_file, save_file
+
+    hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    tensors = load_file(hf_dir / "model.safetensors")
+    (hf_dir / "model.safetensors").unlink()
+    names = sorted(tensors)
+    save_file({n: tensors[n] for n in names[: len(names) // 2 + 1]}, hf_dir / "part-a.safetensors")
+    save_file({n: tensors[n] for n in names[len(names) // 2:]}, hf_dir / "part-b.safetensors")
+    with pytest.raises(CheckpointError, match=r"is stored in two files of .*remove the stale copy"):
+        load_model(hf_dir)
+
 def test_unexpected_tensor(tmp_path):
     hf_dir, _ = make_tiny_hf_model(tmp_path, "llama_untied_bias")
     config = json.loads((hf_dir / "config.json").read_text())
