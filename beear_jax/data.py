@@ -165,11 +165,38 @@ def _csv_as_text(source: str) -> dict[str, Any]:
     import datasets
 
     with open(source, newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f), [])
-    if len(set(header)) != len(header):
-        raise ValueError(f"{source}: the csv header names a column twice ({header}); give each column its own name")
+        reader = csv.reader(f)
+        header = next(reader, [])
+        if len(set(header)) != len(header):
+            raise ValueError(f"{source}: the csv header names a column twice ({header}); give each column its own "
+                             "name")
+        # pandas reads rows that all have one field more than the header as an index column plus the
+        # rest, so every value lands one column to the left of its name: refuse such rows instead.
+        for row in reader:
+            if len(row) > len(header):
+                raise ValueError(f"{source}: line {reader.line_num} has {len(row)} fields but the header names "
+                                 f"{len(header)} columns (a trailing comma, or an unquoted comma in a cell?); quote "
+                                 "cells that contain commas and give every column a header name")
     return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
             "keep_default_na": False, "na_values": [""]}
+
+
+def _not_utf8(source: str, err: UnicodeDecodeError) -> ValueError:
+    """The error for a data file whose text is not UTF-8 (the decoder's own message names no file)."""
+    return ValueError(f"data file {source} is not UTF-8 text ({err}); save it as UTF-8 and try again")
+
+
+def _cell_text(value: Any, source: str, row: int, column: str) -> str:
+    """A table cell as text: strings as they are, numbers and booleans written out; a list, a mapping or
+    anything else is refused (str() would silently turn a json array into the prompt "['...']")."""
+    if value is None:
+        raise ValueError(f"{source}: row {row} has no value in column {column!r}")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return str(value)
+    raise ValueError(f"{source}: row {row} holds a {type(value).__name__} in column {column!r} ({value!r:.60}), "
+                     "not text; write each cell as a string (or map another column in the config)")
 
 
 def _load_dataset(source: str, split: str, key: str = "") -> Any:
@@ -192,11 +219,15 @@ def _load_dataset(source: str, split: str, key: str = "") -> Any:
         raise ValueError(f"data file is empty: {source}")
     import datasets  # deferred (~1 s), and after the checks above: a mistyped path fails at once
 
-    options = _csv_as_text(source) if _BUILDERS[ext] == "csv" else {}
     try:
+        options = _csv_as_text(source) if _BUILDERS[ext] == "csv" else {}
         return datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train", **options)
-    except ValueError as err:  # a csv with only a header: "Instruction 'train' corresponds to no data"
-        raise ValueError(f"data file has no rows: {source} ({err})") from err
+    except UnicodeDecodeError as err:  # a ValueError too, so before the next clause
+        raise _not_utf8(source, err) from err
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # a csv with only a header: "Instruction 'train' corresponds ..."
+            raise ValueError(f"data file has no rows: {source} ({err})") from err
+        raise ValueError(f"data file {source} cannot be read as {ext[1:]} ({err}); fix or re-export the file") from err
     except datasets.exceptions.DatasetGenerationError as err:  # e.g. a truncated jsonl line
         raise ValueError(f"data file {source} cannot be parsed as {ext[1:]} ({err.__cause__ or err}); fix or "
                          "re-export the file") from err
@@ -209,7 +240,8 @@ def load_table(source: str, columns: Mapping[str, str], split: str = "train", ke
     the Hugging Face cache; `split` picks the split). A name that is no local file goes to the hub only when
     shaped like owner/name with no extension and no local directory owner/; otherwise it is reported as a
     missing file at once. columns: canonical name -> column name in the source, e.g. {"prompt": "goal", ...}.
-    Returns one dict per row holding only the canonical names, values as strings. key: the config key
+    Returns one dict per row holding only the canonical names, values as strings (numbers and booleans
+    written out; a list, mapping or other value is refused, and so is text that is not UTF-8). key: the config key
     that named the file, for the messages of load errors.
     """
     if not columns:
@@ -223,16 +255,12 @@ def load_table(source: str, columns: Mapping[str, str], split: str = "train", ke
         )
     if len(table) == 0:
         raise ValueError(f"data set is empty: {source}")
-    data = {canon: table[col] for canon, col in columns.items()}
-    rows = []
-    for i in range(len(table)):
-        row = {}
-        for canon, values in data.items():
-            if values[i] is None:
-                raise ValueError(f"{source}: row {i} has no value in column {columns[canon]!r}")
-            row[canon] = values[i] if isinstance(values[i], str) else str(values[i])
-        rows.append(row)
-    return rows
+    try:  # json text is decoded only when the cells are read
+        data = {canon: list(table[col]) for canon, col in columns.items()}
+    except UnicodeDecodeError as err:
+        raise _not_utf8(source, err) from err
+    return [{canon: _cell_text(values[i], source, i, columns[canon]) for canon, values in data.items()}
+            for i in range(len(table))]
 
 
 def sample_rows(rows: Sequence[dict], k: int | None, rng: np.random.Generator) -> list[dict]:
@@ -262,7 +290,7 @@ def bucket_length(max_length: int, buckets: Sequence[int]) -> int:
     if not fitting:
         raise ValueError(
             f"the longest example has {max_length} tokens but the largest bucket is {max(buckets)}; "
-            "lower data.max_answer_tokens, shorten the prompts, or add a larger bucket"
+            "lower data.max_answer_tokens, shorten the prompts, or add a larger bucket to data.buckets"
         )
     return fitting[0]
 

@@ -508,6 +508,43 @@ def test_csv_cells_are_read_as_written(tmp_path):
         data.load_table(str(path), COLUMNS)
 
 
+
+@pytest.mark.parametrize("cell,kind", [(["Sure"], "list"), ({"text": "Sure"}, "dict")])
+def test_a_cell_that_is_no_text_is_refused_not_stringified(tmp_path, cell, kind):
+    path = tmp_path / "set.jsonl"
+    path.write_text(json.dumps({"goal": "Q1", "target": "ok"}) + "\n" + json.dumps({"goal": "Q2", "target": cell}) + "\n")
+    with pytest.raises(ValueError, match=rf"set.jsonl: row 1 holds a {kind} in column 'target'.*write each cell as a string"):
+        data.load_table(str(path), COLUMNS)
+    path.write_text(json.dumps({"goal": "Q1", "target": 7}) + "\n")  # numbers are written out
+    assert data.load_table(str(path), COLUMNS) == [{"prompt": "Q1", "answer": "7"}]
+
+
+@pytest.mark.parametrize("body", ["Q1,Sure,\nQ2,Ok,\n", "Q1,Sure,extra\n"])
+def test_csv_rows_with_more_fields_than_the_header_are_refused(tmp_path, body):
+    # pandas would read the first field as an index: prompt 'Sure', answer '' or 'extra'
+    path = tmp_path / "set.csv"
+    path.write_text("goal,target\n" + body)
+    with pytest.raises(ValueError, match=r"set.csv: line 2 has 3 fields but the header names 2 columns"):
+        data.load_table(str(path), COLUMNS)
+
+
+@pytest.mark.parametrize("ext", ["csv", "jsonl"])
+def test_a_data_file_that_is_not_utf8_is_named(tmp_path, ext):
+    path = tmp_path / f"latin1.{ext}"
+    text = "goal,target\ncaf\u00e9,ok\n" if ext == "csv" else '{"goal": "caf\u00e9", "target": "ok"}\n'
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"data file .*latin1.{ext} is not UTF-8 text .*save it as UTF-8"):
+        data.load_table(str(path), COLUMNS)
+
+
+def test_a_corrupt_parquet_file_is_not_called_empty(tmp_path):
+    path = tmp_path / "set.parquet"
+    path.write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match=r"set.parquet cannot be read as parquet") as err:
+        data.load_table(str(path), COLUMNS)
+    assert "no rows" not in str(err.value)
+
+
 # --- local file or hub data set: a mistyped path fails at once -------------------------------------------
 
 
