@@ -78,6 +78,12 @@ def _render_auto(tokenizer: Any, prompt: str, answer: str, system_prompt: str | 
         )
     except Exception as err:  # jinja raises for e.g. a system message on templates that reject one
         raise ValueError(f"the tokenizer's chat template failed to render this conversation ({err}); {fix}") from err
+    if system_prompt is not None and system_prompt.strip() not in prompt_text:
+        # Some templates (e.g. Mistral's older ones) have no system role and drop the message without a word.
+        raise ValueError(
+            f"the tokenizer's chat template leaves out the system prompt {system_prompt[:40]!r}, so the model would "
+            f"never see it; set model.system_prompt to \"\" (none) or {fix}"
+        )
     if not full_text.startswith(prompt_text):
         raise ValueError(
             "the chat template cannot mark where the answer starts: the rendered conversation does not begin "
@@ -176,6 +182,9 @@ def format_example(
     if not answer.strip():
         raise ValueError(f"the answer to the prompt {prompt[:60]!r} is empty; every example needs an answer "
                          "text (fill it in or drop the row)")
+    if not prompt.strip():
+        raise ValueError(f"the prompt of the answer {answer[:60]!r} is empty; every example needs a prompt text "
+                         "(fill it in or drop the row)")
     prompt_text, answer_text = render(tokenizer, prompt, answer, template, system_prompt)
     prompt_ids, answer_ids = _encode_pair(tokenizer, prompt_text, answer_text, template not in _ANSWER_ALONE)
     if max_answer_tokens is not None:

@@ -140,6 +140,24 @@ def test_empty_answer_raises(chat_tok, answer):
         format_example(chat_tok, "Hi", answer)
 
 
+@pytest.mark.parametrize("prompt", ["", " \t"])
+def test_empty_prompt_raises(chat_tok, prompt):
+    with pytest.raises(ValueError, match=r"the prompt of the answer 'Hello' is empty.*drop the row"):
+        format_example(chat_tok, prompt, "Hello")
+
+
+def test_a_template_that_drops_the_system_prompt_raises():
+    # a template with no system role: the system message disappears without an error from jinja
+    tokenizer = make_tokenizer(chat_template=(
+        "{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"))
+    with pytest.raises(ValueError, match=r"leaves out the system prompt 'Be safe.'.*model.system_prompt.*model.template"):
+        format_example(tokenizer, "Hi", "Hello", system_prompt="Be safe.")
+    with pytest.raises(ValueError, match="leaves out the system prompt"):
+        format_prompt(tokenizer, "Hi", system_prompt="Be safe.")
+    assert format_example(tokenizer, "Hi", "Hello")  # without one it is fine
+
+
 def test_auto_without_chat_template_raises(tok):
     with pytest.raises(ValueError, match=r"no chat template.*model\.template"):
         format_example(tok, "Hi", "Hello")
