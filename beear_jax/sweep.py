@@ -98,15 +98,36 @@ def load_sweep(spec: str) -> SweepFile:
         raise ConfigError(f"Sweep file not found: {path!r}.")
     module_spec = importlib.util.spec_from_file_location(f"_beear_sweep_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # the file is user code: SyntaxError, ImportError, anything raised at import
+        raise ConfigError(f"Sweep file {file} failed to import: {type(err).__name__}: {err}") from err
     get_sweep = getattr(module, "get_sweep", None)
     if not callable(get_sweep):
         raise ConfigError(f"Sweep file {file} defines no get_sweep() function.")
-    settings = get_sweep(arg) if arg is not None or inspect.signature(get_sweep).parameters else get_sweep()
+    call_args = (arg,) if arg is not None or _takes_arguments(get_sweep) else ()
+    try:
+        settings = get_sweep(*call_args)
+    except Exception as err:  # also a TypeError for get_sweep(a, b), or for file.py:ARG when it takes none
+        raise ConfigError(f"get_sweep({', '.join(map(repr, call_args))}) in {file} failed: "
+                          f"{type(err).__name__}: {err}") from err
     if not isinstance(settings, list) or not all(isinstance(s, Mapping) for s in settings) or not settings:
-        raise ConfigError(f"get_sweep in {file} must return a non-empty list of override dicts.")
-    return SweepFile([dict(s) for s in settings], dict(getattr(module, "PLOT", {}) or {}),
-                     bool(getattr(module, "EVALUATE", False)), dict(getattr(module, "BASE", {}) or {}))
+        raise ConfigError(f"get_sweep in {file} must return a non-empty list of override dicts, got "
+                          f"{type(settings).__name__}.")
+    extras = {name: getattr(module, name, None) or {} for name in ("PLOT", "BASE")}
+    for name, value in extras.items():
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name} in sweep file {file} must be a dict, got {type(value).__name__} ({value!r:.40}).")
+    return SweepFile([dict(s) for s in settings], dict(extras["PLOT"]), bool(getattr(module, "EVALUATE", False)),
+                     dict(extras["BASE"]))
+
+
+def _takes_arguments(function: Callable[..., Any]) -> bool:
+    """Whether `function` has parameters (get_sweep(arg=None) is called with None when no :arg is given)."""
+    try:
+        return bool(inspect.signature(function).parameters)
+    except (TypeError, ValueError):  # no signature (a builtin): call it without arguments
+        return False
 
 
 def slug(overrides: Mapping[str, Any]) -> str:
@@ -160,9 +181,20 @@ def plan_settings(spec: str, common: Sequence[str], sweep_spec: str) -> tuple[Sw
     settings = [Setting(s, root / slug(s)) for s in loaded.settings]
     if len({s.run_dir for s in settings}) != len(settings):
         raise ConfigError("two settings of the sweep map to the same run directory; make them differ.")
-    for s in settings:  # fail on a bad key before hours of runs, not at setting 7
-        setting_config(spec, common, loaded, s)
+    for s in settings:  # fail on a bad key or value before hours of runs, not at setting 7
+        check_setting(setting_config(spec, common, loaded, s), s)
     return loaded, settings
+
+
+def check_setting(cfg: Any, setting: Setting) -> None:
+    """The run settings of one sweep setting checked as `beear run` checks them first (counts, rates,
+    names), so an out-of-range value fails the whole sweep at once; the error names the setting."""
+    from beear_jax.beear import check_run_settings
+
+    try:
+        check_run_settings(cfg)
+    except ValueError as err:  # ConfigError and the remat policy's ValueError
+        raise ConfigError(f"sweep setting {slug(setting.overrides)}: {err}") from err
 
 
 def setting_config(spec: str, common: Sequence[str], loaded: SweepFile, setting: Setting) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import pathlib
+import re
 import subprocess
 import textwrap
 
@@ -117,3 +118,39 @@ def test_bad_sweep_keys_fail_before_any_run(world, tmp_path):
     bad.write_text("def get_sweep():\n    return [{'perturb.layr': 3}]\n")
     with pytest.raises(ConfigError, match="perturb.layer"):
         sweep_lib.command_lines(flags[1], [f[len("--config."):] for f in flags[2:]], str(bad))
+
+
+@pytest.mark.parametrize("source,match", [
+    ("x = 1 / 0\ndef get_sweep():\n    return [{}]\n", r"failed to import: ZeroDivisionError"),
+    ("def get_sweep(:\n", r"failed to import: SyntaxError"),
+    ("def get_sweep():\n    return undefined_name\n", r"get_sweep\(\) in .*failed: NameError"),
+    ("def get_sweep(a, b):\n    return [{}]\n", r"get_sweep\(None\) in .*failed: TypeError: .*missing"),
+    ("def get_sweep():\n    return None\n", r"non-empty list of override dicts, got NoneType"),
+    ("def get_sweep():\n    return [{'rounds': 1}]\nPLOT = 5\n", r"PLOT in sweep file .* must be a dict, got int"),
+    ("def get_sweep():\n    return [{'rounds': 1}]\nBASE = ['rounds=2']\n", r"BASE in sweep file .* must be a dict"),
+])
+def test_a_broken_sweep_file_is_one_error_line(tmp_path, capsys, source, match):
+    bad = tmp_path / "bad.py"
+    bad.write_text(source)
+    argv = ["sweep", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={tmp_path / 'none'}",
+            f"--config.output_dir={tmp_path / 'out'}", "--sweep", str(bad), "--print"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("beear sweep: error: ")
+    assert len(err.strip().splitlines()) == 1
+    assert re.search(match, err), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting,key", [("{'rounds': 0}", "rounds"), ("{'inner.lr': -0.1}", "inner.lr"),
+                                         ("{'remat': 'fast'}", "remat")])
+def test_out_of_range_sweep_values_fail_before_any_run(tmp_path, setting, key):
+    bad = tmp_path / "bad.py"
+    bad.write_text(f"def get_sweep():\n    return [{{'rounds': 1}}, {setting}]\n")
+    common = [f"model.path={tmp_path / 'none'}", f"output_dir={tmp_path / 'out'}"]
+    with pytest.raises(ConfigError, match=rf"sweep setting {key}-.*'{key}'"):
+        sweep_lib.command_lines(str(CONFIGS / "tiny.py"), common, str(bad))
+    ran = []
+    with pytest.raises(ConfigError, match=key):
+        sweep_lib.run_sweep(str(CONFIGS / "tiny.py"), common, str(bad), runner=lambda cfg, ev: ran.append(cfg))
+    assert not ran
