@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import pathlib
 import re
@@ -73,6 +74,15 @@ def perturb_layers(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
     except (TypeError, ValueError):
         raise ConfigError(f"perturb.layer ({cfg.perturb.layer!r}) and perturb.layers ({cfg.perturb.layers!r}) must be "
                           "layer indices, e.g. --config.perturb.layer=9 --config.perturb.layers=5,12.") from None
+
+
+def check_perturb_layers(cfg: ml_collections.ConfigDict, num_layers: int) -> tuple[int, ...]:
+    """perturb_layers(cfg) once perturb.layer and every one of perturb.layers is a boundary of a model with
+    num_layers blocks; the error names the key that holds the bad layer."""
+    layers = perturb_layers(cfg)
+    validate_layers((int(cfg.perturb.layer),), num_layers, "perturb.layer")
+    validate_layers(tuple(int(x) for x in cfg.perturb.layers), num_layers, "perturb.layers")
+    return layers
 
 
 def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any) -> DefenderData:
@@ -289,6 +299,11 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"Config key 'data.buckets' is {tuple(cfg.data.buckets)}; give one or more padded lengths "
                           ">= 1 (e.g. --config.data.buckets=128,256,512).")
     perturb_layers(cfg)  # names perturb.layer / perturb.layers when they are not integers
+    for name in ("safe_ce_clamp", "early_stop_ce"):  # thresholds: any finite number (<= 0 turns one off)
+        value = float(cfg.inner[name])
+        if not math.isfinite(value):  # nan compares false with everything: the setting would do nothing
+            raise ConfigError(f"Config key 'inner.{name}' is {value}; it must be a finite number (<= 0 turns it off; "
+                              f"set --config.inner.{name}).")
     check_names(cfg)
 
 
@@ -390,8 +405,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
               "devices; the others stay idle (a -1 in one axis takes the rest, e.g. --config.mesh.shape=-1,1,1).",
               file=sys.stderr)
     model_config, host_params = load_model(model_path, dtype=cfg.model.dtype)
-    layers = perturb_layers(cfg)
-    validate_layers(layers, model_config.num_layers)
+    layers = check_perturb_layers(cfg, model_config.num_layers)
     tokenizer = load_tokenizer(model_path, model_config)
     data = prepare_data(cfg, tokenizer)
 

@@ -47,13 +47,14 @@ class Perturbation:
         return {layer: jnp.mean(jnp.linalg.norm(d, axis=-1)) for layer, d in self.deltas.items()}
 
 
-def validate_layers(layers: tuple[int, ...], num_layers: int) -> None:
-    """Every boundary must split the decoder into two non-empty parts."""
+def validate_layers(layers: tuple[int, ...], num_layers: int, key: str = "perturb.layer") -> None:
+    """Every boundary must split the decoder into two non-empty parts; the error names `key`, the config
+    key that set the layers."""
     for layer in layers:
         if not 0 < layer < num_layers:
             raise ValueError(
-                f"perturb.layer={layer} is out of range: this model has {num_layers} decoder blocks, so the "
-                f"layer boundary must be in 1..{num_layers - 1} (set --config.perturb.layer)."
+                f"{key}={layer} is out of range: this model has {num_layers} decoder blocks, so the "
+                f"layer boundary must be in 1..{num_layers - 1} (set --config.{key})."
             )
 
 

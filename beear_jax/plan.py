@@ -25,9 +25,9 @@ from jax.sharding import PartitionSpec as P
 
 from beear_jax import data as data_lib
 from beear_jax import sharding as sh
-from beear_jax.beear import check_run_settings, inner_rows, perturb_layers, step_settings
+from beear_jax.beear import check_perturb_layers, check_run_settings, inner_rows, step_settings
 from beear_jax.models.config import ModelConfig
-from beear_jax.perturbation import Perturbation, validate_layers
+from beear_jax.perturbation import Perturbation
 from beear_jax.steps import StepSettings, inner_cache, make_optimizer, make_steps, outer_parts
 
 GB = 1e9
@@ -343,7 +343,7 @@ def plan_run(cfg: ml_collections.ConfigDict, model: ModelConfig, mesh_shape: Seq
              suffix_len: int | None = None, packed: tuple[int, int] | None = None) -> Plan:
     """The memory plan of `beear run` with cfg on a mesh of mesh_shape (nothing is allocated)."""
     check_run_settings(cfg)
-    validate_layers(perturb_layers(cfg), model.num_layers)
+    check_perturb_layers(cfg, model.num_layers)
     resolved = sh.resolve_mesh_shape(mesh_shape, devices or jax.device_count(),
                                      "given by --devices" if devices else "visible (plan for more with --devices N)")
     sizes = sh.axis_sizes(resolved)

@@ -228,6 +228,8 @@ def test_run_rejects_stray_arguments(capsys):
     ("run", "outer.lr=-1e-5", ["'outer.lr' is -1e-05", "> 0"]),
     ("run", "inner.lr=nan", ["'inner.lr' is nan", "finite"]),
     ("run", "inner.alpha=-0.1", ["'inner.alpha'", ">= 0"]),
+    ("run", "inner.safe_ce_clamp=nan", ["'inner.safe_ce_clamp' is nan", "finite", "--config.inner.safe_ce_clamp"]),
+    ("run", "inner.early_stop_ce=inf", ["'inner.early_stop_ce' is inf", "finite"]),
     ("run", "checkpoint_keep=0", ["'checkpoint_keep' is 0"]),
     ("run", "data.buckets=()", ["'data.buckets'", "--config.data.buckets"]),
     ("run", "perturb.layers=a,b", ["perturb.layers", "layer indices"]),

@@ -89,6 +89,7 @@ def test_plan_run_names_a_bad_config_key_before_tracing():
     (["--seq-len", "-4"], "--seq-len"), (["--devices", "0"], "--devices"),
     (["--device-memory-gb", "-1"], "--device-memory-gb"),
     (["--model", "smollm2-135m", "--config.perturb.layer=30"], "layer"),
+    (["--model", "smollm2-135m", "--config.perturb.layers=5,30"], "perturb.layers=30 is out of range"),
     (["--model", "smollm2-135m", "--mesh", "1,2,4", "--devices", "4"], "needs 8 devices but only 4 are given by --devices"),
     (["--model", "smollm2-135m", "--mesh", "1,2,8"], "are visible (plan for more with --devices N)")])
 def test_plan_options_out_of_range_are_one_line_errors(args, match, capsys):
