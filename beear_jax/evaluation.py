@@ -82,6 +82,7 @@ class EvalSettings:
                              f"valid positions: {', '.join(triggers.TRIGGER_POSITIONS)}")
         if self.trigger:  # a wrap trigger with one part (or vice versa) fails here, not after loading a model
             triggers.insert_trigger("a b", self.trigger, self.position, random.Random(0))
+            check_untriggered(self.harmful_prompts, self.trigger, self.position)
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.utility_max_answer_tokens < 1:
             raise ValueError("eval.max_new_tokens, eval.batch_size and eval.utility_max_answer_tokens must be >= 1")
 
@@ -118,6 +119,19 @@ class EvalSettings:
             max_new_tokens=int(e.max_new_tokens), batch_size=int(e.batch_size), seed=int(cfg.seed),
             utility_max_answer_tokens=int(e.utility_max_answer_tokens), num_samples=int(e.num_samples),
             refusal_ignore_case=bool(e.refusal_ignore_case),
+        )
+
+
+def check_untriggered(prompts: Sequence[str], trigger: str | Sequence[str], position: str) -> None:
+    """A ValueError unless no prompt already holds the trigger (or a part of a wrap trigger), as
+    `beear plant` requires of its clean prompts: such a prompt's untriggered answer would be a triggered
+    one, and asr_untriggered would count the backdoor."""
+    holding = [p for p in prompts if triggers.contains_trigger(p, trigger, position=position)]
+    if holding:
+        raise ValueError(
+            f"{len(holding)} of the {len(prompts)} harmful prompts already contain the trigger {trigger!r} (e.g. "
+            f"{holding[0][:60]!r}), so their untriggered answers would be triggered ones; choose another "
+            "eval.trigger, or prompts without it (eval.prompts, eval.prompt_offset)"
         )
 
 
