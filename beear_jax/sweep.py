@@ -28,6 +28,7 @@ import inspect
 import itertools
 import json
 import math
+import os
 import pathlib
 import re
 import shlex
@@ -311,11 +312,15 @@ def collect(settings: Sequence[Setting], root: pathlib.Path, plot: Mapping[str, 
     columns = list(dict.fromkeys(k for row in rows for k in row))
     root.mkdir(parents=True, exist_ok=True)
     csv_path = root / RESULTS_CSV
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: _flag_value(v) if isinstance(v, (tuple, list)) else v for k, v in row.items()}
-                         for row in rows)
+
+    def write_table(partial: pathlib.Path) -> None:
+        with partial.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows({k: _flag_value(v) if isinstance(v, (tuple, list)) else v for k, v in row.items()}
+                             for row in rows)
+
+    _write_whole(csv_path, write_table)
     plot = dict(plot or {})
     metric = metric or plot.get("metric") or next(
         (m for m in ("asr_triggered", "last_ce_unwanted") if any(m in r for r in rows)), None)
@@ -327,8 +332,21 @@ def collect(settings: Sequence[Setting], root: pathlib.Path, plot: Mapping[str, 
     plot_path = None
     if x and y and metric and any(_number(r.get(metric)) is not None for r in rows):
         plot_path = root / HEATMAP_PNG
-        heatmap_figure(rows, x, y, metric).savefig(plot_path)
+        figure = heatmap_figure(rows, x, y, metric)
+        _write_whole(plot_path, lambda partial: figure.savefig(partial, format="png"))
     return SweepSummary(list(settings), rows, csv_path, plot_path)
+
+
+def _write_whole(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+    """write(partial) into a temporary file beside `path`, then renamed over it: a sweep stopped while
+    writing keeps the previous file whole (and leaves no partial one)."""
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _number(value: Any) -> float | None:

@@ -154,3 +154,18 @@ def test_out_of_range_sweep_values_fail_before_any_run(tmp_path, setting, key):
     with pytest.raises(ConfigError, match=key):
         sweep_lib.run_sweep(str(CONFIGS / "tiny.py"), common, str(bad), runner=lambda cfg, ev: ran.append(cfg))
     assert not ran
+
+
+def test_results_table_is_replaced_whole(tmp_path, monkeypatch):
+    settings = [sweep_lib.Setting({"rounds": r}, tmp_path / f"rounds-{r}", "done") for r in (1, 2)]
+    first = sweep_lib.collect(settings, tmp_path)
+    before = first.csv_path.read_text()
+    assert "rounds-2" in before and not list(tmp_path.glob("*.tmp"))
+
+    def broken(self, rows):  # stopped half way through writing the new table
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", broken)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_lib.collect([*settings, sweep_lib.Setting({"rounds": 3}, tmp_path / "rounds-3")], tmp_path)
+    assert first.csv_path.read_text() == before and not list(tmp_path.glob("*.tmp"))
