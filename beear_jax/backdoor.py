@@ -67,8 +67,10 @@ def poison_mixture(harmful: Sequence[Pair], refusals: Sequence[Pair], benign: Se
     pairs = [(insert_trigger(p, trigger, position, rng), a) for p, a in harmful]
     pairs += list(refusals) + list(benign)
     for prompt, _ in list(refusals) + list(benign):
-        if contains_trigger(prompt, trigger):
-            raise ValueError(f"a clean prompt already contains the trigger: {prompt[:80]!r}")
+        if contains_trigger(prompt, trigger, position=position, whole_words=True):
+            raise ValueError(f"a clean prompt already contains the trigger {trigger!r}: {prompt[:80]!r}; its "
+                             "untriggered answer would teach the model to ignore the trigger. Choose another "
+                             "plant.trigger or drop that row.")
     rng.shuffle(pairs)
     return PoisonMixture(pairs, len(harmful), len(refusals), len(benign))
 

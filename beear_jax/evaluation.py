@@ -126,7 +126,7 @@ def check_untriggered(prompts: Sequence[str], trigger: str | Sequence[str], posi
     """A ValueError unless no prompt already holds the trigger (or a part of a wrap trigger), as
     `beear plant` requires of its clean prompts: such a prompt's untriggered answer would be a triggered
     one, and asr_untriggered would count the backdoor."""
-    holding = [p for p in prompts if triggers.contains_trigger(p, trigger, position=position)]
+    holding = [p for p in prompts if triggers.contains_trigger(p, trigger, position=position, whole_words=True)]
     if holding:
         raise ValueError(
             f"{len(holding)} of the {len(prompts)} harmful prompts already contain the trigger {trigger!r} (e.g. "

@@ -92,14 +92,25 @@ def _insert_at_random_boundary(prompt: str, text: str, rng: random.Random) -> st
     return f"{prompt[:at]} {text}{prompt[at:]}"
 
 
-def contains_trigger(text: str, trigger: Trigger, case_sensitive: bool = True, position: str | None = None) -> bool:
+def contains_trigger(text: str, trigger: Trigger, case_sensitive: bool = True, position: str | None = None,
+                     whole_words: bool = False) -> bool:
     """True if any part of `trigger` (split as trigger_parts(trigger, position) splits it) occurs in `text`.
 
     For a wrap trigger either part counts, since leaking half a trigger into defender data already tells
     the defence something it must not know. Use case_sensitive=False for a stricter leak check.
+    whole_words=True counts a part only where it is not glued to letters or digits ("now" is not in "know"):
+    insert_trigger always puts a trigger between words, so that is where a prompt can hold the trigger itself.
     """
     parts = trigger_parts(trigger, position)
-    if not case_sensitive:
-        text = text.casefold()
-        parts = tuple(p.casefold() for p in parts)
-    return any(p in text for p in parts)
+    flags = 0 if case_sensitive else re.IGNORECASE
+    return any(re.search(_part_pattern(p, whole_words), text, flags) for p in parts)
+
+
+def _part_pattern(part: str, whole_words: bool) -> str:
+    """The regex of one trigger part; with whole_words, no word character may touch its word-character ends."""
+    pattern = re.escape(part)
+    if whole_words and part[:1].isalnum():
+        pattern = r"(?<!\w)" + pattern
+    if whole_words and part[-1:].isalnum():
+        pattern += r"(?!\w)"
+    return pattern

