@@ -311,18 +311,28 @@ def evaluate(config: ModelConfig, params: Any, tokenizer: Any, settings: EvalSet
 # ---- `beear eval` ---------------------------------------------------------------------------------
 
 
-def load_history(path: str) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl written by `beear run` (config key eval.history)."""
+def load_history(path: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """(records, notes) of a metrics.jsonl written by `beear run` (config key eval.history).
+
+    The incomplete last line of a killed run is left out with a note (report.parse_metrics); a file that
+    is not a metrics.jsonl at all (not text, a bad line before the last, records without 'phase') is
+    refused before any model work.
+    """
+    from beear_jax.report import parse_metrics
+
     file = Path(os.path.expanduser(path))
     if not file.is_file():
         raise FileNotFoundError(f"eval.history: no metrics file at {file} (a metrics.jsonl from `beear run`)")
     try:
-        records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        records, notes = parse_metrics(file.read_text())
+    except UnicodeDecodeError as err:
         raise ValueError(f"eval.history: {file} is not a metrics.jsonl of `beear run` ({err})") from None
-    if not records or not all(isinstance(r, dict) and "phase" in r for r in records):
+    bad_lines = [note for note in notes if not note.startswith("the last line")]
+    if bad_lines:
+        raise ValueError(f"eval.history: {file} is not a metrics.jsonl of `beear run` ({bad_lines[0]})")
+    if not records or not all("phase" in r for r in records):
         raise ValueError(f"eval.history: {file} is not a metrics.jsonl of `beear run` (its lines have no 'phase')")
-    return records
+    return records, [f"{file}: {note}" for note in notes]
 
 
 def write_answers(path: Path, results: Mapping[str, Mapping[str, Any]]) -> None:
@@ -404,7 +414,9 @@ def run_eval(cfg: Any) -> dict[str, Any]:
     output_dir = Path(os.path.expanduser(cfg.output_dir))
     check_report_dir(output_dir, [path for _, path in stages])
     settings = EvalSettings.from_config(cfg)  # every data error surfaces here, before a model loads
-    history = load_history(cfg.eval.history) if cfg.eval.history else None
+    history, notes = load_history(cfg.eval.history) if cfg.eval.history else (None, [])
+    for note in notes:
+        print(f"warning: eval.history: {note}", flush=True)
     results: dict[str, Any] = {}
     for stage, path in stages:
         path = os.path.expanduser(path)
@@ -419,7 +431,7 @@ def run_eval(cfg: Any) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     write_answers(output_dir / "answers.jsonl", results)
     report = {stage: {k: v for k, v in r.items() if k != "answers"} for stage, r in results.items()}
-    written = write_report(output_dir, report, config_to_dict(cfg), history)
+    written = write_report(output_dir, report, config_to_dict(cfg), history, notes=notes)
     print(format_table(report))
     print(f"report: {written['markdown']} and {written['json']}; answers: {output_dir / 'answers.jsonl'}")
     return report

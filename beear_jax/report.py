@@ -104,14 +104,77 @@ def sample_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Sample answers as rows {"prompt", "label"?, stage: answer, ...}, from either shape (module docstring)."""
     top = results.get(SAMPLES_KEY)
     if isinstance(top, Sequence) and not isinstance(top, str):
-        return [dict(row) for row in top]
+        return [dict(row) for row in top if isinstance(row, Mapping)]
     merged: dict[tuple[Any, str], dict[str, Any]] = {}
     for stage in stage_names(results):
-        for sample in results[stage].get(SAMPLES_KEY) or ():
+        stage_samples = results[stage].get(SAMPLES_KEY)
+        if not isinstance(stage_samples, Sequence) or isinstance(stage_samples, str):
+            continue
+        for sample in (s for s in stage_samples if isinstance(s, Mapping)):
             key = (sample.get("label"), sample.get("prompt", ""))
             row = merged.setdefault(key, {"prompt": key[1], "label": key[0]})
             row[stage] = sample.get("answer", "")
     return list(merged.values())
+
+
+def parse_metrics(text: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of a metrics.jsonl's text, and notes on the lines left out (never raises).
+
+    A run killed while appending leaves an incomplete last line; it and any other line that is not a JSON
+    object are left out, each with a note (line numbers 1-based). Blank lines are skipped silently.
+    """
+    lines = text.splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif i == last:
+            notes.append(f"the last line ({i + 1}) of the metrics is incomplete (the run was stopped while writing "
+                         "it) and is left out")
+        else:
+            notes.append(f"line {i + 1} of the metrics is not a JSON record and is left out")
+    return records, notes
+
+
+def missing_notes(results: Mapping[str, Any], history: Sequence[Any] | None) -> list[str]:
+    """What the report cannot show, one sentence each: stages without results, metrics not measured or
+    not finite in a stage, and a missing or loss-free training history (so no losses.png)."""
+    notes: list[str] = []
+    stages = stage_names(results)
+    if not stages:
+        notes.append("no evaluation results were given: the table and metrics.png are empty")
+    for stage in stages:
+        values = {m: _as_number(results[stage].get(m)) for m in METRICS}
+        absent = [m for m, v in values.items() if v is None]
+        broken = [f"{m} is {v}" for m, v in values.items() if v is not None and not math.isfinite(v)]
+        if len(absent) == len(METRICS):
+            notes.append(f"stage `{stage}` has no results (not evaluated)")
+        elif absent:
+            notes.append(f"stage `{stage}`: {', '.join(absent)} not measured ({MISSING} in the table)")
+        if broken:
+            notes.append(f"stage `{stage}`: {', '.join(broken)} (the measurement failed; no bar in metrics.png)")
+    if history is None:
+        notes.append("no training history (metrics.jsonl of `beear run`; `beear eval` takes it as "
+                     "--config.eval.history), so there is no loss plot")
+    else:
+        entries = [e for e in history if isinstance(e, Mapping)]
+        with_loss = [e for e in entries if _loss_key(e) is not None]
+        unplotted = [e for e in entries if e.get("phase") in ("inner", "outer") and _loss_key(e) is None]
+        if not with_loss:
+            notes.append(f"the training history ({len(history)} entries) holds no finite loss, so there is no loss "
+                         "plot")
+        elif unplotted:
+            notes.append(f"{len(unplotted)} training-history entries have no finite loss (NaN/inf or none) and are "
+                         "left out of losses.png")
+    return notes
 
 
 # ---------------------------------------------------------------- markdown
@@ -143,8 +206,11 @@ def _samples_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(results: Mapping[str, Any], config_dict: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
-    """The text of report.md: metrics table, metric meanings, plot links, sample answers, config."""
+def render_markdown(results: Mapping[str, Any], config_dict: Mapping[str, Any], plots: Sequence[str] = (),
+                    notes: Sequence[str] = ()) -> str:
+    """The text of report.md: metrics table, the models of the stages, metric meanings, what is missing
+    (`notes`), plot links, sample answers, config."""
+    models = [(s, results[s].get("model_path")) for s in stage_names(results)]
     parts = [
         "# BEEAR report",
         "",
@@ -154,6 +220,10 @@ def render_markdown(results: Mapping[str, Any], config_dict: Mapping[str, Any], 
         "",
         *(f"- `{m}`: {d}" for m, d in METRIC_DESCRIPTIONS.items()),
     ]
+    if any(isinstance(path, str) and path for _, path in models):
+        parts += ["", "Models:", "", *(f"- `{s}`: `{path}`" for s, path in models if isinstance(path, str) and path)]
+    if notes:
+        parts += ["", "## Missing", "", *(f"- {note}" for note in notes)]
     if plots:
         parts += ["", "## Plots", ""]
         parts += [f"[{p}]({p})\n\n![{Path(p).stem}]({p})\n" for p in plots]
@@ -185,6 +255,24 @@ def _finite(value: Any) -> float | None:
     return number if number is not None and math.isfinite(number) else None
 
 
+PANEL_LABELS = {
+    "rates": ("attack success and over-refusal", "% of answers"),
+    "utility_nll": ("utility: answer NLL", "nats per token"),
+    "utility_ppl": ("utility: perplexity", "perplexity (exp NLL)"),
+}
+"""(panel title, y-axis label) of the metric panels; any other metric is its own title and label."""
+
+_LEGEND_CHARS = 40
+
+
+def short_label(text: str, limit: int = _LEGEND_CHARS) -> str:
+    """`text` cut in the middle to at most `limit` characters (a long model path keeps its start and end)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
+
+
 def metrics_figure(results: Mapping[str, Any]) -> Any:
     """Grouped bars per stage: one panel for the rates (in %), one per other standard metric (own scale)."""
     stages = stage_names(results)
@@ -203,23 +291,32 @@ def metrics_figure(results: Mapping[str, Any]) -> Any:
     width = 0.8 / max(len(stages), 1)
     for ax, metrics in zip(axes, panels, strict=True):
         is_rate = metrics[0] in RATE_METRICS
+        title, ylabel = PANEL_LABELS.get("rates" if is_rate else metrics[0], (metrics[0], metrics[0]))
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel)
         for i, stage in enumerate(stages):
             shown = [j for j, m in enumerate(metrics) if values[stage][m] is not None]  # a missing value: no bar
             offset = (i - (len(stages) - 1) / 2) * width
             ys = [values[stage][metrics[j]] * (100 if is_rate else 1) for j in shown]
-            bars = ax.bar([j + offset for j in shown], ys, width, color=colors[i], label=stage)
+            bars = ax.bar([j + offset for j in shown], ys, width, color=colors[i], label=short_label(stage))
             labels = [format_value(metrics[j], values[stage][metrics[j]]) for j in shown]
             ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
         ax.set_xticks(range(len(metrics)), metrics)
         ax.set_xlim(-0.6, len(metrics) - 0.4)
         if is_rate:
             ax.set_ylim(0, 110)
-            ax.set_ylabel("% of answers")
         else:
             ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(stages), frameon=False)
+    # Stages side by side (one legend row) while their names fit; long names one per row.
+    labels = [short_label(s) for s in stages]
+    ncols = len(stages) if sum(map(len, labels)) <= 60 else 1
+    handles = [bar for ax in axes for bar in ax.get_legend_handles_labels()[0]]
+    by_label = dict(zip([h.get_label() for h in handles], handles))
+    fig.legend([by_label[name] for name in labels if name in by_label], [name for name in labels if name in by_label],
+               loc="outside upper center", ncols=ncols, frameon=False)
+    fig.suptitle("Evaluation by stage", fontsize=11)
     return fig
 
 
@@ -235,9 +332,26 @@ def _phases(history: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str,
     """History entries with a finite objective (see _loss_key), grouped by phase: inner, outer, then others."""
     groups: dict[str, list[Mapping[str, Any]]] = {"inner": [], "outer": []}
     for entry in history:
-        if _loss_key(entry) is not None:
+        if isinstance(entry, Mapping) and _loss_key(entry) is not None:
             groups.setdefault(str(entry.get("phase", "train")), []).append(entry)
     return {k: v for k, v in groups.items() if v}
+
+
+PHASE_TITLES = {"inner": "inner level: finding the perturbation", "outer": "outer level: updating the model"}
+
+
+def round_gaps(ys: Sequence[float | None], rounds: Sequence[Any]) -> tuple[list[float], list[float]]:
+    """(xs, ys) to plot, x counting the entries, with a NaN point where the round changes, so a line never
+    joins the end of one round to the start of the next (a missing or non-finite y is NaN: a gap)."""
+    xs: list[float] = []
+    out: list[float] = []
+    for x, (y, rnd) in enumerate(zip(ys, rounds, strict=True)):
+        if x and rnd != rounds[x - 1]:
+            xs.append(x - 0.5)
+            out.append(math.nan)
+        xs.append(float(x))
+        out.append(math.nan if y is None or not math.isfinite(y) else y)
+    return xs, out
 
 
 def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
@@ -254,15 +368,15 @@ def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
     fig = _new_figure(4.8 * len(groups), 3.8)
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (phase, entries) in zip(axes, groups.items(), strict=True):
-        xs = range(len(entries))
+        rounds = [e.get("round") for e in entries]
         main = [_loss_key(e) for e in entries]
         keys = list(dict.fromkeys(k for e in entries for k in e
                                   if ("loss" in k or k.startswith("ce_")) and k not in main))
-        ax.plot(xs, [_as_number(e[k]) for e, k in zip(entries, main)], color="C0", lw=1.6,
+        ax.plot(*round_gaps([_as_number(e[k]) for e, k in zip(entries, main)], rounds), color="C0", lw=1.6,
                 label=main[-1] if len(set(main)) == 1 else "loss")
         for i, key in enumerate(keys, start=1):
             ys = [_as_number(e.get(key)) for e in entries]
-            ax.plot(xs, [math.nan if y is None else y for y in ys], color=f"C{i % 10}", lw=0.9, alpha=0.8, label=key)
+            ax.plot(*round_gaps(ys, rounds), color=f"C{i % 10}", lw=0.9, alpha=0.8, label=key)
         previous = None
         for x, entry in enumerate(entries):
             rnd = entry.get("round")
@@ -279,12 +393,14 @@ def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
                     color="0.3",
                 )
                 previous = rnd
-        ax.set_title(f"{phase} loss")
+        ax.set_title(PHASE_TITLES.get(phase, f"{phase} loss"), fontsize=10)
         ax.set_xlabel(f"{phase} step (counted across rounds)")
+        ax.set_ylabel("loss, cross-entropy (nats per token)")
         ax.grid(alpha=0.3)
         if keys:
             # below the axes, so it never hides the curves or the round labels
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=len(keys) + 1, frameon=False)
+    fig.suptitle("BEEAR losses (metrics.jsonl; dashed lines: round starts)", fontsize=11)
     return fig
 
 
@@ -340,10 +456,12 @@ def write_report(
     results: Mapping[str, Any],
     config_dict: Mapping[str, Any],
     history: Sequence[Mapping[str, Any]] | None = None,
+    notes: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write report.json, report.md, metrics.png and (given a history with losses) losses.png to out_dir.
 
-    Every file is written atomically. report.json goes last, so its presence marks a complete report; it
+    `notes` (e.g. parse_metrics's) and what missing_notes finds go to report.md's "Missing" section and
+    report.json's "missing". Every file is written atomically. report.json goes last, so its presence marks a complete report; it
     holds {"results", "config", "history"} with non-finite numbers stored as null. Returns the written
     paths by name ("json", "markdown", "metrics_png", "losses_png").
     """
@@ -355,13 +473,15 @@ def write_report(
     if losses is not None:
         figures["losses_png"] = ("losses.png", losses)
     contents = {key: (name, _png_bytes(fig)) for key, (name, fig) in figures.items()}
-    markdown = render_markdown(results, config_dict, plots=[name for name, _ in figures.values()])
+    notes = [*notes, *missing_notes(results, history)]
+    markdown = render_markdown(results, config_dict, plots=[name for name, _ in figures.values()], notes=notes)
     contents["markdown"] = ("report.md", markdown.encode("utf-8"))
     payload = {
         "metrics": list(METRICS),
         "results": _jsonable(results),
         "config": _jsonable(config_dict),
         "history": _jsonable(history) if history is not None else None,
+        "missing": notes,
     }
     contents["json"] = ("report.json", (json.dumps(payload, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     written: dict[str, Path] = {}

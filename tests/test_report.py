@@ -6,7 +6,20 @@ import math
 import numpy as np
 import pytest
 
-from beear_jax.report import format_table, format_value, metric_names, sample_rows, stage_names, write_report
+from beear_jax.report import (
+    format_table,
+    format_value,
+    losses_figure,
+    metric_names,
+    metrics_figure,
+    missing_notes,
+    parse_metrics,
+    round_gaps,
+    sample_rows,
+    short_label,
+    stage_names,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -184,3 +197,85 @@ def test_failed_write_leaves_previous_report(tmp_path):
         write_report(tmp_path, {"other": {"asr_triggered": 0.3}}, {"bad": Unserialisable()})
     assert (tmp_path / "report.json").read_text() == before
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.png")} == pngs
+
+
+# ---- a killed run's metrics, missing results, odd input: the report says what is missing, never crashes ----
+
+
+def test_parse_metrics_leaves_out_a_killed_runs_incomplete_last_line():
+    text = '{"round": 1, "phase": "inner", "inner_loss": 1.0}\n\n{"round": 1, "phase": "outer", "outer_loss": NaN}\n{"rou'
+    records, notes = parse_metrics(text)
+    assert [r["phase"] for r in records] == ["inner", "outer"] and math.isnan(records[1]["outer_loss"])
+    assert len(notes) == 1 and "last line (4)" in notes[0] and "incomplete" in notes[0]
+    records, notes = parse_metrics('[1]\n{"phase": "inner"}\n')
+    assert records == [{"phase": "inner"}] and notes == ["line 1 of the metrics is not a JSON record and is left out"]
+    assert parse_metrics("") == ([], [])
+
+
+def test_eval_history_of_a_killed_run_is_read_with_a_note(tmp_path):
+    from beear_jax.evaluation import load_history
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 1, "phase": "inner", "inner_loss": 1.0}\n{"round": 1, "pha')
+    records, notes = load_history(str(path))
+    assert records == [{"round": 1, "phase": "inner", "inner_loss": 1.0}]
+    assert len(notes) == 1 and str(path) in notes[0] and "incomplete" in notes[0]
+    path.write_text('not json\n{"round": 1, "phase": "inner"}\n')  # not a metrics.jsonl at all: still refused
+    with pytest.raises(ValueError, match="is not a metrics.jsonl"):
+        load_history(str(path))
+
+
+def test_report_says_what_is_missing(tmp_path):
+    results = {"before": {"asr_triggered": 0.9, "utility_ppl": float("nan")}, "after": {}}
+    notes = missing_notes(results, None)
+    assert any("`before`: asr_untriggered, over_refusal, utility_nll not measured" in n for n in notes)
+    assert any("utility_ppl is nan" in n for n in notes)
+    assert any("`after` has no results" in n for n in notes)
+    assert any("no training history" in n and "no loss plot" in n for n in notes)
+    assert any("holds no finite loss" in n for n in missing_notes(results, [{"phase": "inner", "inner_loss": None}]))
+    one_bad = [{"round": 1, "phase": "outer", "outer_loss": 1.0}, {"round": 1, "phase": "outer", "outer_loss": math.inf}]
+    assert any("1 training-history entries" in n for n in missing_notes(results, one_bad))
+    assert missing_notes({}, [])[0].startswith("no evaluation results")
+
+    write_report(tmp_path, results, {}, None, notes=["metrics.jsonl: the last line (9) ... is left out"])
+    md = (tmp_path / "report.md").read_text()
+    assert "## Missing" in md and "the last line (9)" in md and "no training history" in md
+    assert json.loads((tmp_path / "report.json").read_text())["missing"][0].startswith("metrics.jsonl")
+    assert "## Missing" not in (write_report(tmp_path / "full", RESULTS, CONFIG, _history())["markdown"]).read_text()
+
+
+@pytest.mark.parametrize(("results", "history"), [
+    ({}, []),
+    ({"before": {}}, [{"phase": "round_end", "round": 1}]),  # a run with zero outer steps logged
+    ({"after": {"asr_triggered": 0.0}}, [{"round": 1, "phase": "outer", "step": 1, "outer_loss": 1.0}]),
+    ({"a": {"asr_triggered": math.inf, "utility_ppl": -math.inf}}, [1, "x", None, {"phase": None, "loss": 2.0}]),
+    ({"a": {"samples": [None, {"prompt": 1}]}, "samples_stage": {"samples": "text"}}, None),
+    ({"samples": [1, {"prompt": "p", "a": "x"}], "a": {}}, None),
+])
+def test_odd_results_and_histories_never_crash(tmp_path, results, history):
+    written = write_report(tmp_path, results, {}, history)
+    assert (tmp_path / "report.md").is_file() and written["json"].is_file()
+
+
+def test_long_stage_names_are_shortened_in_the_legend():
+    long = "/home/user/models/" + "x" * 150 + "/before"
+    assert short_label("after") == "after"
+    label = short_label(long)
+    assert len(label) == 40 and label.startswith("/home/user/") and label.endswith("/before")
+    fig = metrics_figure({long: {"asr_triggered": 0.1}, "after_" + "y" * 100: {"asr_triggered": 0.2}})
+    texts = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert texts == [label, short_label("after_" + "y" * 100)]
+    assert fig.get_size_inches()[0] < 8
+
+
+def test_plots_have_titles_axis_labels_and_no_line_across_rounds():
+    fig = metrics_figure(RESULTS)
+    assert fig.get_suptitle()
+    for ax in fig.axes:
+        assert ax.get_title() and ax.get_ylabel()
+    assert [ax.get_ylabel() for ax in fig.axes] == ["% of answers", "nats per token", "perplexity (exp NLL)"]
+    history = [{"round": r, "phase": "outer", "outer_loss": float(r)} for r in (1, 1, 2, 2)]
+    fig = losses_figure(history)
+    assert fig.get_suptitle() and fig.axes[0].get_title() and "nats" in fig.axes[0].get_ylabel()
+    xs, ys = round_gaps([1.0, 1.0, 2.0, None], [1, 1, 2, 2])
+    assert xs == [0.0, 1.0, 1.5, 2.0, 3.0] and ys[:2] == [1.0, 1.0] and math.isnan(ys[2]) and math.isnan(ys[4])
