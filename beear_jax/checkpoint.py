@@ -338,6 +338,28 @@ def run_dir_of(path: str | pathlib.Path) -> pathlib.Path:
     return base.parent if base.name == "checkpoints" else base
 
 
+def is_run_output(path: str | pathlib.Path) -> bool:
+    """True if `path` is (part of) a `beear run` output rather than a model: the run's output_dir (it holds
+    checkpoints/ or metrics.jsonl), its checkpoints/ directory, or one checkpoints/<step> directory."""
+    path = pathlib.Path(path).expanduser()
+    if not path.is_dir():
+        return False
+    if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+        return True
+    if split_step_dir(path)[1] is not None:
+        return True
+    return path.name == "checkpoints" and any(split_step_dir(child)[1] is not None for child in path.iterdir())
+
+
+def is_hf_model_dir(path: str | pathlib.Path) -> bool:
+    """True if `path` is a directory whose config.json names a model_type (an HF model, not a run)."""
+    config = pathlib.Path(path).expanduser() / "config.json"
+    try:
+        return isinstance(json.loads(config.read_text()).get("model_type"), str)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def restore_params_for_export(directory: str | pathlib.Path, step: int | None = None) -> tuple[Any, dict]:
     """Params (numpy, on the host) and meta of the newest good (or the given) checkpoint.
 
@@ -368,6 +390,11 @@ def restore_params_for_export(directory: str | pathlib.Path, step: int | None = 
 
     try:
         steps = checkpointer.steps()
+        if not steps and is_hf_model_dir(checkpointer.directory):
+            raise CheckpointNotFoundError(
+                f"{checkpointer.directory} is an HF model directory, not a run: export reads a run's checkpoints "
+                f"({_PASS_RUN_DIR}); to copy this model (e.g. in another dtype) use `beear convert "
+                f"{checkpointer.directory} OUT`.")
         if not steps:
             raise CheckpointNotFoundError(f"no checkpoints in {checkpointer.directory}; {_PASS_RUN_DIR}, its "
                                           "checkpoints/ directory or one checkpoints/<step> directory.")

@@ -99,10 +99,17 @@ def cmd_convert(argv: Sequence[str]) -> int:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read pytorch_model*.bin weights (unpickling can run code: only for files you trust)")
     args = parser.parse_args(argv)
+    from beear_jax.checkpoint import is_hf_model_dir, is_run_output
     from beear_jax.hf import _check_target, check_apart, load_model, save_model, source_dtype
 
     source = os.path.expanduser(args.source)
     target = os.path.expanduser(args.output_dir)
+    if is_run_output(source) and not is_hf_model_dir(source):
+        # Its config.json is the run's settings, not a model's: say what to convert instead.
+        model = pathlib.Path(source) / "model"
+        finished = f"its repaired model is {model} (convert that); " if is_hf_model_dir(model) else ""
+        raise ValueError(f"{source} is the output of `beear run`, not a model: {finished}a checkpoint of the run is "
+                         f"exported with `beear export {source} OUT` (--step N for another one).")
     try:
         # Refuse an occupied output directory before loading (dequantizing a GGUF takes a while);
         # save_model checks again.

@@ -172,6 +172,25 @@ def test_convert_keeps_the_source_dtype(tiny_dir, tmp_path, capsys):
     assert (again / "model.safetensors").stat().st_size == (half / "model.safetensors").stat().st_size
 
 
+def test_convert_and_export_name_the_right_command_for_a_run_or_a_model(tiny_dir, tmp_path, capsys):
+    """A run's output_dir (whose config.json holds run settings) or checkpoint is not a model for convert; an HF
+    model directory is not a run for export: each error names the command and path that work."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4" / "meta").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"round": 1, "phase": "round_end"}\n')
+    (run / "config.json").write_text('{"model": {"path": "/m"}, "rounds": 3}')
+    shutil.copytree(tiny_dir, run / "model")
+    out = tmp_path / "out"
+    _fails(capsys, ["convert", str(run), str(out)], "is the output of `beear run`", f"{run / 'model'} (convert that)",
+           f"beear export {run} OUT")
+    for path in (run / "checkpoints", run / "checkpoints" / "4"):
+        _fails(capsys, ["convert", str(path), str(out)], "is the output of `beear run`", "beear export")
+    _fails(capsys, ["export", str(tiny_dir), str(out)], "is an HF model directory, not a run",
+           f"beear convert {tiny_dir} OUT")
+    assert not out.exists()
+    assert main(["convert", str(run / "model"), str(out)]) == 0  # the run's own model converts as any model
+
+
 def test_convert_overwrite_never_replaces_its_source(tiny_dir, tmp_path, capsys):
     base, _ = make_tiny_hf_model(tmp_path / "user", "llama_untied_bias", seed=3)
     make_tiny_tokenizer(base)
