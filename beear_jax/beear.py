@@ -232,11 +232,26 @@ def _scalars(metrics: dict[str, Any], index: int | None = None) -> dict[str, flo
     return {k: float(np.asarray(v)[index] if index is not None else np.asarray(v)) for k, v in metrics.items()}
 
 
+def kept_metrics(text: str, keep: int) -> tuple[list[dict], list[str]]:
+    """The first `keep` records of a metrics.jsonl's text (what a checkpoint logged), and notes on lines
+    that were missing or damaged there (left out: the history before the checkpoint is then incomplete)."""
+    from beear_jax.report import parse_metrics
+
+    lines = text.splitlines()[:keep] if keep > 0 else []
+    records, notes = parse_metrics("\n".join(lines))
+    if len(lines) < keep:
+        notes.append(f"it holds {len(lines)} of the {keep} lines the checkpoint logged; the history of the earlier "
+                     "steps is incomplete")
+    return records, notes
+
+
 class MetricsLog:
     """Appends one JSON line per step to metrics.jsonl and keeps the history in memory.
 
     `keep` lines of an existing file are kept (a resumed run continues the log from its checkpoint;
-    lines written after that checkpoint are dropped, as their steps run again).
+    lines written after that checkpoint are dropped, as their steps run again). The kept lines replace
+    the file whole (temp file + rename: a kill then cannot lose them); damaged or missing ones are left
+    out with a warning (kept_metrics), never an error that would stop the resume.
     """
 
     def __init__(self, path: pathlib.Path | None, keep: int = 0) -> None:
@@ -244,9 +259,13 @@ class MetricsLog:
         self.history: list[dict] = []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            kept = path.read_text().splitlines()[:keep] if keep and path.exists() else []
-            self.history = [json.loads(line) for line in kept]
-            path.write_text("".join(line + "\n" for line in kept))
+            text = path.read_text(errors="replace") if keep and path.exists() else ""
+            self.history, notes = kept_metrics(text, keep)
+            for note in notes:
+                print(f"beear: warning: {path}: {note}", file=sys.stderr)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in self.history))
+            os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
         self.history.append(record)

@@ -258,3 +258,18 @@ def test_data_paths_expand_the_home_directory(setup, monkeypatch):
     from beear_jax.data import load_table
 
     assert load_table(f"~/{safety.name}", {"prompt": "prompt"}) == load_table(str(safety), {"prompt": "prompt"})
+
+
+def test_a_resume_keeps_what_it_can_of_a_damaged_metrics_log(tmp_path, capsys):
+    from beear_jax.beear import MetricsLog, kept_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 1, "phase": "inner"}\n{"rou\n{"round": 1, "phase": "outer"}\n{"round": 2}\n')
+    log = MetricsLog(path, keep=3)  # the checkpoint logged 3 lines; the 2nd was damaged, the 4th ran after it
+    assert [r["phase"] for r in log.history] == ["inner", "outer"]
+    assert path.read_text() == '{"round": 1, "phase": "inner"}\n{"round": 1, "phase": "outer"}\n'
+    assert "line 2 of the metrics" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".metrics.jsonl.tmp-*"))
+    records, notes = kept_metrics('{"a": 1}\n', 4)
+    assert records == [{"a": 1}] and "holds 1 of the 4 lines" in notes[0]
+    assert kept_metrics("anything", 0) == ([], [])
