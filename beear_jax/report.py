@@ -337,23 +337,6 @@ def _phases(history: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str,
     return {k: v for k, v in groups.items() if v}
 
 
-PHASE_TITLES = {"inner": "inner level: finding the perturbation", "outer": "outer level: updating the model"}
-
-
-def round_gaps(ys: Sequence[float | None], rounds: Sequence[Any]) -> tuple[list[float], list[float]]:
-    """(xs, ys) to plot, x counting the entries, with a NaN point where the round changes, so a line never
-    joins the end of one round to the start of the next (a missing or non-finite y is NaN: a gap)."""
-    xs: list[float] = []
-    out: list[float] = []
-    for x, (y, rnd) in enumerate(zip(ys, rounds, strict=True)):
-        if x and rnd != rounds[x - 1]:
-            xs.append(x - 0.5)
-            out.append(math.nan)
-        xs.append(float(x))
-        out.append(math.nan if y is None or not math.isfinite(y) else y)
-    return xs, out
-
-
 def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
     """Loss curves, one panel per phase, x = step counted across rounds, dashed lines at round starts.
 
@@ -368,15 +351,15 @@ def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
     fig = _new_figure(4.8 * len(groups), 3.8)
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (phase, entries) in zip(axes, groups.items(), strict=True):
-        rounds = [e.get("round") for e in entries]
+        xs = range(len(entries))
         main = [_loss_key(e) for e in entries]
         keys = list(dict.fromkeys(k for e in entries for k in e
                                   if ("loss" in k or k.startswith("ce_")) and k not in main))
-        ax.plot(*round_gaps([_as_number(e[k]) for e, k in zip(entries, main)], rounds), color="C0", lw=1.6,
+        ax.plot(xs, [_as_number(e[k]) for e, k in zip(entries, main)], color="C0", lw=1.6,
                 label=main[-1] if len(set(main)) == 1 else "loss")
         for i, key in enumerate(keys, start=1):
             ys = [_as_number(e.get(key)) for e in entries]
-            ax.plot(*round_gaps(ys, rounds), color=f"C{i % 10}", lw=0.9, alpha=0.8, label=key)
+            ax.plot(xs, [math.nan if y is None else y for y in ys], color=f"C{i % 10}", lw=0.9, alpha=0.8, label=key)
         previous = None
         for x, entry in enumerate(entries):
             rnd = entry.get("round")
@@ -393,7 +376,7 @@ def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
                     color="0.3",
                 )
                 previous = rnd
-        ax.set_title(PHASE_TITLES.get(phase, f"{phase} loss"), fontsize=10)
+        ax.set_title(f"{phase} loss")
         ax.set_xlabel(f"{phase} step (counted across rounds)")
         ax.set_ylabel("loss, cross-entropy (nats per token)")
         ax.grid(alpha=0.3)
