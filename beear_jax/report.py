@@ -310,13 +310,13 @@ def metrics_figure(results: Mapping[str, Any]) -> Any:
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
     # Stages side by side (one legend row) while their names fit; long names one per row.
+    # One swatch per stage in its colour (a panel where a stage has no bar must not lend it another colour).
+    from matplotlib.patches import Patch
+
     labels = [short_label(s) for s in stages]
     ncols = len(stages) if sum(map(len, labels)) <= 60 else 1
-    handles = [bar for ax in axes for bar in ax.get_legend_handles_labels()[0]]
-    by_label = dict(zip([h.get_label() for h in handles], handles))
-    fig.legend([by_label[name] for name in labels if name in by_label], [name for name in labels if name in by_label],
-               loc="outside upper center", ncols=ncols, frameon=False)
-    fig.suptitle("Evaluation by stage", fontsize=11)
+    fig.legend([Patch(color=colors[i]) for i in range(len(stages))], labels, loc="outside upper center", ncols=ncols,
+               frameon=False)
     return fig
 
 

@@ -269,10 +269,23 @@ def test_long_stage_names_are_shortened_in_the_legend():
 
 def test_plots_have_titles_and_axis_labels():
     fig = metrics_figure(RESULTS)
-    assert fig.get_suptitle()
     for ax in fig.axes:
         assert ax.get_title() and ax.get_ylabel()
     assert [ax.get_ylabel() for ax in fig.axes] == ["% of answers", "nats per token", "perplexity (exp NLL)"]
     history = [{"round": r, "phase": "outer", "outer_loss": float(r)} for r in (1, 1, 2, 2)]
     fig = losses_figure(history)
     assert fig.get_suptitle() and fig.axes[0].get_title() == "outer loss" and "nats" in fig.axes[0].get_ylabel()
+
+
+def test_legend_colours_are_the_stages_bar_colours():
+    """A stage with no bar in some panel (metrics not measured) keeps its own colour in the legend, and the
+    legend does not cover a figure title (there is none: the panels have titles)."""
+    results = {"before": {"asr_triggered": 0.9, "utility_nll": 1.8}, "after": {"asr_triggered": 0.1},
+               "third": {"asr_triggered": 0.5}}
+    fig = metrics_figure(results)
+    legend = fig.legends[0]
+    swatches = {t.get_text(): h.get_facecolor() for t, h in zip(legend.get_texts(), legend.legend_handles)}
+    rates = fig.axes[0]
+    for container, stage in zip(rates.containers, results):
+        assert tuple(container.patches[0].get_facecolor()) == tuple(swatches[stage])
+    assert not fig.get_suptitle()
