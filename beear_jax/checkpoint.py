@@ -544,6 +544,23 @@ class LoopCheckpoints:
                 f"state. Resume with --config.rounds >= {reached} (the run's own: "
                 f"{_lookup(meta.get('config') or {}, 'rounds')}), or export a checkpoint with `beear export`.")
 
+    def _check_round_in_progress(self, cursor: dict, saved_rounds: list[str]) -> None:
+        """Refuses a checkpoint taken between the outer steps of a round whose plan (the rows its inner and
+        outer steps draw) the current settings change: the rest of the round would follow another plan than
+        the one its perturbation was found on and its first steps took. A checkpoint at a round's end may
+        continue with other settings (later rounds simply draw other rows)."""
+        round_index = int(cursor["round"])
+        mid_round = not cursor["round_done"] and int(cursor["outer_step"]) > 0
+        if not mid_round or not 0 < round_index <= min(len(saved_rounds), len(self.round_digests)):
+            return
+        if saved_rounds[round_index - 1] != self.round_digests[round_index - 1]:
+            raise CheckpointMismatchError(
+                f"the newest checkpoint in {self.store.directory} is in the middle of round {round_index} "
+                f"({cursor['outer_step']} outer steps done), and the current seed or sampling settings (seed, "
+                "inner.samples, inner.batch_size, outer.batch_size, outer.anchor_samples, the data) plan "
+                "that round differently: the round would mix two plans. Resume with the run's own settings (they "
+                "are in its config.json), or choose a new --config.output_dir.")
+
     def resume(self, state: RunState, shardings: Any) -> dict | None:
         """Restores `state` in place from the newest good checkpoint onto `shardings` (a StepShardings,
         possibly of another mesh than the one that saved); returns the checkpoint's meta, or None."""
@@ -558,6 +575,7 @@ class LoopCheckpoints:
             return None
         restored, meta = found
         saved_rounds = list(meta.get("round_digests") or [])
+        self._check_round_in_progress(meta["cursor"], saved_rounds)
         common = min(len(saved_rounds), len(self.round_digests))
         if saved_rounds[:common] != self.round_digests[:common]:
             _warn("the seed or the sampling settings differ from the checkpointed run; later rounds draw other "

@@ -143,6 +143,23 @@ def test_resume_refuses_another_model_other_data_or_fewer_rounds(world, runs, tm
     assert "draw other samples" not in caplog.text  # more rounds: the first ones draw what they drew
 
 
+
+def test_a_mid_round_resume_refuses_settings_that_replan_that_round(world, runs, caplog):
+    """From a checkpoint between a round's outer steps, settings that change the round's rows (seed,
+    sample counts, batch sizes) would mix two plans in one round: refused. Others (a learning rate) go on."""
+    _, cut, _ = runs
+    out = _copy(cut, "cut_mid_round")
+    shutil.rmtree(out / "checkpoints" / "4")  # the newest is now 3: round 2 after its first outer step
+    before = _tree(out)
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"in the middle of round 2 \(1 outer steps done\).*"
+                                                           r"mix two plans"):
+        run_beear(_cfg(world, out, resume=True, seed=1), progress=False)
+    assert _tree(out) == before
+    with caplog.at_level(logging.WARNING, logger="beear_jax"):
+        resumed = run_beear(_cfg(world, out, resume=True, **{"outer.lr": 2e-5}), progress=False)
+    assert resumed.resumed_from == 3 and "changed settings: outer.lr" in caplog.text
+
+
 def test_restore_onto_other_meshes_is_exact(tmp_path):
     config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8)
