@@ -403,9 +403,13 @@ def restore_params_for_export(directory: str | pathlib.Path, step: int | None = 
             assert found is not None
             items, meta = found
         elif step not in steps:
-            raise CheckpointNotFoundError(f"{checkpointer.directory} has no checkpoint {step}; the checkpoints there "
-                                          f"are steps {', '.join(map(str, steps))} (or leave the step out for the "
-                                          "newest good one).")
+            set_aside = sorted(p.name for p in pathlib.Path(checkpointer.directory).glob(f"corrupt-{step}*")
+                               if p.name == f"corrupt-{step}" or p.name.startswith(f"corrupt-{step}-"))
+            why = (f" (a resume found step {step} corrupt or partial and set it aside as {set_aside[0]})"
+                   if set_aside else "")
+            raise CheckpointNotFoundError(f"{checkpointer.directory} has no checkpoint {step}{why}; the checkpoints "
+                                          f"there are steps {', '.join(map(str, steps))} (or leave the step out for "
+                                          "the newest good one).")
         else:
             try:
                 items, meta = checkpointer.restore_step(step, targets, ("params",))

@@ -358,6 +358,12 @@ def test_export_step_choices_are_listed_and_step_dirs_accepted(world, runs, caps
     assert cli.main(["export", str(cut / "checkpoints" / "4"), str(target)]) == 0  # a step's own directory
     assert "from checkpoint 4 " in capsys.readouterr().out
     _assert_params_close(load_model(target)[1], at_interrupt, 0.0)
+    set_aside = _copy(cut, "export_set_aside")
+    (set_aside / "checkpoints" / "4").rename(set_aside / "checkpoints" / "corrupt-4")  # as a resume does
+    assert cli.main(["export", "--step", "4", str(set_aside), str(target.with_name("export_4"))]) == 1
+    line = _one_error_line(capsys.readouterr().err, "export")
+    assert "has no checkpoint 4 (a resume found step 4 corrupt or partial and set it aside as corrupt-4)" in line
+    assert "steps 1, 2, 3" in line
     meta = ckpt.restore_params_for_export(cut / "checkpoints" / "3")[1]
     assert meta["step"] == 3
     with pytest.raises(ValueError, match="is checkpoint 3 but step 2 was asked for"):
