@@ -146,9 +146,10 @@ def inner_cache(config: ModelConfig, params: Params, batch: Batch, layer: int,
 def take_slots(x: jax.Array, slots: jax.Array) -> jax.Array:
     """x [B, S, ...] at slots [B, T] (zeros where a slot is >= S), as a one-hot contraction over S: unlike
     a gather, it splits over the batch axes without moving whole rows between devices, and it is exact
-    (one nonzero term per sum)."""
+    (one nonzero term per sum, at llama.SELECT_PRECISION: the default would round float32 to bfloat16 on TPU)."""
     if jnp.issubdtype(x.dtype, jnp.floating):
-        return jnp.einsum("bts,bs...->bt...", jax.nn.one_hot(slots, x.shape[1], dtype=x.dtype), x)
+        return jnp.einsum("bts,bs...->bt...", jax.nn.one_hot(slots, x.shape[1], dtype=x.dtype), x,
+                          precision=llama.SELECT_PRECISION)
     # Integer rows [B, S] (masks, positions): a select and a sum (integer matmuls are not everywhere).
     hit = slots[:, :, None] == jnp.arange(x.shape[1])[None, None, :]
     return jnp.sum(jnp.where(hit, x[:, None, :], 0), axis=-1).astype(x.dtype)

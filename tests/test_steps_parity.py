@@ -24,6 +24,7 @@ from beear_jax.steps import (
     lower_activations,
     outer_loss,
     outer_step,
+    take_slots,
     trainable_mask,
 )
 
@@ -222,6 +223,39 @@ def test_delta_touches_exactly_the_last_n_prompt_positions():
         if p:
             expected[p - N:p] = np.asarray(delta)
         np.testing.assert_array_equal(touched[row], expected)
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The precision of every dot_general in a (closed) jaxpr, nested jaxprs included."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+                    found += _dot_precisions(sub)
+    return found
+
+
+def test_one_hot_selections_are_exact_at_any_default_precision():
+    """inject (delta at the perturbed tokens) and take_slots (the prefix cache's suffix h_l) are selections
+    written as one-hot matmuls. At the default precision TPUs round float32 operands to bfloat16 and GPUs
+    to TF32, which would round delta, h_l and delta's gradient (CPU, where the tests run, never does):
+    their matmuls, forward and backward, must ask for HIGHEST."""
+    h = jnp.ones((2, 5, 4))
+    positions = jnp.asarray([[1, 2], [-1, 4]])
+    slots = jnp.asarray([[1, 2, 3], [2, 3, 7]])
+    for fn in (lambda d, x: llama.inject(x, d, positions), lambda d, x: take_slots(x + d[0, 0], slots)):
+        def loss(d: jax.Array, x: jax.Array, fn=fn) -> jax.Array:
+            return jnp.sum(fn(d, x) ** 2)
+
+        with jax.default_matmul_precision("bfloat16"):  # what TPUs do by default (conftest sets "highest")
+            jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(jnp.ones((2, 4)), h)
+        precisions = _dot_precisions(jaxpr)
+        assert len(precisions) >= 2  # the forward matmul and its transposes
+        assert all(p == (jax.lax.Precision.HIGHEST,) * 2 for p in precisions), precisions
 
 
 def test_inner_step_never_changes_params_and_outer_ignores_delta_on_anchors(models):

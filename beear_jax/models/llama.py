@@ -365,10 +365,17 @@ def head(config: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
     return jnp.einsum("...d,dv->...v", x, params["lm_head"].astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+# Precision of contractions with a one-hot operand (selections written as matmuls, so that they split over
+# the batch axes): at the default precision TPUs round float32 operands to bfloat16 and recent GPUs to
+# TF32, so the selected values (delta, hidden states) and their gradients would lose bits that a gather
+# keeps. HIGHEST makes them exact on every backend (one nonzero term per sum).
+SELECT_PRECISION = jax.lax.Precision.HIGHEST
+
+
 def inject(h: jax.Array, delta: jax.Array, perturb_positions: jax.Array) -> jax.Array:
-    """Adds delta [n, D] to h [B, S, D] at positions [B, n] (entries < 0 are skipped)."""
+    """Adds delta [n, D] to h [B, S, D] at positions [B, n] (entries < 0 are skipped); exact (SELECT_PRECISION)."""
     one_hot = jax.nn.one_hot(perturb_positions, h.shape[1], dtype=delta.dtype)  # [B, n, S]; -1 -> zeros
-    return h + jnp.einsum("bns,nd->bsd", one_hot, delta).astype(h.dtype)
+    return h + jnp.einsum("bns,nd->bsd", one_hot, delta, precision=SELECT_PRECISION).astype(h.dtype)
 
 
 def inject_at(h: jax.Array, delta: jax.Array, perturb_index: jax.Array) -> jax.Array:
