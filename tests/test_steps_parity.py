@@ -16,6 +16,7 @@ from beear_jax import hf
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.weights import init_params
+from beear_jax.objectives import masked_ce
 from beear_jax.steps import (
     StepSettings,
     inner_cache,
@@ -156,6 +157,100 @@ def test_prefix_cache_with_perturbations_at_several_layers():
     (_, ref_metrics), ref_grad = grad_fn(deltas, config, params, inner_cache(config, params, shared, 1), shared, 1,
                                          settings)
     _assert_same_inner(metrics, grad, ref_metrics, ref_grad)
+
+
+# Every odd shape at once: a sliding window (3) shorter than every prompt but one, one kv head, an explicit
+# head_dim, biases, untied embeddings and llama3 RoPE.
+ODD = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4, num_kv_heads=1,
+                  head_dim=12, model_type="mistral", sliding_window=3, attention_bias=True, mlp_bias=True,
+                  rope_theta=500000.0, rms_norm_eps=1e-5,
+                  rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                                ("original_max_position_embeddings", 16), ("rope_type", "llama3")))
+ODD_LAYERS = (1, 3)  # the first and the last boundary (several deltas)
+
+
+def _plain_ce(config: ModelConfig, params: dict, batch: dict, deltas: dict) -> jax.Array:
+    """Masked answer CE of make_batch rows through llama.forward (no cache, branch, prefix or packing)."""
+    logits = llama.forward(config, params, batch["input_ids"], batch["attention_mask"], deltas=deltas or None,
+                           perturb_positions=batch["perturb_positions"])
+    return masked_ce(logits, batch["targets"], batch["target_mask"])
+
+
+def _rows_batch(prompts: list, answers: list, n: int, seq_len: int) -> dict:
+    return jax.tree.map(jnp.asarray, data_lib.make_batch(list(zip(prompts, answers)), n, len(prompts), seq_len, 0))
+
+
+def _close_to(what: str, value, ref, rtol: float = 1e-4) -> None:
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(value)[0], jax.tree.leaves(ref), strict=True):
+        scale = float(jnp.abs(b).max()) + 1e-12
+        assert float(jnp.abs(a - b).max()) <= rtol * scale, f"{what}{jax.tree_util.keystr(path)}"
+
+
+@pytest.mark.parametrize("n", [1, 2])  # 2: the shortest prompt's length (its prefix is empty)
+def test_inner_layouts_match_a_plain_forward_on_an_odd_model(n):
+    """[unwanted; safe] rows, shared-prompt rows and shared rows with a cached prompt prefix give the loss
+    and delta gradients of plain forwards, with a window shorter than the prompts (it must hold across the
+    prefix and the branches), prompts of 2-25 tokens and the longest answers filling answer_len."""
+    params = init_params(ODD, jax.random.key(0), std=0.2)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 97, p).tolist() for p in (2, 17, 6, 25)]
+    unwanted = [rng.integers(3, 97, a).tolist() for a in (5, 3, 7, 7)]
+    safe = [rng.integers(3, 97, a).tolist() for a in (7, 2, 4, 7)]
+    deltas = {b: jnp.asarray(rng.normal(0, 0.5, (n, ODD.hidden_size)), jnp.float32) for b in ODD_LAYERS}
+    settings = StepSettings(alpha=0.3, answer_len=7)
+
+    def plain(d: dict) -> tuple[jax.Array, dict]:
+        ce_unwanted = _plain_ce(ODD, params, _rows_batch(prompts, unwanted, n, 32), d)
+        ce_safe = _plain_ce(ODD, params, _rows_batch(prompts, safe, n, 32), d)
+        return ce_unwanted - 0.3 * ce_safe, {"ce_unwanted": ce_unwanted, "ce_safe": ce_safe}
+
+    (ref_loss, ref_metrics), ref_grad = jax.jit(jax.value_and_grad(plain, has_aux=True))(deltas)
+    u, s = (data_lib.make_batch(list(zip(prompts, a)), n, 5, 35, 0) for a in (unwanted, safe))
+    shared = data_lib.make_shared_prompt_batch(prompts, unwanted, safe, n, 5, 48, 7, 0)
+    lengths = shared["attention_mask"].sum(1)[:4]
+    split = data_lib.with_prompt_prefix(shared, n, *data_lib.prefix_split_lengths([len(p) for p in prompts], lengths,
+                                                                                  n, 48))
+    grad_fn = jax.jit(jax.value_and_grad(inner_loss, has_aux=True), static_argnums=(1, 5, 6))
+    for name, batch in (("rows", {k: np.concatenate([u[k], s[k]]) for k in u}), ("shared", shared),
+                        ("prefix", split)):
+        batch = jax.tree.map(jnp.asarray, batch)
+        cache = jax.jit(inner_cache, static_argnums=(0, 3))(ODD, params, batch, ODD_LAYERS[0])
+        (loss, metrics), grad = grad_fn(deltas, ODD, params, cache, batch, ODD_LAYERS[0], settings)
+        _close_to(name, (loss, metrics["ce_unwanted"], metrics["ce_safe"], grad),
+                  (ref_loss, ref_metrics["ce_unwanted"], ref_metrics["ce_safe"], ref_grad))
+
+
+def test_outer_layouts_match_a_plain_forward_on_an_odd_model():
+    """Packed rows and one joint padded batch (perturbed anchors too, 'dots' remat) give
+    the loss and param gradients of plain forwards on the odd model (window shorter than the examples)."""
+    params = init_params(ODD, jax.random.key(0), std=0.2)
+    rng = np.random.default_rng(2)
+    safe_rows = [(rng.integers(3, 97, p).tolist(), rng.integers(3, 97, a).tolist()) for p, a in ((2, 6), (15, 3), (9, 8))]
+    anchor_rows = [(rng.integers(3, 97, p).tolist(), rng.integers(3, 97, a).tolist())
+                   for p, a in ((4, 8), (21, 2), (3, 8), (11, 5))]
+    n, seq = 2, 31
+    deltas = {b: jnp.asarray(rng.normal(0, 0.5, (n, ODD.hidden_size)), jnp.float32) for b in ODD_LAYERS}
+    settings = StepSettings(anchor_weight=0.7, perturb_anchors=True, answer_len=8, outer_remat="dots")
+
+    def plain(p: dict) -> tuple[jax.Array, dict]:
+        safe = jax.tree.map(jnp.asarray, data_lib.make_batch(safe_rows, n, 3, seq, 0))
+        anchor = jax.tree.map(jnp.asarray, data_lib.make_batch(anchor_rows, n, 4, seq, 0))
+        terms = {"ce_safe_perturbed": _plain_ce(ODD, p, safe, deltas), "ce_anchor": _plain_ce(ODD, p, anchor, {}),
+                 "ce_anchor_perturbed": _plain_ce(ODD, p, anchor, deltas)}
+        loss = terms["ce_safe_perturbed"] + 0.7 * (terms["ce_anchor"] + terms["ce_anchor_perturbed"])
+        return loss, {**terms, "outer_loss": loss}
+
+    (_, ref_metrics), ref_grads = jax.jit(jax.value_and_grad(plain, has_aux=True))(params)
+    parts = [safe_rows, anchor_rows, anchor_rows]
+    rows, row_len = data_lib.packing_shape([[len(p) + len(a) for part in parts for p, a in part]], seq)
+    packed = data_lib.make_packed_batch(parts, [True, False, True], 5, n, rows, row_len, 8, 0)
+    assert packed["branches"].max() > 1  # rows really hold several examples
+    layouts = {"packed": (packed, None),
+               "joint": tuple(data_lib.make_batch(r, n, 5, seq, 0) for r in (safe_rows, anchor_rows))}
+    grad_fn = jax.jit(jax.value_and_grad(outer_loss, has_aux=True), static_argnums=(1, 5))
+    for name, (a, b) in layouts.items():
+        (_, metrics), grads = grad_fn(params, ODD, deltas, *jax.tree.map(jnp.asarray, (a, b)), settings)
+        _close_to(name, ({k: metrics[k] for k in ref_metrics}, grads), (ref_metrics, ref_grads))
 
 
 # Same padded length: safe and anchor rows run as one batch; another length: two passes.
