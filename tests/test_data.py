@@ -526,7 +526,6 @@ def test_csv_cells_are_read_as_written(tmp_path):
         data.load_table(str(path), COLUMNS)
 
 
-
 @pytest.mark.parametrize("cell,kind", [(["Sure"], "list"), ({"text": "Sure"}, "dict")])
 def test_a_cell_that_is_no_text_is_refused_not_stringified(tmp_path, cell, kind):
     path = tmp_path / "set.jsonl"
