@@ -263,9 +263,9 @@ class MetricsLog:
             self.history, notes = kept_metrics(text, keep)
             for note in notes:
                 print(f"beear: warning: {path}: {note}", file=sys.stderr)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in self.history))
-            os.replace(tmp, path)
+            from beear_jax.report import _atomic_write
+
+            _atomic_write(path, "".join(json.dumps(record) + "\n" for record in self.history).encode("utf-8"))
 
     def write(self, record: dict) -> None:
         self.history.append(record)
