@@ -182,10 +182,11 @@ def _pickle_source(model_dir: pathlib.Path, allow_pickle: bool) -> tuple[dict, C
 
 def _load_gguf(path: pathlib.Path, dtype: str) -> tuple[ModelConfig, dict]:
     try:
-        arch = hf_gguf.gguf_architecture(path)
+        reader = hf_gguf.open_gguf(path)
+        arch = hf_gguf.gguf_architecture(reader)
         supported = arch in hf_gguf.READABLE_ARCHITECTURES
         hf = hf_gguf.read_gguf_config(path) if supported else {}
-        names = hf_gguf.gguf_tensor_names(path) if supported else []
+        names = hf_gguf.gguf_tensor_names(reader)
     except (ValueError, KeyError, IndexError, OSError) as err:
         raise CheckpointError(f"{path}: cannot read this GGUF file ({err}). Check that it is a complete Llama or "
                               "Mistral GGUF file.") from err
@@ -196,11 +197,11 @@ def _load_gguf(path: pathlib.Path, dtype: str) -> tuple[ModelConfig, dict]:
                               "instead.")
     hf.update(hf_gguf.bias_flags_from_gguf(names, str(path)))
     plain = _config_from_dict(hf, dtype, str(path))
-    meta, freq_factors = hf_gguf.read_gguf_rope(path)
+    meta, freq_factors = hf_gguf.read_gguf_rope(reader)
     hf["rope_scaling"] = hf_gguf.rope_scaling_from_gguf(meta, freq_factors, plain.rope_theta, plain.head_dim, str(path))
     config = _config_from_dict(hf, dtype, str(path))
     try:
-        tensors = hf_gguf.read_gguf_tensors(path, config.to_hf_dict())
+        tensors = hf_gguf.read_gguf_tensors(reader, config.num_heads, config.num_kv_heads)
     except (NotImplementedError, ValueError, KeyError, OSError) as err:
         raise CheckpointError(f"{path}: cannot read this GGUF file's tensors ({err}). Load the model's HF "
                               "checkpoint directory instead.") from err

@@ -1,11 +1,13 @@
-"""GGUF import through transformers' GGUF reader (needs torch and gguf: `pip install beear_jax[torch]`).
+"""GGUF import (needs gguf, and torch for transformers' config and tokenizer readers: `pip install beear_jax[torch]`).
 
-The reader dequantizes every tensor to float32 and undoes llama.cpp's q/k row permutation, so what it
-returns is an ordinary HF state dict; hf.py maps that to our layout like any other checkpoint. It drops
-RoPE scaling (the `{arch}.rope.scaling.*` keys and llama3's `rope_freqs.weight` tensor), so that is read
-here with the gguf package and turned back into an HF rope_scaling dict, or refused. It also drops every
-tensor its model lacks, so biases set attention_bias / mlp_bias from the tensor names, and a tensor a
-Llama has no place for is refused.
+The HF config and the tokenizer come from transformers' GGUF readers. The tensors are read here with the
+gguf package: each is dequantized to float32, renamed to its HF name and, for q/k, llama.cpp's row
+permutation is undone, so what comes out is an ordinary HF state dict that hf.py maps to our layout like
+any other checkpoint (transformers does the same but walks a whole model per tensor, ~3x slower). The
+file is parsed once (`open_gguf`, seconds for a 49k-token vocabulary) and that reader is shared.
+RoPE scaling (the `{arch}.rope.scaling.*` keys and llama3's `rope_freqs.weight` tensor), which
+transformers' config drops, is turned back into an HF rope_scaling dict, or refused. Biases set
+attention_bias / mlp_bias from the tensor names, and a tensor a Llama has no place for is refused.
 """
 
 from __future__ import annotations
@@ -52,11 +54,15 @@ def _field_value(field: Any) -> Any:
 READABLE_ARCHITECTURES = ("llama",)
 
 
-def gguf_architecture(path: pathlib.Path) -> str:
-    """A GGUF file's `general.architecture` ('' when the field is missing)."""
+def open_gguf(path: pathlib.Path) -> Any:
+    """A gguf.GGUFReader of a file: its metadata and tensor headers parsed, tensor data memory-mapped."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    return GGUFReader(str(path))
+
+
+def gguf_architecture(reader: Any) -> str:
+    """A GGUF file's `general.architecture` ('' when the field is missing)."""
     field = reader.fields.get("general.architecture")
     return str(_field_value(field)) if field is not None else ""
 
@@ -66,11 +72,9 @@ _LLAMA_TENSOR = re.compile(r"(token_embd|output_norm|output|rope_freqs)\.weight|
                            r"attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.(weight|bias)")
 
 
-def gguf_tensor_names(path: pathlib.Path) -> list[str]:
+def gguf_tensor_names(reader: Any) -> list[str]:
     """The names of a GGUF file's tensors (from its header; no data is read)."""
-    from gguf import GGUFReader
-
-    return [t.name for t in GGUFReader(str(path)).tensors]
+    return [t.name for t in reader.tensors]
 
 
 def bias_flags_from_gguf(names: list[str], where: str) -> dict[str, bool]:
@@ -86,12 +90,9 @@ def bias_flags_from_gguf(names: list[str], where: str) -> dict[str, bool]:
             "mlp_bias": any(re.search(r"\.ffn_(gate|up|down)\.bias$", n) for n in names)}
 
 
-def read_gguf_rope(path: pathlib.Path) -> tuple[dict[str, Any], np.ndarray | None]:
+def read_gguf_rope(reader: Any) -> tuple[dict[str, Any], np.ndarray | None]:
     """({key suffix after `{arch}.rope.scaling.`: value}, the `rope_freqs.weight` tensor or None) of a GGUF file."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    arch = _field_value(reader.fields["general.architecture"]) if "general.architecture" in reader.fields else ""
+    arch = gguf_architecture(reader)
     prefix = f"{arch}.rope.scaling."
     meta = {name[len(prefix):]: _field_value(f) for name, f in reader.fields.items() if name.startswith(prefix)}
     freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
@@ -181,22 +182,52 @@ def _smooth_band_line(freq_factors: np.ndarray, wavelen: np.ndarray, factor: flo
     return a, -a * (lo + (hi - lo) / 3)
 
 
-def read_gguf_tensors(path: pathlib.Path, hf_config: dict[str, Any]) -> dict[str, np.ndarray]:
-    """All tensors of a GGUF file, dequantized to float32, under their HF names.
+# llama.cpp's tensor names -> HF's (blk.N.* -> model.layers.N.*); rope_freqs.weight has no HF tensor.
+_HF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_HF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                   "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                   "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                   "ffn_down": "mlp.down_proj"}
 
-    transformers maps GGUF names to HF names by walking a model's state dict, so we hand it a model
-    built on the meta device: it has the names and shapes but allocates no memory.
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The HF state-dict name of a llama.cpp Llama tensor, None for one HF has no tensor for (rope_freqs)."""
+    stem, _, kind = gguf_name.rpartition(".")
+    if stem in _HF_TOP_NAMES:
+        return f"{_HF_TOP_NAMES[stem]}.{kind}"
+    block = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+    if block and block[2] in _HF_BLOCK_NAMES:
+        return f"model.layers.{block[1]}.{_HF_BLOCK_NAMES[block[2]]}.{kind}"
+    return None
+
+
+def unpermute_rotary_rows(rows: np.ndarray, heads: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k permutation: its converter reorders each head's output rows from HF's
+    (two rotary halves) layout to interleaved pairs, for GGML's RoPE."""
+    pair_count = rows.shape[0] // heads // 2
+    return rows.reshape(heads, pair_count, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def read_gguf_tensors(reader: Any, num_heads: int, num_kv_heads: int) -> dict[str, np.ndarray]:
+    """All tensors of a Llama GGUF file that HF has, dequantized to float32, under their HF names.
+
+    Names are expected to be checked first (`bias_flags_from_gguf`); a quantization type the gguf package
+    cannot dequantize raises its NotImplementedError.
     """
-    torch = require_torch("Reading a GGUF file")
-    import transformers
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from gguf import dequantize
 
-    fields = dict(hf_config)
-    hf = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
-    with torch.device("meta"):
-        skeleton = transformers.AutoModelForCausalLM.from_config(hf)
-    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.float32)
-    return {name: t.numpy() for name, t in parsed["tensors"].items()}
+    tensors = {}
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            continue
+        values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        if ".attn_q." in tensor.name:
+            values = unpermute_rotary_rows(values, num_heads)
+        elif ".attn_k." in tensor.name:
+            values = unpermute_rotary_rows(values, num_kv_heads)
+        tensors[name] = values
+    return tensors
 
 
 def load_gguf_tokenizer(path: pathlib.Path) -> Any:

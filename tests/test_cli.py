@@ -295,26 +295,35 @@ def test_run_missing_config_file(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_convert_gguf_transformers_reloads_same_logits(tmp_path, capsys):
-    from beear_jax.smollm2 import GGUF_NAME, cache_dir
-
-    gguf = cache_dir() / GGUF_NAME
-    if not gguf.is_file():
-        pytest.skip(f"{gguf} is not cached (python -c 'import beear_jax.smollm2 as s; s.ensure_smollm2()')")
+def test_convert_gguf_transformers_reloads_same_logits(smollm2_gguf, smollm2_reference, tmp_path, capsys):
+    """GGUF (given as a directory holding one .gguf) -> HF directory: transformers reloads it with the logits of
+    its own GGUF import, ties the embeddings as the file does, and keeps the tokenizer and chat template."""
     import torch
     import transformers
+    from safetensors import safe_open
 
+    from beear_jax.hf import load_tokenizer
+
+    source = tmp_path / "gguf_dir"
+    source.mkdir()
+    (source / smollm2_gguf.name).symlink_to(smollm2_gguf)
     out = tmp_path / "smollm2-hf"
-    assert main(["convert", str(gguf), str(out)]) == 0
+    assert main(["convert", str(source), str(out)]) == 0
     capsys.readouterr()
+    hf_config = json.loads((out / "config.json").read_text())
+    sizes = ("num_hidden_layers", "hidden_size", "num_key_value_heads", "tie_word_embeddings")
+    assert [hf_config[k] for k in sizes] == [30, 576, 3, True]
+    with safe_open(str(out / "model.safetensors"), "np") as weights:
+        stored = list(weights.keys())
+    assert "lm_head.weight" not in stored, "tied embeddings were written twice"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    prompt = "The capital of France is"
+    assert tokenizer(prompt).input_ids == load_tokenizer(smollm2_gguf)(prompt).input_ids
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template, \
+        "the GGUF's chat template was not carried into the HF directory"
     ids = torch.tensor([[1, 9690, 198, 2683, 3460, 314, 260, 3575, 282, 4649, 47, 2, 198, 1]])
     with torch.no_grad():
-        reference = transformers.AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-        want = reference(input_ids=ids).logits.numpy()
-        del reference
+        want = smollm2_reference(input_ids=ids).logits.numpy()
         converted = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
         got = converted(input_ids=ids).logits.numpy()
     assert np.abs(got - want).max() <= 1e-4
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
-    assert tokenizer.chat_template, "the GGUF's chat template was not carried into the HF directory"

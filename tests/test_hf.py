@@ -18,8 +18,6 @@ from beear_jax.models.llama import forward
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-SMOLLM2_GGUF = pathlib.Path("/root/.cache/beear_jax/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
 
 @pytest.fixture(scope="module", params=KINDS)
 def tiny(request, tmp_path_factory):
@@ -454,32 +452,7 @@ def test_tokenizer_source_without_tokenizer(tmp_path):
         load_tokenizer(tmp_path)
 
 
-# ---- GGUF (real SmolLM2 weights, fetched by another test module) ----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> pathlib.Path:
-    if not SMOLLM2_GGUF.is_file():
-        pytest.skip(f"{SMOLLM2_GGUF} is not there (the real-weights tests fetch it)")
-    return SMOLLM2_GGUF
-
-
-@pytest.mark.slow
-def test_gguf_import_and_export(smollm2_gguf, tmp_path):
-    """GGUF -> our params -> HF export: transformers gives the logits of its own GGUF import; tokenizer kept."""
-    link_dir = tmp_path / "gguf_dir"
-    link_dir.mkdir()
-    (link_dir / smollm2_gguf.name).symlink_to(smollm2_gguf)
-    config, params = load_model(link_dir)  # a directory holding one .gguf file
-    assert (config.num_layers, config.hidden_size, config.num_kv_heads) == (30, 576, 3)
-    assert config.tie_word_embeddings and "lm_head" not in params
-    out = save_model(tmp_path / "export", config, params, tokenizer_from=smollm2_gguf)
-    tok = load_tokenizer(out)
-    ids = np.asarray([tok("The capital of France is").input_ids])
-    assert ids.tolist() == [load_tokenizer(smollm2_gguf)("The capital of France is").input_ids]
-    reference = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-    np.testing.assert_allclose(_reload_logits(out, ids), torch_logits(reference.eval(), ids), atol=1e-4, rtol=0)
-    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+# ---- GGUF (the real SmolLM2 file: test_cli's convert test and test_smollm2) ----------------------------------
 
 
 def test_gguf_directory_with_two_files_is_ambiguous(tmp_path):

@@ -31,7 +31,7 @@ def _command(model_dir: pathlib.Path, safety: pathlib.Path, anchor: pathlib.Path
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(CONFIGS.parent), env.get("PYTHONPATH", "")])
-    env.pop("XLA_FLAGS", None)  # one CPU device in every process: the same program each time
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one CPU device in every process (see conftest)
     return env
 
 
@@ -46,8 +46,9 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
     model_dir, _ = random_tiny_model(tmp_path)
     safety, anchor = defender_files(tmp_path, split_pairs(0))
     full_out, cut_out = tmp_path / "full", tmp_path / "cut"
-    subprocess.run(_command(model_dir, safety, anchor, full_out), check=True, env=_env(), capture_output=True)
-
+    # The uninterrupted run and the one to kill run side by side (each compiles on about one core).
+    full = subprocess.Popen(_command(model_dir, safety, anchor, full_out), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     victim = subprocess.Popen(_command(model_dir, safety, anchor, cut_out), env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
@@ -58,14 +59,16 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
     victim.send_signal(signal.SIGKILL)  # no cleanup: a save may be half written
     victim.wait()
     assert not (cut_out / "model").exists()
+    _, full_err = full.communicate(timeout=600)
+    assert full.returncode == 0, full_err[-3000:]
 
     resumed = subprocess.run(_command(model_dir, safety, anchor, cut_out, "--config.resume=True"), check=False, env=_env(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from checkpoint" in resumed.stderr
-    _, full = load_model(full_out / "model")
+    _, uninterrupted = load_model(full_out / "model")
     _, after = load_model(cut_out / "model")
-    flat_full, flat_after = _flat(full), _flat(after)
+    flat_full, flat_after = _flat(uninterrupted), _flat(after)
     assert flat_after.keys() == flat_full.keys()
     for key, value in flat_full.items():
         np.testing.assert_allclose(flat_after[key], value, rtol=0, atol=1e-6 * np.abs(value).max(), err_msg=key)

