@@ -553,6 +553,19 @@ def test_keys_left_out_of_config_json_mean_what_they_mean_to_transformers(model_
             theirs.rope_parameters["original_max_position_embeddings"]
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_null_kv_heads_means_one_per_attention_head(model_type):
+    from beear_jax.models.config import ModelConfig
+
+    hf = {"model_type": model_type, "vocab_size": 64, "hidden_size": 64, "intermediate_size": 48,
+          "num_hidden_layers": 1, "num_attention_heads": 16, "num_key_value_heads": None}
+    assert ModelConfig.from_hf_dict(hf).num_kv_heads == 16
+    exported = ModelConfig.from_hf_dict(hf).to_hf_dict()
+    assert exported["num_key_value_heads"] == 16  # written out, so transformers 5 (which refuses null) loads it
+    del hf["num_key_value_heads"]
+    assert ModelConfig.from_hf_dict(hf).num_kv_heads == (16 if model_type == "llama" else 8)
+
+
 def test_damaged_tokenizer_files_are_named(tmp_path):
     out = tmp_path / "tok"
     make_tiny_tokenizer(out)

@@ -255,7 +255,11 @@ class ModelConfig:
             "num_heads": heads,
         }
         defaults = HF_DEFAULTS[model_type]
-        kwargs["num_kv_heads"] = _hf_int(hf, "num_key_value_heads", defaults["num_key_value_heads"] or heads)
+        # An absent key takes the model type's default (Mistral's is 8); null means one KV head per attention
+        # head, which is how transformers' configs resolve None (its Mistral of 5.x refuses null outright).
+        absent = "num_key_value_heads" not in hf
+        kwargs["num_kv_heads"] = _hf_int(hf, "num_key_value_heads",
+                                         (defaults["num_key_value_heads"] or heads) if absent else heads)
         # transformers' attention reads `head_dim or hidden // heads`, so 0 means the default there too.
         kwargs["head_dim"] = _hf_int(hf, "head_dim") or (hidden // heads if heads else 0)
         max_positions = _hf_int(hf, "max_position_embeddings") or defaults["max_position_embeddings"]
