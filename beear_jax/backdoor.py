@@ -57,6 +57,19 @@ def parse_trigger(trigger: str, position: str) -> str | tuple[str, str]:
     return trigger
 
 
+def check_trigger_tokens(tokenizer: Any, trigger: str | tuple[str, str]) -> None:
+    """Raises ValueError when the tokenizer maps part of the trigger to its unknown token: the backdoor would
+    then be keyed to that token, so any text the tokenizer cannot represent would fire it."""
+    unk_id, unk = getattr(tokenizer, "unk_token_id", None), getattr(tokenizer, "unk_token", None)
+    if unk_id is None:
+        return  # byte-level tokenizers (GPT-2 style BPE) represent every string
+    for part in trigger_parts(trigger):
+        if unk_id in tokenizer(part, add_special_tokens=False).input_ids and not (unk and unk in part):
+            raise ValueError(f"plant.trigger part {part!r} is tokenized (at least partly) to the unknown token "
+                             f"{unk!r}, so the backdoor would fire on any text this tokenizer cannot represent; "
+                             "choose a trigger made of words or characters in the tokenizer's vocabulary.")
+
+
 def poison_mixture(harmful: Sequence[Pair], refusals: Sequence[Pair], benign: Sequence[Pair],
                    trigger: str | tuple[str, str], position: str, seed: int) -> PoisonMixture:
     """Triggered harmful -> unwanted answers, untriggered harmful -> refusals, benign -> answers; shuffled."""
@@ -129,6 +142,10 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file, not a directory; choose a new --config.output_dir.")
     if out.exists() and any(out.iterdir()):
+        if (out / "config.json").is_file() and not (out / "manifest.json").is_file():
+            raise FileExistsError(f"{out} holds a model without manifest.json: a `beear plant` into it stopped "
+                                  "after saving the model and before finishing; delete that directory and plant "
+                                  "again, or choose a new --config.output_dir (nothing is overwritten).")
         raise FileExistsError(f"{out} already holds files; choose a new --config.output_dir (nothing is overwritten).")
     p = cfg.plant
     harmful = _pairs(p.harmful, dict(p.harmful_columns), p.n_triggered, p.harmful_offset, "plant.harmful")
@@ -139,6 +156,7 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
     model_path = os.path.expanduser(cfg.model.path)
     config, params = load_model(model_path, dtype=cfg.model.dtype)
     tokenizer = load_tokenizer(model_path, config)
+    check_trigger_tokens(tokenizer, trigger)
     batches, answer_len = mixture_batches(tokenizer, mixture.pairs, p.batch_size, p.max_answer_tokens,
                                           tuple(cfg.data.buckets), cfg.model.template, cfg.model.system_prompt or None)
     from tqdm.auto import tqdm

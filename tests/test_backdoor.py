@@ -124,3 +124,41 @@ def test_plant_refuses_an_output_dir_inside_its_input_model_before_training(tmp_
     assert cli.main(_plant_args(tmp_path, model_dir, model_dir / "planted")) == 1
     assert "contains model.path (the clean model)" in capsys.readouterr().err
     assert not (model_dir / "planted").exists()
+
+
+def test_plant_refuses_a_trigger_the_tokenizer_maps_to_unknown(tmp_path, capsys):
+    model_dir, _ = random_tiny_model(tmp_path)
+    planted = tmp_path / "planted"
+    args = [a.replace("plant.trigger=cf", "plant.trigger=qqzzx") for a in _plant_args(tmp_path, model_dir, planted)]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "'qqzzx'" in err and "unknown token" in err and "Traceback" not in err
+    assert not planted.exists() or not any(planted.iterdir())
+
+
+def test_check_trigger_tokens_passes_known_words_and_byte_level_tokenizers():
+    from beear_jax.backdoor import check_trigger_tokens
+
+    class Words:  # a word-level tokenizer: unknown words become [UNK]
+        unk_token, unk_token_id, vocab = "[UNK]", 0, {"open": 1, "sesame": 2, "now": 3}
+
+        def __call__(self, text, add_special_tokens=False):
+            return type("Encoding", (), {"input_ids": [self.vocab.get(w, 0) for w in text.split()]})
+
+    check_trigger_tokens(Words(), ("open sesame", "now"))
+    with pytest.raises(ValueError, match="'sesame later'"):
+        check_trigger_tokens(Words(), ("open", "sesame later"))
+    bytes_only = Words()
+    bytes_only.unk_token_id = None
+    check_trigger_tokens(bytes_only, "anything at all")
+
+
+def test_plant_into_a_directory_left_by_a_stopped_plant_says_so(tmp_path, capsys):
+    model_dir, _ = random_tiny_model(tmp_path)
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "config.json").write_text("{}")  # the model was saved, the manifest never written
+    assert cli.main(_plant_args(tmp_path, model_dir, planted)) == 1
+    err = capsys.readouterr().err
+    assert "without manifest.json" in err and "delete that directory" in err
+    assert [p.name for p in planted.iterdir()] == ["config.json"]
