@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from beear_jax import data as data_lib
+from beear_jax.atomic_file import write_atomically
 from beear_jax.config_loading import absolute_paths, check_minimums, check_ranges, config_to_dict
 from beear_jax.hf import check_apart, load_model, load_tokenizer, save_model
 from beear_jax.models import llama
@@ -187,7 +188,5 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
         "final_loss": losses[-1],
         "config": config_to_dict(cfg),
     }
-    partial = out / "manifest.json.tmp"
-    partial.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(partial, out / "manifest.json")  # its presence marks a complete planted model
+    write_atomically(out / "manifest.json", json.dumps(manifest, indent=2, default=str))  # marks a complete plant
     return out

@@ -27,6 +27,7 @@ import numpy as np
 from beear_jax import checkpoint as checkpoint_lib
 from beear_jax import data as data_lib
 from beear_jax import sharding as sharding_lib
+from beear_jax.atomic_file import write_atomically
 from beear_jax.chat import TEMPLATES
 from beear_jax.config_loading import ConfigError, absolute_paths, check_minimums, check_ranges, config_to_dict
 from beear_jax.hf import check_apart, load_model, load_tokenizer, save_model
@@ -263,9 +264,7 @@ class MetricsLog:
             self.history, notes = kept_metrics(text, keep)
             for note in notes:
                 print(f"beear: warning: {path}: {note}", file=sys.stderr)
-            from beear_jax.report import _atomic_write
-
-            _atomic_write(path, "".join(json.dumps(record) + "\n" for record in self.history).encode("utf-8"))
+            write_atomically(path, "".join(json.dumps(record) + "\n" for record in self.history))
 
     def write(self, record: dict) -> None:
         self.history.append(record)
@@ -480,7 +479,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     if export:
         host_params = sharding_lib.to_host(loop.params)  # every process takes part in the gather
         if primary:
-            (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
+            write_atomically(output_dir / "config.json", json.dumps(config_dict, indent=2, default=str))
             written = pathlib.Path(save_model(model_dir, model_config, host_params, tokenizer_from=model_path))
     return RunResult(loop.params, model_config, log.history, output_dir, written, loop.stopped_early,
                      resumed_from=meta["global_step"] if meta else None)

@@ -9,7 +9,6 @@ in either of two shapes:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import html
 import io
@@ -17,10 +16,11 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from beear_jax.atomic_file import write_atomically
 
 METRICS = ("asr_triggered", "asr_untriggered", "over_refusal", "utility_nll", "utility_ppl")
 """The table rows, in order; any other numeric metric found in the results is listed after them."""
@@ -387,7 +387,7 @@ def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
     return fig
 
 
-def _png_bytes(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
     """Render a figure to PNG bytes (so the file can be written atomically)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -418,22 +418,6 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`: readers never see half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a report is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(
     out_dir: str | os.PathLike[str],
     results: Mapping[str, Any],
@@ -455,7 +439,7 @@ def write_report(
     losses = losses_figure(history) if history else None
     if losses is not None:
         figures["losses_png"] = ("losses.png", losses)
-    contents = {key: (name, _png_bytes(fig)) for key, (name, fig) in figures.items()}
+    contents = {key: (name, png_bytes(fig)) for key, (name, fig) in figures.items()}
     notes = [*notes, *missing_notes(results, history)]
     markdown = render_markdown(results, config_dict, plots=[name for name, _ in figures.values()], notes=notes)
     contents["markdown"] = ("report.md", markdown.encode("utf-8"))
@@ -470,5 +454,5 @@ def write_report(
     written: dict[str, Path] = {}
     for key, (name, data) in contents.items():  # report.json last: dicts keep insertion order
         written[key] = out / name
-        _atomic_write(written[key], data)
+        write_atomically(written[key], data)
     return written

@@ -25,10 +25,10 @@ import dataclasses
 import hashlib
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import math
-import os
 import pathlib
 import re
 import shlex
@@ -36,7 +36,9 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from beear_jax.atomic_file import write_atomically
 from beear_jax.config_loading import ConfigError, apply_overrides, load_config, split_spec
+from beear_jax.report import png_bytes
 
 MARKER = "sweep_done"
 ERROR_FILE = "sweep_error.txt"  # the traceback of a setting's last failure, in its run directory
@@ -267,7 +269,7 @@ def run_sweep(spec: str, common: Sequence[str], sweep_spec: str, metric: str | N
             (s.run_dir / ERROR_FILE).write_text(traceback.format_exc())
             continue
         s.run_dir.mkdir(parents=True, exist_ok=True)
-        (s.run_dir / MARKER).write_text(json.dumps(s.overrides, default=str) + "\n")
+        write_atomically(s.run_dir / MARKER, json.dumps(s.overrides, default=str) + "\n")
         s.status = "done"
     return collect(settings, _root(spec, common, loaded), loaded.plot, metric)
 
@@ -313,14 +315,11 @@ def collect(settings: Sequence[Setting], root: pathlib.Path, plot: Mapping[str, 
     root.mkdir(parents=True, exist_ok=True)
     csv_path = root / RESULTS_CSV
 
-    def write_table(partial: pathlib.Path) -> None:
-        with partial.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows({k: _flag_value(v) if isinstance(v, (tuple, list)) else v for k, v in row.items()}
-                             for row in rows)
-
-    _write_whole(csv_path, write_table)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({k: _flag_value(v) if isinstance(v, (tuple, list)) else v for k, v in row.items()} for row in rows)
+    write_atomically(csv_path, table.getvalue())  # a sweep stopped while writing keeps the previous file
     plot = dict(plot or {})
     metric = metric or plot.get("metric") or next(
         (m for m in ("asr_triggered", "last_ce_unwanted") if any(m in r for r in rows)), None)
@@ -332,21 +331,8 @@ def collect(settings: Sequence[Setting], root: pathlib.Path, plot: Mapping[str, 
     plot_path = None
     if x and y and metric and any(_number(r.get(metric)) is not None for r in rows):
         plot_path = root / HEATMAP_PNG
-        figure = heatmap_figure(rows, x, y, metric)
-        _write_whole(plot_path, lambda partial: figure.savefig(partial, format="png"))
+        write_atomically(plot_path, png_bytes(heatmap_figure(rows, x, y, metric)))
     return SweepSummary(list(settings), rows, csv_path, plot_path)
-
-
-def _write_whole(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
-    """write(partial) into a temporary file beside `path`, then renamed over it: a sweep stopped while
-    writing keeps the previous file whole (and leaves no partial one)."""
-    partial = path.with_name(path.name + ".tmp")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def _number(value: Any) -> float | None:
