@@ -337,6 +337,20 @@ def _phases(history: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str,
     return {k: v for k, v in groups.items() if v}
 
 
+MAX_ROUND_LABELS = 6
+
+
+def _round_starts(entries: Sequence[Mapping[str, Any]]) -> list[tuple[int, Any]]:
+    """(index, round) of each entry whose "round" differs from the entry before it."""
+    starts, previous = [], None
+    for x, entry in enumerate(entries):
+        rnd = entry.get("round")
+        if rnd is not None and rnd != previous:
+            starts.append((x, rnd))
+            previous = rnd
+    return starts
+
+
 def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
     """Loss curves, one panel per phase, x = step counted across rounds, dashed lines at round starts.
 
@@ -360,22 +374,15 @@ def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
         for i, key in enumerate(keys, start=1):
             ys = [_as_number(e.get(key)) for e in entries]
             ax.plot(xs, [math.nan if y is None else y for y in ys], color=f"C{i % 10}", lw=0.9, alpha=0.8, label=key)
-        previous = None
-        for x, entry in enumerate(entries):
-            rnd = entry.get("round")
-            if rnd is not None and rnd != previous:
-                if previous is not None:
-                    ax.axvline(x - 0.5, color="0.4", ls="--", lw=0.8)
-                ax.annotate(
-                    f"round {rnd}",
-                    (x, 1),
-                    xycoords=("data", "axes fraction"),
-                    xytext=(2, -10),
-                    textcoords="offset points",
-                    fontsize=7,
-                    color="0.3",
-                )
-                previous = rnd
+        starts = _round_starts(entries)
+        many = len(starts) > MAX_ROUND_LABELS
+        for x, _ in starts[1:]:
+            ax.axvline(x - 0.5, color="0.75" if many else "0.4", ls="--", lw=0.8)
+        # At most MAX_ROUND_LABELS labels per panel (every k-th round), so many rounds never overlap.
+        for x, rnd in starts[::max(1, math.ceil(len(starts) / MAX_ROUND_LABELS))]:
+            ax.annotate(f"round {rnd}", (x, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=7, color="0.3",
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 0.5})
         ax.set_title(f"{phase} loss")
         ax.set_xlabel(f"{phase} step (counted across rounds)")
         ax.set_ylabel("loss, cross-entropy (nats per token)")

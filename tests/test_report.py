@@ -289,3 +289,11 @@ def test_legend_colours_are_the_stages_bar_colours():
     for container, stage in zip(rates.containers, results):
         assert tuple(container.patches[0].get_facecolor()) == tuple(swatches[stage])
     assert not fig.get_suptitle()
+
+
+def test_many_rounds_get_few_round_labels_and_every_round_start_line():
+    history = [{"round": r, "phase": "outer", "outer_loss": 1.0 / r} for r in range(1, 41) for _ in range(3)]
+    ax = losses_figure(history).axes[0]
+    labels = [t.get_text() for t in ax.texts]
+    assert labels[0] == "round 1" and 2 <= len(labels) <= 6 and all(t.startswith("round ") for t in labels)
+    assert len(ax.lines) - 1 == 39  # the loss curve and one dashed line per round start after the first
