@@ -3,8 +3,8 @@
 The HF config and the tokenizer come from transformers' GGUF readers. The tensors are read here with the
 gguf package: each is dequantized to float32, renamed to its HF name and, for q/k, llama.cpp's row
 permutation is undone, so what comes out is an ordinary HF state dict that hf.py maps to our layout like
-any other checkpoint (transformers does the same but walks a whole model per tensor, ~3x slower). The
-file is parsed once (`open_gguf`, seconds for a 49k-token vocabulary) and that reader is shared.
+any other checkpoint (transformers can do the same, but parses the file again and maps names by walking
+a model built for the purpose: twice the load time for SmolLM2). The file is parsed once (`open_gguf`, seconds for a 49k-token vocabulary) and that reader is shared.
 RoPE scaling (the `{arch}.rope.scaling.*` keys and llama3's `rope_freqs.weight` tensor), which
 transformers' config drops, is turned back into an HF rope_scaling dict, or refused. Biases set
 attention_bias / mlp_bias from the tensor names, and a tensor a Llama has no place for is refused.
