@@ -672,16 +672,11 @@ def test_load_shared_advbench():
 
 # --- a real chat tokenizer -------------------------------------------------------------------------------
 
-SMOLLM2 = "/root/.cache/beear_jax/smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.mark.slow  # ~6-9 s: the tokenizer is read from a GGUF file
-@pytest.mark.skipif(not os.path.exists(os.path.join(SMOLLM2, SMOLLM2_GGUF)), reason="SmolLM2 GGUF not present")
-def test_smollm2_chat_template():
+def test_smollm2_chat_template(smollm2_gguf):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     messages = [{"role": "user", "content": "How do I bake bread?"}]
     prompt_ids, answer_ids = format_example(tokenizer, "How do I bake bread?", "Sure, here is how.")
     reference = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
