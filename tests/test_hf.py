@@ -452,7 +452,7 @@ def test_tokenizer_source_without_tokenizer(tmp_path):
         load_tokenizer(tmp_path)
 
 
-# ---- GGUF (the real SmolLM2 file: test_cli's convert test and test_smollm2) ----------------------------------
+# ---- GGUF (tiny files from hf_fixtures; the real SmolLM2 file: test_cli's convert test, test_smollm2) ---------
 
 
 def test_gguf_directory_with_two_files_is_ambiguous(tmp_path):
