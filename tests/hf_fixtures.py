@@ -107,10 +107,12 @@ def _llama_cpp_order(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path: str | pathlib.Path, model, rope_scaling: dict | None = None,
-                    rope_freqs: np.ndarray | None = None, arch: str = "llama") -> pathlib.Path:
-    """Writes a float32 GGUF file of a tiny torch Llama/Mistral model, as llama.cpp's converter lays it out.
+                    rope_freqs: np.ndarray | None = None, arch: str = "llama", quantize: str = "F32") -> pathlib.Path:
+    """Writes a GGUF file of a tiny torch Llama/Mistral model, as llama.cpp's converter lays it out.
 
     arch: `general.architecture` (llama.cpp writes Llama, Mistral 7B and SmolLM2 as "llama").
+    quantize: a GGML type name (F16, BF16, Q8_0, Q4_0, ...) for the matrices whose rows fill whole blocks;
+    norms, biases and the rest stay float32, as llama.cpp keeps them.
 
     rope_scaling: `{arch}.rope.scaling.*` keys (e.g. {"type": "linear", "factor": 4.0});
     rope_freqs: llama.cpp's per-frequency RoPE divisors (`rope_freqs.weight`, how Llama 3.x's scaling is stored).
@@ -123,6 +125,14 @@ def write_tiny_gguf(path: str | pathlib.Path, model, rope_scaling: dict | None =
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     path = pathlib.Path(path)
     w = gguf.GGUFWriter(str(path), arch)
+    qtype = gguf.GGMLQuantizationType[quantize]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+
+    def add_tensor(name: str, values: np.ndarray) -> None:
+        if qtype == gguf.GGMLQuantizationType.F32 or values.ndim != 2 or values.shape[-1] % block:
+            w.add_tensor(name, values)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(values.astype(np.float32), qtype), raw_dtype=qtype)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
@@ -149,27 +159,27 @@ def write_tiny_gguf(path: str | pathlib.Path, model, rope_scaling: dict | None =
             w.add_rope_scaling_orig_ctx_len(value)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    add_tensor("output_norm.weight", sd["model.norm.weight"])
     if not c.tie_word_embeddings:
-        w.add_tensor("output.weight", sd["lm_head.weight"])
+        add_tensor("output.weight", sd["lm_head.weight"])
     names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_v": "self_attn.v_proj",
              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
              "ffn_down": "mlp.down_proj"}
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         for ours, theirs in names.items():
-            w.add_tensor(f"blk.{i}.{ours}.weight", sd[p + theirs + ".weight"])
+            add_tensor(f"blk.{i}.{ours}.weight", sd[p + theirs + ".weight"])
         for kind in ("weight", "bias"):  # biases (attention_bias / mlp_bias) as llama.cpp writes them: q/k permuted
             if p + f"self_attn.q_proj.{kind}" not in sd:
                 continue
-            w.add_tensor(f"blk.{i}.attn_q.{kind}", _llama_cpp_order(sd[p + f"self_attn.q_proj.{kind}"],
-                                                                    c.num_attention_heads))
-            w.add_tensor(f"blk.{i}.attn_k.{kind}", _llama_cpp_order(sd[p + f"self_attn.k_proj.{kind}"],
-                                                                    c.num_key_value_heads))
+            add_tensor(f"blk.{i}.attn_q.{kind}", _llama_cpp_order(sd[p + f"self_attn.q_proj.{kind}"],
+                                                                  c.num_attention_heads))
+            add_tensor(f"blk.{i}.attn_k.{kind}", _llama_cpp_order(sd[p + f"self_attn.k_proj.{kind}"],
+                                                                  c.num_key_value_heads))
         for ours, theirs in names.items():
             if p + theirs + ".bias" in sd:
-                w.add_tensor(f"blk.{i}.{ours}.bias", sd[p + theirs + ".bias"])
+                add_tensor(f"blk.{i}.{ours}.bias", sd[p + theirs + ".bias"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -494,6 +494,24 @@ def test_gguf_with_biases_loads_them(tmp_path):
     np.testing.assert_allclose(ours, torch_logits(model, ids), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("quantize", ["F16", "BF16", "Q8_0", "Q4_0"])
+def test_quantized_gguf_loads_as_transformers_loads_it(tmp_path, quantize):
+    """Our dequantization and q/k un-permutation against transformers' own GGUF import of the same file."""
+    from hf_fixtures import write_tiny_gguf
+
+    _, model = make_tiny_hf_model(tmp_path, "llama_gqa")
+    path = write_tiny_gguf(tmp_path / f"{quantize}.gguf", model, quantize=quantize)
+    config, params = load_model(path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
+                                                                  dtype=torch.float32).eval()
+    ids = sample_ids(length=12)
+    ours = np.asarray(jax.jit(forward, static_argnums=0)(config, params, ids.astype(np.int32)))
+    np.testing.assert_allclose(ours, torch_logits(reference, ids), atol=1e-4, rtol=0)
+    from beear_jax.hf_gguf import open_gguf
+
+    assert quantize in {t.tensor_type.name for t in open_gguf(path).tensors}  # the matrices really are quantized
+
+
 def test_gguf_tensors_without_a_llama_place_are_refused(tmp_path):
     """Tensors a Llama has no place for (here a q-norm) are named, not dropped while the rest loads."""
     import gguf
