@@ -5,27 +5,40 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import stat
 import tempfile
+from collections.abc import Iterable
+
+NEW_FILE_MODE = 0o644
+"""Mode of a file that did not exist before: reports, manifests and metrics are meant to be read by others."""
 
 
 def write_atomically(path: str | os.PathLike[str], data: bytes | str) -> None:
     """Writes `data` (str as UTF-8) to a temporary file beside `path`, fsyncs it and renames it over `path`.
 
-    A failure or a kill leaves `path` as it was and removes the temporary file (a SIGKILL may leave a
-    hidden `.NAME.*.tmp` beside it, never a partial `path`). The file is made readable by others (mkstemp
-    creates 0600): reports, manifests and metrics are meant to be shared.
+    A failure leaves `path` as it was and removes the temporary file; a SIGKILL may leave a hidden
+    `.NAME.*.tmp` beside it (`is_temp_of` recognises it), never a partial `path`. A symlink is followed (the
+    file it points to is replaced, the link kept); an existing file keeps its mode, a new one gets
+    NEW_FILE_MODE (mkstemp would make it 0600).
     """
-    target = pathlib.Path(path)
+    target = pathlib.Path(os.path.realpath(path))
     payload = data.encode("utf-8") if isinstance(data, str) else data
+    mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else NEW_FILE_MODE
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def is_temp_of(name: str, targets: Iterable[str]) -> bool:
+    """Whether the file name `name` is a temporary file that write_atomically, killed, left beside one of
+    the files named `targets`."""
+    return name.endswith(".tmp") and any(name.startswith(f".{target}.") for target in targets)

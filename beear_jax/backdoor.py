@@ -63,9 +63,10 @@ def check_trigger_tokens(tokenizer: Any, trigger: str | tuple[str, str]) -> None
     then be keyed to that token, so any text the tokenizer cannot represent would fire it."""
     unk_id, unk = getattr(tokenizer, "unk_token_id", None), getattr(tokenizer, "unk_token", None)
     if unk_id is None:
-        return  # byte-level tokenizers (GPT-2 style BPE) represent every string
+        return  # no unknown token: nothing is keyed to it
     for part in trigger_parts(trigger):
-        if unk_id in tokenizer(part, add_special_tokens=False).input_ids and not (unk and unk in part):
+        # The unknown token's own text ("<unk>") is refused too: it keys the backdoor to that same id.
+        if unk_id in tokenizer(part, add_special_tokens=False).input_ids:
             raise ValueError(f"plant.trigger part {part!r} is tokenized (at least partly) to the unknown token "
                              f"{unk!r}, so the backdoor would fire on any text this tokenizer cannot represent; "
                              "choose a trigger made of words or characters in the tokenizer's vocabulary.")
@@ -144,9 +145,10 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
         raise FileExistsError(f"output_dir {out} is a file, not a directory; choose a new --config.output_dir.")
     if out.exists() and any(out.iterdir()):
         if (out / "config.json").is_file() and not (out / "manifest.json").is_file():
-            raise FileExistsError(f"{out} holds a model without manifest.json: a `beear plant` into it stopped "
-                                  "after saving the model and before finishing; delete that directory and plant "
-                                  "again, or choose a new --config.output_dir (nothing is overwritten).")
+            raise FileExistsError(f"{out} holds a config.json but no manifest.json. If a `beear plant` into it "
+                                  "stopped after saving the model, that model is incomplete: delete the directory "
+                                  "and plant again; otherwise choose a new --config.output_dir (nothing is "
+                                  "overwritten).")
         raise FileExistsError(f"{out} already holds files; choose a new --config.output_dir (nothing is overwritten).")
     p = cfg.plant
     harmful = _pairs(p.harmful, dict(p.harmful_columns), p.n_triggered, p.harmful_offset, "plant.harmful")

@@ -27,7 +27,7 @@ import numpy as np
 from beear_jax import checkpoint as checkpoint_lib
 from beear_jax import data as data_lib
 from beear_jax import sharding as sharding_lib
-from beear_jax.atomic_file import write_atomically
+from beear_jax.atomic_file import is_temp_of, write_atomically
 from beear_jax.chat import TEMPLATES
 from beear_jax.config_loading import ConfigError, absolute_paths, check_minimums, check_ranges, config_to_dict
 from beear_jax.hf import check_apart, load_model, load_tokenizer, save_model
@@ -381,8 +381,10 @@ def check_output_dir(output_dir: pathlib.Path, model_path: str, resume: bool) ->
     model_dir = output_dir / "model"
     if model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir())):
         raise FileExistsError(f"{model_dir} already holds files; {fix} (nothing is overwritten).")
-    # save_model's half-written model (a run killed while exporting) is the run's own leftover.
-    foreign = [name for name in present if name not in RUN_FILES and not name.startswith(".model.tmp-")]
+    # save_model's half-written model and write_atomically's temp files (a run killed while writing) are the
+    # run's own leftovers.
+    foreign = [name for name in present if name not in RUN_FILES and not name.startswith(".model.tmp-")
+               and not is_temp_of(name, RUN_FILES)]
     if foreign or ((output_dir / "config.json").exists() and not (output_dir / "metrics.jsonl").exists()):
         raise FileExistsError(f"output_dir {output_dir} holds files that are not an unfinished beear run's "
                               f"({', '.join(foreign or ['config.json'])}); {fix} (nothing is overwritten).")

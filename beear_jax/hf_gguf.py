@@ -4,7 +4,8 @@ The HF config and the tokenizer come from transformers' GGUF readers. The tensor
 gguf package: each is dequantized to float32, renamed to its HF name and, for q/k, llama.cpp's row
 permutation is undone, so what comes out is an ordinary HF state dict that hf.py maps to our layout like
 any other checkpoint (transformers can do the same, but parses the file again and maps names by walking
-a model built for the purpose: twice the load time for SmolLM2). The file is parsed once (`open_gguf`, seconds for a 49k-token vocabulary) and that reader is shared.
+a model built for the purpose: twice the load time for SmolLM2). Our reads share one parse (`open_gguf`,
+seconds for a 49k-token vocabulary); transformers' config and tokenizer readers each parse the file again.
 RoPE scaling (the `{arch}.rope.scaling.*` keys and llama3's `rope_freqs.weight` tensor), which
 transformers' config drops, is turned back into an HF rope_scaling dict, or refused. Biases set
 attention_bias / mlp_bias from the tensor names, and a tensor a Llama has no place for is refused.
@@ -49,8 +50,8 @@ def _field_value(field: Any) -> Any:
     return bytes(part).decode("utf-8") if part.dtype == np.uint8 else part.tolist()[0]
 
 
-# transformers' GGUF reader maps these `general.architecture` values to Llama/Mistral weights. llama.cpp
-# writes Llama, Mistral 7B and SmolLM2 as "llama"; its "mistral"/"mistral3" files have no tensor mapping.
+# The `general.architecture` values read (with llama.cpp's Llama tensor layout). llama.cpp writes Llama,
+# Mistral 7B and SmolLM2 as "llama"; other architectures ("mistral"/"mistral3" among them) are refused.
 READABLE_ARCHITECTURES = ("llama",)
 
 
@@ -221,7 +222,9 @@ def read_gguf_tensors(reader: Any, num_heads: int, num_kv_heads: int) -> dict[st
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue
-        values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        values = dequantize(tensor.data, tensor.tensor_type)
+        if not values.flags.owndata or values.dtype != np.float32:  # a view of the mapped file: copy it out
+            values = np.array(values, dtype=np.float32)
         if ".attn_q." in tensor.name:
             values = unpermute_rotary_rows(values, num_heads)
         elif ".attn_k." in tensor.name:

@@ -378,7 +378,7 @@ def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
         many = len(starts) > MAX_ROUND_LABELS
         for x, _ in starts[1:]:
             ax.axvline(x - 0.5, color="0.75" if many else "0.4", ls="--", lw=0.8)
-        # At most MAX_ROUND_LABELS labels per panel (every k-th round), so many rounds never overlap.
+        # At most MAX_ROUND_LABELS labels per panel (every k-th round), so many rounds do not crowd them.
         for x, rnd in starts[::max(1, math.ceil(len(starts) / MAX_ROUND_LABELS))]:
             ax.annotate(f"round {rnd}", (x, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
                         textcoords="offset points", fontsize=7, color="0.3",

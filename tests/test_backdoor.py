@@ -148,6 +148,8 @@ def test_check_trigger_tokens_passes_known_words_and_byte_level_tokenizers():
     check_trigger_tokens(Words(), ("open sesame", "now"))
     with pytest.raises(ValueError, match="'sesame later'"):
         check_trigger_tokens(Words(), ("open", "sesame later"))
+    with pytest.raises(ValueError, match=r"'\[UNK\] now'"):  # the unknown token's own text keys it to that id too
+        check_trigger_tokens(Words(), "[UNK] now")
     bytes_only = Words()
     bytes_only.unk_token_id = None
     check_trigger_tokens(bytes_only, "anything at all")
@@ -160,5 +162,5 @@ def test_plant_into_a_directory_left_by_a_stopped_plant_says_so(tmp_path, capsys
     (planted / "config.json").write_text("{}")  # the model was saved, the manifest never written
     assert cli.main(_plant_args(tmp_path, model_dir, planted)) == 1
     err = capsys.readouterr().err
-    assert "without manifest.json" in err and "delete that directory" in err
+    assert "no manifest.json" in err and "delete the directory" in err
     assert [p.name for p in planted.iterdir()] == ["config.json"]

@@ -230,6 +230,8 @@ def test_output_dir_rules(tmp_path):
     with pytest.raises(FileExistsError, match="resume=True"):
         check_output_dir(failed, str(model), resume=False)  # its metrics.jsonl would be lost
     check_output_dir(failed, str(model), resume=True)
+    (failed / ".config.json.k2j3h4.tmp").write_text("{")  # killed inside write_atomically: its own leftover
+    check_output_dir(failed, str(model), resume=True)
     (failed / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="notes.txt"):
         check_output_dir(failed, str(model), resume=True)

@@ -47,20 +47,28 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
     safety, anchor = defender_files(tmp_path, split_pairs(0))
     full_out, cut_out = tmp_path / "full", tmp_path / "cut"
     # The uninterrupted run and the one to kill run side by side (each compiles on about one core).
-    full = subprocess.Popen(_command(model_dir, safety, anchor, full_out), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(_command(model_dir, safety, anchor, cut_out), env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while _rounds_ended(cut_out / "metrics.jsonl") < KILL_AFTER_ROUND:
-        if victim.poll() is not None or time.time() > deadline:
-            pytest.fail(f"the run ended (exit {victim.returncode}) or stalled before round {KILL_AFTER_ROUND}")
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)  # no cleanup: a save may be half written
-    victim.wait()
+    full_log = tmp_path / "full.stderr"
+    with full_log.open("w") as full_err:
+        full = subprocess.Popen(_command(model_dir, safety, anchor, full_out), env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=full_err)
+        victim = subprocess.Popen(_command(model_dir, safety, anchor, cut_out), env=_env(),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 600
+            while _rounds_ended(cut_out / "metrics.jsonl") < KILL_AFTER_ROUND:
+                if victim.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"the run ended (exit {victim.returncode}) or stalled before round {KILL_AFTER_ROUND}")
+                time.sleep(0.05)
+            victim.send_signal(signal.SIGKILL)  # no cleanup: a save may be half written
+            victim.wait()
+            full.wait(timeout=600)
+        finally:  # a failed test leaves no process behind
+            for process in (victim, full):
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
     assert not (cut_out / "model").exists()
-    _, full_err = full.communicate(timeout=600)
-    assert full.returncode == 0, full_err[-3000:]
+    assert full.returncode == 0, full_log.read_text()[-3000:]
 
     resumed = subprocess.run(_command(model_dir, safety, anchor, cut_out, "--config.resume=True"), check=False, env=_env(),
                              capture_output=True, text=True)

@@ -1,6 +1,7 @@
 """Real-weights acceptance: SmolLM2-135M-Instruct (GGUF) in beear_jax against transformers.
 
-Both sides load the same GGUF file through transformers' dequantizer, so any difference is ours:
+Both sides load the same GGUF file (ours dequantizes with the gguf package, transformers with its own
+reader; test_hf and test_cli check that the two agree), so any difference is in the model code:
 logits on a right-padded batch of chat prompts, greedy generation against `generate(do_sample=False)`,
 and batched generation (mixed lengths, left-padded) against one prompt at a time.
 Each model is loaded once (transformers' is shared with the other modules through conftest).
