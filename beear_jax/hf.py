@@ -229,7 +229,8 @@ def load_model(path: str | pathlib.Path, dtype: str = "float32", allow_pickle: b
 
     `dtype` is the compute dtype recorded in the config; params are always float32 (the master copy) and
     stay on the host, so the caller can place them on a mesh. GGUF files are dequantized; their config is
-    read through transformers, which needs torch. A directory with no config.json but exactly one .gguf file loads that file.
+    read through transformers, which needs torch. A directory with no config.json but exactly one .gguf
+    file loads that file.
     """
     numpy_dtype(dtype)
     kind, target = _resolve(model_path(path))
