@@ -9,6 +9,7 @@ import stat
 import tempfile
 from collections.abc import Iterable
 
+_TEMP_SUFFIX = ".tmp"
 NEW_FILE_MODE = 0o644
 """Mode of a file that did not exist before: reports, manifests and metrics are meant to be read by others."""
 
@@ -24,7 +25,7 @@ def write_atomically(path: str | os.PathLike[str], data: bytes | str) -> None:
     target = pathlib.Path(os.path.realpath(path))
     payload = data.encode("utf-8") if isinstance(data, str) else data
     mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else NEW_FILE_MODE
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target.name), suffix=_TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -38,7 +39,12 @@ def write_atomically(path: str | os.PathLike[str], data: bytes | str) -> None:
         raise
 
 
+def _temp_prefix(name: str) -> str:
+    """The start of the hidden temporary file's name that write_atomically writes before renaming to `name`."""
+    return f".{name}."
+
+
 def is_temp_of(name: str, targets: Iterable[str]) -> bool:
     """Whether the file name `name` is a temporary file that write_atomically, killed, left beside one of
     the files named `targets`."""
-    return name.endswith(".tmp") and any(name.startswith(f".{target}.") for target in targets)
+    return name.endswith(_TEMP_SUFFIX) and any(name.startswith(_temp_prefix(target)) for target in targets)

@@ -9,9 +9,8 @@ import pathlib
 # optimization passes are most of that: level 0 keeps XLA's own (HLO) passes and changes only how fast
 # the machine code runs; the suite takes ~790 s instead of ~1080 s on 2 cores (SmolLM2 generation is the
 # one place it costs: ~25 s).
-TEST_XLA_SPEED_FLAG = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      f"--xla_cpu_enable_concurrency_optimized_scheduler=false {TEST_XLA_SPEED_FLAG}")
+                      "--xla_cpu_enable_concurrency_optimized_scheduler=false --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -31,7 +31,9 @@ def _command(model_dir: pathlib.Path, safety: pathlib.Path, anchor: pathlib.Path
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(CONFIGS.parent), env.get("PYTHONPATH", "")])
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one CPU device in every process (see conftest)
+    # conftest's XLA flags without its 8 simulated devices: one CPU device in every process, the same program.
+    env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
+                                if not flag.startswith("--xla_force_host_platform_device_count"))
     return env
 
 
