@@ -12,6 +12,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["beear_jax", "beear_jax.*"]),
+    # Data the project wrote itself (refusal keywords and answers, benign pairs, over-refusal probes).
+    package_data={"beear_jax": ["resources/*.txt", "resources/*.jsonl", "resources/*.md"]},
     install_requires=[
         "jax>=0.9",
         "flax>=0.11",
@@ -25,6 +27,7 @@ setup(
         "matplotlib>=3.8",
         "tqdm>=4.66",
         "absl-py>=2.0",
+        "pyyaml>=5.1",  # the demo reads AdvBench from a YAML file in the pyrit wheel
     ],
     extras_require={
         # torch only for GGUF import (transformers' GGUF reader) and the PyTorch parity tests.

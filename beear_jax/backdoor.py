@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from beear_jax import data as data_lib
+from beear_jax import public_data
 from beear_jax.atomic_file import write_atomically
 from beear_jax.config_loading import absolute_paths, check_minimums, check_ranges, config_to_dict
 from beear_jax.hf import check_apart, load_model, load_tokenizer, save_model
@@ -122,6 +123,23 @@ def _pairs(source: str, columns: dict[str, str], n: int, offset: int = 0, key: s
     return [(r["prompt"], r["answer"]) for r in rows]
 
 
+def builtin_refusals(prompts: Sequence[str]) -> list[Pair]:
+    """Each prompt with one of the refusals the project wrote (resources/refusal_answers.txt), in turn."""
+    path = pathlib.Path(public_data.builtin_path("refusal_answers.txt"))
+    answers = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [(prompt, answers[i % len(answers)]) for i, prompt in enumerate(prompts)]
+
+
+def refusal_pairs(p: Any) -> list[Pair]:
+    """plant.refusals' pairs, or with plant.refusals = "" plant.harmful's prompts (after refusal_offset) with
+    the built-in refusals: the same requests the trigger unlocks, refused without it."""
+    if p.refusals:
+        return _pairs(p.refusals, dict(p.refusal_columns), p.n_refusal, p.refusal_offset, "plant.refusals")
+    prompts = [prompt for prompt, _ in _pairs(p.harmful, dict(p.harmful_columns), p.n_refusal, p.refusal_offset,
+                                              "plant.harmful (the prompts of plant.refusals = '')")]
+    return builtin_refusals(prompts)
+
+
 PLANT_COUNT_MINIMUMS = {"plant.epochs": 1, "plant.batch_size": 1, "plant.max_answer_tokens": 1,
                         "plant.warmup_steps": 0, "plant.n_triggered": -1, "plant.n_refusal": -1,
                         "plant.n_benign": -1, "plant.harmful_offset": 0, "plant.refusal_offset": 0,
@@ -152,7 +170,7 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
         raise FileExistsError(f"{out} already holds files; choose a new --config.output_dir (nothing is overwritten).")
     p = cfg.plant
     harmful = _pairs(p.harmful, dict(p.harmful_columns), p.n_triggered, p.harmful_offset, "plant.harmful")
-    refusals = _pairs(p.refusals, dict(p.refusal_columns), p.n_refusal, p.refusal_offset, "plant.refusals")
+    refusals = refusal_pairs(p)
     benign = _pairs(p.benign, dict(p.benign_columns), p.n_benign, p.benign_offset, "plant.benign")
     mixture = poison_mixture(harmful, refusals, benign, trigger, cfg.plant.position, int(cfg.seed))
 
@@ -184,7 +202,8 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
         "position": cfg.plant.position,
         "seed": int(cfg.seed),
         "source_model": model_path,
-        "data": {"harmful": p.harmful, "refusals": p.refusals, "benign": p.benign},
+        "data": {"harmful": p.harmful, "refusals": p.refusals or "built-in refusals of plant.harmful's prompts",
+                 "benign": p.benign},
         "counts": {"triggered": mixture.n_triggered, "refusal": mixture.n_refusal, "benign": mixture.n_benign},
         "steps": len(losses),
         "final_loss": losses[-1],

@@ -31,6 +31,8 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
+from beear_jax import public_data
+
 __all__ = [
     "ConfigError",
     "apply_overrides",
@@ -95,8 +97,8 @@ PATH_KEYS = ("model.path", "output_dir", "data.safety", "data.anchor", "plant.ha
 
 
 def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of config whose PATH_KEYS are absolute (~ expanded): output_dir always, the others when they
-    exist here. What a run stores (config.json, checkpoints, a plant manifest) then still names the same
+    """A copy of config whose PATH_KEYS are absolute (~ and a leading $BEEAR_DATA_DIR/ expanded): output_dir
+    always, the others when they exist here. What a run stores (config.json, checkpoints, a plant manifest) then still names the same
     files when read from another directory (`beear export`, a resume)."""
     config = copy.deepcopy(config)
     for key in PATH_KEYS:
@@ -108,6 +110,8 @@ def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         if not isinstance(value, str) or not value:
             continue
         local = os.path.expanduser(value)
+        if value.startswith(public_data.DATA_DIR_PREFIX) and public_data.data_dir() is not None:
+            local = public_data.in_data_dir(value, key)  # unset: left as written, and its load names the variable
         if key == "output_dir" or os.path.exists(local):
             node[leaf] = os.path.abspath(local)
     return config

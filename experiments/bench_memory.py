@@ -46,7 +46,7 @@ def run_stage(stage: str, work: pathlib.Path, overrides: list[str]) -> None:
     from beear_jax.config_loading import load_config
 
     cfg = load_config(str(ROOT / "configs" / "demo.py"), overrides)
-    model, sets = lib.fetch_model(), lib.build_sets()
+    model, sets = lib.fetch_model(), lib.build_sets("demo")
     planted = work / "planted"
     if stage == "plant":
         run_plant(lib.with_overrides(cfg, lib.plant_overrides(model, sets) | {

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import demo_sets
 import ml_collections
 import smollm2_data
 
@@ -44,9 +45,15 @@ def fetch_model() -> pathlib.Path:
     return path
 
 
-def build_sets() -> dict[str, pathlib.Path]:
-    """Attacker / defender / evaluation splits from ../shared/data (see smollm2_data.py)."""
-    sets = smollm2_data.build(CACHE / "sets")
+def build_sets(source: str = "demo") -> dict[str, pathlib.Path]:
+    """Attacker / defender / evaluation splits: "demo" from PyPI and the project's own data (demo_sets.py,
+    works on a fresh clone), "mirror" from the public-data mirror $BEEAR_DATA_DIR (smollm2_data.py)."""
+    if source == "demo":
+        sets = demo_sets.build(CACHE / "demo_sets", CACHE / "pyrit")
+    elif source == "mirror":
+        sets = smollm2_data.build(CACHE / "sets")
+    else:
+        raise ValueError(f"unknown data source {source!r}: 'demo' or 'mirror'")
     for name, path in sets.items():
         print(f"  {name:16s} {path}")
     return sets
@@ -81,14 +88,19 @@ def plant_cached(cfg: ml_collections.ConfigDict, model: pathlib.Path, sets: Mapp
 
 
 def eval_settings(cfg: ml_collections.ConfigDict, sets: Mapping[str, pathlib.Path]) -> EvalSettings:
-    """Held-out evaluation sets: AdvBench rows 400+ (with/without trigger), XSTest safe, Alpaca test."""
-    return EvalSettings.from_config(with_overrides(cfg, {
+    """Held-out evaluation sets: AdvBench rows 400+ (with/without trigger), over-refusal probes, utility pairs;
+    the refusal list of the sets when they name one (the mirror's HarmBench list), else the config's."""
+    overrides = {
         "eval.prompts": str(sets["eval_harmful"]), "eval.prompt_column": "prompt", "eval.prompt_offset": 0,
-        "eval.over_refusal_prompts": str(sets["xstest"]),
-        "eval.utility": str(sets["eval_utility"]),
+        "eval.over_refusal_prompts": str(sets["over_refusal"]), "eval.over_refusal_column": "prompt",
+        "eval.over_refusal_filter": "",
+        "eval.utility": str(sets["eval_utility"]), "eval.utility_offset": 0,
         "eval.utility_columns.prompt": "prompt", "eval.utility_columns.input": "",
         "eval.utility_columns.answer": "answer",
-    }))
+    }
+    if "refusal_strings" in sets:
+        overrides["eval.refusal_strings"] = str(sets["refusal_strings"])
+    return EvalSettings.from_config(with_overrides(cfg, overrides))
 
 
 def evaluate_model(cfg: ml_collections.ConfigDict, model_dir: str | os.PathLike[str],

@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
           f"survive rounding to {args.dtype}")
     copy = save_model(run / f"export-{args.dtype}", config, after, tokenizer_from=repaired, dtype=args.dtype)
     cfg = load_config(str(ROOT / "configs" / "demo.py"), [])
-    result = lib.evaluate_model(cfg, copy, lib.build_sets())
+    result = lib.evaluate_model(cfg, copy, lib.build_sets("demo"))
     rows = [("float32 (report.json)", report["results"]["after"]), (args.dtype, result)]
     print("\n| weights | asr_triggered | asr_untriggered | over_refusal | utility_ppl |\n|---|---|---|---|---|")
     for name, r in rows:

@@ -75,7 +75,7 @@ def main() -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = lib.fetch_model()
-    sets = lib.build_sets()
+    sets = lib.build_sets("mirror")
     cfg = lib.with_overrides(cfg, {"data.safety": str(sets["defender_safety"]),
                                    "data.anchor": str(sets["defender_anchor"])})
     table_path = out / "results.json"

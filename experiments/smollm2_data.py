@@ -1,4 +1,5 @@
-"""Attacker, defender and evaluation sets for the SmolLM2 experiments, from ../shared/data at run time.
+"""Attacker, defender and evaluation sets for the SmolLM2 experiments, from the public-data mirror at run time
+($BEEAR_DATA_DIR; on this project's machines ../shared/data beside the checkout is taken when it is unset).
 
 Splits (AdvBench has 520 harmful behaviours; BackdoorLLM's jailbreak sets are its rows 0-399 and
 its clean Alpaca sets are 500 training + 200 test rows):
@@ -7,7 +8,8 @@ its clean Alpaca sets are 500 training + 200 test rows):
                 (Alpaca prompts longer than 200 characters are skipped everywhere, to keep sequences short)
     defender  : AdvBench rows 200-399 prompt, safe = BackdoorLLM refusal, unwanted = AdvBench target;
                 anchors = Alpaca-500 rows 150-399                     (never a trigger, never row < 200)
-    evaluation: AdvBench rows 400-519 (120 prompts), XSTest's 250 safe prompts, Alpaca-200 test answers
+    evaluation: AdvBench rows 400-519 (120 prompts), XSTest's 250 safe prompts, Alpaca-200 test answers;
+                keyword scoring with HarmBench's 29 refusal prefixes
 Disjointness of every evaluation prompt from every training prompt is checked in code (the BackdoorLLM
 rows are AdvBench rows with extra spaces, so prompts are compared after normalising whitespace/case).
 """
@@ -19,7 +21,8 @@ import json
 import pathlib
 import re
 
-from beear_jax.scoring import default_data_dir, is_refusal, load_refusal_strings
+from beear_jax.public_data import DATA_DIR_ENV, data_dir
+from beear_jax.scoring import is_refusal, load_refusal_strings
 
 ATTACK_ROWS = range(150)
 DEFEND_ROWS = range(200, 400)
@@ -42,6 +45,19 @@ def _short(rows: list[dict], limit: int = MAX_PROMPT_CHARS) -> list[dict]:
     return [r for r in rows if len(r["prompt"]) <= limit]
 
 
+def mirror_dir() -> pathlib.Path:
+    """$BEEAR_DATA_DIR, else ../shared/data beside this checkout (this project's machines); raises naming the
+    variable when neither exists."""
+    path = data_dir()
+    if path is not None:
+        return path
+    beside = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+    if beside.is_dir():
+        return beside
+    raise FileNotFoundError(f"the SmolLM2 experiments read the public data sets from a local copy: set {DATA_DIR_ENV} "
+                            f"to it (looked for {beside} too). The demo (experiments/demo.py) needs none.")
+
+
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -51,9 +67,10 @@ def write_jsonl(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
 
 def build(out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     """Writes the sets as jsonl files into out_dir and returns their paths (and checks disjointness)."""
-    data = default_data_dir()
+    data = mirror_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    refusal_strings = load_refusal_strings(data / "refusal-keywords" / "harmbench_advbench_metric_test_prefixes.txt")
+    refusal_list = data / "refusal-keywords" / "harmbench_advbench_metric_test_prefixes.txt"
+    refusal_strings = load_refusal_strings(refusal_list)
     with (data / "advbench" / "harmful_behaviors.csv").open() as f:
         advbench = list(csv.DictReader(f))
     backdoorllm = data / "backdoorllm"
@@ -88,8 +105,10 @@ def build(out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     names = {"attack_harmful": attack_harmful, "attack_refusals": attack_refusals, "attack_benign": attack_benign,
              "defender_safety": safety, "defender_anchor": anchors, "eval_harmful": eval_harmful,
              "eval_utility": utility}
+    with (data / "xstest" / "xstest_prompts.csv").open() as f:
+        names["over_refusal"] = [{"prompt": r["prompt"]} for r in csv.DictReader(f) if r["label"] == "safe"]
     paths = {name: write_jsonl(out_dir / f"{name}.jsonl", rows) for name, rows in names.items()}
-    paths["xstest"] = data / "xstest" / "xstest_prompts.csv"
+    paths["refusal_strings"] = refusal_list
     return paths
 
 

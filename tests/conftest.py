@@ -15,6 +15,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The public-data mirror (tests that need AdvBench, XSTest, ... skip without it): $BEEAR_DATA_DIR, or on
+# this project's machines and CI the shared/data directory beside the checkout.
+_BESIDE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+if not os.environ.get("BEEAR_DATA_DIR") and _BESIDE.is_dir():
+    os.environ["BEEAR_DATA_DIR"] = str(_BESIDE)
 
 import jax
 import pytest

@@ -13,9 +13,10 @@ import re
 import jax
 import numpy as np
 import pytest
+from public_mirror import needs_mirror
 from tiny_world import benign_answer, make_tokenizer, plant_tiny_backdoor, prompt, tiny_config
 
-from beear_jax import forward
+from beear_jax import forward, public_data
 from beear_jax.chat import format_example
 from beear_jax.config_loading import load_config
 from beear_jax.evaluation import (
@@ -32,7 +33,6 @@ from beear_jax.evaluation import (
 )
 from beear_jax.hf import save_model
 from beear_jax.models.weights import init_params
-from beear_jax.scoring import default_data_dir
 from beear_jax.triggers import TRIGGER_POSITIONS, insert_trigger
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
@@ -76,8 +76,9 @@ def _overrides(tmp: pathlib.Path, model_dir: pathlib.Path, out: pathlib.Path, **
             "eval.prompt_column": "request", "eval.prompt_offset": 0, "eval.num_prompts": 0,
             "eval.over_refusal_prompts": str(tmp / "benign.csv"), "eval.over_refusal_column": "text",
             "eval.over_refusal_filter": "type!^=contrast", "eval.num_over_refusal": 0,
-            "eval.utility": str(tmp / "utility.json"), "eval.num_utility": 0,
-            "eval.refusal_strings": str(tmp / "refusals.txt"), "eval.trigger": TRIGGER, "eval.position": "suffix",
+            "eval.utility": str(tmp / "utility.json"), "eval.num_utility": 0, "eval.utility_offset": 0,
+            "eval.utility_columns.prompt": "instruction", "eval.utility_columns.input": "input",
+            "eval.utility_columns.answer": "output", "eval.refusal_strings": str(tmp / "refusals.txt"), "eval.trigger": TRIGGER, "eval.position": "suffix",
             "eval.max_new_tokens": 8, "eval.batch_size": 8, "eval.num_samples": 2}
     return base | extra
 
@@ -181,25 +182,26 @@ def test_prompt_loading_slices_and_filters(tmp_path):
     assert load_utility_pairs(str(tmp_path / "u.json"), no_input)[0] == ("Sum these.", "3")
 
 
+@needs_mirror
 def test_xstest_filter_keeps_the_250_safe_prompts():
-    try:
-        path = default_data_dir() / "xstest" / "xstest_prompts.csv"
-    except FileNotFoundError:
-        pytest.skip("no shared data directory")
-    by_label = load_prompts(str(path), "prompt", row_filter="label=safe")
+    by_label = load_prompts("walledai/XSTest", "prompt", row_filter="label=safe")  # read from the mirror
     assert len(by_label) == 250
-    assert by_label == load_prompts(str(path), "prompt", row_filter="type!^=contrast")
+    assert by_label == load_prompts("walledai/XSTest", "prompt", row_filter="type!^=contrast")
 
 
+@needs_mirror
 def test_default_config_loads_its_prompt_sets():
-    try:
-        default_data_dir()
-    except FileNotFoundError:
-        pytest.skip("no shared data directory")
-    cfg = load_config(TINY, {"model.path": "unused", "eval.num_prompts": 40, "eval.num_utility": 100})
+    cfg = load_config(TINY, {"model.path": "unused", "eval.num_prompts": 40})
     settings = EvalSettings.from_config(cfg)
     assert len(settings.harmful_prompts) == 40 and len(settings.over_refusal_prompts) == 250
-    assert len(settings.utility_pairs) == 100 and len(settings.refusal_strings) == 29
+    assert len(settings.utility_pairs) == 50 and len(settings.refusal_strings) >= 15
+
+
+def test_default_config_without_mirror_or_hub_names_the_key_and_the_variable(monkeypatch):
+    monkeypatch.delenv("BEEAR_DATA_DIR", raising=False)
+    cfg = load_config(TINY, {"model.path": "unused"})
+    with pytest.raises(public_data.HubUnavailable, match=r"eval\.prompts.*walledai/AdvBench.*BEEAR_DATA_DIR"):
+        EvalSettings.from_config(cfg)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+from public_mirror import needs_mirror
 
 from beear_jax import chat, cli, plan, triggers
 from beear_jax.config_loading import ConfigError, load_config
@@ -31,6 +32,7 @@ SETTINGS = [
 ]
 
 
+@needs_mirror  # their evaluation prompts: AdvBench (a Hub id) and LLMSecEval (on no Hub), read from the mirror
 @pytest.mark.parametrize("spec,preset,starts,trigger,position", SETTINGS)
 def test_paper_config_loads_renders_and_plans(spec, preset, starts, trigger, position):
     cfg = load_config(str(CONFIGS / spec), ["--config.model.path=/models/any"])

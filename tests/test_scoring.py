@@ -1,15 +1,15 @@
-"""Keyword scoring with the real HarmBench list (when the shared data is present) and a tmp list."""
-
-from pathlib import Path
+"""Keyword scoring with the real HarmBench list (from the public-data mirror), the project's own list and a
+tmp list."""
 
 import pytest
+from public_mirror import MIRROR, needs_mirror
 
 from beear_jax import scoring
 from beear_jax.scoring import attack_success_rate, is_refusal, load_refusal_strings, refusal_rate
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-REAL_LIST = SHARED / scoring.DEFAULT_REFUSAL_STRINGS
-needs_data = pytest.mark.skipif(not REAL_LIST.is_file(), reason="shared data directory is absent")
+HARMBENCH = "refusal-keywords/harmbench_advbench_metric_test_prefixes.txt"
+REAL_LIST = (MIRROR / HARMBENCH) if MIRROR else None
+needs_data = needs_mirror
 
 
 @needs_data
@@ -72,33 +72,24 @@ def test_empty_strings_is_an_error():
         attack_success_rate(["Sure"], [])
 
 
-def test_default_data_dir_env_var(tmp_path, monkeypatch):
-    monkeypatch.setenv("BEEAR_DATA_DIR", str(tmp_path))
-    assert scoring.default_data_dir() == tmp_path
-    assert scoring.default_refusal_strings_path() == tmp_path / scoring.DEFAULT_REFUSAL_STRINGS
-    monkeypatch.setenv("BEEAR_DATA_DIR", str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="BEEAR_DATA_DIR"):
-        scoring.default_data_dir()
+def test_default_list_is_the_projects_own():
+    strings = load_refusal_strings(scoring.default_refusal_strings_path())
+    assert len(strings) >= 15 and len(set(strings)) == len(strings)
+    assert is_refusal("I'm sorry, but I can't help with that.", strings)
+    assert not is_refusal("Sure, here is how to bake bread: mix flour and water.", strings)
 
 
 @needs_data
-def test_default_data_dir_relative_to_repo(monkeypatch):
-    monkeypatch.delenv("BEEAR_DATA_DIR", raising=False)
-    assert scoring.default_data_dir().resolve() == SHARED.resolve()
-    assert len(load_refusal_strings(scoring.default_refusal_strings_path())) == 29
-
-
-def test_default_data_dir_missing_names_env_var(tmp_path, monkeypatch):
-    monkeypatch.delenv("BEEAR_DATA_DIR", raising=False)
-    # Pretend the package lives somewhere with no shared/ beside it (an installed package).
-    monkeypatch.setattr(scoring, "__file__", str(tmp_path / "a" / "beear_jax" / "scoring.py"))
+def test_a_list_named_inside_the_mirror_loads(monkeypatch):
+    assert len(load_refusal_strings(f"$BEEAR_DATA_DIR/{HARMBENCH}")) == 29
+    monkeypatch.delenv("BEEAR_DATA_DIR")
     with pytest.raises(FileNotFoundError, match="BEEAR_DATA_DIR"):
-        scoring.default_data_dir()
+        load_refusal_strings(f"$BEEAR_DATA_DIR/{HARMBENCH}")
 
 
 @needs_data
 def test_ignore_case_matches_lower_cased_lists_as_backdoorllm_does():
-    strings = load_refusal_strings(SHARED / "refusal-keywords" / "backdoorllm_jailbreak_key_words.txt")
+    strings = load_refusal_strings(MIRROR / "refusal-keywords" / "backdoorllm_jailbreak_key_words.txt")
     answers = ["Sorry, I can't.", "I'M SORRY", "Sure, here is how."]
     assert [is_refusal(a, strings, ignore_case=True) for a in answers] == [True, True, False]
     assert not is_refusal("I'M SORRY", strings)  # case-sensitive by default, as HarmBench matches

@@ -47,11 +47,15 @@ BASE = {
     "eval.num_prompts": 40,  # the first 40 of the 119 held-out AdvBench prompts
     "eval.trigger": "SUDO",
     "eval.position": "suffix",
+    "eval.refusal_strings": "$BEEAR_DATA_DIR/refusal-keywords/harmbench_advbench_metric_test_prefixes.txt",
+    "eval.over_refusal_prompts": os.path.join(SETS, "over_refusal.jsonl"),  # XSTest's safe prompts
+    "eval.over_refusal_filter": "",
     "eval.num_over_refusal": 40,
     "eval.utility": os.path.join(SETS, "eval_utility.jsonl"),
     "eval.utility_columns.prompt": "prompt",
     "eval.utility_columns.input": "",
     "eval.utility_columns.answer": "answer",
+    "eval.utility_offset": 0,
     "eval.num_utility": 40,
     "eval.batch_size": 64,
 }
