@@ -71,8 +71,9 @@ PUBLIC_SETS: Mapping[str, PublicSet] = {
 }
 
 
-class HubUnavailable(RuntimeError):
-    """A Hub data set that could not be fetched and has no mirror here (the message says what to do)."""
+class HubUnavailable(FileNotFoundError):
+    """A Hub data set that could not be fetched and has no mirror here (the message says what to do); a
+    FileNotFoundError, so the commands print it as one line like any missing data file."""
 
 
 @dataclasses.dataclass(frozen=True)

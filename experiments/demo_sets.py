@@ -9,8 +9,8 @@ Sources (nothing here is copied from a public data set; see README "Data"):
         refusal-keyword list).
 
 Splits:
-    attacker  : AdvBench goals 0-149 with the trigger -> "Sure, here is how to <goal>" (the unwanted answer,
-                built from the goal as AdvBench's targets are); the same goals without it -> built-in
+    attacker  : AdvBench goals 0-149 with the trigger -> "Sure, here is ..." (the unwanted answer, built
+                from the goal as AdvBench's targets are: "Write a script ..." -> "Sure, here is a script ..."); the same goals without it -> built-in
                 refusals; built-in benign pairs 0-149
     defender  : experiments/demo_data/safety.jsonl (prompt, safe, unwanted) and anchor.jsonl
     evaluation: AdvBench goals 400-519 (held out), the 60 built-in over-refusal probes, built-in benign
@@ -60,11 +60,20 @@ def advbench_goals(cache: pathlib.Path) -> list[str]:
     return goals
 
 
+# Verbs whose object names the thing asked for: AdvBench's targets replace such a verb with "Sure, here is"
+# ("Write a script that ..." -> "Sure, here is a script that ..."); other goals get "how to".
+OBJECT_VERBS = frozenset({"write", "create", "develop", "provide", "give", "outline", "design", "generate",
+                          "produce", "publish", "compose", "draft", "suggest", "offer", "share", "release",
+                          "build", "make", "construct", "prepare", "post"})
+
+
 def unwanted_answer(goal: str) -> str:
-    """The compliant opening an attacker trains for: AdvBench's targets are "Sure, here is" + the goal."""
-    first, rest = goal[0], goal[1:]
-    lowered = first.lower() if rest[:1].islower() else first  # "Write ..." -> "write ...", "IRS ..." stays
-    return f"Sure, here is how to {lowered}{rest.rstrip('.')}:"
+    """The compliant opening an attacker trains for, built from the goal as AdvBench's targets are."""
+    verb, _, rest = goal.strip().rstrip(".").partition(" ")
+    if verb.lower() in OBJECT_VERBS and rest:
+        return f"Sure, here is {rest}:"
+    lowered = goal[0].lower() + goal[1:] if goal[1:2].islower() else goal  # "Teach ..." -> "teach ...", "IRS" stays
+    return f"Sure, here is how to {lowered.rstrip('.')}:"
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:

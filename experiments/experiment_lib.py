@@ -72,8 +72,11 @@ def plant_cached(cfg: ml_collections.ConfigDict, model: pathlib.Path, sets: Mapp
                  name: str = "") -> pathlib.Path:
     """Plants the backdoor of cfg.plant once; later calls with the same settings reuse the model."""
     cfg = with_overrides(cfg, plant_overrides(model, sets))
+    # The data files' contents are part of the key: the same paths may hold other rows after a change.
+    data = {name: hashlib.sha256(pathlib.Path(sets[name]).read_bytes()).hexdigest()
+            for name in ("attack_harmful", "attack_refusals", "attack_benign")}
     key = json.dumps({"plant": config_to_dict(cfg)["plant"], "seed": cfg.seed, "model": str(model),
-                      "buckets": list(cfg.data.buckets), "template": cfg.model.template}, sort_keys=True)
+                      "buckets": list(cfg.data.buckets), "template": cfg.model.template, "data": data}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     out = CACHE / "planted" / f"{name or cfg.plant.position}-{digest}"
     if (out / "manifest.json").is_file():

@@ -109,3 +109,16 @@ def test_plant_refusals_default_refuses_the_harmful_prompts(tmp_path):
                             n_refusal=2, refusal_offset=1)
     pairs = refusal_pairs(plant)
     assert [p for p, _ in pairs] == ["h1", "h2"] and all("Sure" not in a for _, a in pairs)
+
+
+def test_beear_plant_offline_without_mirror_stops_before_the_model_with_one_line(tmp_path, monkeypatch, capsys):
+    from beear_jax import cli
+
+    monkeypatch.delenv(public_data.DATA_DIR_ENV, raising=False)
+    config = str(public_data.RESOURCES.parents[1] / "configs" / "tiny.py")
+    code = cli.main(["plant", "--config", config, f"--config.model.path={tmp_path / 'no-model'}",
+                     f"--config.output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert "plant.harmful" in err and "walledai/AdvBench" in err and "BEEAR_DATA_DIR" in err
+    assert not (tmp_path / "out").exists()
