@@ -24,7 +24,9 @@ device allocator's peak.
 
 Options: --rounds 4 --batch 8 --seq 128 --answer 32 --inner-batches 8 --inner-epochs 1 --outer-steps 4
 --layer 9 --length 7 (the demo's round: --inner-batches 5 --inner-epochs 4 --outer-steps 5)
---torch-threads N (default: torch's own choice) --json FILE (everything measured).
+--torch-threads N (default: torch's own choice) --json FILE (everything measured) --impl jax (ours only)
+--plan (also `beear plan`'s peak memory for these shapes, compiled on this backend, beside the measured peak).
+The matmul rate is timed first, on random data, before the models take the device's memory.
 """
 
 from __future__ import annotations
@@ -148,14 +150,18 @@ def inner_stack(w: Workload, count: int, layout: str) -> dict:
     return data_lib.stack_batches([joint(b) if layout == "rows" else b[layout] for b in w.safety[:count]])
 
 
-def build_models(shape: str, dtype: str, seed: int = 0) -> tuple[ModelConfig, dict, torch.nn.Module]:
-    """A random-weight HF Llama of `shape` and the same weights as our params (float32 masters)."""
+def build_models(shape: str, dtype: str, seed: int = 0, device: str = "cpu") -> tuple[ModelConfig, dict,
+                                                                                      torch.nn.Module]:
+    """A random-weight HF Llama of `shape` (float32, built on torch's `device`: a GPU initialises a 1B model
+    in a moment) and the same weights as our params (float32 masters, numpy)."""
     hf_config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5,
                                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32,
+                                                              attn_implementation="sdpa")
     config = ModelConfig.from_hf_dict(hf_config.to_dict(), dtype=dtype)
-    params = from_hf_state_dict(config, dict(model.state_dict()))
+    params = from_hf_state_dict(config, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
     return config, params, model
 
 
@@ -212,40 +218,54 @@ def phase_flops(config: ModelConfig, w: Workload, ours: bool, inner_batches: int
 
 
 class CompileCounter:
-    """Counts XLA backend compilations and sums the time spent tracing, lowering and compiling."""
+    """Counts XLA backend compilations (a program found in a persistent compilation cache counts too, in far
+    less time) and lowerings to MLIR, and sums the time spent tracing, lowering and compiling."""
 
     EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
               "/jax/core/compile/backend_compile_duration")
 
     def __init__(self) -> None:
-        self.compiles, self.seconds = 0, 0.0
+        self.compiles, self.lowerings, self.seconds = 0, 0, 0.0
         jax.monitoring.register_event_duration_secs_listener(self._listen)
 
     def _listen(self, event: str, duration: float, **_: Any) -> None:
         if event in self.EVENTS:
             self.seconds += duration
-            self.compiles += event == self.EVENTS[-1]
+            self.compiles += event == self.EVENTS[2]
+            self.lowerings += event == self.EVENTS[1]
 
 
-def matmul_peak(device: str, dtype: str, size: int, reps: int = 5) -> dict[str, float]:
-    """FLOP/s of a [size, size] @ [size, size] matmul, median of `reps`, in jax and in torch."""
-    flops = 2.0 * size ** 3
-    x = jnp.ones((size, size), dtype)
-    mm = jax.jit(lambda a: a @ a)
-    mm(x).block_until_ready()
-    jax_times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        mm(x).block_until_ready()
-        jax_times.append(time.perf_counter() - start)
-    t = torch.ones((size, size), dtype=getattr(torch, dtype), device=device)
-    (t @ t).sum().item()
-    torch_times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        (t @ t)[0, 0].item()
-        torch_times.append(time.perf_counter() - start)
-    return {"jax": flops / statistics.median(jax_times), "torch": flops / statistics.median(torch_times)}
+def matmul_peak(device: str, dtype: str, size: int, reps: int = 5, calls: int = 1) -> dict[str, float]:
+    """FLOP/s of a [size, size] @ [size, size] matmul in jax and in torch, on random normal data (three input
+    pairs in turn: constant data runs faster than real data on some chips): `calls` products launched back to
+    back per timing (on a GPU this hides the launch and sync gaps), median of `reps` timings after a warm-up."""
+    flops = 2.0 * size ** 3 * calls
+    keys = jax.random.split(jax.random.key(1), 6)
+    xs = [jax.random.normal(k, (size, size), jnp.float32).astype(dtype) for k in keys]
+    mm = jax.jit(jnp.matmul)
+
+    def run_jax() -> None:
+        jax.block_until_ready([mm(xs[i % 3], xs[3 + i % 3]) for i in range(calls)])
+
+    generator = torch.Generator(device=device).manual_seed(1)
+    ts = [torch.randn((size, size), generator=generator, device=device, dtype=torch.float32).to(getattr(torch, dtype))
+          for _ in range(6)]
+
+    def run_torch() -> None:
+        outs = [ts[i % 3] @ ts[3 + i % 3] for i in range(calls)]
+        torch_sync(device)
+        del outs
+
+    rates = {}
+    for name, run in (("jax", run_jax), ("torch", run_torch)):
+        run()  # warm-up: compilation, handles, clocks
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        rates[name] = flops / statistics.median(times)
+    return rates
 
 
 def torch_sync(device: str) -> None:
@@ -448,6 +468,28 @@ def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: Ste
 # ---- main --------------------------------------------------------------------------------------
 
 
+def plan_prediction(args: argparse.Namespace, config: ModelConfig, w: Workload) -> dict[str, Any]:
+    """`beear plan`'s bytes for this workload's shapes on one device of this backend: persistent arrays
+    exact, step temporaries from XLA's memory analysis of the steps compiled here (nothing allocated)."""
+    from beear_jax import plan as plan_lib
+    from beear_jax.config_loading import load_config
+
+    cfg = load_config(str(ROOT / "configs" / "smollm2_135m.py"), {
+        "model.dtype": args.dtype, "rounds": 1, "perturb.layer": args.layer, "perturb.length": args.length,
+        "inner.epochs": args.inner_epochs, "inner.samples": args.inner_batches * args.batch,
+        "inner.batch_size": args.batch, "outer.batch_size": args.batch,
+        "outer.anchor_samples": args.outer_steps * args.batch, "inner.optimizer": "adam", "outer.optimizer": "adamw",
+        "remat": "none", "outer.remat": args.outer_remat, "data.max_answer_tokens": args.answer,
+        "data.buckets": (args.seq,), "inner.share_prompt": True, "inner.cache_prefix": True, "outer.pack": True,
+        "mesh.shape": (1, 1, 1)})
+    started = time.perf_counter()
+    p = plan_lib.plan_run(cfg, config, (1, 1, 1), seq_len=w.seq, answer_len=w.answer, inner_seq_len=w.shared_seq,
+                          prefix_len=w.prefix_len, suffix_len=w.suffix_len, packed=w.packed_shape)
+    return {"peak": p.peak, "phases": p.phases, "arrays": p.arrays, "temps": p.temps,
+            "temps_source": p.temps_source, "analytical_temps": p.analytical_temps,
+            "seconds": time.perf_counter() - started}
+
+
 def child_peak_memory(args: argparse.Namespace, impl: str) -> dict[str, float] | None:
     """A fresh process runs one round of `impl` (CPU): its resident bytes before the round and its peak.
 
@@ -489,6 +531,8 @@ def main() -> None:
     parser.add_argument("--matmul", type=int, default=0, help="peak matmul size (default 2048 CPU, 8192 GPU)")
     parser.add_argument("--impl", choices=("both", "jax", "torch"), default="both")
     parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--plan", action="store_true",
+                        help="also `beear plan`'s prediction for these shapes (compiled memory analysis on this backend)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
@@ -497,8 +541,15 @@ def main() -> None:
     accelerator = jax.default_backend() != "cpu"
     device = "cuda" if accelerator and torch.cuda.is_available() else "cpu"
     counter = CompileCounter()
+    memory_child = args.impl != "both" and args.rounds == 1  # reports its resident memory and leaves
+    # The matmul rate first, on an idle device (before the model's memory is taken).
+    matmul_size = args.matmul or (8192 if accelerator else 2048)
+    if not memory_child:
+        peak = matmul_peak(device, args.dtype, matmul_size, calls=10 if accelerator else 1)
+        print(f"matmul {matmul_size}^3 {args.dtype}: jax {peak['jax'] / 1e12:.1f} TFLOP/s, torch "
+              f"{peak['torch'] / 1e12:.1f} TFLOP/s", flush=True)
 
-    config, host_params, torch_model = build_models(args.shape, args.dtype)
+    config, host_params, torch_model = build_models(args.shape, args.dtype, device=device)
     if not 1 <= args.layer < config.num_layers:
         raise SystemExit(f"--layer must be in [1, {config.num_layers}) for shape {args.shape}")
     w = make_workload(args, config.vocab_size)
@@ -510,22 +561,25 @@ def main() -> None:
         impls["torch"] = TorchRound(torch_model, w, device, args.dtype, args.inner_batches)
     del host_params, torch_model  # each side keeps only its own copy of the weights
     gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     rss_before = current_rss()
 
     times: dict[str, list[dict]] = {name: [] for name in impls}
-    compiles_per_round, compile_seconds = [], []
+    compiles_per_round, lowerings_per_round, compile_seconds = [], [], []
     with rss_sampler() as rss:
         for round_index in range(args.rounds):
             for name, impl in impls.items():
-                before_n, before_s = counter.compiles, counter.seconds
+                before_n, before_l, before_s = counter.compiles, counter.lowerings, counter.seconds
                 times[name].append(impl.run(args.inner_epochs))
                 torch_sync(device)
                 if name == "jax":
                     compiles_per_round.append(counter.compiles - before_n)
+                    lowerings_per_round.append(counter.lowerings - before_l)
                     compile_seconds.append(counter.seconds - before_s)
             print(f"round {round_index + 1}: " + "  ".join(
                 f"{n} " + " ".join(f"{k} {v:.2f}s" for k, v in t[-1].items()) for n, t in times.items()), flush=True)
-    if args.impl != "both" and args.rounds == 1:  # a memory child: report and leave
+    if memory_child:  # report and leave
         print(f"RSS_BEFORE_ROUND_BYTES {rss_before}")
         # Sampled, not ru_maxrss: Linux carries the parent's high-water mark into a forked child.
         print(f"PEAK_RSS_BYTES {rss['peak_bytes']}")
@@ -534,7 +588,6 @@ def main() -> None:
     steady = slice(1, None) if args.rounds > 1 else slice(None)
     med = {name: {phase: statistics.median(t[phase] for t in ts[steady]) for phase in ("cache", "inner", "outer")}
            for name, ts in times.items()}
-    peak = matmul_peak(device, args.dtype, args.matmul or (8192 if accelerator else 2048))
     best_peak = max(peak.values())
     inner_steps = args.inner_batches * args.inner_epochs
     # Tokens of the workload (two rows per prompt), whatever layout runs them: tokens/s compare work done.
@@ -551,7 +604,7 @@ def main() -> None:
           f"n {w.length}, {args.inner_batches} inner batches x {args.inner_epochs} epochs + {args.outer_steps} outer steps; medians of rounds "
           f"{'2' if args.rounds > 1 else '1'}..{args.rounds}; jax {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
-    print(f"# measured matmul peak ({args.matmul or (8192 if accelerator else 2048)}^3, {args.dtype}): "
+    print(f"# measured matmul peak ({matmul_size}^3, {args.dtype}, random data, timed before the rounds): "
           f"jax {peak['jax'] / 1e9:.1f} GFLOP/s, torch {peak['torch'] / 1e9:.1f} GFLOP/s")
     print()
     print("| phase | impl | seconds | tokens/s | GFLOP executed | GFLOP/s | % of peak |")
@@ -566,13 +619,17 @@ def main() -> None:
             if seconds <= 0:
                 continue
             row = {"phase": phase, "impl": name, "seconds": seconds, "tokens_per_s": tok / seconds,
+                   "steps": {"inner": inner_steps, "outer": args.outer_steps}.get(phase, 1),
                    "gflop": executed / 1e9, "gflop_per_s": executed / seconds / 1e9,
                    "fraction_of_peak": executed / seconds / best_peak}
             rows.append(row)
             print(f"| {phase} | {name} | {seconds:.2f} | {row['tokens_per_s']:.0f} | {row['gflop']:.0f} | "
                   f"{row['gflop_per_s']:.1f} | {100 * row['fraction_of_peak']:.0f}% |")
     summary: dict[str, Any] = {"args": vars(args), "device": jax.devices()[0].device_kind, "rows": rows,
-                               "matmul_peak_flops": peak, "rounds": times}
+                               "matmul_peak_flops": peak, "matmul_size": matmul_size, "rounds": times,
+                               "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+                               "workload": {"shared_seq": w.shared_seq, "prefix_len": w.prefix_len,
+                                            "suffix_len": w.suffix_len, "packed_shape": list(w.packed_shape)}}
     if "jax" in med and "torch" in med:
         ratio = {p: med["jax"][p] / med["torch"][p] for p in ("inner", "outer")}
         ratio["round"] = sum(med["jax"].values()) / sum(med["torch"].values())
@@ -582,14 +639,17 @@ def main() -> None:
         print("jax time / torch time: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
     if "jax" in impls:
         summary["jax_compiles_per_round"] = compiles_per_round
+        summary["jax_lowerings_per_round"] = lowerings_per_round
         summary["jax_compile_seconds_round1"] = compile_seconds[0]
         print(f"jax: compile (trace + lower + XLA) in round 1: {compile_seconds[0]:.1f} s; XLA compilations per "
-              f"round: {compiles_per_round} (after round 1 should be 0)")
+              f"round: {compiles_per_round}, lowerings per round: {lowerings_per_round} (after round 1 both should "
+              "be 0)")
     if accelerator:
         mem = {}
         if "jax" in impls:
             stats = jax.devices()[0].memory_stats() or {}
             mem["jax"] = stats.get("peak_bytes_in_use")
+            summary["jax_memory_stats"] = {k: v for k, v in stats.items() if isinstance(v, int | float)}
         if "torch" in impls and device == "cuda":
             mem["torch"] = torch.cuda.max_memory_allocated()
         summary["peak_device_bytes"] = mem
@@ -599,6 +659,16 @@ def main() -> None:
         summary["peak_rss_bytes_one_round"] = mem
         print("resident memory of a fresh process running one round (before the round -> peak): " + ", ".join(
             f"{k} {v['before_round'] / 2**30:.2f} -> {v['peak'] / 2**30:.2f} GiB" for k, v in mem.items() if v))
+    if args.json:  # written now too: the plan and the ablations below compile more, and may be cut short
+        pathlib.Path(args.json).write_text(json.dumps(summary, indent=2, default=float))
+    if args.plan:
+        summary["plan"] = plan_prediction(args, config, w)
+        measured = summary.get("peak_device_bytes", {}).get("jax")
+        print(f"beear plan for these shapes ({summary['plan']['temps_source']}, {summary['plan']['seconds']:.0f} s): "
+              f"peak {summary['plan']['peak'] / 2**30:.2f} GiB (inner phase "
+              f"{summary['plan']['phases']['inner'] / 2**30:.2f}, outer {summary['plan']['phases']['outer'] / 2**30:.2f})"
+              + (f"; measured peak {measured / 2**30:.2f} GiB = {measured / summary['plan']['peak']:.2f}x the plan"
+                 if measured else "; no device peak measured here (CPU)"))
     if args.ablations and "jax" in impls:
         print("\nablations (ours, one choice undone at a time; medians):")
         summary["ablations"] = ablations(config, jax.device_get(impls["jax"].params), w, settings,
