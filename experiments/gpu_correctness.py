@@ -57,19 +57,6 @@ MODES = (("float32", "highest"), ("float32", "default"), ("bfloat16", "default")
 # ---- logits parity -------------------------------------------------------------------------------
 
 
-def padded_batch(side: str, vocab: int, lengths: tuple[int, ...] = (14, 9, 3), seq: int = 14,
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random ids [B, seq] and a mask with each row's real tokens on the right or the left side."""
-    ids = np.random.default_rng(seed).integers(3, vocab, size=(len(lengths), seq))
-    mask = np.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        if side == "right":
-            mask[row, :n] = 1
-        else:
-            mask[row, seq - n:] = 1
-    return ids, mask
-
-
 def reference_logits(model: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """float64 logits of the PyTorch model (a float64 copy; positions ignore the padding, as ours)."""
     import copy
@@ -101,7 +88,7 @@ def masked_max(diff: np.ndarray, mask: np.ndarray) -> float:
 
 def parity_rows(tmp: pathlib.Path, kinds: list[str]) -> Iterator[dict]:
     """One row per (kind, mode, padding side): max |diff| of CPU and device logits vs the reference and each other."""
-    from hf_fixtures import VOCAB, make_tiny_hf_model
+    from hf_fixtures import make_tiny_hf_model, padded_batch
 
     import beear_jax
 
@@ -111,7 +98,7 @@ def parity_rows(tmp: pathlib.Path, kinds: list[str]) -> Iterator[dict]:
         for dtype, precision in MODES:
             config, params = beear_jax.load_model(directory, dtype=dtype)
             for side in ("right", "left"):
-                ids, mask = padded_batch(side, VOCAB)
+                ids, mask = padded_batch(side)
                 ref = reference_logits(model, ids, mask)
                 on_cpu = our_logits(config, params, ids, mask, cpu, precision)
                 on_device = our_logits(config, params, ids, mask, device, precision)

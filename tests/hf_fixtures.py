@@ -96,6 +96,19 @@ def torch_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None
         return model(input_ids=torch.as_tensor(input_ids), attention_mask=mask).logits.float().numpy()
 
 
+def padded_batch(side: str, lengths: tuple[int, ...] = (14, 9, 3), seq: int = 14,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random ids [B, seq] and a mask with each row's real tokens on the right or the left side."""
+    ids = np.random.default_rng(seed).integers(3, VOCAB, size=(len(lengths), seq))
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, seq - n:] = 1
+    return ids, mask
+
+
 def sample_ids(batch: int = 2, length: int = 12, seed: int = 0) -> np.ndarray:
     """Random token ids [batch, length] (longer than the sliding window of mistral_sliding)."""
     return np.random.default_rng(seed).integers(0, VOCAB, size=(batch, length), dtype=np.int64)

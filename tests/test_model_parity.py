@@ -6,21 +6,10 @@ import jax
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import KINDS, VOCAB, make_tiny_hf_model
+from hf_fixtures import KINDS, VOCAB, make_tiny_hf_model, padded_batch
 
 import beear_jax
 from beear_jax.generate import SamplingConfig, generate
-
-
-def _padded_batch(side: str, lengths=(14, 9, 3), seq: int = 14, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.random.default_rng(seed).integers(3, VOCAB, size=(len(lengths), seq))
-    mask = np.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        if side == "right":
-            mask[row, :n] = 1
-        else:
-            mask[row, seq - n:] = 1
-    return ids, mask
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -33,7 +22,7 @@ def tiny(request, tmp_path_factory):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_logits_match_transformers(tiny, side):
     _, config, params, model = tiny
-    ids, mask = _padded_batch(side)
+    ids, mask = padded_batch(side)
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
