@@ -98,8 +98,8 @@ PATH_KEYS = ("model.path", "output_dir", "data.safety", "data.anchor", "plant.ha
 
 def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of config whose PATH_KEYS are absolute (~ and a leading $BEEAR_DATA_DIR/ expanded): output_dir
-    always, the others when they exist here. What a run stores (config.json, checkpoints, a plant manifest) then still names the same
-    files when read from another directory (`beear export`, a resume)."""
+    always, the others when they exist here. What a run stores (config.json, checkpoints, a plant manifest)
+    then still names the same files when read from another directory (`beear export`, a resume)."""
     config = copy.deepcopy(config)
     for key in PATH_KEYS:
         *parents, leaf = key.split(".")

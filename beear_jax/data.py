@@ -144,7 +144,7 @@ def _missing_file_message(source: str, key: str) -> str:
 
 
 def _load_public(public: public_data.PublicSet, key: str) -> Any:
-    """A known public Hub set at its pinned revision, shape-checked; HubUnavailable when it cannot be fetched."""
+    """A known public Hub set at its registry revision, shape-checked; HubUnavailable when it cannot be fetched."""
     import datasets
 
     try:
@@ -259,9 +259,9 @@ def load_table(source: str, columns: Mapping[str, str], split: str = "train", ke
     source: a local .json/.jsonl/.csv/.parquet file, a file in the public-data mirror written
     `$BEEAR_DATA_DIR/path`, or a hub data set named owner/name (needs network or the Hugging Face cache;
     `split` picks the split). A Hub id the project knows (public_data.PUBLIC_SETS) is read from its mirror
-    file when $BEEAR_DATA_DIR holds it, else fetched at its pinned revision and shape-checked. A name that is no local file goes to the hub only when
-    shaped like owner/name with no extension and no local directory owner/; otherwise it is reported as a
-    missing file at once. columns: canonical name -> column name in the source, e.g. {"prompt": "goal", ...}.
+    file when $BEEAR_DATA_DIR holds it, else fetched at its registry revision and shape-checked. A name that
+    is no local file goes to the hub only when shaped like owner/name with no extension and no local
+    directory owner/; otherwise it is reported as a missing file at once. columns: canonical name -> column name in the source, e.g. {"prompt": "goal", ...}.
     Returns one dict per row holding only the canonical names, values as strings (numbers and booleans
     written out; a list, mapping or other value is refused, and so is text that is not UTF-8). key: the config key
     that named the file, for the messages of load errors.
