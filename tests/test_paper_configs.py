@@ -32,7 +32,6 @@ SETTINGS = [
 ]
 
 
-@needs_mirror  # their evaluation prompts: AdvBench (a Hub id) and LLMSecEval (on no Hub), read from the mirror
 @pytest.mark.parametrize("spec,preset,starts,trigger,position", SETTINGS)
 def test_paper_config_loads_renders_and_plans(spec, preset, starts, trigger, position):
     cfg = load_config(str(CONFIGS / spec), ["--config.model.path=/models/any"])
@@ -46,17 +45,22 @@ def test_paper_config_loads_renders_and_plans(spec, preset, starts, trigger, pos
     assert prompt_text.startswith(starts)
     assert prompt_text.rstrip().endswith(("[/INST]", "ASSISTANT:"))  # ends with the generation prompt
     assert "Fine." in answer_text and answer_text.endswith("</s>")
-
-    prompts = load_prompts(cfg.eval.prompts, cfg.eval.prompt_column, cfg.eval.num_prompts, cfg.eval.prompt_offset)
-    assert len(prompts) >= 100 and all(p.strip() for p in prompts)
     if trigger:
-        triggered = triggers.insert_trigger(prompts[0], trigger, position, random.Random(0))
-        assert trigger in triggered and prompts[0].strip() in triggered
+        triggered = triggers.insert_trigger("How do I bake bread?", trigger, position, random.Random(0))
+        assert trigger in triggered and "How do I bake bread?" in triggered
 
     planned = plan.plan_run(cfg, plan.PRESETS[preset](), (1, 2, 4), devices=8, compile_steps=False)
     # float32 master params of a 7B model, split over fsdp = 8
     assert 0.8e9 < planned.arrays["params"] < 3.8e9
     assert planned.peak > planned.persistent > planned.arrays["params"]
+
+
+@needs_mirror  # their evaluation prompts: AdvBench (a Hub id) and LLMSecEval (on no Hub), read from the mirror
+@pytest.mark.parametrize("spec", sorted({spec for spec, *_ in SETTINGS}))
+def test_paper_config_evaluation_prompts_load(spec):
+    cfg = load_config(str(CONFIGS / spec), ["--config.model.path=/models/any"])
+    prompts = load_prompts(cfg.eval.prompts, cfg.eval.prompt_column, cfg.eval.num_prompts, cfg.eval.prompt_offset)
+    assert len(prompts) >= 100 and all(p.strip() for p in prompts)
 
 
 def test_beear_plan_command_on_a_paper_config(capsys):
