@@ -22,6 +22,9 @@ device allocator's peak.
     python experiments/bench_beear.py --shape llama-1b --dtype bfloat16     # on a GPU
     python experiments/bench_beear.py --ablations           # also: what each of ours' choices is worth
 
+(Past ~400 lines on purpose: both implementations' round drivers, the FLOP counts, the ablations and the
+plan comparison live in one script so that one process measures them side by side, with one workload.)
+
 Options: --rounds 4 --batch 8 --seq 128 --answer 32 --inner-batches 8 --inner-epochs 1 --outer-steps 4
 --layer 9 --length 7 (the demo's round: --inner-batches 5 --inner-epochs 4 --outer-steps 5)
 --torch-threads N (default: torch's own choice) --json FILE (everything measured) --impl jax (ours only)
