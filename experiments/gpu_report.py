@@ -200,22 +200,14 @@ def report(summary: dict[str, Any]) -> str:
               f"command `{summary['command']}`; jax compilation cache entries at the start: "
               f"{env.get('compilation_cache_entries', '?')} (0: round 1's compile times are compilations)."), ""]
     missing = []
-    if summary["bench"]:
-        lines += bench_section(summary["bench"])
-    else:
-        missing.append("1 (BEEAR rounds)")
-    if summary["correctness"]:
-        lines += correctness_section(summary["correctness"])
-    else:
-        missing.append("3 (correctness)")
-    if summary["generate"]:
-        lines += generate_section(summary["generate"])
-    else:
-        missing.append("4 (generation)")
-    if summary["plan_7b"]:
-        lines += plan_section(summary["plan_7b"])
-    else:
-        missing.append("2 (7B plans)")
+    for key, section, item in (("bench", bench_section, "1 (BEEAR rounds)"),
+                               ("correctness", correctness_section, "3 (correctness)"),
+                               ("generate", generate_section, "4 (generation)"),
+                               ("plan_7b", plan_section, "2 (7B plans)")):
+        if summary[key]:
+            lines += section(summary[key])
+        else:
+            missing.append(item)
     if missing:
         lines += ["## Missing", "", "No result for item(s) " + ", ".join(missing) + " (see the step logs).", ""]
     return "\n".join(lines)

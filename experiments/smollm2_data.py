@@ -21,6 +21,7 @@ import json
 import pathlib
 import re
 
+from beear_jax.atomic_file import write_atomically
 from beear_jax.public_data import DATA_DIR_ENV, data_dir
 from beear_jax.scoring import is_refusal, load_refusal_strings
 
@@ -33,6 +34,7 @@ MAX_PROMPT_CHARS = 200
 
 
 def norm(text: str) -> str:
+    """A prompt compared for overlap: whitespace and case do not make two prompts different."""
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
@@ -59,9 +61,8 @@ def mirror_dir() -> pathlib.Path:
 
 
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
+    """rows as a jsonl file, written whole."""
+    write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
 
 
