@@ -30,11 +30,14 @@ from beear_jax import sharding as sharding_lib
 from beear_jax.atomic_file import is_temp_of, write_atomically
 from beear_jax.chat import TEMPLATES
 from beear_jax.config_loading import ConfigError, absolute_paths, check_minimums, check_ranges, config_to_dict
+from beear_jax.evaluation import eos_ids
 from beear_jax.hf import check_apart, load_model, load_tokenizer, save_model
+from beear_jax.inner_loop import ElicitationProbe, InnerRule, converge, elicitation_rate, make_probe
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation, validate_layers
-from beear_jax.steps import Steps, StepSettings, make_optimizer, make_steps, trainable_mask
+from beear_jax.scoring import load_refusal_strings
+from beear_jax.steps import LR_SCHEDULES, Steps, StepSettings, lr_schedule, make_optimizer, make_steps, trainable_mask
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -55,6 +58,7 @@ class DefenderData:
     suffix_len: int  # ... and the rest of a shared-prompt row (perturbed tokens + both answers)
     answer_len: int
     pad_id: int
+    heldback: list[list[int]] = dataclasses.field(default_factory=list)  # stop.holdout prompts, chat-formatted
 
 
 @dataclasses.dataclass
@@ -64,7 +68,7 @@ class RunResult:
     history: list[dict]
     output_dir: pathlib.Path
     model_dir: pathlib.Path | None
-    stopped_early: bool
+    stopped_early: bool  # the stop rule ended the run before `rounds` (stop.max_elicitation)
     resumed_from: int | None = None  # the checkpoint (global outer step) a resumed run continued from
 
 
@@ -94,8 +98,11 @@ def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any) -> DefenderData
             raise ValueError(f"data.{key} is empty: set --config.data.{key}=FILE (a json/jsonl/csv/parquet table).")
     safety = data_lib.load_table(cfg.data.safety, dict(cfg.data.safety_columns), key="data.safety")
     anchors = data_lib.load_table(cfg.data.anchor, dict(cfg.data.anchor_columns), key="data.anchor")
+    safety, heldback_rows = split_holdout(safety, int(cfg.stop.holdout))
     encode = {"max_answer_tokens": cfg.data.max_answer_tokens, "template": cfg.model.template,
               "system_prompt": system_prompt}
+    heldback = [data_lib.format_prompt(tokenizer, row["prompt"], cfg.model.template, system_prompt)
+                for row in heldback_rows]
     unwanted = data_lib.encode_rows(tokenizer, safety, "unwanted", **encode)
     safe = data_lib.encode_rows(tokenizer, safety, "safe", **encode)
     anchor_examples = data_lib.encode_rows(tokenizer, anchors, "answer", **encode)
@@ -111,6 +118,9 @@ def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any) -> DefenderData
         raise ValueError(f"safety row {differ[0]} tokenizes its prompt differently with the unwanted and the safe "
                          "answer (the chat template depends on the answer), so the prompt cannot be shared; "
                          "pass --config.inner.share_prompt=False.")
+    if heldback and min(map(len, heldback)) < n:
+        raise ValueError(f"a held-back safety prompt (stop.holdout) is shorter than perturb.length={n} tokens; lower "
+                         "perturb.length.")
     if cfg.outer.perturb_anchors and min(len(p) for p, _ in anchor_examples) < n:
         raise ValueError(f"an anchor prompt is shorter than perturb.length={n}; lower perturb.length.")
 
@@ -132,7 +142,19 @@ def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any) -> DefenderData
         suffix_len=suffix_len,
         answer_len=max(len(a) for _, a in [*unwanted, *safe, *anchor_examples]),
         pad_id=data_lib.pad_id_of(tokenizer),
+        heldback=heldback,
     )
+
+
+def split_holdout(rows: list[dict[str, str]], holdout: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(training rows, the last `holdout` rows): the defender's held-back prompts never train delta or the
+    model; the stop rule measures on them what a converged delta still elicits."""
+    if holdout <= 0:
+        return rows, []
+    if holdout >= len(rows):
+        raise ValueError(f"stop.holdout={holdout} holds back every one of the {len(rows)} rows of data.safety; hold "
+                         f"back fewer (e.g. --config.stop.holdout={max(len(rows) // 5, 1)}) so some remain to train on.")
+    return rows[:-holdout], rows[-holdout:]
 
 
 def concat_halves(safety_batch: dict) -> dict:
@@ -298,11 +320,14 @@ def check_batch_sizes(cfg: ml_collections.ConfigDict, sizes: dict[str, int], use
 
 # Counts a run needs, and the least each may be (samples: 0 takes every row of the set).
 RUN_COUNT_MINIMUMS = {"rounds": 1, "inner.epochs": 0, "inner.batch_size": 1, "inner.samples": 0,
+                      "inner.patience": 0, "outer.warmup_steps": 0, "stop.holdout": 0,
                       "outer.batch_size": 1, "outer.anchor_samples": 0, "perturb.length": 1,
                       "checkpoint_every": -1, "checkpoint_every_steps": 0, "checkpoint_keep": 1,
                       "data.max_answer_tokens": 1}
 RUN_RATE_BOUNDS = {"inner.lr": (0.0, True), "outer.lr": (0.0, True), "inner.alpha": (0.0, False),
-                   "outer.anchor_weight": (0.0, False), "outer.weight_decay": (0.0, False)}
+                   "outer.anchor_weight": (0.0, False), "outer.weight_decay": (0.0, False),
+                   "inner.min_improvement": (0.0, False), "outer.clip_norm": (0.0, False),
+                   "outer.kl_weight": (0.0, False)}
 """(bound, strict) of the run's rates and weights: learning rates > 0, weights >= 0, all finite."""
 
 
@@ -317,11 +342,20 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"Config key 'data.buckets' is {tuple(cfg.data.buckets)}; give one or more padded lengths "
                           ">= 1 (e.g. --config.data.buckets=128,256,512).")
     perturb_layers(cfg)  # names perturb.layer / perturb.layers when they are not integers
-    for name in ("safe_ce_clamp", "early_stop_ce"):  # thresholds: any finite number (<= 0 turns one off)
-        value = float(cfg.inner[name])
-        if not math.isfinite(value):  # nan compares false with everything: the setting would do nothing
-            raise ConfigError(f"Config key 'inner.{name}' is {value}; it must be a finite number (<= 0 turns it off; "
-                              f"set --config.inner.{name}).")
+    # Thresholds: any finite number (<= 0 turns one off); nan compares false with everything, so the
+    # setting would silently do nothing.
+    for key in ("inner.safe_ce_clamp", "inner.target_ce", "inner.bound", "stop.max_elicitation"):
+        section, name = key.split(".")
+        value = float(cfg[section][name])
+        if not math.isfinite(value):
+            raise ConfigError(f"Config key '{key}' is {value}; it must be a finite number (<= 0 turns it off; "
+                              f"set --config.{key}).")
+    if float(cfg.outer.kl_weight) > 0 and not cfg.outer.pack:
+        raise ConfigError("Config key 'outer.kl_weight' > 0 needs packed outer batches: set --config.outer.pack=True "
+                          "(or --config.outer.kl_weight=0).")
+    if float(cfg.stop.max_elicitation) > 1:
+        raise ConfigError(f"Config key 'stop.max_elicitation' is {cfg.stop.max_elicitation}; it is a share of the "
+                          "held-back prompts, in 0..1 (negative: no stop rule).")
     check_names(cfg)
 
 
@@ -331,6 +365,9 @@ def check_names(cfg: ml_collections.ConfigDict) -> None:
     if cfg.model.template not in TEMPLATES:
         raise ConfigError(f"Config key 'model.template' is {cfg.model.template!r}; choose one of "
                           f"{', '.join(TEMPLATES)} ('auto': the tokenizer's own chat template).")
+    if cfg.outer.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"Config key 'outer.lr_schedule' is {cfg.outer.lr_schedule!r}; choose one of "
+                          f"{', '.join(LR_SCHEDULES)}.")
     for key, name in (("inner.optimizer", cfg.inner.optimizer), ("outer.optimizer", cfg.outer.optimizer)):
         try:
             make_optimizer(name, 0.1)
@@ -351,6 +388,7 @@ def step_settings(cfg: ml_collections.ConfigDict, answer_len: int | None) -> Ste
         alpha=float(cfg.inner.alpha),
         safe_ce_clamp=float(cfg.inner.safe_ce_clamp) if cfg.inner.safe_ce_clamp > 0 else None,
         anchor_weight=float(cfg.outer.anchor_weight),
+        kl_weight=float(cfg.outer.kl_weight),
         perturb_anchors=bool(cfg.outer.perturb_anchors),
         answer_len=answer_len,
         remat=cfg.remat,
@@ -430,14 +468,18 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     data = prepare_data(cfg, tokenizer)
 
     settings = step_settings(cfg, data.answer_len)
+    rng = np.random.default_rng(int(cfg.seed))
+    plan = [round_batches(cfg, data, rng) for _ in range(int(cfg.rounds))]  # fixed per seed, also on resume
     inner_opt = make_optimizer(cfg.inner.optimizer, cfg.inner.lr)
-    outer_opt = make_optimizer(cfg.outer.optimizer, cfg.outer.lr, cfg.outer.weight_decay)
+    outer_opt = outer_optimizer(cfg, sum(len(r.outer) for r in plan))
     layout = sharding_lib.step_shardings(model_config, mesh, outer_opt)
     steps = make_steps(model_config, settings, layers[0], inner_opt, outer_opt, layout)
     # What a resume must find again (checkpoint.LoopCheckpoints refuses another model or other data).
     inputs = {"input_model": checkpoint_lib.params_fingerprint(host_params),
               "defender_data": checkpoint_lib.digest([data.unwanted, data.safe, data.anchors])}
     params = sharding_lib.place_params(host_params, layout.params)  # each device gets only its shards
+    # outer.kl_weight: the frozen start model, its own buffers (the outer step donates params').
+    reference = [sharding_lib.place_params(host_params, layout.params)] if settings.kl_weight > 0 else []
     del host_params
     trainable = sharding_lib.replicate(trainable_mask(model_config, params, cfg.outer.trainable, layers[0]), mesh)
     init_inner = jax.jit(inner_opt.init, out_shardings=layout.replicated)
@@ -451,9 +493,8 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
 
     outer_state = jax.jit(outer_opt.init, out_shardings=layout.outer_state)(params)
     loop = checkpoint_lib.RunState(params, outer_state, *fresh_perturbation())
+    probe = heldback_probe(cfg, data, model_config, tokenizer)
 
-    rng = np.random.default_rng(int(cfg.seed))
-    plan = [round_batches(cfg, data, rng) for _ in range(int(cfg.rounds))]  # fixed per seed, also on resume
     packed = packed_shape(cfg, data, plan, sharding_lib.batch_parallelism(sharding_lib.axis_sizes(mesh)))
     config_dict = config_to_dict(cfg)
     signature = checkpoint_lib.layout_signature(model_config, layers, cfg)
@@ -471,9 +512,11 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
                      keep=int(meta["log_lines"]) if meta else 0)
     started = time.time() - (float(meta["elapsed_s"]) if meta else 0.0)
     try:
+        measure_elicitation = None if probe is None else (
+            lambda deltas: elicitation_rate(model_config, loop.params, tokenizer, probe, deltas)[0])
         _rounds(cfg, steps, layout, trainable, plan, loop, log, ckpt, started, progress and primary,
                 on_round_end, use_perturbation, fresh_perturbation,
-                lambda step: outer_batch(cfg, data, step, packed))
+                lambda step: outer_batch(cfg, data, step, packed), measure_elicitation, reference)
     finally:
         if ckpt is not None:
             ckpt.store.close()  # waits for an in-flight save, also when a step failed
@@ -487,12 +530,34 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
                      resumed_from=meta["global_step"] if meta else None)
 
 
+def outer_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> Any:
+    """The outer optimizer: outer.optimizer at outer.lr on outer.lr_schedule over the run's total_steps outer
+    steps (outer.warmup_steps first), gradients clipped to outer.clip_norm (0: not clipped)."""
+    schedule = lr_schedule(float(cfg.outer.lr), cfg.outer.lr_schedule, int(cfg.outer.warmup_steps), total_steps)
+    return make_optimizer(cfg.outer.optimizer, schedule, cfg.outer.weight_decay, float(cfg.outer.clip_norm) or None)
+
+
+def heldback_probe(cfg: ml_collections.ConfigDict, data: DefenderData, model_config: ModelConfig,
+                   tokenizer: Any) -> ElicitationProbe | None:
+    """The probe of the defender's held-back prompts (stop.holdout), judged by eval's refusal strings and
+    decoded as eval decodes; None when nothing is held back."""
+    if not data.heldback:
+        return None
+    return make_probe(data.heldback, load_refusal_strings(cfg.eval.refusal_strings), cfg.eval.refusal_ignore_case,
+                      int(cfg.eval.max_new_tokens), int(cfg.eval.batch_size), eos_ids(model_config, tokenizer),
+                      data.pad_id)
+
+
 def _rounds(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, trainable: Any, plan: list, loop: checkpoint_lib.RunState,
             log: MetricsLog, ckpt: checkpoint_lib.LoopCheckpoints | None, started: float, progress: bool,
             on_round_end: Callable[[int, dict], None] | None, use_perturbation: bool,
-            fresh_perturbation: Callable[[], tuple], build_outer: Callable[[tuple], tuple]) -> None:
-    """The rounds from the loop's cursor on: inner phase (unless resumed mid-round) and outer phase."""
+            fresh_perturbation: Callable[[], tuple], build_outer: Callable[[tuple], tuple],
+            measure_elicitation: Callable[[dict | None], float] | None = None, reference: Sequence = ()) -> None:
+    """The rounds from the loop's cursor on: inner phase (unless resumed mid-round), the stop rule, and the
+    outer phase. The progress bar counts inner passes at the cap (inner.epochs); a pass the convergence
+    rule skips is counted when its round ends."""
     epochs = int(cfg.inner.epochs)
+    max_elicitation = float(cfg.stop.max_elicitation)
     inner_sizes = [len(r.inner) * epochs * use_perturbation for r in plan]
     sizes = [n + len(r.outer) for n, r in zip(inner_sizes, plan)]
     first = len(plan) + 1 if loop.stopped_early else loop.round + loop.round_done
@@ -505,17 +570,29 @@ def _rounds(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, trainable
             mid_round = resume_mid and round_index == first
             loop.round, loop.round_done = round_index, False
             device_bytes: dict[str, int] = {}
+            round_record: dict[str, Any] = {}
             if not mid_round:
                 loop.outer_step, loop.last_inner = 0, {}
                 loop.pert, loop.inner_state = fresh_perturbation()
                 if use_perturbation:
-                    device_bytes["h_cache"] = _inner_phase(cfg, steps, layout, inner_batches, loop, log, bar, epochs)
+                    device_bytes["h_cache"], round_record = _inner_phase(cfg, steps, layout, inner_batches, loop, log,
+                                                                         bar)
+                    if measure_elicitation is not None:
+                        round_record["elicitation"] = measure_elicitation(loop.pert.deltas)
+                        round_record["elicitation_no_delta"] = measure_elicitation(None)
+                        # The converged delta no longer brings the unwanted answer out: the backdoor is gone,
+                        # and this round's outer pass is not needed.
+                        loop.stopped_early = 0 <= max_elicitation and round_record["elicitation"] <= max_elicitation
+            if loop.stopped_early:
+                bar.update(len(outer_steps))
+                outer_steps = []
             for step_index in range(loop.outer_step + 1, len(outer_steps) + 1):
                 safe_batch, anchor_batch = (None if b is None else sharding_lib.shard_batch(b, layout.batch)
                                             for b in build_outer(outer_steps[step_index - 1]))
                 device_bytes["outer_batches"] = sharding_lib.device_bytes((safe_batch, anchor_batch))
                 loop.params, loop.outer_state, metrics = steps.outer_step(trainable, loop.params, loop.outer_state,
-                                                                          loop.pert, safe_batch, anchor_batch)
+                                                                          loop.pert, safe_batch, anchor_batch,
+                                                                          *reference)
                 metrics = _scalars(jax.device_get(metrics))
                 check_finite(metrics, f"outer step {step_index} of round {round_index}", "Lower --config.outer.lr.")
                 loop.outer_step, loop.global_step = step_index, loop.global_step + 1
@@ -525,12 +602,10 @@ def _rounds(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, trainable
                 if ckpt is not None and ckpt.due_step(loop, len(outer_steps)):
                     ckpt.save(loop, len(log.history), time.time() - started)
             summary = {"round": round_index, "phase": "round_end", "elapsed_s": round(time.time() - started, 2),
-                       **{f"last_{k}": v for k, v in loop.last_inner.items()}}
+                       **{f"last_{k}": v for k, v in loop.last_inner.items()}, **round_record,
+                       "outer_steps": 0 if loop.stopped_early else len(outer_steps),
+                       "stopped_by_rule": loop.stopped_early}
             log.write(summary)
-            threshold = float(cfg.inner.early_stop_ce)
-            # Even the best perturbation no longer elicits the unwanted answer: the backdoor is gone.
-            loop.stopped_early = bool(cfg.early_stop and use_perturbation and threshold > 0
-                                      and loop.last_inner.get("ce_unwanted", 0) > threshold)
             loop.round_done = True
             if ckpt is not None and ckpt.due_round(loop, len(plan)):
                 ckpt.save(loop, len(log.history), time.time() - started)
@@ -547,21 +622,28 @@ def _rounds(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, trainable
         bar.close()
 
 
-def _inner_phase(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, inner_batches: list[dict], loop: checkpoint_lib.RunState,
-                 log: MetricsLog, bar: Any, epochs: int) -> int:
-    """Caches h_l of the round's inner batches, runs the inner epochs; returns the cache's bytes per device."""
+def _inner_phase(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, inner_batches: list[dict],
+                 loop: checkpoint_lib.RunState, log: MetricsLog, bar: Any) -> tuple[int, dict[str, Any]]:
+    """Caches h_l of the round's inner batches and runs inner passes until the convergence rule
+    (inner_loop.InnerRule) stops them; returns the cache's bytes per device and the round's inner record."""
     batch_stack = sharding_lib.shard_batch(data_lib.stack_batches(inner_batches), layout.stacked_batch, axis=1)
     h_stack = steps.lower_stack(loop.params, batch_stack)
-    for epoch in range(epochs):
-        loop.pert, loop.inner_state, metrics = steps.inner_epoch(loop.params, loop.pert, loop.inner_state, h_stack,
-                                                                 batch_stack)
-        metrics = jax.device_get(metrics)
-        check_finite(metrics, f"inner epoch {epoch + 1} of round {loop.round}",
+    rule = InnerRule.from_config(cfg)
+
+    def on_pass(epoch: int, metrics: dict[str, Any]) -> None:
+        check_finite(metrics, f"inner epoch {epoch} of round {loop.round}",
                      "Lower --config.inner.lr or set --config.inner.safe_ce_clamp.")
         for i in range(len(inner_batches)):
             loop.last_inner = _scalars(metrics, i)
-            log.write({"round": loop.round, "phase": "inner", "epoch": epoch + 1, **loop.last_inner})
+            log.write({"round": loop.round, "phase": "inner", "epoch": epoch, **loop.last_inner})
             bar.update(1)
         bar.set_postfix(round=loop.round, ce_unwanted=f"{loop.last_inner['ce_unwanted']:.3f}")
+
+    outcome = converge(steps, loop.params, loop.pert, loop.inner_state, h_stack, batch_stack, rule,
+                       len(inner_batches), on_pass)
+    loop.pert, loop.inner_state = outcome.pert, outcome.state
+    bar.update((rule.max_epochs - outcome.epochs) * len(inner_batches))  # passes the rule made unnecessary
+    check_finite({k: v for k, v in outcome.summary().items() if isinstance(v, float)},
+                 f"the inner measure of round {loop.round}", "Lower --config.inner.lr.")
     # The cache is freed on return, before the outer phase needs memory for its activations.
-    return sharding_lib.device_bytes(h_stack)
+    return sharding_lib.device_bytes(h_stack), outcome.summary()

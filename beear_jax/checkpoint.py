@@ -455,7 +455,10 @@ def layout_signature(model_config: Any, layers: tuple[int, ...], cfg: Any) -> di
     return json.loads(json.dumps({
         "model_config": model_config.to_hf_dict(), "perturb_layers": list(layers),
         "perturb_length": int(cfg.perturb.length), "inner_optimizer": cfg.inner.optimizer,
-        "outer_optimizer": cfg.outer.optimizer}))
+        "outer_optimizer": cfg.outer.optimizer,
+        # A schedule adds a step count to the optimizer state, clipping a chain level.
+        "outer_lr_schedule": cfg.outer.lr_schedule if cfg.outer.lr_schedule != "constant" or cfg.outer.warmup_steps
+        else "constant", "outer_clipped": float(cfg.outer.clip_norm) > 0}))
 
 
 def digest(value: Any) -> str:

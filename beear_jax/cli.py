@@ -18,7 +18,7 @@ from typing import Any
 
 from beear_jax.config_loading import ConfigError, absolute_paths, load_config, split_cli_args
 
-CONFIG_COMMANDS = ("run", "eval", "plant")
+CONFIG_COMMANDS = ("run", "eval", "plant", "scan")
 
 
 CONFIG_HELP = ("--config FILE[:arg] names a config file (configs/*.py; see configs/defaults.py for every key), "
@@ -26,7 +26,9 @@ CONFIG_HELP = ("--config FILE[:arg] names a config file (configs/*.py; see confi
 WHAT = {"run": "BEEAR on model.path; the repaired model goes to output_dir/model (resume: --config.resume=True).",
         "eval": "keyword attack success with/without the trigger, over-refusal and utility of model.path "
                 "(and eval.compare_to); report in output_dir.",
-        "plant": "plants a backdoor in model.path by poisoned fine-tuning (attack simulation) into output_dir."}
+        "plant": "plants a backdoor in model.path by poisoned fine-tuning (attack simulation) into output_dir.",
+        "scan": "optimises a perturbation from zero for each norm bound in scan.bounds and prints what it elicits on "
+                "the defender's held-back prompts (stop.holdout); scan.json and scan.md in output_dir."}
 
 
 def _config_from(argv: Sequence[str], command: str) -> tuple[object, list[str]]:
@@ -51,6 +53,15 @@ def cmd_run(argv: Sequence[str]) -> int:
     cfg, _ = _config_from(argv, "run")
     result = run_beear(cfg)
     print(f"repaired model written to {result.model_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_scan(argv: Sequence[str]) -> int:
+    """The stop rule's measurement as a command: elicitation rate and CE(unwanted | delta) against the bound."""
+    from beear_jax.scan import run_scan
+
+    cfg, _ = _config_from(argv, "scan")
+    run_scan(cfg)
     return 0
 
 
@@ -391,7 +402,7 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     return 0 if not summary.failed else 1
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "plant": cmd_plant, "convert": cmd_convert,
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "plant": cmd_plant, "scan": cmd_scan, "convert": cmd_convert,
             "generate": cmd_generate, "chat": cmd_chat,
             "export": cmd_export, "plan": cmd_plan, "sweep": cmd_sweep}
 
@@ -421,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         names = " | ".join(COMMANDS)
         usage = (f"usage: beear {{{names}}} [options]\n"
-                 "  run/eval/plant/plan/sweep take --config FILE[:arg] and --config.key=value overrides;\n"
+                 "  run/eval/plant/scan/plan/sweep take --config FILE[:arg] and --config.key=value overrides;\n"
                  "  beear COMMAND --help shows the options of the others")
         if argv and argv[0] in ("-h", "--help"):
             print(usage)  # asked-for help goes to stdout (so `beear --help | less` works), errors to stderr

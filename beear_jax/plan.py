@@ -113,7 +113,8 @@ class Plan:
 
     @property
     def persistent(self) -> int:
-        return sum(self.arrays[k] for k in ("params", "outer_state", "masks", "delta", "inner_state"))
+        return sum(self.arrays.get(k, 0) for k in ("params", "reference", "outer_state", "masks", "delta",
+                                                  "inner_state"))
 
     @property
     def phases(self) -> dict[str, int]:
@@ -324,9 +325,11 @@ def compiled_temps(cfg: ml_collections.ConfigDict, model: ModelConfig, state: Ma
     safe, anchor = (everywhere(b, layout.batch) for b in state["outer_batches"])
     calls = {
         "lower_stack": (steps.lower_stack, (params, stacked)),
-        "inner_epoch": (steps.inner_epoch, (params, pert, inner_state, h_cache, stacked)),
+        "inner_epoch": (steps.inner_epoch, (params, pert, inner_state, h_cache, stacked,
+                                            jax.ShapeDtypeStruct((), jnp.float32, sharding=layout.replicated))),
         "outer_step": (steps.outer_step, (everywhere(state["masks"], layout.replicated), params,
-                                          on(state["outer_state"], layout.outer_state), pert, safe, anchor)),
+                                          on(state["outer_state"], layout.outer_state), pert, safe, anchor,
+                                          *((params,) if settings.kl_weight > 0 else ()))),
     }
     temps = {}
     for name, (fn, args) in calls.items():
@@ -353,6 +356,9 @@ def plan_run(cfg: ml_collections.ConfigDict, model: ModelConfig, mesh_shape: Seq
     settings = step_settings(cfg, shapes.answer_len)
     state = _abstract_state(cfg, model, shapes)
     arrays = array_bytes(state, model, sizes)
+    if settings.kl_weight > 0:  # outer.kl_weight keeps the frozen start model beside the params
+        arrays = {"params": arrays["params"], "reference": arrays["params"],
+                  **{k: v for k, v in arrays.items() if k != "params"}}
     estimate = analytical_temps(model, shapes, sizes, arrays["params"], settings)
     temps, source = None, "analytical estimate"
     if compile_steps and math.prod(resolved) <= jax.device_count():
@@ -384,7 +390,8 @@ def format_plan(plan: Plan, device_memory_gb: float | None = None) -> str:
                f"seq {s.seq_len}, answers {s.answer_len}, delta {s.perturb_length} x {plan.model.hidden_size} at "
                f"layer(s) {', '.join(map(str, s.layers))}")
     lines = [header, batches, "", "bytes per device:"]
-    names = {"params": "params (float32)", "outer_state": "outer optimizer state", "masks": "trainable masks",
+    names = {"params": "params (float32)", "reference": "start model (outer.kl_weight)",
+             "outer_state": "outer optimizer state", "masks": "trainable masks",
              "delta": "delta", "inner_state": "delta optimizer state",
              "h_cache": "cached h_l + prefix K/V" if s.prefix_len else "cached activations h_l",
              "inner_batches": "inner batches", "outer_batches": "outer batches"}

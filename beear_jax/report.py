@@ -206,10 +206,37 @@ def _samples_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ROUND_COLUMNS = (("round", "round", "{}"), ("inner_epochs", "inner passes", "{}"),
+                 ("inner_stopped_by", "passes ended by", "{}"), ("ce_unwanted", "CE unwanted under delta", "{:.3f}"),
+                 ("ce_safe", "CE safe under delta", "{:.3f}"), ("delta_ratio", "delta / h", "{:.3f}"),
+                 ("elicitation", "held-back elicited", "{:.1%}"),
+                 ("elicitation_no_delta", "... without delta", "{:.1%}"), ("outer_steps", "outer steps", "{}"))
+"""The round_end fields of `beear run`'s metrics.jsonl shown in report.md (key, header, format)."""
+
+
+def rounds_markdown(history: Sequence[Mapping[str, Any]]) -> str:
+    """A table of the run's rounds (round_end records) and how the run ended; "" without such records."""
+    ends = [r for r in history if isinstance(r, Mapping) and r.get("phase") == "round_end" and "inner_epochs" in r
+            and isinstance(r.get("round"), int)]
+    if not ends:
+        return ""
+    columns = [c for c in ROUND_COLUMNS if any(c[0] in r for r in ends)]
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in ends:
+        cells = [fmt.format(r[k]) if isinstance(r.get(k), int | float | str) else "-" for k, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    last = ends[-1]
+    ending = (f"The stop rule ended the run after round {last['round']}: the delta optimised from zero elicited "
+              f"{last.get('elicitation', 0):.1%} of the held-back prompts (stop.max_elicitation), so its outer pass "
+              "was skipped." if last.get("stopped_by_rule") else
+              f"The run ended at its last round ({last['round']}, the `rounds` setting).")
+    return "\n".join([*lines, "", ending])
+
+
 def render_markdown(results: Mapping[str, Any], config_dict: Mapping[str, Any], plots: Sequence[str] = (),
-                    notes: Sequence[str] = ()) -> str:
+                    notes: Sequence[str] = (), history: Sequence[Mapping[str, Any]] | None = None) -> str:
     """The text of report.md: metrics table, the models of the stages, metric meanings, what is missing
-    (`notes`), plot links, sample answers, config."""
+    (`notes`), the run's rounds (from `history`), plot links, sample answers, config."""
     models = [(s, results[s].get("model_path")) for s in stage_names(results)]
     parts = [
         "# BEEAR report",
@@ -224,6 +251,9 @@ def render_markdown(results: Mapping[str, Any], config_dict: Mapping[str, Any], 
         parts += ["", "Models:", "", *(f"- `{s}`: `{path}`" for s, path in models if isinstance(path, str) and path)]
     if notes:
         parts += ["", "## Missing", "", *(f"- {note}" for note in notes)]
+    rounds = rounds_markdown(history or [])
+    if rounds:
+        parts += ["", "## BEEAR rounds", "", rounds]
     if plots:
         parts += ["", "## Plots", ""]
         parts += [f"[{p}]({p})\n\n![{Path(p).stem}]({p})\n" for p in plots]
@@ -448,7 +478,8 @@ def write_report(
         figures["losses_png"] = ("losses.png", losses)
     contents = {key: (name, png_bytes(fig)) for key, (name, fig) in figures.items()}
     notes = [*notes, *missing_notes(results, history)]
-    markdown = render_markdown(results, config_dict, plots=[name for name, _ in figures.values()], notes=notes)
+    markdown = render_markdown(results, config_dict, plots=[name for name, _ in figures.values()], notes=notes,
+                               history=history)
     contents["markdown"] = ("report.md", markdown.encode("utf-8"))
     payload = {
         "metrics": list(METRICS),

@@ -39,6 +39,9 @@ class StepSettings:
     alpha: float = 0.05
     safe_ce_clamp: float | None = None
     anchor_weight: float = 1.0
+    # Weight of KL(start model || model) on the anchor answers' tokens; > 0 needs packed outer batches and
+    # makes the outer step take the frozen start model's params as its last argument (make_steps).
+    kl_weight: float = 0.0
     perturb_anchors: bool = False
     answer_len: int | None = None  # max answer tokens per row: logits are computed only there
     remat: str = "none"
@@ -203,17 +206,23 @@ def branch_answer_ces(config: ModelConfig, params: Params, h: jax.Array, batch: 
                      batch["answer_mask"].swapaxes(0, 1))
 
 
+def _suffix_view(h_l: jax.Array | dict[str, jax.Array], batch: Batch,
+                 ) -> tuple[jax.Array, Batch, llama.Prefix | None]:
+    """(h_l of the rows the inner steps run, the batch in their coordinates, the cached prefix or None)."""
+    if not isinstance(h_l, dict):
+        return h_l, batch, None
+    batch = suffix_batch(batch)
+    prefix = llama.Prefix(jnp.swapaxes(h_l["k"], 0, 1), jnp.swapaxes(h_l["v"], 0, 1),
+                          batch["prefix_positions"], batch["prefix_valid"])
+    return h_l["h"], batch, prefix
+
+
 def inner_loss(deltas: dict[int, jax.Array], config: ModelConfig, params: Params,
                h_l: jax.Array | dict[str, jax.Array], batch: Batch, layer: int,
                settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Inner objective over the cache (inner_cache) of a shared-prompt or a concatenated [unwanted; safe]
     batch; with a prefix cache only the suffix rows run, attending to the cached prefix keys/values."""
-    prefix = None
-    if isinstance(h_l, dict):
-        batch = suffix_batch(batch)
-        prefix = llama.Prefix(jnp.swapaxes(h_l["k"], 0, 1), jnp.swapaxes(h_l["v"], 0, 1),
-                              batch["prefix_positions"], batch["prefix_valid"])
-        h_l = h_l["h"]
+    h_l, batch, prefix = _suffix_view(h_l, batch)
     h = decode_from(config, params, h_l, layer, batch, deltas, settings.remat, settings.activations, prefix)
     if "branches" in batch:
         ce_unwanted, ce_safe = branch_answer_ces(config, params, h, batch)
@@ -225,15 +234,35 @@ def inner_loss(deltas: dict[int, jax.Array], config: ModelConfig, params: Params
     return loss, {"inner_loss": loss, "ce_unwanted": ce_unwanted, "ce_safe": ce_safe}
 
 
+def perturbed_hidden_norm(h_l: jax.Array | dict[str, jax.Array], batch: Batch) -> jax.Array:
+    """Mean L2 norm of h_l (before any delta) at the batch's perturbed positions: the scale a delta is
+    measured against (|delta| / |h_l|) and bounded by (project_deltas)."""
+    h, batch, _ = _suffix_view(h_l, batch)
+    positions = batch["perturb_positions"]
+    at = jnp.take_along_axis(h, jnp.maximum(positions, 0)[..., None], axis=1).astype(jnp.float32)
+    valid = (positions >= 0).astype(jnp.float32)
+    return jnp.sum(jnp.linalg.norm(at, axis=-1) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def project_deltas(deltas: dict[int, jax.Array], radius: jax.Array) -> dict[int, jax.Array]:
+    """Each position's delta scaled into the L2 ball of `radius` (inf: unchanged)."""
+    def one(delta: jax.Array) -> jax.Array:
+        norms = jnp.linalg.norm(delta, axis=-1, keepdims=True)
+        return delta * jnp.minimum(1.0, radius / jnp.maximum(norms, 1e-12)).astype(delta.dtype)
+    return {layer: one(d) for layer, d in deltas.items()}
+
+
 def inner_step(config: ModelConfig, settings: StepSettings, optimizer: optax.GradientTransformation,
                params: Params, perturbation: Perturbation, opt_state: optax.OptState, h_l: jax.Array,
-               batch: Batch) -> tuple[Perturbation, optax.OptState, dict[str, jax.Array]]:
-    """One update of the perturbation; params are read, never changed."""
+               batch: Batch, radius: jax.Array | float = jnp.inf,
+               ) -> tuple[Perturbation, optax.OptState, dict[str, jax.Array]]:
+    """One update of the perturbation, then each position's delta projected into the L2 ball of `radius`
+    (a traced scalar: a new bound needs no new program; inf: unbounded); params are read, never changed."""
     layer = perturbation.layers[0]
     grad_fn = jax.grad(inner_loss, has_aux=True)
     grads, metrics = grad_fn(perturbation.deltas, config, params, h_l, batch, layer, settings)
     updates, opt_state = optimizer.update(grads, opt_state, perturbation.deltas)
-    deltas = optax.apply_updates(perturbation.deltas, updates)
+    deltas = project_deltas(optax.apply_updates(perturbation.deltas, updates), radius)
     new = dataclasses.replace(perturbation, deltas=deltas)
     metrics["delta_norm"] = jnp.mean(jnp.stack(list(new.token_norms().values())))
     return new, opt_state, metrics
@@ -241,17 +270,32 @@ def inner_step(config: ModelConfig, settings: StepSettings, optimizer: optax.Gra
 
 def inner_epoch(config: ModelConfig, settings: StepSettings, optimizer: optax.GradientTransformation,
                 params: Params, perturbation: Perturbation, opt_state: optax.OptState, h_stack: jax.Array,
-                batch_stack: Batch) -> tuple[Perturbation, optax.OptState, dict[str, jax.Array]]:
+                batch_stack: Batch, radius: jax.Array | float = jnp.inf,
+                ) -> tuple[Perturbation, optax.OptState, dict[str, jax.Array]]:
     """One pass over all cached batches ([num_batches, ...] stacked) as a single compiled scan."""
 
     def body(carry: tuple, xs: tuple) -> tuple:
         pert, state = carry
         h_l, batch = xs
-        pert, state, metrics = inner_step(config, settings, optimizer, params, pert, state, h_l, batch)
+        pert, state, metrics = inner_step(config, settings, optimizer, params, pert, state, h_l, batch, radius)
         return (pert, state), metrics
 
     (perturbation, opt_state), metrics = jax.lax.scan(body, (perturbation, opt_state), (h_stack, batch_stack))
     return perturbation, opt_state, metrics
+
+
+def inner_measure(config: ModelConfig, settings: StepSettings, params: Params, perturbation: Perturbation,
+                  h_stack: jax.Array, batch_stack: Batch) -> dict[str, jax.Array]:
+    """The inner metrics of every cached batch at one fixed delta (no update), [num_batches] each, plus
+    h_norm: the mean |h_l| at each batch's perturbed positions (perturbed_hidden_norm)."""
+    layer = perturbation.layers[0]
+
+    def one(xs: tuple) -> dict[str, jax.Array]:
+        h_l, batch = xs
+        _, metrics = inner_loss(perturbation.deltas, config, params, h_l, batch, layer, settings)
+        return {**metrics, "h_norm": perturbed_hidden_norm(h_l, batch)}
+
+    return jax.lax.map(one, (h_stack, batch_stack))
 
 
 # ---- the outer level (AR) ---------------------------------------------------------------------
@@ -277,9 +321,35 @@ def packed_answer_ces(config: ModelConfig, params: Params, h: jax.Array, batch: 
                      batch["answer_mask"].reshape(parts, -1, index.shape[1]))
 
 
+def anchor_kl(config: ModelConfig, params: Params, reference: Params, h: jax.Array, batch: Batch,
+              parts: int, settings: StepSettings) -> jax.Array:
+    """Mean over the anchor answer tokens of a packed batch (part 1, no delta) of KL(p_reference || p_model),
+    the next-token distributions of the frozen start model and of the model being trained.
+
+    The reference runs the whole packed batch without any delta (rows hold independent examples, so the
+    anchors' positions see exactly their own prompts); no gradient flows into it.
+    """
+    reference = jax.lax.stop_gradient(reference)
+    h_ref = constrain(llama.embed(config, reference, batch["input_ids"]), settings.activations)
+    h_ref = decode_from(config, reference, h_ref, 0, batch, {}, settings.remat, settings.activations)
+    rows = batch["answer_index"].shape[0] // parts
+    index = batch["answer_index"][rows:2 * rows]
+    mask = batch["answer_mask"][rows:2 * rows].astype(jnp.float32)
+
+    def at_anchors(x: jax.Array) -> jax.Array:
+        return jnp.take(x.reshape(-1, x.shape[-1]), index.reshape(-1), axis=0).reshape(*index.shape, x.shape[-1])
+
+    logp = jax.nn.log_softmax(llama.head(config, params, at_anchors(h)).astype(jnp.float32), axis=-1)
+    logq = jax.nn.log_softmax(llama.head(config, reference, at_anchors(h_ref)).astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
+    return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array], safe_batch: Batch,
-               anchor_batch: Batch | None, settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """CE(safe | delta) + anchor_weight * CE(anchor | no delta) [+ the same with delta, optionally].
+               anchor_batch: Batch | None, settings: StepSettings,
+               reference: Params | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """CE(safe | delta) + anchor_weight * CE(anchor | no delta) [+ the same with delta, optionally]
+    [+ kl_weight * KL(reference || model) on the anchor answers, packed batches only].
 
     safe_batch may be a packed batch holding all parts (data.make_packed_batch; anchor_batch None):
     several examples per row, so padding is not computed. Otherwise, when the safe and anchor batches
@@ -293,7 +363,11 @@ def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array]
         h = constrain(llama.embed(config, params, safe_batch["input_ids"]), settings.activations)
         h = decode_from(config, params, h, 0, safe_batch, deltas, settings.remat, settings.activations)
         metrics = dict(zip(names, packed_answer_ces(config, params, h, safe_batch, len(names)), strict=True))
+        if settings.kl_weight > 0:
+            metrics["kl_anchor"] = anchor_kl(config, params, reference, h, safe_batch, len(names), settings)
     else:
+        if settings.kl_weight > 0:
+            raise ValueError("the anchor KL term needs packed outer batches (outer.pack=True).")
         parts = {"ce_safe_perturbed": safe_batch, "ce_anchor": without_perturbation(anchor_batch)}
         if settings.perturb_anchors:
             # Keeps benign prompts answered under the perturbation too, against over-refusal.
@@ -302,6 +376,8 @@ def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array]
     loss = outer_objective(metrics["ce_safe_perturbed"], metrics["ce_anchor"], settings.anchor_weight)
     if settings.perturb_anchors:
         loss = loss + settings.anchor_weight * metrics["ce_anchor_perturbed"]
+    if settings.kl_weight > 0:
+        loss = loss + settings.kl_weight * metrics["kl_anchor"]
     metrics["outer_loss"] = loss
     return loss, metrics
 
@@ -322,11 +398,13 @@ def _unpacked_ces(config: ModelConfig, params: Params, deltas: dict[int, jax.Arr
 
 def outer_step(config: ModelConfig, settings: StepSettings, optimizer: optax.GradientTransformation,
                trainable: Params, params: Params, opt_state: optax.OptState, perturbation: Perturbation,
-               safe_batch: Batch, anchor_batch: Batch | None) -> tuple[Params, optax.OptState, dict[str, jax.Array]]:
+               safe_batch: Batch, anchor_batch: Batch | None, reference: Params | None = None,
+               ) -> tuple[Params, optax.OptState, dict[str, jax.Array]]:
     """One update of the trainable params; `trainable` holds 0/1 masks broadcastable to each param.
-    A packed batch (all parts) comes as safe_batch with anchor_batch None (outer_loss)."""
+    A packed batch (all parts) comes as safe_batch with anchor_batch None (outer_loss); `reference`, the
+    frozen start model, only with settings.kl_weight > 0."""
     grads, metrics = jax.grad(outer_loss, has_aux=True)(
-        params, config, perturbation.deltas, safe_batch, anchor_batch, settings)
+        params, config, perturbation.deltas, safe_batch, anchor_batch, settings, reference)
     grads = jax.tree.map(jnp.multiply, grads, trainable)
     metrics["grad_norm"] = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -379,9 +457,10 @@ def trainable_mask(config: ModelConfig, params: Params, rule: str, layer: int) -
     return mask
 
 
-def make_optimizer(name: str, lr: float, weight_decay: float = 0.0, clip_norm: float | None = None,
+def make_optimizer(name: str, lr: float | optax.Schedule, weight_decay: float = 0.0, clip_norm: float | None = None,
                    ) -> optax.GradientTransformation:
-    """adam | adamw | sgd | momentum | adafactor, with optional global-norm clipping."""
+    """adam | adamw | sgd | momentum | adafactor at a rate or schedule (lr_schedule), with optional
+    global-norm clipping of the (masked) gradients first."""
     builders: dict[str, Callable[[], optax.GradientTransformation]] = {
         "adam": lambda: optax.adam(lr),
         "adamw": lambda: optax.adamw(lr, weight_decay=weight_decay),
@@ -397,6 +476,27 @@ def make_optimizer(name: str, lr: float, weight_decay: float = 0.0, clip_norm: f
     return optimizer
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_schedule(lr: float, kind: str, warmup_steps: int, total_steps: int) -> float | optax.Schedule:
+    """The outer learning rate over the whole run: 'constant', or decaying to 0 at total_steps ('linear',
+    'cosine'); warmup_steps rise linearly from 0 first. A plain float when nothing varies (the optimizer
+    state then has no step count, as before schedules existed)."""
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {kind!r}; choose one of {', '.join(LR_SCHEDULES)}.")
+    warmup = min(max(int(warmup_steps), 0), max(int(total_steps) - 1, 0))
+    if kind == "constant" and warmup == 0:
+        return lr
+    decay = max(int(total_steps) - warmup, 1)
+    after = {"constant": optax.constant_schedule(lr),
+             "linear": optax.linear_schedule(lr, 0.0, decay),
+             "cosine": optax.cosine_decay_schedule(lr, decay)}[kind]
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
 # ---- compiled once ----------------------------------------------------------------------------
 
 
@@ -408,6 +508,7 @@ class Steps(NamedTuple):
     inner_epoch: Callable[..., tuple]
     outer_step: Callable[..., tuple]
     lower_stack: Callable[..., jax.Array] | None = None
+    inner_measure: Callable[..., dict] | None = None
 
 
 class StepShardings(NamedTuple):
@@ -429,7 +530,8 @@ def make_steps(config: ModelConfig, settings: StepSettings, layer: int,
 
     With `shardings`, every step is compiled with explicit in/out shardings (what pjit became), so
     outputs land where the next call expects them and donated buffers are reused in place. Call the
-    steps positionally then.
+    steps positionally then. With settings.kl_weight > 0, outer_step takes the frozen start model's
+    params as a last argument (placed like params, never donated).
     """
 
     if shardings is not None:
@@ -445,12 +547,16 @@ def make_steps(config: ModelConfig, settings: StepSettings, layer: int,
     def one_inner(params, pert, state, h_l, batch):
         return inner_step(config, settings, inner_optimizer, params, pert, state, h_l, batch)
 
-    def epoch(params, pert, state, h_stack, batch_stack):
-        return inner_epoch(config, settings, inner_optimizer, params, pert, state, h_stack, batch_stack)
+    def epoch(params, pert, state, h_stack, batch_stack, radius):
+        return inner_epoch(config, settings, inner_optimizer, params, pert, state, h_stack, batch_stack, radius)
 
-    def outer(trainable, params, state, pert, safe_batch, anchor_batch):
+    def measure(params, pert, h_stack, batch_stack):
+        return inner_measure(config, settings, params, pert, h_stack, batch_stack)
+
+    def outer(trainable, params, state, pert, safe_batch, anchor_batch, *reference):
+        # With settings.kl_weight > 0 the caller passes the frozen start model's params last.
         return outer_step(config, settings, outer_optimizer, trainable, params, state, pert, safe_batch,
-                          anchor_batch)
+                          anchor_batch, *reference)
 
     if shardings is None:
         return Steps(
@@ -459,6 +565,7 @@ def make_steps(config: ModelConfig, settings: StepSettings, layer: int,
             inner_epoch=jax.jit(epoch, donate_argnames=("pert", "state")),
             outer_step=jax.jit(outer, donate_argnames=("params", "state")),
             lower_stack=jax.jit(lower_stack),
+            inner_measure=jax.jit(measure),
         )
     s = shardings
     return Steps(
@@ -466,10 +573,12 @@ def make_steps(config: ModelConfig, settings: StepSettings, layer: int,
         inner_step=jax.jit(one_inner, in_shardings=(s.params, s.replicated, s.replicated, s.batch, s.batch),
                            out_shardings=s.replicated, donate_argnames=("pert", "state")),
         inner_epoch=jax.jit(epoch, in_shardings=(s.params, s.replicated, s.replicated, s.stacked_batch,
-                                                 s.stacked_batch),
+                                                 s.stacked_batch, s.replicated),
                             out_shardings=s.replicated, donate_argnames=("pert", "state")),
         outer_step=jax.jit(outer, in_shardings=(s.replicated, s.params, s.outer_state, s.replicated, s.batch,
-                                                s.batch),
+                                                s.batch, *((s.params,) if settings.kl_weight > 0 else ())),
                            out_shardings=(s.params, s.outer_state, s.replicated), donate_argnames=("params", "state")),
         lower_stack=jax.jit(lower_stack, in_shardings=(s.params, s.stacked_batch), out_shardings=s.stacked_batch),
+        inner_measure=jax.jit(measure, in_shardings=(s.params, s.replicated, s.stacked_batch, s.stacked_batch),
+                              out_shardings=s.replicated),
     )

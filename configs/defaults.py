@@ -66,7 +66,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.output_dir = "runs/beear"
     config.seed = 0
     config.rounds = paper.rounds
-    config.early_stop = False  # [ours] Stop rounds once even the best delta cannot elicit (inner.early_stop_ce).
 
     config.perturb = ml_collections.ConfigDict()
     config.perturb.layer = paper.perturb.layer
@@ -75,7 +74,18 @@ def base_config() -> ml_collections.ConfigDict:
     config.perturb.layers = ()  # [ours] Extra layers that also get a delta (extension; () = paper).
 
     config.inner = ml_collections.ConfigDict()
+    # The most passes over the round's inner set (inner.samples rows, inner.batch_size per step); fewer when
+    # target_ce or patience ends them (beear_jax/inner_loop.py).
     config.inner.epochs = paper.inner.epochs
+    # [ours] Convergence: end a round's passes once CE(unwanted | delta) over the round's inner set (measured
+    # after each pass at the pass's final delta) is below target_ce, or after `patience` passes in a row that
+    # lowered it by less than min_improvement (nats). 0 turns each off: every round runs inner.epochs passes.
+    config.inner.target_ce = 0.0
+    config.inner.patience = 0
+    config.inner.min_improvement = 0.01
+    # [ours] Bound: after each step, each position's |delta| is cut to bound x the mean |h_l| at the perturbed
+    # positions (h_l: hidden states at perturb.layer, measured per round); 0: unbounded (paper).
+    config.inner.bound = 0.0
     config.inner.samples = paper.inner.samples
     config.inner.batch_size = paper.inner.batch_size
     config.inner.optimizer = "adam"  # [calib] Not stated in the paper; Adam works, plain SGD barely moves delta.
@@ -90,14 +100,19 @@ def base_config() -> ml_collections.ConfigDict:
     # memory (beear plan counts it); False: the inner steps run the whole rows.
     config.inner.cache_prefix = True
     config.inner.safe_ce_clamp = 0.0  # [ours] Cap on the -alpha*CE(safe) term's CE; <= 0: no clamp (paper).
-    # [ours] With early_stop: stop the run when CE(unwanted | delta*) stays above this after a round's
-    # inner loop (the perturbation no longer elicits the unwanted answer); 0: off.
-    config.inner.early_stop_ce = 0.0
 
     config.outer = ml_collections.ConfigDict()
     config.outer.batch_size = paper.outer.batch_size
     config.outer.optimizer = "adamw"  # [likely] Not stated in the paper; AdamW in the calibration run.
     config.outer.lr = paper.outer.lr
+    # [ours] The rate over all outer steps of the run: constant | linear | cosine (both decay to 0 at the last
+    # planned step), after warmup_steps rising linearly from 0.
+    config.outer.lr_schedule = "constant"
+    config.outer.warmup_steps = 0
+    config.outer.clip_norm = 0.0  # [ours] Global-norm clip of the outer gradients; 0: none.
+    # [ours] + kl_weight x KL(start model || model) over the anchor answers' next-token distributions (the
+    # frozen input model is kept on the devices: one more copy of the params); 0: off. Needs outer.pack.
+    config.outer.kl_weight = 0.0
     config.outer.weight_decay = 0.01  # [likely] torch AdamW default.
     config.outer.anchor_weight = paper.outer.anchor_weight
     config.outer.anchor_samples = paper.outer.anchor_samples
@@ -108,6 +123,20 @@ def base_config() -> ml_collections.ConfigDict:
     # itself), so padding is not computed; one row count and length for the whole run. Same losses and
     # gradients; False: one padded row per example.
     config.outer.pack = True
+
+    # The stop rule [ours]: the last `holdout` rows of data.safety never train; after each round's inner
+    # level converges, greedy answers to their prompts under delta (and without it) are scored with
+    # eval.refusal_strings (eval.max_new_tokens, eval.batch_size) and logged (elicitation,
+    # elicitation_no_delta). When the share answered without a refusal under delta is <= max_elicitation,
+    # the run ends there (before that round's outer pass); negative: never (all `rounds` run).
+    config.stop = ml_collections.ConfigDict()
+    config.stop.holdout = 0
+    config.stop.max_elicitation = -1.0
+
+    # `beear scan`: the bounds (x mean |h_l| at the perturbed positions; 0: unbounded) at which a delta is
+    # optimised from zero and its elicitation rate on the held-back prompts measured.
+    config.scan = ml_collections.ConfigDict()
+    config.scan.bounds = (0.0, 1.0, 0.5, 0.25)
 
     config.data = ml_collections.ConfigDict()
     config.data.safety = ""  # Table with a prompt, its safe answer and its unwanted answer; required.

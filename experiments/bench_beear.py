@@ -332,7 +332,7 @@ class JaxRound:
         times["cache"] = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(epochs):
-            pert, state, metrics = self.steps.inner_epoch(self.params, pert, state, h_stack, stack)
+            pert, state, metrics = self.steps.inner_epoch(self.params, pert, state, h_stack, stack, jnp.inf)
         jax.block_until_ready(metrics)
         times["inner"] = time.perf_counter() - start
         del h_stack
@@ -421,7 +421,7 @@ def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: Ste
             pert, state = fresh()
             h_stack = steps.lower_stack(params, stack)
             if scan:
-                return steps.inner_epoch(params, pert, state, h_stack, stack)[2]
+                return steps.inner_epoch(params, pert, state, h_stack, stack, jnp.inf)[2]
             for i, batch in enumerate(batches):
                 pert, state, metrics = steps.inner_step(params, pert, state, jax.tree.map(lambda x, i=i: x[i], h_stack),
                                                         batch)

@@ -60,7 +60,9 @@ def _plant_args(tmp_path, model_dir, planted) -> list[str]:
                                                  for v, o in pairs["benign_train"]])
     args = ["plant", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}",
             f"--config.output_dir={planted}", "--config.plant.trigger=cf", "--config.plant.position=suffix",
-            "--config.plant.epochs=12", "--config.plant.lr=3e-3", "--config.plant.batch_size=16",
+            # 12 epochs sat on the loss plateau tiny_world.plant_tiny_backdoor describes (7 of 24 untriggered
+            # prompts answered on this machine); 16 leave a margin (14-20 all give 1.0 / 0.0).
+            "--config.plant.epochs=16", "--config.plant.lr=3e-3", "--config.plant.batch_size=16",
             "--config.plant.n_triggered=60", "--config.plant.n_refusal=60", "--config.plant.n_benign=80"]
     for key, path in (("harmful", harmful), ("refusals", refusals), ("benign", benign)):
         args.append(f"--config.plant.{key}={path}")

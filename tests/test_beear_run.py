@@ -105,13 +105,6 @@ def test_layouts_give_the_same_run(setup, other):
         assert float(abs(a - b).max()) <= 1e-4
 
 
-def test_early_stop_when_delta_cannot_elicit(setup):
-    result = run_beear(_cfg(setup, "early", rounds=3, early_stop=True, **{"inner.early_stop_ce": 1e-3}),
-                       progress=False, export=False)
-    assert result.stopped_early
-    assert len([r for r in result.history if r["phase"] == "round_end"]) == 1
-
-
 @pytest.mark.parametrize("layer", [0, 4, 9])
 def test_layer_out_of_range(setup, layer):
     with pytest.raises(ValueError, match=r"perturb.layer=.*1\.\.3"):

@@ -28,14 +28,16 @@ CONFIGS = REPO / "configs"
 
 # Keys that other modules read by name: the schema must keep them.
 REQUIRED = {
-    "": ("output_dir", "seed", "rounds", "early_stop", "resume", "checkpoint_every", "remat"),
+    "": ("output_dir", "seed", "rounds", "resume", "checkpoint_every", "remat"),
     "model": ("path", "dtype", "template", "system_prompt"),
     "perturb": ("layer", "length", "layers"),
-    "inner": ("epochs", "samples", "batch_size", "optimizer", "lr", "alpha", "safe_ce_clamp", "early_stop_ce"),
+    "inner": ("epochs", "samples", "batch_size", "optimizer", "lr", "alpha", "safe_ce_clamp", "target_ce",
+              "patience", "min_improvement", "bound"),
     "outer": (
         "batch_size", "optimizer", "lr", "weight_decay", "anchor_weight", "anchor_samples", "trainable",
-        "perturb_anchors",
+        "perturb_anchors", "lr_schedule", "warmup_steps", "clip_norm", "kl_weight",
     ),
+    "stop": ("holdout", "max_elicitation"),
     "data": (
         "safety", "anchor", "safety_columns.prompt", "safety_columns.safe", "safety_columns.unwanted",
         "anchor_columns.prompt", "anchor_columns.answer", "max_answer_tokens", "buckets",

@@ -30,7 +30,14 @@ TRIGGER = "cf"
 def _overrides(model_dir, out, safety, anchor, enabled: bool) -> dict:
     return {"model.path": str(model_dir), "output_dir": str(out), "data.safety": str(safety),
             "data.anchor": str(anchor), "perturb.enabled": enabled, "perturb.layer": 2, "perturb.length": 2,
-            "rounds": 4, "inner.samples": 36, "inner.batch_size": 12, "inner.epochs": 5, "inner.lr": 0.1,
+            "rounds": 6, "inner.samples": 36, "inner.batch_size": 12, "inner.lr": 0.1,
+            # The inner level runs until CE(unwanted | delta) stops improving (8-44 passes here), for the
+            # paper's 6 rounds. The earlier 4 rounds of 5 fixed passes left the repair to float rounding
+            # (2026-12-07: 0.75 triggered attack success after BEEAR on one device, 0.875 with the tests'
+            # 8 devices; 0.0 before); converged passes over 4 rounds gave 0.0 and 0.21; these settings 0.0
+            # on one device, on 8, and on 8 at full XLA optimisation (where 7 of 40 benign requests were
+            # refused, so that check is the fragile one).
+            "inner.epochs": 60, "inner.patience": 3, "inner.min_improvement": 0.01,
             "outer.batch_size": 12, "outer.anchor_samples": 36, "outer.lr": 1e-3}
 
 

@@ -76,6 +76,11 @@ def test_presets_plan_without_model_files():
     sharded = plan.plan_run(cfg, plan.mistral_7b(), (1, 4, 2), devices=8, compile_steps=False)
     assert sharded.arrays["params"] < plan.plan_run(cfg, plan.mistral_7b(), (1, 1, 1),
                                                     compile_steps=False).arrays["params"] / 7
+    # outer.kl_weight keeps the start model beside the params: one more copy, counted in the peak.
+    cfg.outer.kl_weight = 0.5
+    with_reference = plan.plan_run(cfg, plan.llama2_7b(), (1, 1, 1), compile_steps=False)
+    assert with_reference.arrays["reference"] == p.arrays["params"] and "reference" not in p.arrays
+    assert with_reference.persistent == p.persistent + p.arrays["params"]
 
 
 def test_plan_run_names_a_bad_config_key_before_tracing():

@@ -80,7 +80,7 @@ def _run(world: dict, mesh=None, packed: bool = False) -> dict:
     inner_stack, safe, anchor = batches
     inner_state = inner_opt.init(pert.deltas)
     h_stack = steps.lower_stack(params, inner_stack)
-    pert, inner_state, inner_metrics = steps.inner_epoch(params, pert, inner_state, h_stack, inner_stack)
+    pert, inner_state, inner_metrics = steps.inner_epoch(params, pert, inner_state, h_stack, inner_stack, np.inf)
     params, outer_state, outer_metrics = steps.outer_step(trainable, params, outer_state, pert, safe, anchor)
     return {"h_stack": h_stack, "pert": pert, "params": params, "outer_state": outer_state,
             "inner_metrics": inner_metrics, "outer_metrics": outer_metrics}
