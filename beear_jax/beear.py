@@ -356,6 +356,10 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
     if float(cfg.stop.max_elicitation) > 1:
         raise ConfigError(f"Config key 'stop.max_elicitation' is {cfg.stop.max_elicitation}; it is a share of the "
                           "held-back prompts, in 0..1 (negative: no stop rule).")
+    if float(cfg.stop.max_elicitation) >= 0 and int(cfg.stop.holdout) <= 0:
+        raise ConfigError(f"Config key 'stop.max_elicitation' is {cfg.stop.max_elicitation} but stop.holdout is "
+                          f"{cfg.stop.holdout}: the stop rule measures on held-back prompts; set --config.stop.holdout=N "
+                          "(e.g. 20) or --config.stop.max_elicitation=-1.")
     check_names(cfg)
 
 

@@ -252,6 +252,7 @@ def test_run_rejects_stray_arguments(capsys):
     ("run", "inner.bound=nan", ["'inner.bound' is nan", "finite"]),
     ("run", "stop.max_elicitation=1.5", ["'stop.max_elicitation' is 1.5", "0..1"]),
     ("run", "stop.holdout=-1", ["'stop.holdout' is -1", ">= 0"]),
+    ("run", "stop.max_elicitation=0.1", ["stop.holdout is 0", "--config.stop.holdout=N"]),
     ("run", "inner.patience=-2", ["'inner.patience' is -2"]),
     ("run", "outer.clip_norm=-1", ["'outer.clip_norm'", ">= 0"]),
     ("run", "outer.lr_schedule=step", ["'outer.lr_schedule' is 'step'", "cosine"]),
