@@ -2,8 +2,12 @@
 
     for each round:
         h_l of the sampled safety prompts (unwanted and safe answers), once, no gradient
-        delta = 0; inner epochs over the cached h_l            -> delta*  (BEE: entrapment)
+        delta = 0; inner passes over the cached h_l until converged (inner_loop) -> delta*  (BEE: entrapment)
+        [stop.holdout: what delta* elicits on held-back prompts; the stop rule may end the run here]
         one outer pass: safe answers with delta*, anchors without -> params (AR: removal)
+
+Past 400 lines: the run's setup, the round plan and the loop share the run config, which is read
+piecemeal here until the house issue (21) turns it into typed settings and splits this module.
 """
 
 from __future__ import annotations

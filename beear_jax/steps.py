@@ -8,6 +8,9 @@ prompt with both answers as branches (data.make_shared_prompt_batch: the prompt 
 data.with_prompt_prefix, the inner steps run only each row's suffix after the cached keys/values of its
 prompt prefix) or as two rows per prompt concatenated along the batch axis (unwanted rows first). An
 outer step takes a (safe, anchor) batch pair, or one packed batch of all parts (data.make_packed_batch).
+
+Past 400 lines because the steps share their forward pieces and make_steps compiles them together;
+the house issue (21) splits losses and steps into method/.
 """
 
 from __future__ import annotations
