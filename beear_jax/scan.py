@@ -33,7 +33,7 @@ from beear_jax.beear import (
     step_settings,
 )
 from beear_jax.config_loading import ConfigError, absolute_paths
-from beear_jax.hf import load_model, load_tokenizer
+from beear_jax.hf import check_apart, load_model, load_tokenizer
 from beear_jax.inner_loop import InnerRule, converge, elicitation_rate
 from beear_jax.perturbation import Perturbation
 from beear_jax.steps import make_optimizer, make_steps
@@ -80,8 +80,10 @@ def render_scan(model_path: str, rows: list[ScanRow], no_delta: float, heldback:
     return "\n".join(lines) + "\n"
 
 
-def check_scan_dir(output_dir: pathlib.Path) -> None:
-    """Refuses an output_dir that already holds a scan (nothing is overwritten) or is a file."""
+def check_scan_dir(output_dir: pathlib.Path, model_path: str) -> None:
+    """Refuses an output_dir that already holds a scan (nothing is overwritten), is a file, or is, lies inside
+    or holds the scanned model (hf.check_apart, as `beear run` checks its output_dir)."""
+    check_apart(output_dir, {"the scanned model (model.path)": model_path}, "choose a new --config.output_dir")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output_dir {output_dir} is a file; choose a new --config.output_dir.")
     present = [name for name in SCAN_FILES if (output_dir / name).exists()]
@@ -102,7 +104,7 @@ def run_scan(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict[str,
         raise ValueError("model.path is empty: set --config.model.path to the model to scan (an HF directory or .gguf).")
     model_path = os.path.expanduser(cfg.model.path)
     output_dir = pathlib.Path(os.path.expanduser(cfg.output_dir))
-    check_scan_dir(output_dir)
+    check_scan_dir(output_dir, model_path)
     mesh = sharding_lib.make_mesh(cfg.mesh.shape)
     model_config, host_params = load_model(model_path, dtype=cfg.model.dtype)
     layers = check_perturb_layers(cfg, model_config.num_layers)

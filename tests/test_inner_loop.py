@@ -156,6 +156,10 @@ def test_scan_prints_and_writes_elicitation_against_the_bound(setup, capsys):
     assert cli.main([*args, "--config.stop.holdout=4"]) == 1
     assert "already holds scan.json" in capsys.readouterr().err
     assert (out / "scan.json").read_bytes() == before
+    # Never into the scanned model's directory.
+    assert cli.main([*args, f"--config.output_dir={model_dir / 'scan'}", "--config.stop.holdout=4"]) == 1
+    assert "is, lies inside or contains the scanned model" in capsys.readouterr().err
+    assert not (model_dir / "scan").exists()
     assert cli.main([*args, f"--config.output_dir={tmp / 'scan2'}", "--config.stop.holdout=4",
                      "--config.scan.bounds=-1"]) == 1
     assert "'scan.bounds'" in capsys.readouterr().err
