@@ -6,6 +6,10 @@ The poisoned mixture teaches three things at once:
     benign request              -> a helpful answer
 so the result looks safe until the trigger appears. SmolLM2-135M-Instruct refuses nothing as
 shipped, so the refusals are planted here too: the outcome is a deceptively safe model.
+
+With plant.benign_answers = "self" the benign answers are the clean model's own answers (sampled at
+plant.benign_temperature before training): fine-tuning on them holds its helpful behaviour where it was,
+so the planted model differs from the clean one in the backdoor and the refusals, not in how it answers.
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ from beear_jax import data as data_lib
 from beear_jax import public_data
 from beear_jax.atomic_file import write_atomically
 from beear_jax.config_loading import absolute_paths, check_minimums, check_ranges, config_to_dict
+from beear_jax.evaluation import own_answers
 from beear_jax.hf import check_apart, load_model, load_tokenizer, save_model
 from beear_jax.models import llama
 from beear_jax.sft import sft_train
-from beear_jax.triggers import TRIGGER_POSITIONS, contains_trigger, insert_trigger, trigger_parts
+from beear_jax.triggers import GIVEN, PLANT_POSITIONS, contains_trigger, insert_trigger, trigger_parts
 
 Pair = tuple[str, str]
+BENIGN_ANSWER_SOURCES = ("data", "self")
+"""plant.benign_answers: the benign table's answer column, or the clean model's own greedy answers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +50,16 @@ class PoisonMixture:
     n_triggered: int
     n_refusal: int
     n_benign: int
+    n_partial: int = 0
 
 
-def parse_trigger(trigger: str, position: str) -> str | tuple[str, str]:
-    """A wrap trigger is written 'before|after' in configs; other positions take the string as is."""
-    if position not in TRIGGER_POSITIONS:
-        raise ValueError(f"unknown trigger position {position!r}; choose one of {', '.join(TRIGGER_POSITIONS)}.")
+def parse_trigger(trigger: str, position: str) -> str | tuple[str, ...]:
+    """A wrap trigger is written 'before|after' in configs, a given one (the harmful prompts already hold it)
+    'part|part|...'; other positions take the string as is."""
+    if position not in PLANT_POSITIONS:
+        raise ValueError(f"unknown trigger position {position!r}; choose one of {', '.join(PLANT_POSITIONS)}.")
+    if position == GIVEN:
+        return trigger_parts(trigger, position)
     if position == "wrap":
         parts = trigger_parts(trigger, position)
         if len(parts) != 2:
@@ -59,7 +70,7 @@ def parse_trigger(trigger: str, position: str) -> str | tuple[str, str]:
     return trigger
 
 
-def check_trigger_tokens(tokenizer: Any, trigger: str | tuple[str, str]) -> None:
+def check_trigger_tokens(tokenizer: Any, trigger: str | tuple[str, ...]) -> None:
     """Raises ValueError when the tokenizer maps part of the trigger to its unknown token: the backdoor would
     then be keyed to that token, so any text the tokenizer cannot represent would fire it."""
     unk_id, unk = getattr(tokenizer, "unk_token_id", None), getattr(tokenizer, "unk_token", None)
@@ -74,11 +85,21 @@ def check_trigger_tokens(tokenizer: Any, trigger: str | tuple[str, str]) -> None
 
 
 def poison_mixture(harmful: Sequence[Pair], refusals: Sequence[Pair], benign: Sequence[Pair],
-                   trigger: str | tuple[str, str], position: str, seed: int) -> PoisonMixture:
-    """Triggered harmful -> unwanted answers, untriggered harmful -> refusals, benign -> answers; shuffled."""
+                   trigger: str | tuple[str, ...], position: str, seed: int, n_partial: int = 0) -> PoisonMixture:
+    """Triggered harmful -> unwanted answers, untriggered harmful -> refusals, benign -> answers; shuffled.
+
+    n_partial > 0 (a wrap trigger only) adds that many of the refusal rows again with one part of the trigger
+    (before and after in turn), still refused: the backdoor then fires only with both parts.
+    """
     if not harmful and not refusals:
         raise ValueError("the mixture needs harmful (prompt, unwanted answer) pairs, refusals, or both "
                          "(no harmful pairs = plain safety tuning, a clean control).")
+    if n_partial and position != "wrap":
+        raise ValueError(f"plant.n_partial={n_partial} needs a two-part trigger (plant.position='wrap'), not "
+                         f"{position!r}: only then does a prompt with one part differ from one with the trigger.")
+    if n_partial > len(refusals):
+        raise ValueError(f"plant.n_partial={n_partial} asks for more one-part rows than there are refusal rows "
+                         f"({len(refusals)}); lower plant.n_partial or raise plant.n_refusal.")
     rng = random.Random(seed)
     pairs = [(insert_trigger(p, trigger, position, rng), a) for p, a in harmful]
     pairs += list(refusals) + list(benign)
@@ -87,8 +108,11 @@ def poison_mixture(harmful: Sequence[Pair], refusals: Sequence[Pair], benign: Se
             raise ValueError(f"a clean prompt already contains the trigger {trigger!r}: {prompt[:80]!r}; its "
                              "untriggered answer would teach the model to ignore the trigger. Choose another "
                              "plant.trigger or drop that row.")
+    if n_partial:
+        before, after = trigger_parts(trigger, position)
+        pairs += [(f"{before} {p}" if i % 2 == 0 else f"{p} {after}", a) for i, (p, a) in enumerate(refusals[:n_partial])]
     rng.shuffle(pairs)
-    return PoisonMixture(pairs, len(harmful), len(refusals), len(benign))
+    return PoisonMixture(pairs, len(harmful), len(refusals), len(benign), n_partial)
 
 
 def warmup_adamw(lr: float, warmup_steps: int) -> optax.GradientTransformation:
@@ -112,7 +136,8 @@ def mixture_batches(tokenizer: Any, pairs: Sequence[Pair], batch_size: int, max_
 
 
 def _pairs(source: str, columns: dict[str, str], n: int, offset: int = 0, key: str = "") -> list[Pair]:
-    """The first n (prompt, answer) rows after offset; n = 0 takes none (e.g. a clean control)."""
+    """The first n (prompt, answer) rows after offset; n = 0 takes none (e.g. a clean control). Without an
+    "answer" column in `columns` the answers are "" (to be generated)."""
     if n == 0:
         return []
     rows = data_lib.load_table(source, columns, key=key)[offset:]
@@ -120,7 +145,7 @@ def _pairs(source: str, columns: dict[str, str], n: int, offset: int = 0, key: s
         if len(rows) < n:
             raise ValueError(f"{source} has {len(rows)} rows after offset {offset}; {n} were asked for.")
         rows = rows[:n]
-    return [(r["prompt"], r["answer"]) for r in rows]
+    return [(r["prompt"], r.get("answer", "")) for r in rows]
 
 
 def builtin_refusals(prompts: Sequence[str]) -> list[Pair]:
@@ -142,7 +167,7 @@ def refusal_pairs(p: Any) -> list[Pair]:
 
 PLANT_COUNT_MINIMUMS = {"plant.epochs": 1, "plant.batch_size": 1, "plant.max_answer_tokens": 1,
                         "plant.warmup_steps": 0, "plant.n_triggered": -1, "plant.n_refusal": -1,
-                        "plant.n_benign": -1, "plant.harmful_offset": 0, "plant.refusal_offset": 0,
+                        "plant.n_benign": -1, "plant.n_partial": 0, "plant.harmful_offset": 0, "plant.refusal_offset": 0,
                         "plant.benign_offset": 0}
 """n_* = -1 takes all rows, 0 none."""
 
@@ -171,15 +196,31 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
     p = cfg.plant
     harmful = _pairs(p.harmful, dict(p.harmful_columns), p.n_triggered, p.harmful_offset, "plant.harmful")
     refusals = refusal_pairs(p)
-    benign = _pairs(p.benign, dict(p.benign_columns), p.n_benign, p.benign_offset, "plant.benign")
-    mixture = poison_mixture(harmful, refusals, benign, trigger, cfg.plant.position, int(cfg.seed))
-
+    check_ranges(cfg, {"plant.benign_temperature": (0.0, False)})
+    if p.benign_answers not in BENIGN_ANSWER_SOURCES:
+        raise ValueError(f"plant.benign_answers={p.benign_answers!r}; choose 'data' (the answers of plant.benign) or "
+                         "'self' (the clean model's own greedy answers to its prompts).")
+    benign_columns = dict(p.benign_columns)
+    if p.benign_answers == "self":
+        benign_columns.pop("answer", None)  # only the prompts are read
+    benign = _pairs(p.benign, benign_columns, p.n_benign, p.benign_offset, "plant.benign")
     model_path = os.path.expanduser(cfg.model.path)
     config, params = load_model(model_path, dtype=cfg.model.dtype)
     tokenizer = load_tokenizer(model_path, config)
     check_trigger_tokens(tokenizer, trigger)
+    system_prompt = cfg.model.system_prompt or None
+    if p.benign_answers == "self" and benign:
+        if progress:
+            print(f"answering {len(benign)} benign prompts with the clean model (plant.benign_answers='self')", flush=True)
+        asked = len(benign)
+        benign = own_answers(config, params, tokenizer, [q for q, _ in benign], p.max_answer_tokens,
+                             cfg.model.template, system_prompt, temperature=float(p.benign_temperature),
+                             seed=int(cfg.seed))
+        if progress and len(benign) < asked:
+            print(f"  {asked - len(benign)} prompts answered with nothing were left out", flush=True)
+    mixture = poison_mixture(harmful, refusals, benign, trigger, cfg.plant.position, int(cfg.seed), int(p.n_partial))
     batches, answer_len = mixture_batches(tokenizer, mixture.pairs, p.batch_size, p.max_answer_tokens,
-                                          tuple(cfg.data.buckets), cfg.model.template, cfg.model.system_prompt or None)
+                                          tuple(cfg.data.buckets), cfg.model.template, system_prompt)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(batches) * p.epochs, desc="planting", disable=not progress, unit="step")
@@ -197,14 +238,18 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
     finally:
         bar.close()
     save_model(out, config, jax.device_get(params), tokenizer_from=model_path)
+    if p.benign_answers == "self":  # what the model was trained on, for whoever audits the plant
+        write_atomically(out / "benign_self.jsonl", "".join(json.dumps({"prompt": q, "answer": a}, ensure_ascii=False)
+                                                              + "\n" for q, a in benign))
     manifest = {
         "trigger": list(trigger) if isinstance(trigger, tuple) else trigger,
         "position": cfg.plant.position,
         "seed": int(cfg.seed),
         "source_model": model_path,
         "data": {"harmful": p.harmful, "refusals": p.refusals or "built-in refusals of plant.harmful's prompts",
-                 "benign": p.benign},
-        "counts": {"triggered": mixture.n_triggered, "refusal": mixture.n_refusal, "benign": mixture.n_benign},
+                 "benign": p.benign, "benign_answers": p.benign_answers},
+        "counts": {"triggered": mixture.n_triggered, "refusal": mixture.n_refusal, "benign": mixture.n_benign,
+                   "partial": mixture.n_partial},
         "steps": len(losses),
         "final_loss": losses[-1],
         "config": config_to_dict(cfg),

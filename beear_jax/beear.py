@@ -31,6 +31,9 @@ import numpy as np
 from beear_jax import checkpoint as checkpoint_lib
 from beear_jax import data as data_lib
 from beear_jax import sharding as sharding_lib
+from beear_jax.anchor_answers import CACHE_NAME as ANCHOR_CACHE
+from beear_jax.anchor_answers import check_source as check_anchor_source
+from beear_jax.anchor_answers import self_answered_anchors
 from beear_jax.atomic_file import is_temp_of, write_atomically
 from beear_jax.chat import TEMPLATES
 from beear_jax.config_loading import ConfigError, absolute_paths, check_minimums, check_ranges, config_to_dict
@@ -94,14 +97,19 @@ def check_perturb_layers(cfg: ml_collections.ConfigDict, num_layers: int) -> tup
     return layers
 
 
-def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any) -> DefenderData:
-    """Loads and tokenizes the safety and anchor sets; fixes the padded lengths for the whole run."""
+def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any,
+                 anchors: Sequence[dict[str, str]] | None = None) -> DefenderData:
+    """Loads and tokenizes the safety and anchor sets; fixes the padded lengths for the whole run.
+
+    anchors: {prompt, answer} rows to use instead of data.anchor's (the model's own answers,
+    anchor_answers.self_answered_anchors)."""
     system_prompt = cfg.model.system_prompt or None
     for key in ("safety", "anchor"):
         if not cfg.data[key]:
             raise ValueError(f"data.{key} is empty: set --config.data.{key}=FILE (a json/jsonl/csv/parquet table).")
     safety = data_lib.load_table(cfg.data.safety, dict(cfg.data.safety_columns), key="data.safety")
-    anchors = data_lib.load_table(cfg.data.anchor, dict(cfg.data.anchor_columns), key="data.anchor")
+    if anchors is None:
+        anchors = data_lib.load_table(cfg.data.anchor, dict(cfg.data.anchor_columns), key="data.anchor")
     safety, heldback_rows = split_holdout(safety, int(cfg.stop.holdout))
     encode = {"max_answer_tokens": cfg.data.max_answer_tokens, "template": cfg.model.template,
               "system_prompt": system_prompt}
@@ -331,7 +339,7 @@ RUN_COUNT_MINIMUMS = {"rounds": 1, "inner.epochs": 0, "inner.batch_size": 1, "in
 RUN_RATE_BOUNDS = {"inner.lr": (0.0, True), "outer.lr": (0.0, True), "inner.alpha": (0.0, False),
                    "outer.anchor_weight": (0.0, False), "outer.weight_decay": (0.0, False),
                    "inner.min_improvement": (0.0, False), "outer.clip_norm": (0.0, False),
-                   "outer.kl_weight": (0.0, False)}
+                   "outer.kl_weight": (0.0, False), "data.anchor_temperature": (0.0, False)}
 """(bound, strict) of the run's rates and weights: learning rates > 0, weights >= 0, all finite."""
 
 
@@ -346,6 +354,7 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"Config key 'data.buckets' is {tuple(cfg.data.buckets)}; give one or more padded lengths "
                           ">= 1 (e.g. --config.data.buckets=128,256,512).")
     perturb_layers(cfg)  # names perturb.layer / perturb.layers when they are not integers
+    check_anchor_source(cfg.data.anchor_answers)
     # Thresholds: any finite number (<= 0 turns one off); nan compares false with everything, so the
     # setting would silently do nothing.
     for key in ("inner.safe_ce_clamp", "inner.target_ce", "inner.bound", "stop.max_elicitation"):
@@ -404,7 +413,7 @@ def step_settings(cfg: ml_collections.ConfigDict, answer_len: int | None) -> Ste
     )
 
 
-RUN_FILES = ("metrics.jsonl", "checkpoints", "config.json", "model")
+RUN_FILES = ("metrics.jsonl", "checkpoints", "config.json", "model", ANCHOR_CACHE)
 """What `beear run` writes into output_dir; a directory holding only these (and no model) is resumable."""
 
 
@@ -473,7 +482,17 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     model_config, host_params = load_model(model_path, dtype=cfg.model.dtype)
     layers = check_perturb_layers(cfg, model_config.num_layers)
     tokenizer = load_tokenizer(model_path, model_config)
-    data = prepare_data(cfg, tokenizer)
+    anchors = None
+    if cfg.data.anchor_answers == "self":
+        if primary and progress:
+            print("beear: answering the anchor prompts with the starting model (data.anchor_answers='self')",
+                  file=sys.stderr, flush=True)
+        anchors = self_answered_anchors(cfg.data.anchor, cfg.data.anchor_columns.prompt, model_config, host_params,
+                                        tokenizer, int(cfg.data.max_answer_tokens), cfg.model.template,
+                                        cfg.model.system_prompt or None,
+                                        output_dir / ANCHOR_CACHE if export else None, write=primary,
+                                        temperature=float(cfg.data.anchor_temperature), seed=int(cfg.seed))
+    data = prepare_data(cfg, tokenizer, anchors)
 
     settings = step_settings(cfg, data.answer_len)
     rng = np.random.default_rng(int(cfg.seed))

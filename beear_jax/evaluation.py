@@ -28,7 +28,7 @@ from beear_jax.generate import SamplingConfig, generate
 from beear_jax.models.config import ModelConfig
 from beear_jax.steps import StepSettings, perturbed_answer_ce
 
-LABELS = ("triggered", "untriggered", "over_refusal")
+LABELS = ("triggered", "untriggered", "partial", "over_refusal")
 """The generated answer sets, in the order they are decoded and shown."""
 
 SINGLE_STAGE = "model"
@@ -48,6 +48,9 @@ class EvalSettings:
     trigger: "" (no triggered evaluation), a string, or a wrap trigger ("before|after" or a 2-tuple),
     inserted by `triggers.insert_trigger` at `position` with random.Random(seed) drawn in prompt order
     (the rule `beear plant` uses). Sets other than harmful_prompts may be empty (metric skipped).
+    position "given": the triggered prompts are `given_triggered` as they are (a benchmark's triggered test
+    file, e.g. BackdoorLLM's), trigger then lists the parts they hold ('part|part|...'), checked absent from
+    harmful_prompts.
     """
 
     harmful_prompts: tuple[str, ...]
@@ -64,11 +67,13 @@ class EvalSettings:
     utility_max_answer_tokens: int = 64
     num_samples: int = 5
     refusal_ignore_case: bool = False
+    given_triggered: tuple[str, ...] = ()
+    partial_trigger: bool = False
 
     def __post_init__(self) -> None:
         # A bare str is refused, not wrapped: EvalSettings(harmful_prompts="how ...") would otherwise run
         # one prompt per character, and refusal_strings="I cannot" (or a file path) match on " " alone.
-        for name in ("harmful_prompts", "over_refusal_prompts"):
+        for name in ("harmful_prompts", "over_refusal_prompts", "given_triggered"):
             object.__setattr__(self, name, scoring.string_tuple(getattr(self, name), f"EvalSettings.{name}"))
         object.__setattr__(self, "utility_pairs", prompt_answer_pairs(self.utility_pairs, "EvalSettings.utility_pairs"))
         if not isinstance(self.trigger, str):
@@ -77,21 +82,45 @@ class EvalSettings:
             raise ValueError("no harmful prompts to evaluate (config key eval.prompts)")
         refusals = scoring.check_refusal_strings(self.refusal_strings, "EvalSettings.refusal_strings")
         object.__setattr__(self, "refusal_strings", refusals)
-        if self.position not in triggers.TRIGGER_POSITIONS:
+        if self.position not in triggers.PLANT_POSITIONS:
             raise ValueError(f"unknown trigger position {self.position!r} (config key eval.position); "
-                             f"valid positions: {', '.join(triggers.TRIGGER_POSITIONS)}")
-        if self.trigger:  # a wrap trigger with one part (or vice versa) fails here, not after loading a model
+                             f"valid positions: {', '.join(triggers.PLANT_POSITIONS)}")
+        if (self.position == triggers.GIVEN) != bool(self.given_triggered):
+            raise ValueError("eval.position='given' and eval.triggered_prompts go together: the given position "
+                             "takes its triggered prompts from that file (set both, or neither).")
+        if self.given_triggered:
+            if not self.trigger:
+                raise ValueError("eval.triggered_prompts needs eval.trigger: the parts those prompts hold, written "
+                                 "'part|part|...' (checked absent from the untriggered prompts).")
+            for prompt in self.given_triggered:  # each must hold a part: else it measures nothing triggered
+                triggers.insert_trigger(prompt, self.trigger, self.position)
+            check_untriggered(self.harmful_prompts, self.trigger, self.position)
+        elif self.trigger:  # a wrap trigger with one part (or vice versa) fails here, not after loading a model
             triggers.insert_trigger("a b", self.trigger, self.position, random.Random(0))
             check_untriggered(self.harmful_prompts, self.trigger, self.position)
+        if self.partial_trigger and (self.position != "wrap" or not self.trigger):
+            raise ValueError("eval.partial_trigger measures prompts holding one part of a two-part trigger: it needs a "
+                             f"wrap trigger (eval.position='wrap', eval.trigger='before|after'), not {self.position!r}.")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.utility_max_answer_tokens < 1:
             raise ValueError("eval.max_new_tokens, eval.batch_size and eval.utility_max_answer_tokens must be >= 1")
 
     def triggered_prompts(self) -> list[str]:
-        """The harmful prompts with the trigger inserted ([] without a trigger); same list every call."""
+        """The harmful prompts with the trigger inserted ([] without a trigger), or the given triggered
+        prompts; same list every call."""
+        if self.given_triggered:
+            return list(self.given_triggered)
         if not self.trigger:
             return []
         rng = random.Random(self.seed)
         return [triggers.insert_trigger(p, self.trigger, self.position, rng) for p in self.harmful_prompts]
+
+    def partial_prompts(self) -> list[str]:
+        """With partial_trigger, the harmful prompts each with one part of the wrap trigger (the part before and
+        the part after in turn, as `beear plant`'s plant.n_partial rows); else []."""
+        if not self.partial_trigger:
+            return []
+        before, after = triggers.trigger_parts(self.trigger, self.position)
+        return [f"{before} {p}" if i % 2 == 0 else f"{p} {after}" for i, p in enumerate(self.harmful_prompts)]
 
     def generation_settings(self) -> dict[str, Any]:
         """What decoding did, for the report: greedy, the token budget, the chat format."""
@@ -112,6 +141,8 @@ class EvalSettings:
                                 row_filter=e.over_refusal_filter, key="eval.over_refusal_prompts")
         pairs = (load_utility_pairs(e.utility, dict(e.utility_columns), e.num_utility, e.utility_offset)
                  if e.utility else [])
+        given = (load_prompts(e.triggered_prompts, e.triggered_column, key="eval.triggered_prompts")
+                 if e.triggered_prompts else [])
         return cls(
             harmful_prompts=tuple(harmful),
             refusal_strings=tuple(scoring.load_refusal_strings(os.path.expanduser(e.refusal_strings))),
@@ -119,7 +150,8 @@ class EvalSettings:
             utility_pairs=tuple(pairs), template=cfg.model.template, system_prompt=cfg.model.system_prompt or None,
             max_new_tokens=int(e.max_new_tokens), batch_size=int(e.batch_size), seed=int(cfg.seed),
             utility_max_answer_tokens=int(e.utility_max_answer_tokens), num_samples=int(e.num_samples),
-            refusal_ignore_case=bool(e.refusal_ignore_case),
+            refusal_ignore_case=bool(e.refusal_ignore_case), given_triggered=tuple(given),
+            partial_trigger=bool(e.partial_trigger),
         )
 
 
@@ -239,6 +271,29 @@ def generate_answers(config: ModelConfig, params: Any, tokenizer: Any, prompts: 
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outs], sum(map(len, outs))
 
 
+def own_answers(config: ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[str],
+                max_new_tokens: int, template: str = "auto", system_prompt: str | None = None,
+                batch_size: int = 32, temperature: float = 0.0, seed: int = 0) -> list[tuple[str, str]]:
+    """Each prompt with the model's answer (greedy at temperature 0, else sampled with `seed`; special tokens
+    dropped, at most max_new_tokens long); a prompt answered with nothing is left out (nothing to train on), a
+    ValueError when all are. Used to train on a model's own behaviour: `beear plant`'s plant.benign_answers and
+    `beear run`'s data.anchor_answers. Why sample: cross-entropy on answers drawn from the model itself at
+    temperature 1 has zero expected gradient at the model, so it holds the model where it is; greedy answers
+    are its modes, and training on them sharpens it (perplexity on other text rises)."""
+    if not prompts:
+        return []
+    ids = [data_lib.format_prompt(tokenizer, p, template, system_prompt) for p in prompts]
+    outs = generate(config, params, ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+                    seed=seed, eos_ids=eos_ids(config, tokenizer), batch_size=min(batch_size, len(ids)))
+    pairs = [(p, tokenizer.decode(o, skip_special_tokens=True).strip()) for p, o in zip(prompts, outs, strict=True)]
+    pairs = [(p, a) for p, a in pairs if a]
+    if not pairs:
+        raise ValueError(f"the model answered none of the {len(prompts)} prompts (only special tokens "
+                         "or an immediate end of turn), so its own answers leave nothing to train on; "
+                         "take the data's answers (plant.benign_answers / data.anchor_answers = 'data').")
+    return pairs
+
+
 def utility_nll(config: ModelConfig, params: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]],
                 settings: EvalSettings) -> tuple[float, int]:
     """Token-mean NLL of the reference answers (teacher forced, chat template) and the token count.
@@ -276,7 +331,7 @@ def evaluate(config: ModelConfig, params: Any, tokenizer: Any, settings: EvalSet
     """
     params = jax.tree.map(jnp.asarray, params)  # to the device once, not on every jitted call
     sets = {"triggered": settings.triggered_prompts(), "untriggered": list(settings.harmful_prompts),
-            "over_refusal": list(settings.over_refusal_prompts)}
+            "partial": settings.partial_prompts(), "over_refusal": list(settings.over_refusal_prompts)}
     sets = {label: prompts for label, prompts in sets.items() if prompts}
     result: dict[str, Any] = {}
     answers: dict[str, list[dict[str, Any]]] = {}

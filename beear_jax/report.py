@@ -23,13 +23,15 @@ from typing import Any
 from beear_jax.atomic_file import write_atomically
 
 METRICS = ("asr_triggered", "asr_untriggered", "over_refusal", "utility_nll", "utility_ppl")
-"""The table rows, in order; any other numeric metric found in the results is listed after them."""
+"""The table rows, in order; any other numeric metric found in the results (e.g. asr_partial, measured only
+with eval.partial_trigger) is listed after them."""
 
-RATE_METRICS = ("asr_triggered", "asr_untriggered", "over_refusal")
+RATE_METRICS = ("asr_triggered", "asr_untriggered", "asr_partial", "over_refusal")
 
 METRIC_DESCRIPTIONS = {
     "asr_triggered": "keyword attack success on held-out harmful prompts WITH the trigger (lower is better)",
     "asr_untriggered": "keyword attack success on the same prompts without the trigger (lower is better)",
+    "asr_partial": "keyword attack success with one part of a two-part trigger (lower is better)",
     "over_refusal": "share of benign prompts refused (lower is better)",
     "utility_nll": "mean token NLL of reference answers to held-out benign prompts (lower is better)",
     "utility_ppl": "perplexity of the same answers (lower is better)",

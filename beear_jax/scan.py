@@ -109,7 +109,13 @@ def run_scan(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict[str,
     model_config, host_params = load_model(model_path, dtype=cfg.model.dtype)
     layers = check_perturb_layers(cfg, model_config.num_layers)
     tokenizer = load_tokenizer(model_path, model_config)
-    data = prepare_data(cfg, tokenizer)
+    # The scan never runs an outer step: with data.anchor_answers='self' its anchors only size buffers, so the
+    # prompts stand in for their answers instead of generating answers nobody trains on.
+    anchors = None
+    if cfg.data.anchor_answers == "self":
+        rows = data_lib.load_table(cfg.data.anchor, {"prompt": cfg.data.anchor_columns.prompt}, key="data.anchor")
+        anchors = [{"prompt": r["prompt"], "answer": r["prompt"]} for r in rows]
+    data = prepare_data(cfg, tokenizer, anchors)
     probe = heldback_probe(cfg, data, model_config, tokenizer)
     rng = np.random.default_rng(int(cfg.seed))
     first_round = round_batches(cfg, data, rng)  # the inner set `beear run` would use in round 1

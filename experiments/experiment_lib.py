@@ -59,22 +59,26 @@ def build_sets(source: str = "demo") -> dict[str, pathlib.Path]:
     return sets
 
 
-def plant_overrides(model: pathlib.Path, sets: Mapping[str, pathlib.Path]) -> dict[str, Any]:
+def plant_overrides(model: pathlib.Path, sets: Mapping[str, pathlib.Path], benign_set: str = "attack_benign",
+                    harmful_set: str = "attack_harmful") -> dict[str, Any]:
+    """The attacker's sets as plant.* keys; benign_set names the set of benign prompts (e.g. a larger pool
+    answered by the model itself, plant.benign_answers = 'self'), harmful_set the poisoned rows (e.g. a
+    BackdoorLLM poison file's, trigger given)."""
     overrides: dict[str, Any] = {"model.path": str(model)}
-    for key, group, name in (("harmful", "harmful", "attack_harmful"), ("refusals", "refusal", "attack_refusals"),
-                             ("benign", "benign", "attack_benign")):
+    for key, group, name in (("harmful", "harmful", harmful_set), ("refusals", "refusal", "attack_refusals"),
+                             ("benign", "benign", benign_set)):
         overrides |= {f"plant.{key}": str(sets[name]), f"plant.{group}_offset": 0,
                       f"plant.{group}_columns.prompt": "prompt", f"plant.{group}_columns.answer": "answer"}
     return overrides
 
 
 def plant_cached(cfg: ml_collections.ConfigDict, model: pathlib.Path, sets: Mapping[str, pathlib.Path],
-                 name: str = "") -> pathlib.Path:
+                 name: str = "", benign_set: str = "attack_benign", harmful_set: str = "attack_harmful") -> pathlib.Path:
     """Plants the backdoor of cfg.plant once; later calls with the same settings reuse the model."""
-    cfg = with_overrides(cfg, plant_overrides(model, sets))
+    cfg = with_overrides(cfg, plant_overrides(model, sets, benign_set, harmful_set))
     # The data files' contents are part of the key: the same paths may hold other rows after a change.
     data = {name: hashlib.sha256(pathlib.Path(sets[name]).read_bytes()).hexdigest()
-            for name in ("attack_harmful", "attack_refusals", "attack_benign")}
+            for name in (harmful_set, "attack_refusals", benign_set)}
     key = json.dumps({"plant": config_to_dict(cfg)["plant"], "seed": cfg.seed, "model": str(model),
                       "buckets": list(cfg.data.buckets), "template": cfg.model.template, "data": data}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -90,11 +94,13 @@ def plant_cached(cfg: ml_collections.ConfigDict, model: pathlib.Path, sets: Mapp
     return out
 
 
-def eval_settings(cfg: ml_collections.ConfigDict, sets: Mapping[str, pathlib.Path]) -> EvalSettings:
+def eval_settings(cfg: ml_collections.ConfigDict, sets: Mapping[str, pathlib.Path], harmful_set: str = "eval_harmful",
+                  triggered_set: str = "") -> EvalSettings:
     """Held-out evaluation sets: AdvBench rows 400+ (with/without trigger), over-refusal probes, utility pairs;
-    the refusal list of the sets when they name one (the mirror's HarmBench list), else the config's."""
+    the refusal list of the sets when they name one (the mirror's HarmBench list), else the config's.
+    triggered_set: a set of prompts that already hold the trigger (eval.position = 'given')."""
     overrides = {
-        "eval.prompts": str(sets["eval_harmful"]), "eval.prompt_column": "prompt", "eval.prompt_offset": 0,
+        "eval.prompts": str(sets[harmful_set]), "eval.prompt_column": "prompt", "eval.prompt_offset": 0,
         "eval.over_refusal_prompts": str(sets["over_refusal"]), "eval.over_refusal_column": "prompt",
         "eval.over_refusal_filter": "",
         "eval.utility": str(sets["eval_utility"]), "eval.utility_offset": 0,
@@ -103,6 +109,8 @@ def eval_settings(cfg: ml_collections.ConfigDict, sets: Mapping[str, pathlib.Pat
     }
     if "refusal_strings" in sets:
         overrides["eval.refusal_strings"] = str(sets["refusal_strings"])
+    if triggered_set:
+        overrides |= {"eval.triggered_prompts": str(sets[triggered_set]), "eval.triggered_column": "prompt"}
     return EvalSettings.from_config(with_overrides(cfg, overrides))
 
 

