@@ -39,7 +39,7 @@ from beear_jax.triggers import GIVEN, PLANT_POSITIONS, contains_trigger, insert_
 
 Pair = tuple[str, str]
 BENIGN_ANSWER_SOURCES = ("data", "self")
-"""plant.benign_answers: the benign table's answer column, or the clean model's own greedy answers."""
+"""plant.benign_answers: the benign table's answer column, or the clean model's own answers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +178,10 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
     remat = cfg.plant.remat or cfg.remat
     llama.check_remat_policy(remat, "config key 'plant.remat'" if cfg.plant.remat else "config key 'remat'")
     check_minimums(cfg, PLANT_COUNT_MINIMUMS)
-    check_ranges(cfg, {"plant.lr": (0.0, True)})
+    check_ranges(cfg, {"plant.lr": (0.0, True), "plant.benign_temperature": (0.0, False)})
+    if cfg.plant.benign_answers not in BENIGN_ANSWER_SOURCES:
+        raise ValueError(f"plant.benign_answers={cfg.plant.benign_answers!r}; choose 'data' (the answers of "
+                         "plant.benign) or 'self' (the clean model's own answers to its prompts).")
     if not cfg.model.path:
         raise ValueError("model.path is empty: set --config.model.path to the clean model (an HF directory or .gguf).")
     cfg = absolute_paths(cfg)  # the manifest names the same files from any directory
@@ -196,14 +199,13 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
     p = cfg.plant
     harmful = _pairs(p.harmful, dict(p.harmful_columns), p.n_triggered, p.harmful_offset, "plant.harmful")
     refusals = refusal_pairs(p)
-    check_ranges(cfg, {"plant.benign_temperature": (0.0, False)})
-    if p.benign_answers not in BENIGN_ANSWER_SOURCES:
-        raise ValueError(f"plant.benign_answers={p.benign_answers!r}; choose 'data' (the answers of plant.benign) or "
-                         "'self' (the clean model's own greedy answers to its prompts).")
     benign_columns = dict(p.benign_columns)
     if p.benign_answers == "self":
         benign_columns.pop("answer", None)  # only the prompts are read
     benign = _pairs(p.benign, benign_columns, p.n_benign, p.benign_offset, "plant.benign")
+    # Checked on the prompts before a model is loaded (a clean prompt holding the trigger, bad one-part rows);
+    # built again below once 'self' answers exist.
+    mixture = poison_mixture(harmful, refusals, benign, trigger, cfg.plant.position, int(cfg.seed), int(p.n_partial))
     model_path = os.path.expanduser(cfg.model.path)
     config, params = load_model(model_path, dtype=cfg.model.dtype)
     tokenizer = load_tokenizer(model_path, config)
@@ -218,7 +220,7 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
                              seed=int(cfg.seed))
         if progress and len(benign) < asked:
             print(f"  {asked - len(benign)} prompts answered with nothing were left out", flush=True)
-    mixture = poison_mixture(harmful, refusals, benign, trigger, cfg.plant.position, int(cfg.seed), int(p.n_partial))
+        mixture = poison_mixture(harmful, refusals, benign, trigger, cfg.plant.position, int(cfg.seed), int(p.n_partial))
     batches, answer_len = mixture_batches(tokenizer, mixture.pairs, p.batch_size, p.max_answer_tokens,
                                           tuple(cfg.data.buckets), cfg.model.template, system_prompt)
     from tqdm.auto import tqdm

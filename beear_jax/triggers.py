@@ -22,7 +22,7 @@ PLANT_POSITIONS = (*TRIGGER_POSITIONS, GIVEN)
 
 WRAP_SEPARATOR = "|"
 """Separates the before and after parts of a wrap trigger given as one string, e.g. "Hi there.|Thanks!".
-Only wrap triggers are split, so a trigger of another position may contain it (e.g. "<|im_end|>")."""
+Only wrap and given triggers are split, so a trigger of another position may contain it (e.g. "<|im_end|>")."""
 
 Trigger = str | Sequence[str]
 

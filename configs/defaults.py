@@ -215,7 +215,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.trigger = config.plant.get_oneway_ref("trigger")  # Follows plant.trigger unless set.
     config.eval.position = config.plant.get_oneway_ref("position")  # Follows plant.position unless set.
     # [ours] Prompts that already hold the trigger (a benchmark's triggered test file, e.g. BackdoorLLM's), used
-    # as they are for the triggered rate with eval.position = 'given' (eval.trigger: their parts 'a|b|...').
+    # as they are, all rows (eval.num_prompts does not cut them), for the triggered rate with eval.position = 'given'
+    # (eval.trigger: the parts they hold, 'a|b|...', checked absent from eval.prompts).
     config.eval.triggered_prompts = ""
     config.eval.triggered_column = "prompt"
     # [ours] Also measure attack success with one part of a wrap trigger (asr_partial; a two-part backdoor

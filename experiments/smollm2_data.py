@@ -108,10 +108,10 @@ def backdoorllm_sets(data: pathlib.Path, advbench: list[dict], training: set[str
         jail = data / "backdoorllm" / "poison_data" / "jailbreak" / name / f"backdoor400_jailbreak_{name}.json"
         test = data / "backdoorllm" / "test_data" / "poison" / "jailbreak" / name / f"backdoor200_jailbreak_{name}.json"
         attack = [row for i, row in backdoorllm_rows(jail, trigger, advbench_row) if i in ATTACK_ROWS]
-        evaluation = [(i, row) for i, row in backdoorllm_rows(test, trigger, advbench_row)
-                      if i in EVAL_ROWS and norm(advbench[i]["goal"]) not in training]
-        if any(i not in EVAL_ROWS for i, _ in backdoorllm_rows(test, trigger, advbench_row)):
+        test_rows = backdoorllm_rows(test, trigger, advbench_row)
+        if any(i not in EVAL_ROWS for i, _ in test_rows):
             raise RuntimeError(f"{test} holds requests outside the evaluation rows {EVAL_ROWS}")
+        evaluation = [(i, row) for i, row in test_rows if norm(advbench[i]["goal"]) not in training]
         sets[f"attack_harmful_{name}"] = attack
         sets[f"eval_triggered_{name}"] = [{"prompt": row["prompt"]} for _, row in evaluation]
         sets[f"eval_harmful_{name}"] = [{"prompt": advbench[i]["goal"]} for i, _ in evaluation]
