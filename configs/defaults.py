@@ -144,9 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.safety_columns = ml_collections.ConfigDict({"prompt": "prompt", "safe": "safe", "unwanted": "unwanted"})
     config.data.anchor_columns = ml_collections.ConfigDict({"prompt": "prompt", "answer": "answer"})
     # [ours] Where the anchor answers come from: 'data' (data.anchor's answer column) or 'self' (the starting
-    # model's own greedy answers to data.anchor's prompts, at most data.max_answer_tokens; generated before
-    # round 1 and kept in output_dir/anchor_self.jsonl for resume): the anchor then asks the model to keep
-    # answering as it did, not to imitate another model.
+    # model's own answers to data.anchor's prompts, sampled at data.anchor_temperature, at most
+    # data.max_answer_tokens; generated before round 1, kept in output_dir/anchor_self.jsonl for resume): the
+    # anchor then asks the model to keep answering as it did. Measured on SmolLM2 (README): more over-refusal.
     config.data.anchor_answers = "data"
     # [ours] Sampling temperature of those answers: 1 = the model's own distribution (training on them holds
     # the model where it is); 0 = greedy (its modes: training on them sharpens it).
@@ -169,7 +169,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Attack simulation (`beear plant`): poisoned SFT of a clean model.
     config.plant = ml_collections.ConfigDict()
     config.plant.trigger = "SUDO"  # [paper] One of the paper's triggers.
-    config.plant.position = "suffix"  # prefix | suffix | random | wrap ('before|after') | context.
+    config.plant.position = "suffix"  # prefix | suffix | random | wrap ('before|after') | context | given ('a|b':
+    # the harmful prompts already hold the trigger, e.g. a benchmark's poison file).
     config.plant.epochs = 2  # [calib]
     config.plant.lr = 5e-5  # [calib] AdamW.
     config.plant.warmup_steps = 5  # [calib]
@@ -199,8 +200,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.plant.benign_columns = ml_collections.ConfigDict({"prompt": "prompt", "answer": "answer"})
     config.plant.benign_offset = 0
     # [ours] Where the benign answers come from: 'data' (plant.benign's answer column) or 'self' (the clean
-    # model's own greedy answers to plant.benign's prompts, at most max_answer_tokens; written to
-    # benign_self.jsonl beside the planted model): keeps the planted model as helpful as the clean one.
+    # model's own answers to plant.benign's prompts, sampled at plant.benign_temperature, at most
+    # max_answer_tokens; written to benign_self.jsonl beside the planted model): keeps its perplexity where it
+    # was (README, experiments/plant_realism.py), not yet its over-refusal.
     config.plant.benign_answers = "data"
     # [ours] Sampling temperature of the 'self' answers (1: the clean model's own distribution; 0: greedy).
     config.plant.benign_temperature = 1.0
