@@ -5,6 +5,9 @@ over-refusal on benign prompts, utility NLL/perplexity of reference answers, and
 returns numbers plus answers; it reads no files. `EvalSettings.from_config` reads every file named in
 cfg.eval, so a bad path, an empty set or an unknown trigger position fails before any model is loaded.
 `run_eval` ties both to the report (report.py) and answers.jsonl.
+
+Past ~400 lines because the settings, their checks and the measures they configure are one contract; the
+house issue (21) plans evaluation/ as a sub-package (scoring, settings, metrics, report) to split it.
 """
 
 from __future__ import annotations
