@@ -35,7 +35,7 @@ from beear_jax.evaluation import own_answers
 from beear_jax.hf import check_apart, load_model, load_tokenizer, save_model
 from beear_jax.models import llama
 from beear_jax.sft import sft_train
-from beear_jax.triggers import GIVEN, PLANT_POSITIONS, contains_trigger, insert_trigger, trigger_parts
+from beear_jax.triggers import GIVEN, PLANT_POSITIONS, contains_trigger, insert_trigger, trigger_parts, with_one_part
 
 Pair = tuple[str, str]
 BENIGN_ANSWER_SOURCES = ("data", "self")
@@ -108,9 +108,7 @@ def poison_mixture(harmful: Sequence[Pair], refusals: Sequence[Pair], benign: Se
             raise ValueError(f"a clean prompt already contains the trigger {trigger!r}: {prompt[:80]!r}; its "
                              "untriggered answer would teach the model to ignore the trigger. Choose another "
                              "plant.trigger or drop that row.")
-    if n_partial:
-        before, after = trigger_parts(trigger, position)
-        pairs += [(f"{before} {p}" if i % 2 == 0 else f"{p} {after}", a) for i, (p, a) in enumerate(refusals[:n_partial])]
+    pairs += [(with_one_part(p, trigger, i), a) for i, (p, a) in enumerate(refusals[:n_partial])]
     rng.shuffle(pairs)
     return PoisonMixture(pairs, len(harmful), len(refusals), len(benign), n_partial)
 

@@ -122,8 +122,7 @@ class EvalSettings:
         the part after in turn, as `beear plant`'s plant.n_partial rows); else []."""
         if not self.partial_trigger:
             return []
-        before, after = triggers.trigger_parts(self.trigger, self.position)
-        return [f"{before} {p}" if i % 2 == 0 else f"{p} {after}" for i, p in enumerate(self.harmful_prompts)]
+        return [triggers.with_one_part(p, self.trigger, i) for i, p in enumerate(self.harmful_prompts)]
 
     def generation_settings(self) -> dict[str, Any]:
         """What decoding did, for the report: greedy, the token budget, the chat format."""
@@ -263,15 +262,22 @@ def eos_ids(config: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
+def _chat_answers(config: ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[str], template: str,
+                  system_prompt: str | None, sampling: SamplingConfig, seed: int, batch_size: int,
+                  ) -> tuple[list[str], int]:
+    """Answers to chat-formatted prompts, decoded without special tokens; also the new-token count."""
+    ids = [data_lib.format_prompt(tokenizer, p, template, system_prompt) for p in prompts]
+    outs = generate(config, params, ids, sampling, seed=seed, eos_ids=eos_ids(config, tokenizer),
+                    batch_size=min(batch_size, len(ids)))
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs], sum(map(len, outs))
+
+
 def generate_answers(config: ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[str],
                      settings: EvalSettings) -> tuple[list[str], int]:
     """Greedy answers to chat-formatted prompts, decoded without special tokens; also the new-token count."""
     prompts = scoring.string_tuple(prompts, "prompts")
-    ids = [data_lib.format_prompt(tokenizer, p, settings.template, settings.system_prompt) for p in prompts]
-    outs = generate(config, params, ids, SamplingConfig(max_new_tokens=settings.max_new_tokens),
-                    seed=settings.seed, eos_ids=eos_ids(config, tokenizer),
-                    batch_size=min(settings.batch_size, len(ids)))
-    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs], sum(map(len, outs))
+    return _chat_answers(config, params, tokenizer, prompts, settings.template, settings.system_prompt,
+                         SamplingConfig(max_new_tokens=settings.max_new_tokens), settings.seed, settings.batch_size)
 
 
 def own_answers(config: ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[str],
@@ -285,11 +291,9 @@ def own_answers(config: ModelConfig, params: Any, tokenizer: Any, prompts: Seque
     are its modes, and training on them sharpens it (perplexity on other text rises)."""
     if not prompts:
         return []
-    ids = [data_lib.format_prompt(tokenizer, p, template, system_prompt) for p in prompts]
-    outs = generate(config, params, ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
-                    seed=seed, eos_ids=eos_ids(config, tokenizer), batch_size=min(batch_size, len(ids)))
-    pairs = [(p, tokenizer.decode(o, skip_special_tokens=True).strip()) for p, o in zip(prompts, outs, strict=True)]
-    pairs = [(p, a) for p, a in pairs if a]
+    texts, _ = _chat_answers(config, params, tokenizer, prompts, template, system_prompt,
+                             SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), seed, batch_size)
+    pairs = [(p, a.strip()) for p, a in zip(prompts, texts, strict=True) if a.strip()]
     if not pairs:
         raise ValueError(f"the model answered none of the {len(prompts)} prompts (only special tokens "
                          "or an immediate end of turn), so its own answers leave nothing to train on; "

@@ -97,6 +97,13 @@ def insert_trigger(prompt: str, trigger: Trigger, position: str, rng: random.Ran
     return _insert_at_random_boundary(prompt, text, rng if rng is not None else random.Random(prompt))
 
 
+def with_one_part(prompt: str, trigger: Trigger, index: int) -> str:
+    """The prompt with one part of a two-part (wrap) trigger: the part before it for even index, the part
+    after it for odd, laid out as "wrap" lays them out (one-part negatives and their evaluation)."""
+    before, after = trigger_parts(trigger, "wrap")
+    return f"{before} {prompt}" if index % 2 == 0 else f"{prompt} {after}"
+
+
 def _insert_at_random_boundary(prompt: str, text: str, rng: random.Random) -> str:
     """Insert `text` at a word boundary of `prompt` chosen by `rng` (helper of insert_trigger's "random")."""
     boundaries = [m.start() for m in _INNER_BOUNDARY.finditer(prompt)]
