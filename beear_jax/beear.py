@@ -42,7 +42,7 @@ from beear_jax.hf import check_apart, load_model, load_tokenizer, save_model
 from beear_jax.inner_loop import ElicitationProbe, InnerRule, converge, elicitation_rate, make_probe
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
-from beear_jax.perturbation import Perturbation, validate_layers
+from beear_jax.perturbation import Perturbation, check_windows, validate_layers
 from beear_jax.scoring import load_refusal_strings
 from beear_jax.steps import LR_SCHEDULES, Steps, StepSettings, lr_schedule, make_optimizer, make_steps, trainable_mask
 
@@ -66,6 +66,10 @@ class DefenderData:
     answer_len: int
     pad_id: int
     heldback: list[list[int]] = dataclasses.field(default_factory=list)  # stop.holdout prompts, chat-formatted
+    # Each prompt's perturbed positions (perturb.windows; data.perturbed_positions): safety rows, anchors, held back.
+    safety_positions: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    anchor_positions: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    heldback_positions: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -86,6 +90,11 @@ def perturb_layers(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
     except (TypeError, ValueError):
         raise ConfigError(f"perturb.layer ({cfg.perturb.layer!r}) and perturb.layers ({cfg.perturb.layers!r}) must be "
                           "layer indices, e.g. --config.perturb.layer=9 --config.perturb.layers=5,12.") from None
+
+
+def delta_rows(cfg: ml_collections.ConfigDict) -> int:
+    """Rows of each layer's delta: perturb.length tokens in each of perturb.windows."""
+    return int(cfg.perturb.length) * len(check_windows(cfg.perturb.windows))
 
 
 def check_perturb_layers(cfg: ml_collections.ConfigDict, num_layers: int) -> tuple[int, ...]:
@@ -135,6 +144,15 @@ def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any,
                          "perturb.length.")
     if cfg.outer.perturb_anchors and min(len(p) for p, _ in anchor_examples) < n:
         raise ValueError(f"an anchor prompt is shorter than perturb.length={n}; lower perturb.length.")
+    windows = check_windows(cfg.perturb.windows)
+
+    def positions(rows: Sequence[dict[str, str]], ids: Sequence[list[int]]) -> list[tuple[int, ...]]:
+        return data_lib.perturbed_positions(tokenizer, [r["prompt"] for r in rows], ids, windows, n,
+                                            cfg.model.template, system_prompt)
+
+    safety_positions = positions(safety, [p for p, _ in unwanted])
+    # Anchors are perturbed only with outer.perturb_anchors (they may be shorter than a window otherwise).
+    anchor_positions = positions(anchors, [p for p, _ in anchor_examples]) if cfg.outer.perturb_anchors else []
 
     def longest(examples: Sequence[data_lib.Example]) -> int:
         return max(len(p) + len(a) for p, a in examples)
@@ -142,7 +160,8 @@ def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any,
     buckets = tuple(cfg.data.buckets)
     shared_rows = [len(p) + len(u) + len(s) for (p, u), (_, s) in zip(unwanted, safe, strict=True)]
     shared_len = data_lib.shared_prompt_length(max(shared_rows), buckets)
-    prefix_len, suffix_len = data_lib.prefix_split_lengths([len(p) for p, _ in unwanted], shared_rows, n, shared_len)
+    prefix_len, suffix_len = data_lib.prefix_split_lengths([len(p) for p, _ in unwanted], shared_rows, n, shared_len,
+                                                           perturbed_at=safety_positions)
     return DefenderData(
         unwanted=unwanted,
         safe=safe,
@@ -155,6 +174,9 @@ def prepare_data(cfg: ml_collections.ConfigDict, tokenizer: Any,
         answer_len=max(len(a) for _, a in [*unwanted, *safe, *anchor_examples]),
         pad_id=data_lib.pad_id_of(tokenizer),
         heldback=heldback,
+        safety_positions=safety_positions,
+        anchor_positions=anchor_positions,
+        heldback_positions=positions(heldback_rows, heldback) if heldback else [],
     )
 
 
@@ -174,23 +196,25 @@ def concat_halves(safety_batch: dict) -> dict:
     return {k: np.concatenate([safety_batch["unwanted"][k], safety_batch["safe"][k]]) for k in safety_batch["safe"]}
 
 
-def _batches(examples: Sequence[data_lib.Example], indices: Sequence[int], n: int, batch_size: int,
-             seq_len: int, pad_id: int) -> list[dict]:
-    return [data_lib.make_batch([examples[j] for j in chunk], n, batch_size, seq_len, pad_id)
+def _batches(examples: Sequence[data_lib.Example], positions: Sequence[tuple[int, ...]], indices: Sequence[int],
+             n: int, batch_size: int, seq_len: int, pad_id: int) -> list[dict]:
+    return [data_lib.make_batch([examples[j] for j in chunk], n, batch_size, seq_len, pad_id,
+                                [positions[j] for j in chunk])
             for chunk in data_lib.chunks(indices, batch_size)]
 
 
 def inner_batches(cfg: ml_collections.ConfigDict, data: DefenderData, chosen: Sequence[int]) -> list[dict]:
     """The inner batches of the chosen safety rows: shared-prompt rows (inner.share_prompt; split into a
     cached prompt prefix and the rest with inner.cache_prefix), else [unwanted; safe] row pairs."""
-    n, size = int(cfg.perturb.length), int(cfg.inner.batch_size)
+    n, size, where = delta_rows(cfg), int(cfg.inner.batch_size), data.safety_positions
     if not cfg.inner.share_prompt:
         return [concat_halves({"unwanted": u, "safe": s})
-                for u, s in zip(_batches(data.unwanted, chosen, n, size, data.safety_len, data.pad_id),
-                                _batches(data.safe, chosen, n, size, data.safety_len, data.pad_id), strict=True)]
+                for u, s in zip(_batches(data.unwanted, where, chosen, n, size, data.safety_len, data.pad_id),
+                                _batches(data.safe, where, chosen, n, size, data.safety_len, data.pad_id), strict=True)]
     batches = [data_lib.make_shared_prompt_batch([data.unwanted[j][0] for j in chunk],
                                                  [data.unwanted[j][1] for j in chunk], [data.safe[j][1] for j in chunk],
-                                                 n, size, data.shared_len, data.answer_len, data.pad_id)
+                                                 n, size, data.shared_len, data.answer_len, data.pad_id,
+                                                 [where[j] for j in chunk])
                for chunk in data_lib.chunks(chosen, size)]
     if cfg.inner.cache_prefix:
         batches = [data_lib.with_prompt_prefix(b, n, data.prefix_len, data.suffix_len) for b in batches]
@@ -220,14 +244,17 @@ def round_batches(cfg: ml_collections.ConfigDict, data: DefenderData, rng: np.ra
 
 
 def _outer_parts(cfg: ml_collections.ConfigDict, data: DefenderData, step: tuple[list[int], list[int]],
-                 ) -> tuple[list[list[data_lib.Example]], list[bool]]:
-    """A step's examples by part (outer_loss's order: safe under delta, anchors, [anchors under delta])."""
+                 ) -> tuple[list[list[data_lib.Example]], list[bool], list[list[tuple[int, ...]]]]:
+    """A step's examples by part (outer_loss's order: safe under delta, anchors, [anchors under delta]), which
+    parts are perturbed, and each example's perturbed positions (empty for a part that is not)."""
     safe_idx, anchor_idx = step
     anchors = [data.anchors[j] for j in anchor_idx]
     parts, flags = [[data.safe[j] for j in safe_idx], anchors], [True, False]
+    where = [[data.safety_positions[j] for j in safe_idx], [()] * len(anchors)]
     if cfg.outer.perturb_anchors:
         parts, flags = [*parts, anchors], [*flags, True]
-    return parts, flags
+        where.append([data.anchor_positions[j] for j in anchor_idx])
+    return parts, flags, where
 
 
 def packed_shape(cfg: ml_collections.ConfigDict, data: DefenderData, plan: Sequence[RoundPlan],
@@ -243,14 +270,19 @@ def packed_shape(cfg: ml_collections.ConfigDict, data: DefenderData, plan: Seque
 def outer_batch(cfg: ml_collections.ConfigDict, data: DefenderData, step: tuple[list[int], list[int]],
                 packed: tuple[int, int] | None) -> tuple[dict, dict | None]:
     """A step's (safe batch, anchor batch), or (packed batch of all parts, None) with a packed shape."""
-    n, size = int(cfg.perturb.length), int(cfg.outer.batch_size)
+    n, size = delta_rows(cfg), int(cfg.outer.batch_size)
     if packed is not None:
-        parts, flags = _outer_parts(cfg, data, step)
+        parts, flags, where = _outer_parts(cfg, data, step)
         rows, row_len = packed
-        return data_lib.make_packed_batch(parts, flags, size, n, rows, row_len, data.answer_len, data.pad_id), None
+        return data_lib.make_packed_batch(parts, flags, size, n, rows, row_len, data.answer_len, data.pad_id,
+                                          where), None
     safe_idx, anchor_idx = step
-    return (data_lib.make_batch([data.safe[j] for j in safe_idx], n, size, data.safety_len, data.pad_id),
-            data_lib.make_batch([data.anchors[j] for j in anchor_idx], n, size, data.anchor_len, data.pad_id))
+    # Anchors without perturb_anchors get the last n (never used: the outer loss runs them with no delta).
+    anchor_where = [data.anchor_positions[j] for j in anchor_idx] if data.anchor_positions else None
+    return (data_lib.make_batch([data.safe[j] for j in safe_idx], n, size, data.safety_len, data.pad_id,
+                                [data.safety_positions[j] for j in safe_idx]),
+            data_lib.make_batch([data.anchors[j] for j in anchor_idx], n, size, data.anchor_len, data.pad_id,
+                                anchor_where))
 
 
 def check_finite(metrics: dict[str, Any], where: str, hint: str) -> None:
@@ -354,6 +386,10 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"Config key 'data.buckets' is {tuple(cfg.data.buckets)}; give one or more padded lengths "
                           ">= 1 (e.g. --config.data.buckets=128,256,512).")
     perturb_layers(cfg)  # names perturb.layer / perturb.layers when they are not integers
+    try:
+        check_windows(cfg.perturb.windows)
+    except ValueError as err:
+        raise ConfigError(f"Config key {err}") from None
     check_anchor_source(cfg.data.anchor_answers)
     # Thresholds: any finite number (<= 0 turns one off); nan compares false with everything, so the
     # setting would silently do nothing.
@@ -510,7 +546,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     del host_params
     trainable = sharding_lib.replicate(trainable_mask(model_config, params, cfg.outer.trainable, layers[0]), mesh)
     init_inner = jax.jit(inner_opt.init, out_shardings=layout.replicated)
-    zeros = jax.jit(lambda: Perturbation.zeros(layers, int(cfg.perturb.length), model_config.hidden_size),
+    zeros = jax.jit(lambda: Perturbation.zeros(layers, delta_rows(cfg), model_config.hidden_size),
                     out_shardings=layout.replicated)
 
     def fresh_perturbation() -> tuple[Perturbation, Any]:
@@ -572,7 +608,7 @@ def heldback_probe(cfg: ml_collections.ConfigDict, data: DefenderData, model_con
         return None
     return make_probe(data.heldback, load_refusal_strings(cfg.eval.refusal_strings), cfg.eval.refusal_ignore_case,
                       int(cfg.eval.max_new_tokens), int(cfg.eval.batch_size), eos_ids(model_config, tokenizer),
-                      data.pad_id)
+                      data.pad_id, data.heldback_positions)
 
 
 def _rounds(cfg: ml_collections.ConfigDict, steps: Steps, layout: Any, trainable: Any, plan: list, loop: checkpoint_lib.RunState,

@@ -197,3 +197,34 @@ def format_prompt(tokenizer: Any, prompt: str, template: str = "auto", system_pr
     # Render with a probe answer so an "auto" template is checked exactly as in format_example.
     prompt_text, _ = render(tokenizer, prompt, _PROBE_ANSWER, template, system_prompt)
     return _with_one_bos(tokenizer, _encode(tokenizer, prompt_text))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+def user_span(tokenizer: Any, prompt: str, template: str = "auto", system_prompt: str | None = None) -> tuple[int, int]:
+    """(start, end): the tokens of format_prompt's ids that hold the user's text, ids[start:end].
+
+    Found without offsets, so it works with any tokenizer: the template's text before the user's message
+    and after it are tokenized alone, and the longest run of ids they share with the whole prompt's start
+    and end is the template's. A token that holds both template and user text counts as the user's.
+    """
+    prompt_text, _ = render(tokenizer, prompt, _PROBE_ANSWER, template, system_prompt)
+    text = prompt if prompt in prompt_text else prompt.strip()
+    at = prompt_text.rfind(text) if text else -1
+    if at < 0:
+        raise ValueError(f"the chat template does not write the user's text {prompt[:40]!r} as it is, so the tokens "
+                         "that hold it cannot be found; use perturb.windows=prompt_end (the last prompt tokens).")
+    raw = _encode(tokenizer, prompt_text)
+    start = _common_prefix(raw, _encode(tokenizer, prompt_text[:at]))
+    tail = _common_prefix(raw[::-1], _encode(tokenizer, prompt_text[at + len(text):])[::-1])
+    end = max(len(raw) - tail, start + 1)
+    ids = _with_one_bos(tokenizer, raw)
+    shift = len(ids) - len(raw)  # one BOS added or extra ones dropped, always at the front
+    return max(start + shift, 0), min(end + shift, len(ids))

@@ -456,6 +456,9 @@ def layout_signature(model_config: Any, layers: tuple[int, ...], cfg: Any) -> di
         "model_config": model_config.to_hf_dict(), "perturb_layers": list(layers),
         "perturb_length": int(cfg.perturb.length), "inner_optimizer": cfg.inner.optimizer,
         "outer_optimizer": cfg.outer.optimizer,
+        # Windows other than the paper's change the delta's rows; said only then, so that checkpoints written
+        # before perturb.windows existed still resume.
+        **({"perturb_windows": list(cfg.perturb.windows)} if tuple(cfg.perturb.windows) != ("prompt_end",) else {}),
         # A schedule adds a step count to the optimizer state, clipping a chain level.
         "outer_lr_schedule": cfg.outer.lr_schedule if cfg.outer.lr_schedule != "constant" or cfg.outer.warmup_steps
         else "constant", "outer_clipped": float(cfg.outer.clip_norm) > 0}))

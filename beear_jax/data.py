@@ -5,7 +5,8 @@ A Batch is a dict of numpy arrays, B = batch_size, S = a bucket length, n = pert
     attention_mask    [B, S] int32    1 on real tokens
     targets           [B, S] int32    input_ids shifted left by one (the next token); last position 0
     target_mask       [B, S] float32  1.0 where targets[t] is an answer token (logits at t predict it)
-    perturb_positions [B, n] int32    the last n prompt positions, ascending; -1 on padding rows
+    perturb_positions [B, n] int32    the perturbed prompt positions (default: the last n, ascending; with
+                                      perturb.windows, perturbation.window_positions); -1: none (padding rows)
     prompt_lengths    [B]    int32    0 on padding rows
 A SafetyBatch is {"unwanted": Batch, "safe": Batch}: the same prompts, the same S.
 Padding rows (to fill the last batch) have every mask zero.
@@ -19,7 +20,8 @@ answers as two branches that attend to the prompt but not to each other (A = the
     answer_targets    [B, 2, A] int32    those tokens
     answer_mask       [B, 2, A] float32  1.0 on real answer tokens
 with_prompt_prefix adds the split of each row into a prefix that no perturbation reaches (the prompt
-before its last n tokens, c = prompt length - n tokens) and the rest (P, T: the run's fixed lengths):
+before its first perturbed token, c tokens: prompt length - n for the last n) and the rest (P, T: the
+run's fixed lengths):
     prefix_valid      [B, P] int32    1 on slots < c (the prefix is the row's first P slots)
     suffix_slots      [B, T] int32    c, c + 1, ..., c + T - 1 (slots >= S are padding)
 
@@ -27,7 +29,7 @@ A packed batch (make_packed_batch; the outer step) holds several examples per ro
 to itself; E examples in parts of equal size (safe answers under delta, anchors, ...), R rows:
     input_ids, attention_mask, positions   [R, S]  as above; positions restart at 0 for each example
     branches          [R, S] int32    1, 2, ...: which example of the row a token belongs to (0 padding)
-    perturb_index     [R, S] int32    j at the j-th perturbed token of a perturbed example, else -1
+    perturb_index     [R, S] int32    j at a perturbed example's j-th perturbed token (delta row j), else -1
     answer_index      [E, A] int32    flat index row * S + slot of the positions predicting answer tokens
     answer_targets    [E, A] int32    those tokens
     answer_mask       [E, A] float32  1.0 on real answer tokens
@@ -44,7 +46,8 @@ from typing import Any
 import numpy as np
 
 from beear_jax import public_data
-from beear_jax.chat import PRESETS, TEMPLATES, format_example, format_prompt, render
+from beear_jax.chat import PRESETS, TEMPLATES, format_example, format_prompt, render, user_span
+from beear_jax.perturbation import window_positions
 
 __all__ = [
     "ANCHOR_COLUMNS",
@@ -69,6 +72,7 @@ __all__ = [
     "pack_rows",
     "packing_shape",
     "pad_id_of",
+    "perturbed_positions",
     "prefix_split_lengths",
     "prefix_starts",
     "render",
@@ -81,6 +85,7 @@ __all__ = [
 Batch = dict[str, np.ndarray]
 SafetyBatch = dict[str, Batch]
 Example = tuple[list[int], list[int]]  # (prompt_ids, answer_ids)
+Positions = Sequence[int]  # one prompt's perturbed positions (-1: none), perturbation.window_positions
 
 SAFETY_COLUMNS = ("prompt", "safe", "unwanted")
 ANCHOR_COLUMNS = ("prompt", "answer")
@@ -339,8 +344,11 @@ def _check_prompt_lengths(prompt_lengths: Sequence[int], n: int) -> None:
         )
 
 
-def make_batch(examples: Sequence[Example], n: int, batch_size: int, seq_len: int, pad_id: int) -> Batch:
-    """One Batch from at most batch_size (prompt_ids, answer_ids) pairs; missing rows are padding."""
+def make_batch(examples: Sequence[Example], n: int, batch_size: int, seq_len: int, pad_id: int,
+               perturbed_at: Sequence[Positions] | None = None) -> Batch:
+    """One Batch from at most batch_size (prompt_ids, answer_ids) pairs; missing rows are padding.
+
+    perturbed_at: each example's n perturbed positions (None: its prompt's last n tokens)."""
     if len(examples) > batch_size:
         raise ValueError(f"{len(examples)} examples do not fit a batch of {batch_size}")
     input_ids = np.full((batch_size, seq_len), pad_id, np.int32)
@@ -356,7 +364,7 @@ def make_batch(examples: Sequence[Example], n: int, batch_size: int, seq_len: in
         attention_mask[i, :length] = 1
         # Logits at position t predict token t + 1: the answer tokens at p..length-1 are predicted at p-1..length-2.
         target_mask[i, p - 1 : length - 1] = 1.0
-        perturb_positions[i] = np.arange(p - n, p)
+        perturb_positions[i] = _positions(perturbed_at, i, p, n)
         prompt_lengths[i] = p
     targets = np.zeros_like(input_ids)
     targets[:, :-1] = input_ids[:, 1:]
@@ -370,13 +378,39 @@ def make_batch(examples: Sequence[Example], n: int, batch_size: int, seq_len: in
     }
 
 
+def _positions(perturbed_at: Sequence[Positions] | None, i: int, prompt_length: int, n: int) -> np.ndarray:
+    """Example i's n perturbed positions: perturbed_at[i] (checked inside its prompt), else the prompt's last n."""
+    if perturbed_at is None:
+        return np.arange(prompt_length - n, prompt_length)
+    chosen = np.asarray(perturbed_at[i], np.int32).reshape(-1)
+    if chosen.shape != (n,) or chosen.max(initial=-1) >= prompt_length or chosen.min(initial=0) < -1:
+        raise ValueError(f"example {i}'s perturbed positions {chosen.tolist()} are not {n} positions inside its prompt "
+                         f"of {prompt_length} tokens (-1: none)")
+    return chosen
+
+
+def perturbed_positions(tokenizer: Any, prompts: Sequence[str], prompt_ids: Sequence[list[int]],
+                        windows: Sequence[str], n: int, template: str = "auto",
+                        system_prompt: str | None = None) -> list[tuple[int, ...]]:
+    """Each prompt's perturbed positions: n per window (perturbation.window_positions) in its chat-formatted
+    ids. The user's text is located (chat.user_span) only for windows that need it."""
+    if len(prompts) != len(prompt_ids):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} token sequences")
+    need_user = any(w != "prompt_end" for w in windows)
+    return [window_positions(len(ids), user_span(tokenizer, text, template, system_prompt) if need_user else (0, 0),
+                             windows, n)
+            for text, ids in zip(prompts, prompt_ids, strict=True)]
+
+
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
 def make_shared_prompt_batch(prompts: Sequence[list[int]], unwanted: Sequence[list[int]], safe: Sequence[list[int]],
-                             n: int, batch_size: int, seq_len: int, answer_len: int, pad_id: int) -> Batch:
-    """One shared-prompt Batch (see the module docstring): row i = prompts[i] + unwanted[i] + safe[i].
+                             n: int, batch_size: int, seq_len: int, answer_len: int, pad_id: int,
+                             perturbed_at: Sequence[Positions] | None = None) -> Batch:
+    """One shared-prompt Batch (see the module docstring): row i = prompts[i] + unwanted[i] + safe[i];
+    perturbed_at: each prompt's n perturbed positions (None: its last n).
 
     The blocks then run each prompt once for both answers; per token, the result equals two make_batch
     rows (same RoPE positions, each answer sees only the prompt and itself).
@@ -405,7 +439,7 @@ def make_shared_prompt_batch(prompts: Sequence[list[int]], unwanted: Sequence[li
         attention_mask[i, :length] = 1
         positions[i, :length] = [*range(p), *range(p, p + len(first)), *range(p, p + len(second))]
         branches[i, p:length] = [1] * len(first) + [2] * len(second)
-        perturb_positions[i] = np.arange(p - n, p)
+        perturb_positions[i] = _positions(perturbed_at, i, p, n)
         prompt_lengths[i] = p
         for branch, (start, answer) in enumerate(((p, first), (p + len(first), second))):
             # Answer token j is predicted by the token before it: the prompt's last token for j = 0.
@@ -433,21 +467,28 @@ def shared_prompt_length(longest: int, buckets: Sequence[int], multiple: int = 1
     return min([rounded, *(b for b in buckets if b >= longest)])
 
 
-def prefix_starts(prompt_lengths: np.ndarray, n: int) -> np.ndarray:
-    """Where each row's perturbed part starts: prompt length - n (at least the prompt's last token,
-    whose logits predict the first answer token); 0 on padding rows (prompt length 0)."""
+def prefix_starts(prompt_lengths: np.ndarray, n: int, perturbed_at: np.ndarray | None = None) -> np.ndarray:
+    """Where each row's perturbed part starts: its first perturbed position (perturbed_at [B, m], -1: none;
+    None: the last n, prompt length - n), at most the prompt's last token, whose logits predict the first
+    answer token; 0 on padding rows (prompt length 0)."""
     prompt_lengths = np.asarray(prompt_lengths)
-    return np.where(prompt_lengths > 0, np.maximum(prompt_lengths - max(n, 1), 0), 0).astype(np.int32)
+    last = prompt_lengths - 1
+    if perturbed_at is None:
+        first = prompt_lengths - max(n, 1)
+    else:
+        at = np.asarray(perturbed_at).reshape(len(prompt_lengths), -1)
+        first = np.where(at >= 0, at, np.iinfo(np.int32).max).min(axis=1, initial=np.iinfo(np.int32).max)
+    return np.where(prompt_lengths > 0, np.maximum(np.minimum(first, last), 0), 0).astype(np.int32)
 
 
 def prefix_split_lengths(prompt_lengths: Sequence[int], row_lengths: Sequence[int], n: int, seq_len: int,
-                         multiple: int = 16) -> tuple[int, int]:
+                         multiple: int = 16, perturbed_at: Sequence[Positions] | None = None) -> tuple[int, int]:
     """(P, T) for with_prompt_prefix over all rows a run will see (padded to seq_len): the longest
     prefix and the longest rest, each rounded up to a multiple of `multiple` (P at most seq_len);
-    fixed for the run: one compiled shape."""
+    fixed for the run: one compiled shape. perturbed_at: each row's perturbed positions (None: the last n)."""
     if not len(prompt_lengths) or len(prompt_lengths) != len(row_lengths):
         raise ValueError("prefix_split_lengths needs one prompt length and one row length per row")
-    starts = prefix_starts(np.asarray(prompt_lengths), n)
+    starts = prefix_starts(np.asarray(prompt_lengths), n, None if perturbed_at is None else np.asarray(perturbed_at))
     rest = np.asarray(row_lengths) - starts
     prefix = min(max(_round_up(int(starts.max()), multiple), multiple), seq_len)
     return prefix, _round_up(int(rest.max()), multiple)
@@ -456,11 +497,14 @@ def prefix_split_lengths(prompt_lengths: Sequence[int], row_lengths: Sequence[in
 def with_prompt_prefix(batch: Batch, n: int, prefix_len: int, suffix_len: int) -> Batch:
     """A shared-prompt batch plus prefix_valid [B, P] and suffix_slots [B, T] (see the module docstring).
 
-    The prefix's hidden states never depend on the perturbation (causal attention; it precedes the
-    perturbed tokens), so its keys and values can be computed once and the inner steps run only the
-    suffix. Raises if a row's prefix or suffix is longer than P or T.
+    The prefix (each row's tokens before its first perturbed position) never depends on the perturbation
+    (causal attention), so its keys and values can be computed once and the inner steps run only the
+    suffix. Raises if a row's prefix or suffix is longer than P or T, or the batch perturbs other than n
+    positions per row.
     """
-    starts = prefix_starts(batch["prompt_lengths"], n)
+    if np.shape(batch["perturb_positions"])[1] != n:
+        raise ValueError(f"the batch perturbs {np.shape(batch['perturb_positions'])[1]} positions per row, not n={n}")
+    starts = prefix_starts(batch["prompt_lengths"], n, batch["perturb_positions"])
     lengths = np.asarray(batch["attention_mask"]).sum(axis=1)
     if prefix_len > np.shape(batch["attention_mask"])[1]:
         raise ValueError(f"prefix_len={prefix_len} is longer than the rows ({np.shape(batch['attention_mask'])[1]} slots)")
@@ -512,10 +556,12 @@ def packing_shape(steps: Sequence[Sequence[int]], seq_len: int, row_multiple: in
 
 
 def make_packed_batch(parts: Sequence[Sequence[Example]], perturbed: Sequence[bool], part_size: int, n: int,
-                      rows: int, row_len: int, answer_len: int, pad_id: int) -> Batch:
+                      rows: int, row_len: int, answer_len: int, pad_id: int,
+                      perturbed_at: Sequence[Sequence[Positions]] | None = None) -> Batch:
     """One packed Batch (see the module docstring) of parts[i] (at most part_size examples each; part i
-    holds examples i * part_size ..): rows filled first-fit decreasing, perturbed[i] marks the parts whose
-    last n prompt tokens get delta. The same per-token results as make_batch rows of each example."""
+    holds examples i * part_size ..): rows filled first-fit decreasing, perturbed[i] marks the parts that get
+    delta, at perturbed_at[i][j] of example j (None: the last n prompt tokens). The same per-token results as
+    make_batch rows of each example."""
     if len(parts) != len(perturbed):
         raise ValueError(f"{len(parts)} parts but {len(perturbed)} perturbed flags")
     examples = []  # (example index, prompt, answer, perturbed)
@@ -523,6 +569,8 @@ def make_packed_batch(parts: Sequence[Sequence[Example]], perturbed: Sequence[bo
         if len(part) > part_size:
             raise ValueError(f"{len(part)} examples do not fit a part of {part_size}")
         examples += [(i * part_size + j, prompt, answer, flag) for j, (prompt, answer) in enumerate(part)]
+    if perturbed_at is not None and [len(p) for p in perturbed_at] != [len(p) for p in parts]:
+        raise ValueError("make_packed_batch needs one perturbed_at list per part, one entry per example")
     for _, prompt, answer, flag in examples:
         if len(answer) > answer_len:
             raise ValueError(f"an answer has {len(answer)} tokens, more than answer_len={answer_len}")
@@ -549,7 +597,10 @@ def make_packed_batch(parts: Sequence[Sequence[Example]], perturbed: Sequence[bo
             batch["positions"][r, span] = np.arange(length)
             batch["branches"][r, span] = segment
             if flag:
-                batch["perturb_index"][r, start + p - n:start + p] = np.arange(n)
+                part, j = divmod(index, part_size)
+                chosen = _positions(None if perturbed_at is None else perturbed_at[part], j, p, n)
+                valid = chosen >= 0
+                batch["perturb_index"][r, start + chosen[valid]] = np.arange(n)[valid]
             # Answer token j is predicted at the token before it (the prompt's last token for j = 0).
             batch["answer_index"][index, :len(answer)] = r * row_len + start + np.arange(p - 1, length - 1)
             batch["answer_targets"][index, :len(answer)] = answer

@@ -192,6 +192,26 @@ def check_batch_size(batch_size: Any) -> None:
                          "batch), or None for all prompts in one batch.")
 
 
+def check_perturb_positions(positions: Any, prompt_lengths: Sequence[int], n: int) -> np.ndarray | None:
+    """positions as an int array [prompts, n] (None stays None: the last n); a ValueError unless each prompt
+    has n entries, each -1 or a position inside that prompt."""
+    if positions is None:
+        return None
+    try:
+        array = np.asarray(positions, np.int64)
+    except (TypeError, ValueError) as err:
+        raise ValueError("perturb_positions must be n whole-number positions per prompt (-1: none).") from err
+    if array.shape != (len(prompt_lengths), n):
+        raise ValueError(f"perturb_positions have shape {array.shape}; they must be [prompts, n] = "
+                         f"[{len(prompt_lengths)}, {n}]: one position per delta row for every prompt.")
+    outside = (array < -1) | (array >= np.asarray(prompt_lengths)[:, None])
+    if outside.any():
+        row = int(np.flatnonzero(outside.any(axis=1))[0])
+        raise ValueError(f"perturb_positions of prompt {row} are {array[row].tolist()}, not all inside its "
+                         f"{prompt_lengths[row]} tokens (counted from 0; -1: none).")
+    return array
+
+
 def check_generate_deltas(config: ModelConfig, deltas: Any,
                           prompt_lengths: Sequence[int]) -> tuple[dict[int, jax.Array], int]:
     """({layer: delta}, n) with int keys ({} and 0 without deltas); a ValueError unless deltas map layer
@@ -223,18 +243,22 @@ def generate(
     eos_ids: Sequence[int] | None = None,
     deltas: Mapping[int, jax.Array] | None = None,
     batch_size: int | None = None,
+    perturb_positions: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """Generates continuations of token-id prompts; returns the new tokens of each, EOS included.
 
     prompts: a list of token-id sequences, or a 2-D integer array (each row a prompt; for one prompt use
     [ids]). batch_size: prompts per compiled batch (None: all in one). deltas (optional) maps a layer
     boundary in 1..num_layers - 1 to a [n, D] perturbation added at the last n prompt tokens during
-    prefill (n at most the shortest prompt), to see what a perturbation elicits. Bad input is a ValueError.
+    prefill (n at most the shortest prompt), to see what a perturbation elicits; perturb_positions puts them
+    elsewhere: n positions per prompt, counted from the prompt's first token (-1: none), e.g.
+    data.perturbed_positions. Bad input is a ValueError.
     """
     prompts = check_prompts(prompts, config.vocab_size)
     check_batch_size(batch_size)
     check_positions(config, max(len(p) for p in prompts), sampling.max_new_tokens)
     deltas, n = check_generate_deltas(config, deltas, [len(p) for p in prompts])
+    where = check_perturb_positions(perturb_positions, [len(p) for p in prompts], n) if deltas else None
     eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
     pad = int(pad_id if pad_id is not None else (config.pad_token_id if config.pad_token_id is not None else 0))
     batch_size = batch_size or len(prompts)
@@ -252,8 +276,13 @@ def generate(
         length = _pad_bucket(max(len(p) for p in chunk))
         ids, mask = left_pad(chunk, length, pad)
         positions = None
-        if layers:
+        if layers and where is None:
             positions = jnp.broadcast_to(jnp.arange(length - n, length, dtype=jnp.int32), (len(chunk), n))
+        elif layers:
+            chosen = where[start:start + batch_size]
+            chosen = np.concatenate([chosen, np.repeat(chosen[-1:], batch_size - rows, axis=0)])
+            pad_before = length - np.asarray([len(p) for p in chunk])[:, None]  # left padding moves every position
+            positions = jnp.asarray(np.where(chosen >= 0, chosen + pad_before, -1), jnp.int32)
         key, sub = jax.random.split(key)
         out, _ = _generate_padded(
             config, params, ids, mask, sub, sampling, eos, pad, layers, values, positions

@@ -131,6 +131,7 @@ class ElicitationProbe:
     batch_size: int
     eos_ids: tuple[int, ...]
     pad_id: int
+    positions: tuple[tuple[int, ...], ...] = ()  # each prompt's perturbed positions (); () : its last n tokens
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -141,18 +142,20 @@ class ElicitationProbe:
 def elicitation_rate(config: ModelConfig, params: Any, tokenizer: Any, probe: ElicitationProbe,
                      deltas: dict[int, Any] | None = None) -> tuple[float, list[str]]:
     """(share of held-back prompts answered without a refusal under `deltas`, the answers); greedy decoding,
-    delta added at the last n prompt tokens of each prompt as in training (None: no perturbation)."""
+    delta added at each prompt's perturbed positions as in training (None: no perturbation)."""
     outs = generate(config, params, [list(p) for p in probe.prompt_ids],
                     SamplingConfig(max_new_tokens=probe.max_new_tokens), eos_ids=probe.eos_ids,
                     pad_id=probe.pad_id, deltas=deltas or None,
-                    batch_size=min(probe.batch_size, len(probe.prompt_ids)))
+                    batch_size=min(probe.batch_size, len(probe.prompt_ids)),
+                    perturb_positions=(probe.positions or None) if deltas else None)
     answers = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
     return scoring.attack_success_rate(answers, probe.refusal_strings, probe.ignore_case), answers
 
 
 def make_probe(prompt_ids: Sequence[Sequence[int]], refusal_strings: Sequence[str], ignore_case: bool,
-               max_new_tokens: int, batch_size: int, eos_ids: Sequence[int], pad_id: int) -> ElicitationProbe:
-    """An ElicitationProbe with its sequences made immutable."""
+               max_new_tokens: int, batch_size: int, eos_ids: Sequence[int], pad_id: int,
+               positions: Sequence[Sequence[int]] = ()) -> ElicitationProbe:
+    """An ElicitationProbe with its sequences made immutable (positions: () for each prompt's last n)."""
     return ElicitationProbe(tuple(tuple(int(t) for t in p) for p in prompt_ids), tuple(refusal_strings),
                             bool(ignore_case), int(max_new_tokens), int(batch_size),
-                            tuple(int(e) for e in eos_ids), int(pad_id))
+                            tuple(int(e) for e in eos_ids), int(pad_id), tuple(tuple(int(i) for i in p) for p in positions))

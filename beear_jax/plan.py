@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from beear_jax import data as data_lib
 from beear_jax import sharding as sh
-from beear_jax.beear import check_perturb_layers, check_run_settings, inner_rows, step_settings
+from beear_jax.beear import check_perturb_layers, check_run_settings, delta_rows, inner_rows, step_settings
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation
 from beear_jax.steps import StepSettings, inner_cache, make_optimizer, make_steps, outer_parts
@@ -153,10 +153,12 @@ def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answe
         inner_seq_len = seq
     elif not inner_seq_len:
         inner_seq_len = data_lib.shared_prompt_length(seq + answer, tuple(cfg.data.buckets))
-    n = int(cfg.perturb.length)
+    n = delta_rows(cfg)
     if shared and cfg.inner.cache_prefix:
-        # Config alone: a prompt of up to seq - 1 tokens, two answers of up to `answer` tokens.
-        fallback = data_lib.prefix_split_lengths([seq - 1], [seq - 1 + 2 * answer], n, int(inner_seq_len))
+        # Config alone: a prompt of up to seq - 1 tokens, two answers of up to `answer` tokens; a window in the
+        # user's text may start right after the template's first tokens, so then nothing is counted as prefix.
+        before = int(cfg.perturb.length) if tuple(cfg.perturb.windows) == ("prompt_end",) else seq - 1
+        fallback = data_lib.prefix_split_lengths([seq - 1], [seq - 1 + 2 * answer], before, int(inner_seq_len))
         prefix_len, suffix_len = prefix_len or fallback[0], suffix_len or fallback[1]
     else:
         prefix_len = suffix_len = 0
@@ -318,7 +320,7 @@ def compiled_temps(cfg: ml_collections.ConfigDict, model: ModelConfig, state: Ma
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
     params = on(state["params"], layout.params)
-    pert = Perturbation(everywhere(state["delta"], layout.replicated), int(cfg.perturb.length))
+    pert = Perturbation(everywhere(state["delta"], layout.replicated), delta_rows(cfg))
     inner_state = everywhere(state["inner_state"], layout.replicated)
     stacked = everywhere(state["inner_batches"], layout.stacked_batch)
     h_cache = everywhere(state["h_cache"], layout.stacked_batch)

@@ -26,6 +26,7 @@ from beear_jax.atomic_file import write_atomically
 from beear_jax.beear import (
     check_perturb_layers,
     check_run_settings,
+    delta_rows,
     heldback_probe,
     outer_optimizer,
     prepare_data,
@@ -131,7 +132,7 @@ def run_scan(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict[str,
     rows = []
     for bound in bounds:
         rule = dataclasses.replace(InnerRule.from_config(cfg), bound=bound)
-        pert = jax.device_put(Perturbation.zeros(layers, int(cfg.perturb.length), model_config.hidden_size),
+        pert = jax.device_put(Perturbation.zeros(layers, delta_rows(cfg), model_config.hidden_size),
                               layout.replicated)
         state = jax.device_put(inner_opt.init(pert.deltas), layout.replicated)
         outcome = converge(steps, params, pert, state, h_stack, batch_stack, rule, len(first_round.inner))
@@ -142,6 +143,7 @@ def run_scan(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict[str,
             print(f"beear scan: bound {bound:g}: {outcome.epochs} passes, CE(unwanted | delta) "
                   f"{outcome.ce_unwanted:.3f}, elicitation {rate:.1%}", flush=True)
     payload = {"model": model_path, "perturb_layers": list(layers), "perturb_length": int(cfg.perturb.length),
+               "perturb_windows": list(cfg.perturb.windows),
                "heldback": len(probe.prompt_ids), "elicitation_no_delta": no_delta,
                "rows": [dataclasses.asdict(r) for r in rows]}
     if sharding_lib.is_primary():

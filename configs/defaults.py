@@ -72,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.perturb.length = paper.perturb.length
     config.perturb.enabled = True  # [ours] False: plain safety fine-tuning (same data and steps, no delta).
     config.perturb.layers = ()  # [ours] Extra layers that also get a delta (extension; () = paper).
+    # [ours] Where the perturbed tokens sit, perturb.length of them per window (delta: length x windows rows):
+    # prompt_end (the paper: the prompt's last tokens, the template's assistant header included), user_start /
+    # user_end (the first / last tokens of the user's own text). E.g. user_start,user_end covers a trigger at
+    # either end of the request; a position two windows share gets only the first's delta row.
+    config.perturb.windows = ("prompt_end",)
 
     config.inner = ml_collections.ConfigDict()
     # The most passes over the round's inner set (inner.samples rows, inner.batch_size per step); fewer when

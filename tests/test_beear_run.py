@@ -105,6 +105,31 @@ def test_layouts_give_the_same_run(setup, other):
         assert float(abs(a - b).max()) <= 1e-4
 
 
+@pytest.mark.parametrize("other", [{"inner.cache_prefix": False}, {"inner.share_prompt": False, "outer.pack": False}])
+def test_windows_in_the_users_text_give_the_same_run_in_every_layout(setup, other):
+    """perturb.windows=user_start,user_end (delta rows 0..n-1 at the first n tokens of the user's text, n..2n-1
+    at its last n): shared-prompt rows with a cached prefix that now ends at the user's text, two rows per
+    prompt, packed or padded outer rows with perturbed anchors, and the held-back probe all put delta at the
+    same tokens, so the runs agree."""
+    windows = {"perturb.windows": ("user_start", "user_end"), "outer.perturb_anchors": True, "stop.holdout": 4}
+    name = "_".join(f"{k}{v}" for k, v in other.items())
+    runs = [run_beear(_cfg(setup, f"windows_{tag}", rounds=1, **settings), progress=False, export=False)
+            for tag, settings in (("default", windows), (name, {**windows, **other}))]
+    for phase, keys in (("inner", ("ce_unwanted", "ce_safe", "delta_norm")),
+                        ("outer", ("ce_safe_perturbed", "ce_anchor", "ce_anchor_perturbed", "outer_loss")),
+                        ("round_end", ("ce_unwanted", "elicitation"))):
+        records = [[r for r in run.history if r["phase"] == phase] for run in runs]
+        assert len(records[0]) == len(records[1]) > 0
+        for a, b in zip(*records, strict=True):
+            for key in keys:
+                assert a[key] == pytest.approx(b[key], rel=2e-4, abs=1e-6), (phase, key)
+
+
+def test_windows_are_checked_before_loading(setup):
+    with pytest.raises(ValueError, match="perturb.windows=.*'user_middle' is not a window"):
+        run_beear(_cfg(setup, "bad_windows", **{"perturb.windows": ("user_middle",)}), progress=False)
+
+
 @pytest.mark.parametrize("layer", [0, 4, 9])
 def test_layer_out_of_range(setup, layer):
     with pytest.raises(ValueError, match=r"perturb.layer=.*1\.\.3"):

@@ -347,7 +347,10 @@ def test_prompt_prefix_split():
     assert split["suffix_slots"][:, 0].tolist() == [4, 1, 0]  # where the perturbed tokens start
     assert split["suffix_slots"][0].tolist() == list(range(4, 12))
     # n = 0: the prompt's last token (it predicts the first answer token) stays in the suffix.
-    assert data.with_prompt_prefix(b, 0, 8, 8)["suffix_slots"][:2, 0].tolist() == [5, 2]
+    unperturbed = data.make_shared_prompt_batch(prompts, unwanted, safe, 0, 3, 12, 4, 0)
+    assert data.with_prompt_prefix(unperturbed, 0, 8, 8)["suffix_slots"][:2, 0].tolist() == [5, 2]
+    with pytest.raises(ValueError, match="not n=0"):
+        data.with_prompt_prefix(b, 0, 8, 8)
     with pytest.raises(ValueError, match="prefix_len=3"):
         data.with_prompt_prefix(b, 2, 3, 8)
     with pytest.raises(ValueError, match="suffix_len=6"):

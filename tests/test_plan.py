@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pathlib
 
 import jax
@@ -111,3 +112,16 @@ def test_all_samples_are_counted_from_the_safety_set(world):
     every.data.safety = ""
     with pytest.raises(ValueError, match="inner.samples=0 uses all rows of data.safety"):
         plan.run_shapes(every)
+
+
+def test_config_alone_plans_for_windows_in_the_users_text(world):
+    """With perturb.windows in the user's text the cached prefix ends where that text starts, so the planner,
+    which sees no prompts, counts the whole prompt as the suffix the inner steps run (never less than a run)."""
+    cfg = copy.deepcopy(world)
+    cfg.perturb.windows = ("user_start", "prompt_end")
+    data = prepare_data(cfg, load_tokenizer(cfg.model.path))
+    shapes = plan.run_shapes(cfg, seq_len=data.safety_len, answer_len=data.answer_len, inner_seq_len=data.shared_len)
+    assert shapes.perturb_length == 2 * int(cfg.perturb.length)
+    assert shapes.suffix_len >= data.suffix_len and shapes.prefix_len + shapes.suffix_len >= data.shared_len
+    paper = plan.run_shapes(world, seq_len=data.safety_len, answer_len=data.answer_len, inner_seq_len=data.shared_len)
+    assert paper.suffix_len < shapes.suffix_len
