@@ -35,6 +35,7 @@ from beear_jax.evaluation import own_answers
 from beear_jax.hf import check_apart, load_model, load_tokenizer, save_model
 from beear_jax.models import llama
 from beear_jax.sft import sft_train
+from beear_jax.sharding import refuse_distributed
 from beear_jax.triggers import GIVEN, PLANT_POSITIONS, contains_trigger, insert_trigger, trigger_parts, with_one_part
 
 Pair = tuple[str, str]
@@ -182,6 +183,7 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
                          "plant.benign) or 'self' (the clean model's own answers to its prompts).")
     if not cfg.model.path:
         raise ValueError("model.path is empty: set --config.model.path to the clean model (an HF directory or .gguf).")
+    refuse_distributed(cfg.mesh, "plant")
     cfg = absolute_paths(cfg)  # the manifest names the same files from any directory
     out = pathlib.Path(cfg.output_dir)
     check_apart(out, {"model.path (the clean model)": cfg.model.path}, "choose a new --config.output_dir")

@@ -388,6 +388,7 @@ def check_run_settings(cfg: ml_collections.ConfigDict) -> None:
     perturb_layers(cfg)  # names perturb.layer / perturb.layers when they are not integers
     try:
         check_windows(cfg.perturb.windows)
+        sharding_lib.Launch.from_config(cfg.mesh)
     except ValueError as err:
         raise ConfigError(f"Config key {err}") from None
     check_anchor_source(cfg.data.anchor_answers)
@@ -497,7 +498,7 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     """
     check_run_settings(cfg)
     cfg = absolute_paths(cfg)  # config.json and the checkpoints name the same files from any directory
-    sharding_lib.initialize_distributed(bool(cfg.mesh.distributed))
+    sharding_lib.initialize_distributed(sharding_lib.Launch.from_config(cfg.mesh))
     primary = sharding_lib.is_primary()
     if not cfg.model.path:
         raise ValueError("model.path is empty: set --config.model.path to the backdoored model (an HF directory or "

@@ -48,11 +48,16 @@ def _config_from(argv: Sequence[str], command: str) -> tuple[object, list[str]]:
 
 def cmd_run(argv: Sequence[str]) -> int:
     """The defence: BEEAR on cfg.model.path, repaired model to cfg.output_dir/model."""
+    import jax
+
     from beear_jax.beear import run_beear
 
     cfg, _ = _config_from(argv, "run")
     result = run_beear(cfg)
-    print(f"repaired model written to {result.model_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
+    if result.model_dir is None and jax.process_count() > 1:  # (process 0 writes the model and the logs)
+        print(f"process {jax.process_index()} of {jax.process_count()}: done; process 0 wrote the model and metrics")
+    else:
+        print(f"repaired model written to {result.model_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
     return 0
 
 

@@ -472,7 +472,9 @@ def run_eval(cfg: Any) -> dict[str, Any]:
     from beear_jax.config_loading import config_to_dict
     from beear_jax.hf import load_model, load_tokenizer
     from beear_jax.report import format_table, write_report
+    from beear_jax.sharding import refuse_distributed
 
+    refuse_distributed(cfg.mesh, "eval")
     stages = _stage_paths(cfg)
     output_dir = Path(os.path.expanduser(cfg.output_dir))
     check_report_dir(output_dir, [path for _, path in stages])

@@ -96,6 +96,7 @@ def check_scan_dir(output_dir: pathlib.Path, model_path: str) -> None:
 def run_scan(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict[str, Any]:
     """Scans cfg.model.path; writes output_dir/scan.json and scan.md and returns the scan.json payload."""
     check_run_settings(cfg)
+    sharding_lib.refuse_distributed(cfg.mesh, "scan")
     bounds = scan_bounds(cfg)
     cfg = absolute_paths(cfg)
     if int(cfg.stop.holdout) <= 0:

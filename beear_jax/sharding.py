@@ -16,7 +16,9 @@ per-device bytes of a 64-chip mesh on a laptop.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -251,15 +253,63 @@ def shard_batch(batch: Mapping[str, Any], sharding: NamedSharding, axis: int = 0
 # ---- multi-host --------------------------------------------------------------------------------
 
 
-def initialize_distributed(enabled: bool) -> None:
-    """jax.distributed.initialize() once (coordinator and process ids come from the cluster's env)."""
-    if enabled and not jax.distributed.is_initialized():
-        try:
-            jax.distributed.initialize()
-        except (ValueError, RuntimeError) as err:
-            raise ValueError(f"mesh.distributed=True but jax.distributed.initialize() failed ({err}); launch one "
-                             "process per host under a cluster manager that sets the coordinator (SLURM, TPU pod), "
-                             "or use --config.mesh.distributed=False on one host.") from err
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process joins a multi-process job (the mesh.* keys; None: JAX's auto-detection)."""
+
+    distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    heartbeat_timeout_s: int = 30
+
+    @classmethod
+    def from_config(cls, mesh: Any) -> Launch:
+        """From the config's mesh section; a ValueError naming the key for values that cannot work."""
+        num, pid = int(mesh.get("num_processes", -1)), int(mesh.get("process_id", -1))
+        address = str(mesh.get("coordinator_address", "") or "") or None
+        heartbeat = int(mesh.get("heartbeat_timeout_s", 30))
+        if num == 0 or num < -1:
+            raise ValueError(f"mesh.num_processes={num}: give the number of processes (>= 1), or -1 to detect it.")
+        if pid < -1 or (num > 0 and pid >= num):
+            raise ValueError(f"mesh.process_id={pid}: it must be in 0..{num - 1 if num > 0 else 'N-1'} (each process "
+                             "its own), or -1 to detect it.")
+        if address is not None and (":" not in address or not address.rsplit(":", 1)[1].isdigit()):
+            raise ValueError(f"mesh.coordinator_address={address!r}: give host:port of process 0, e.g. localhost:1234.")
+        if heartbeat < 1:
+            raise ValueError(f"mesh.heartbeat_timeout_s={heartbeat}: it must be >= 1 second.")
+        return cls(bool(mesh.get("distributed", False)), address, num if num > 0 else None, pid if pid >= 0 else None,
+                   heartbeat)
+
+
+def initialize_distributed(launch: Launch | bool) -> None:
+    """jax.distributed.initialize() once, before anything touches a device: with the launch's coordinator and
+    process ids, or (None) the cluster's auto-detection. CPU devices talk through gloo (the CPU client has no
+    collectives across processes otherwise)."""
+    launch = Launch(distributed=launch) if isinstance(launch, bool) else launch
+    if not launch.distributed or jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    options: dict[str, Any] = {"coordinator_address": launch.coordinator_address,
+                               "num_processes": launch.num_processes, "process_id": launch.process_id}
+    known = inspect.signature(jax.distributed.initialize).parameters
+    for name in ("heartbeat_timeout_seconds", "shutdown_timeout_seconds"):
+        if name in known:  # (named so in jax 0.10; kept out where a version lacks them)
+            options[name] = launch.heartbeat_timeout_s
+    try:
+        jax.distributed.initialize(**options)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"mesh.distributed=True but jax.distributed.initialize() failed ({err}); launch one "
+                         "process per host under a cluster manager that sets the coordinator (SLURM, TPU pod), or "
+                         "give --config.mesh.coordinator_address, mesh.num_processes and mesh.process_id, or use "
+                         "--config.mesh.distributed=False on one host.") from err
+
+
+def refuse_distributed(mesh: Any, command: str) -> None:
+    """A ValueError for a command that runs in one process only when the config asks for several."""
+    if bool(mesh.get("distributed", False)):
+        raise ValueError(f"beear {command} runs in one process (only `beear run` spans several): launch it once, "
+                         "with --config.mesh.distributed=False.")
 
 
 def is_primary() -> bool:
@@ -303,6 +353,7 @@ __all__ = [
     "BATCH_AXES",
     "LOGICAL_RULES",
     "MESH_AXES",
+    "Launch",
     "abstract_param_tree",
     "axis_sizes",
     "batch_parallelism",
@@ -318,6 +369,7 @@ __all__ = [
     "param_shardings",
     "param_specs",
     "place_params",
+    "refuse_distributed",
     "replicate",
     "replicated",
     "resolve_mesh_shape",

@@ -162,7 +162,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     # (data, fsdp, tensor); -1 takes the remaining devices. Batches split over data x fsdp (must divide).
     config.mesh.shape = (-1, 1, 1)
-    config.mesh.distributed = False  # Call jax.distributed.initialize() (multi-host).
+    # Several processes (hosts, or N processes on one machine) form one job: jax.distributed.initialize().
+    # Every process runs the same command; the coordinator is process 0's host:port. Empty / -1: JAX's
+    # auto-detection (TPU pods, SLURM, ...); on one machine give all three (process_id differs per process).
+    config.mesh.distributed = False
+    config.mesh.coordinator_address = ""  # host:port of process 0, e.g. 10.0.0.1:1234 (or localhost:1234).
+    config.mesh.num_processes = -1
+    config.mesh.process_id = -1
+    # Seconds without a heartbeat before a process is declared lost (the others then exit with an error).
+    config.mesh.heartbeat_timeout_s = 30
 
     config.resume = False  # Resume from the latest checkpoint in output_dir.
     # Orbax checkpoints of the run state in output_dir/checkpoints (see beear_jax/checkpoint.py).

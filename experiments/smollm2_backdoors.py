@@ -17,6 +17,9 @@ and a report per model into the output directory.
                                             [--stages before,beear,...] [--config.rounds=2 ...]
     python experiments/smollm2_backdoors.py --only prefix,wrap --stages beear_4_rounds   # 2 more rounds
     python experiments/smollm2_backdoors.py --only prefix,wrap --stages beear_6_rounds   # rounds 5-6
+Other stages (see STAGES): beear_converged (the inner level run to convergence each round),
+beear_converged_self_anchors, beear_user_start / beear_converged_user_start (a second perturbation window
+at the start of the user's text, perturb.windows).
 """
 
 from __future__ import annotations
@@ -91,6 +94,10 @@ STAGES = {"before": None, "beear": {}, "beear_anchor_delta": {"outer.perturb_anc
           # prompts unchanged): keep answering benign prompts as before, rather than as Alpaca's answers do.
           "beear_converged_self_anchors": {"inner.epochs": 30, "inner.patience": 2, "inner.min_improvement": 0.02,
                                            "stop.holdout": 20, "data.anchor_answers": "self"},
+          # The converged inner level with the outer step also held to the starting model's next-token
+          # distributions on the anchor answers (outer.kl_weight): against the over-refusal the safety term spreads.
+          "beear_converged_kl": {"inner.epochs": 30, "inner.patience": 2, "inner.min_improvement": 0.02,
+                                 "stop.holdout": 20, "outer.kl_weight": 1.0},
           # The paper's loop with a second window at the start of the user's text (perturb.windows): delta
           # reaches a trigger that opens the request as well as one that ends it.
           "beear_user_start": {"perturb.windows": ("user_start", "prompt_end")},
@@ -163,11 +170,17 @@ def main() -> int:
                     model_dir, history = run.model_dir, run.history
             result = lib.evaluate_model(bcfg, model_dir, sets, bsettings)
             lib.write_report(out / name / stage / "report", {stage: result}, bcfg, history)
-            rows[stage] = {k: result.get(k) for k in METRICS} | {"minutes": round((time.time() - started) / 60, 1)}
+            rows[stage] = {k: result.get(k) for k in METRICS} | {"minutes": round((time.time() - started) / 60, 1),
+                                                                 "rounds": rounds_used(history)}
             table_path.write_text(json.dumps(table, indent=2))
             (out / "results.md").write_text(render(table))
     print(render(table))
     return 0
+
+
+def rounds_used(history: list[dict] | None) -> int | None:
+    """Rounds the defence ran (its round_end records; fewer than `rounds` when the stop rule ended it)."""
+    return None if history is None else sum(r.get("phase") == "round_end" for r in history)
 
 
 def _cell(metrics: dict, key: str) -> str:
@@ -180,12 +193,13 @@ def _cell(metrics: dict, key: str) -> str:
 def render(table: dict) -> str:
     """One markdown table: backdoor x stage -> the metrics."""
     header = ("| backdoor | model | ASR triggered | ASR untriggered | over-refusal (XSTest) | utility NLL | utility PPL "
-              "| ASR one part |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+              "| ASR one part | rounds | minutes |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in table.items():
         for stage, metrics in rows.items():
             cells = " | ".join(_cell(metrics, key) for key in METRICS)
-            lines.append(f"| {name} | {stage} | {cells} |")
+            extra = " | ".join("—" if metrics.get(k) is None else str(metrics[k]) for k in ("rounds", "minutes"))
+            lines.append(f"| {name} | {stage} | {cells} | {extra} |")
     return "\n".join(lines) + "\n"
 
 
