@@ -1,4 +1,4 @@
-"""The `beear` command: run | eval | plant | convert | generate | chat | export | plan | sweep.
+"""The `beear` command: run | eval | plant | scan | preflight | convert | generate | chat | export | plan | sweep.
 
 Config-driven subcommands take `--config FILE[:arg]` plus dotted overrides `--config.inner.lr=0.1`;
 unknown keys and wrongly typed values are errors that name the key.
@@ -18,7 +18,7 @@ from typing import Any
 
 from beear_jax.config_loading import ConfigError, absolute_paths, load_config, split_cli_args
 
-CONFIG_COMMANDS = ("run", "eval", "plant", "scan")
+CONFIG_COMMANDS = ("run", "eval", "plant", "scan", "preflight")
 
 
 CONFIG_HELP = ("--config FILE[:arg] names a config file (configs/*.py; see configs/defaults.py for every key), "
@@ -28,10 +28,14 @@ WHAT = {"run": "BEEAR on model.path; the repaired model goes to output_dir/model
                 "(and eval.compare_to); report in output_dir.",
         "plant": "plants a backdoor in model.path by poisoned fine-tuning (attack simulation) into output_dir.",
         "scan": "optimises a perturbation from zero for each norm bound in scan.bounds and prints what it elicits on "
-                "the defender's held-back prompts (stop.holdout); scan.json and scan.md in output_dir."}
+                "the defender's held-back prompts (stop.holdout); scan.json and scan.md in output_dir.",
+        "preflight": "checks, on the devices and processes of a run (launch it as the run: the same command on every "
+                     "process), the mesh, the batch sizes, that every process has the same config, data files and "
+                     "model, the planned memory and one collective; one line per check, exit 1 if any failed."}
 
 
-def _config_from(argv: Sequence[str], command: str) -> tuple[object, list[str]]:
+def _config_from(argv: Sequence[str], command: str, as_given: bool = False) -> tuple[object, list[str]]:
+    """The command's config (paths made absolute unless as_given) and the arguments left over."""
     if any(a in ("-h", "--help") for a in argv):
         print(f"usage: beear {command} --config FILE[:arg] [--config.KEY=VALUE ...]\n\n{WHAT[command]}\n\n"
               f"{CONFIG_HELP}")
@@ -43,7 +47,8 @@ def _config_from(argv: Sequence[str], command: str) -> tuple[object, list[str]]:
         # Silently ignoring e.g. `--inner.lr=0.1` (missing "config.") would run hours with the default value.
         raise ConfigError(f"`beear {command}` does not understand {' '.join(rest)!r}; it takes --config FILE[:arg] "
                           "and overrides of the form --config.key=value (e.g. --config.inner.lr=0.1).")
-    return absolute_paths(load_config(spec, overrides, run_schema=True)), rest
+    cfg = load_config(spec, overrides, run_schema=True)
+    return (cfg if as_given else absolute_paths(cfg)), rest
 
 
 def cmd_run(argv: Sequence[str]) -> int:
@@ -68,6 +73,19 @@ def cmd_scan(argv: Sequence[str]) -> int:
     cfg, _ = _config_from(argv, "scan")
     run_scan(cfg)
     return 0
+
+
+def cmd_preflight(argv: Sequence[str]) -> int:
+    """Checks a run's devices, processes, files and memory before the run (one line each; 1 if any failed)."""
+    from beear_jax.preflight import run_preflight
+    from beear_jax.sharding import is_primary
+
+    cfg, _ = _config_from(argv, "preflight", as_given=True)  # paths as written: each process resolves its own
+    checks = run_preflight(cfg)
+    if is_primary():
+        for check in checks:
+            print(check.line(), flush=True)
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
@@ -407,8 +425,8 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     return 0 if not summary.failed else 1
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "plant": cmd_plant, "scan": cmd_scan, "convert": cmd_convert,
-            "generate": cmd_generate, "chat": cmd_chat,
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "plant": cmd_plant, "scan": cmd_scan, "preflight": cmd_preflight,
+            "convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat,
             "export": cmd_export, "plan": cmd_plan, "sweep": cmd_sweep}
 
 
@@ -437,7 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         names = " | ".join(COMMANDS)
         usage = (f"usage: beear {{{names}}} [options]\n"
-                 "  run/eval/plant/scan/plan/sweep take --config FILE[:arg] and --config.key=value overrides;\n"
+                 "  run/eval/plant/scan/preflight/plan/sweep take --config FILE[:arg] and --config.key=value "
+                 "overrides;\n"
                  "  beear COMMAND --help shows the options of the others")
         if argv and argv[0] in ("-h", "--help"):
             print(usage)  # asked-for help goes to stdout (so `beear --help | less` works), errors to stderr

@@ -3,62 +3,25 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import ml_collections
 import numpy as np
 import pytest
+from process_launch import CONFIGS, launch
 from safetensors.numpy import load_file
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
 from beear_jax.sharding import Launch, refuse_distributed
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(CONFIGS.parent), env.get("PYTHONPATH", "")])
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-    return env
-
 
 def _run(world: tuple, out: pathlib.Path, processes: int, devices: int, mesh: str) -> list[tuple[int, str]]:
-    """`beear run` as `processes` processes of `devices` CPU devices each; (exit code, stdout + stderr) per process."""
+    """`beear run` on the tiny world as `processes` processes of `devices` CPU devices each."""
     model_dir, safety, anchor = world
-    command = [sys.executable, "-c", "import sys; from beear_jax.cli import main; sys.exit(main(sys.argv[1:]))", "run",
-               "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}", f"--config.output_dir={out}",
-               f"--config.data.safety={safety}", f"--config.data.anchor={anchor}", "--config.rounds=2",
-               "--config.perturb.layer=2", "--config.perturb.length=2", f"--config.mesh.shape={mesh}"]
-    port = _free_port()
-    launched = []
-    for pid in range(processes):
-        join = [] if processes == 1 else ["--config.mesh.distributed=True",
-                                          f"--config.mesh.coordinator_address=localhost:{port}",
-                                          f"--config.mesh.num_processes={processes}", f"--config.mesh.process_id={pid}"]
-        launched.append(subprocess.Popen([*command, *join], env=_env(devices), stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True))
-    results = []
-    for process in launched:
-        try:
-            output, _ = process.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for p in launched:
-                p.kill()
-            raise
-        results.append((process.returncode, output))
-    return results
+    return launch(["run", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}",
+                   f"--config.output_dir={out}", f"--config.data.safety={safety}", f"--config.data.anchor={anchor}",
+                   "--config.rounds=2", "--config.perturb.layer=2", "--config.perturb.length=2",
+                   f"--config.mesh.shape={mesh}"], processes, devices)
 
 
 @pytest.fixture(scope="module")
