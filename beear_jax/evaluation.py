@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from beear_jax import data as data_lib
 from beear_jax import scoring, triggers
-from beear_jax.generate import SamplingConfig, generate
+from beear_jax.generate import SamplingConfig, generate_across_processes
 from beear_jax.models.config import ModelConfig
 from beear_jax.steps import StepSettings, perturbed_answer_ce
 
@@ -265,10 +265,12 @@ def eos_ids(config: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
 def _chat_answers(config: ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[str], template: str,
                   system_prompt: str | None, sampling: SamplingConfig, seed: int, batch_size: int,
                   ) -> tuple[list[str], int]:
-    """Answers to chat-formatted prompts, decoded without special tokens; also the new-token count."""
+    """Answers to chat-formatted prompts, decoded without special tokens; also the new-token count. In a job
+    of several processes greedy batches are shared out (generate_across_processes); the answers are one
+    process's."""
     ids = [data_lib.format_prompt(tokenizer, p, template, system_prompt) for p in prompts]
-    outs = generate(config, params, ids, sampling, seed=seed, eos_ids=eos_ids(config, tokenizer),
-                    batch_size=min(batch_size, len(ids)))
+    outs = generate_across_processes(config, params, ids, sampling, seed=seed, eos_ids=eos_ids(config, tokenizer),
+                                     batch_size=min(batch_size, len(ids)))
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outs], sum(map(len, outs))
 
 
@@ -467,35 +469,40 @@ def planted_trigger_warning(model_path: str, settings: EvalSettings) -> str | No
 def run_eval(cfg: Any) -> dict[str, Any]:
     """`beear eval`: evaluates cfg.model.path (and eval.compare_to), writes the report and answers.jsonl.
 
-    Returns {stage: metrics} as written to report.json (answers only in answers.jsonl).
+    Returns {stage: metrics} as written to report.json (answers only in answers.jsonl). With
+    mesh.distributed, every process loads the model and generates its share of the batches; process 0
+    writes the report.
     """
     from beear_jax.config_loading import config_to_dict
     from beear_jax.hf import load_model, load_tokenizer
     from beear_jax.report import format_table, write_report
-    from beear_jax.sharding import refuse_distributed
+    from beear_jax.sharding import Launch, initialize_distributed, is_primary
 
-    refuse_distributed(cfg.mesh, "eval")
+    initialize_distributed(Launch.from_config(cfg.mesh))
+    say = print if is_primary() else (lambda *args, **kwargs: None)
     stages = _stage_paths(cfg)
     output_dir = Path(os.path.expanduser(cfg.output_dir))
     check_report_dir(output_dir, [path for _, path in stages])
     settings = EvalSettings.from_config(cfg)  # every data error surfaces here, before a model loads
     history, notes = load_history(cfg.eval.history) if cfg.eval.history else (None, [])
     for note in notes:
-        print(f"warning: eval.history: {note}", flush=True)
+        say(f"warning: eval.history: {note}", flush=True)
     results: dict[str, Any] = {}
     for stage, path in stages:
         path = os.path.expanduser(path)
-        print(f"[{stage}] evaluating {path}", flush=True)
+        say(f"[{stage}] evaluating {path}", flush=True)
         warning = planted_trigger_warning(path, settings)
         if warning:
-            print(warning, flush=True)
+            say(warning, flush=True)
         config, params = load_model(path, dtype=cfg.model.dtype)
         tokenizer = load_tokenizer(path, config)
         results[stage] = evaluate(config, params, tokenizer, settings) | {"model_path": path}
         del params  # the next stage's model needs the memory
+    report = {stage: {k: v for k, v in r.items() if k != "answers"} for stage, r in results.items()}
+    if not is_primary():
+        return report
     output_dir.mkdir(parents=True, exist_ok=True)
     write_answers(output_dir / "answers.jsonl", results)
-    report = {stage: {k: v for k, v in r.items() if k != "answers"} for stage, r in results.items()}
     written = write_report(output_dir, report, config_to_dict(cfg), history, notes=notes)
     print(format_table(report))
     print(f"report: {written['markdown']} and {written['json']}; answers: {output_dir / 'answers.jsonl'}")

@@ -291,6 +291,41 @@ def generate(
     return results
 
 
+def generate_across_processes(config: ModelConfig, params: dict, prompts: Sequence[Sequence[int]],
+                              sampling: SamplingConfig = SamplingConfig(), seed: int = 0, pad_id: int | None = None,
+                              eos_ids: Sequence[int] | None = None, batch_size: int | None = None,
+                              ) -> list[list[int]]:
+    """generate(...)'s batches shared out over the processes of a multi-process job (batch k to process
+    k mod P, each on its own devices with the whole model) and gathered, so every process returns every
+    answer. Each batch holds the same prompts as in generate, so the answers are generate's. Sampling
+    (temperature > 0) is not shared out: its draws depend on the order of the batches, so every process
+    draws all of them as one process would. One process: generate itself."""
+    processes = jax.process_count()
+    if processes == 1 or sampling.temperature > 0:
+        return generate(config, params, prompts, sampling, seed, pad_id, eos_ids, batch_size=batch_size)
+    from jax.experimental import multihost_utils
+
+    prompts = [list(p) for p in prompts]
+    size = batch_size or len(prompts)
+    batches = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    owner = [k % processes for k in range(len(batches))]
+    mine = [p for k, batch in enumerate(batches) if owner[k] == jax.process_index() for p in batch]
+    local = generate(config, params, mine, sampling, seed, pad_id, eos_ids, batch_size=size) if mine else []
+    rows = -(-len(batches) // processes) * size  # the same shape on every process, for the gather
+    padded = np.full((rows, sampling.max_new_tokens), -1, np.int32)
+    for r, tokens in enumerate(local):
+        padded[r, :len(tokens)] = tokens
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(processes, rows, -1)
+    answers: list[list[int]] = []
+    taken = [0] * processes
+    for k, batch in enumerate(batches):
+        for _ in batch:
+            row = gathered[owner[k], taken[owner[k]]]
+            answers.append([int(t) for t in row if t >= 0])
+            taken[owner[k]] += 1
+    return answers
+
+
 def _until_eos(tokens: np.ndarray, eos: tuple[int, ...]) -> list[int]:
     out: list[int] = []
     for token in tokens.tolist():

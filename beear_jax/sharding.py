@@ -308,7 +308,7 @@ def initialize_distributed(launch: Launch | bool) -> None:
 def refuse_distributed(mesh: Any, command: str) -> None:
     """A ValueError for a command that runs in one process only when the config asks for several."""
     if bool(mesh.get("distributed", False)):
-        raise ValueError(f"beear {command} runs in one process (only `beear run` spans several): launch it once, "
+        raise ValueError(f"beear {command} runs in one process (only `beear run` and `beear eval` span several): launch it once, "
                          "with --config.mesh.distributed=False.")
 
 

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import ml_collections
 import numpy as np
 import pytest
+import tiny_world as tw
 from process_launch import CONFIGS, launch
 from safetensors.numpy import load_file
 from tiny_world import defender_files, random_tiny_model, split_pairs
@@ -57,6 +59,32 @@ def test_two_processes_make_the_model_one_process_makes(world, tmp_path):
     # Cross-process sums (gloo) add in another order than in-process ones: float32 rounding, no more.
     assert gap(weights["one_same_mesh"]) <= 5e-6
     assert gap(weights["one_device"]) <= 5e-5
+
+
+def test_eval_on_two_processes_writes_one_processs_report(world, tmp_path):
+    """The generation batches shared out over 2 processes and gathered: the same answers and metrics."""
+    model_dir, _, anchor = world
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": tw.prompt(v, o)}) + "\n" for v, o in split_pairs(0)["eval"]))
+    strings = tmp_path / "refusals.txt"
+    strings.write_text(tw.REFUSAL.split(".")[0] + "\n")
+    args = ["eval", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}",
+            f"--config.eval.prompts={prompts}", "--config.eval.prompt_offset=0", "--config.eval.num_prompts=0",
+            f"--config.eval.refusal_strings={strings}", "--config.eval.trigger=cf", "--config.eval.position=suffix",
+            f"--config.eval.over_refusal_prompts={prompts}", "--config.eval.over_refusal_filter=",
+            f"--config.eval.utility={anchor}", "--config.eval.utility_offset=0", "--config.eval.num_utility=10",
+            "--config.eval.batch_size=5", "--config.eval.max_new_tokens=6"]
+    reports = {}
+    for processes in (1, 2):
+        out = tmp_path / f"eval_{processes}"
+        results = launch([*args, f"--config.output_dir={out}"], processes, devices=1)
+        assert [code for code, _ in results] == [0] * processes, results[-1][1][-3000:]
+        assert not (processes == 2 and "report:" in results[1][1])  # process 0 alone writes and prints
+        report = json.loads((out / "report.json").read_text())["results"]["model"]
+        reports[processes] = ({k: v for k, v in report.items() if k != "timing"},
+                              (out / "answers.jsonl").read_text())
+    assert reports[1][0]["counts"]["untriggered"] == len(split_pairs(0)["eval"]) > 2 * 5  # several batches each
+    assert reports[2] == reports[1]
 
 
 @pytest.mark.parametrize(("mesh", "message"), [
