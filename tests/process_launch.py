@@ -28,13 +28,15 @@ def env_with_devices(devices: int) -> dict[str, str]:
     return env
 
 
-def launch(args: Sequence[str], processes: int, devices: int, per_process: Sequence[Sequence[str]] = (),
-           cwds: Sequence[pathlib.Path | None] = (), timeout: float = 600) -> list[tuple[int, str]]:
+def start(args: Sequence[str], processes: int, devices: int, logs: pathlib.Path,
+          per_process: Sequence[Sequence[str]] = (), cwds: Sequence[pathlib.Path | None] = ()) -> list[subprocess.Popen]:
     """`beear ARGS` as `processes` processes of `devices` CPU devices each (joined as one job when more than
-    one); per_process[i] / cwds[i]: process i's extra arguments / working directory. (exit code, stdout +
-    stderr) per process."""
+    one), each writing stdout + stderr to logs/process<i>.log (files, not pipes: a full pipe would stall a
+    process, and with it the others at their next collective); per_process[i] / cwds[i]: process i's extra
+    arguments / working directory."""
     command = [sys.executable, "-c", "import sys; from beear_jax.cli import main; sys.exit(main(sys.argv[1:]))", *args]
     port = free_port()
+    logs.mkdir(parents=True, exist_ok=True)
     running = []
     for pid in range(processes):
         join = [] if processes == 1 else ["--config.mesh.distributed=True",
@@ -42,15 +44,25 @@ def launch(args: Sequence[str], processes: int, devices: int, per_process: Seque
                                           f"--config.mesh.num_processes={processes}", f"--config.mesh.process_id={pid}"]
         extra = list(per_process[pid]) if pid < len(per_process) else []
         cwd = cwds[pid] if pid < len(cwds) else None
-        running.append(subprocess.Popen([*command, *join, *extra], env=env_with_devices(devices), cwd=cwd,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    results = []
+        with (logs / f"process{pid}.log").open("w") as log:
+            running.append(subprocess.Popen([*command, *join, *extra], env=env_with_devices(devices), cwd=cwd,
+                                            stdout=log, stderr=subprocess.STDOUT))
+    return running
+
+
+def finish(running: Sequence[subprocess.Popen], logs: pathlib.Path, timeout: float = 600) -> list[tuple[int, str]]:
+    """(exit code, output) of each process once all have ended (all killed if one passes the timeout)."""
     try:
-        for process in running:
-            output, _ = process.communicate(timeout=timeout)
-            results.append((process.returncode, output))
+        codes = [process.wait(timeout=timeout) for process in running]
     finally:
         for process in running:
             if process.poll() is None:
                 process.kill()
-    return results
+    return [(code, (logs / f"process{pid}.log").read_text()) for pid, code in enumerate(codes)]
+
+
+def launch(args: Sequence[str], processes: int, devices: int, logs: pathlib.Path,
+           per_process: Sequence[Sequence[str]] = (), cwds: Sequence[pathlib.Path | None] = (),
+           timeout: float = 600) -> list[tuple[int, str]]:
+    """start(...) then finish(...): (exit code, stdout + stderr) per process."""
+    return finish(start(args, processes, devices, logs, per_process, cwds), logs, timeout)

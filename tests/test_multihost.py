@@ -5,25 +5,30 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 
 import ml_collections
 import numpy as np
 import pytest
 import tiny_world as tw
-from process_launch import CONFIGS, launch
+from process_launch import CONFIGS, finish, launch, start
 from safetensors.numpy import load_file
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
 from beear_jax.sharding import Launch, refuse_distributed
 
 
+def _run_args(world: tuple, out: pathlib.Path, mesh: str, rounds: int = 2) -> list[str]:
+    model_dir, safety, anchor = world
+    return ["run", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}",
+            f"--config.output_dir={out}", f"--config.data.safety={safety}", f"--config.data.anchor={anchor}",
+            f"--config.rounds={rounds}", "--config.perturb.layer=2", "--config.perturb.length=2",
+            f"--config.mesh.shape={mesh}"]
+
+
 def _run(world: tuple, out: pathlib.Path, processes: int, devices: int, mesh: str) -> list[tuple[int, str]]:
     """`beear run` on the tiny world as `processes` processes of `devices` CPU devices each."""
-    model_dir, safety, anchor = world
-    return launch(["run", "--config", str(CONFIGS / "tiny.py"), f"--config.model.path={model_dir}",
-                   f"--config.output_dir={out}", f"--config.data.safety={safety}", f"--config.data.anchor={anchor}",
-                   "--config.rounds=2", "--config.perturb.layer=2", "--config.perturb.length=2",
-                   f"--config.mesh.shape={mesh}"], processes, devices)
+    return launch(_run_args(world, out, mesh), processes, devices, out.parent / f"{out.name}_logs")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +66,33 @@ def test_two_processes_make_the_model_one_process_makes(world, tmp_path):
     assert gap(weights["one_device"]) <= 5e-5
 
 
+def _rounds_ended(out: pathlib.Path) -> int:
+    metrics = out / "metrics.jsonl"
+    return metrics.read_text().count('"round_end"') if metrics.is_file() else 0
+
+
+def test_a_lost_process_ends_the_job_and_a_resume_of_all_finishes_it(world, tmp_path):
+    """Process 1 killed after round 2 of 3: process 0 exits non-zero within 60 s naming the lost task, and
+    the job launched again with resume=True ends with the uninterrupted job's weights."""
+    args = _run_args(world, tmp_path / "cut", "2,2,1", rounds=3)
+    running = start(args, 2, 2, tmp_path / "cut_logs")
+    deadline = time.time() + 600
+    while _rounds_ended(tmp_path / "cut") < 2 and time.time() < deadline and running[0].poll() is None:
+        time.sleep(0.2)
+    running[1].kill()
+    lost = time.time()
+    results = finish(running, tmp_path / "cut_logs", timeout=120)
+    assert time.time() - lost < 60 and results[0][0] != 0
+    assert "Task 1" in results[0][1], results[0][1][-2000:]
+    assert not (tmp_path / "cut" / "model").exists()
+    resumed = launch([*args, "--config.resume=True"], 2, 2, tmp_path / "resume_logs")
+    assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-3000:]
+    full = launch(_run_args(world, tmp_path / "full", "2,2,1", rounds=3), 2, 2, tmp_path / "full_logs")
+    assert [code for code, _ in full] == [0, 0]
+    a, b = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("full", "cut"))
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+
+
 def test_eval_on_two_processes_writes_one_processs_report(world, tmp_path):
     """The generation batches shared out over 2 processes and gathered: the same answers and metrics."""
     model_dir, _, anchor = world
@@ -77,7 +109,7 @@ def test_eval_on_two_processes_writes_one_processs_report(world, tmp_path):
     reports = {}
     for processes in (1, 2):
         out = tmp_path / f"eval_{processes}"
-        results = launch([*args, f"--config.output_dir={out}"], processes, devices=1)
+        results = launch([*args, f"--config.output_dir={out}"], processes, 1, tmp_path / f"logs_{processes}")
         assert [code for code, _ in results] == [0] * processes, results[-1][1][-3000:]
         assert not (processes == 2 and "report:" in results[1][1])  # process 0 alone writes and prints
         report = json.loads((out / "report.json").read_text())["results"]["model"]

@@ -33,7 +33,7 @@ def _lines(output: str) -> dict[str, str]:
 
 def test_two_processes_pass_and_one_line_names_each_difference(world, tmp_path):
     tmp, _, safety, _ = world
-    results = launch(_args(world, str(safety), "--config.mesh.shape=2,2,1"), processes=2, devices=2)
+    results = launch(_args(world, str(safety), "--config.mesh.shape=2,2,1"), 2, 2, tmp_path / "passing")
     assert [code for code, _ in results] == [0, 0], results[0][1][-2000:]
     lines = _lines(results[0][1])
     assert list(lines) == ["processes", "mesh", "batches", "config", "data.safety", "data.anchor", "model", "memory",
@@ -43,7 +43,7 @@ def test_two_processes_pass_and_one_line_names_each_difference(world, tmp_path):
     # Process 1 has another seed, and its data.safety (a relative path) names a file its directory lacks.
     empty = tmp_path / "elsewhere"
     empty.mkdir()
-    results = launch(_args(world, safety.name, "--config.mesh.shape=2,2,1"), processes=2, devices=2,
+    results = launch(_args(world, safety.name, "--config.mesh.shape=2,2,1"), 2, 2, tmp_path / "failing",
                      per_process=[[], ["--config.seed=7"]], cwds=[tmp, empty])
     assert [code for code, _ in results] == [1, 1]
     lines = _lines(results[0][1])
