@@ -83,7 +83,7 @@ def test_a_lost_process_ends_the_job_and_a_resume_of_all_finishes_it(world, tmp_
     lost = time.time()
     results = finish(running, tmp_path / "cut_logs", timeout=120)
     assert time.time() - lost < 60 and results[0][0] != 0
-    assert "Task 1" in results[0][1], results[0][1][-2000:]
+    assert "task 1" in results[0][1].lower(), results[0][1][-2000:]  # JAX's coordination service names it
     assert not (tmp_path / "cut" / "model").exists()
     resumed = launch([*args, "--config.resume=True"], 2, 2, tmp_path / "resume_logs")
     assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-3000:]
