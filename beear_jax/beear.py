@@ -498,8 +498,14 @@ def run_beear(cfg: ml_collections.ConfigDict, progress: bool = True,
     """
     check_run_settings(cfg)
     cfg = absolute_paths(cfg)  # config.json and the checkpoints name the same files from any directory
-    sharding_lib.initialize_distributed(sharding_lib.Launch.from_config(cfg.mesh))
+    launch = sharding_lib.Launch.from_config(cfg.mesh)
+    sharding_lib.initialize_distributed(launch)
     primary = sharding_lib.is_primary()
+    if primary and progress and jax.process_count() > 1:
+        # A lost process ends the others from inside JAX (its lines name the task); say what to do then.
+        print(f"beear: {jax.process_count()} processes; if one is lost the others stop within "
+              f"{launch.heartbeat_timeout_s} s (mesh.heartbeat_timeout_s): launch all again with "
+              "--config.resume=True to continue from the last checkpoint", file=sys.stderr, flush=True)
     if not cfg.model.path:
         raise ValueError("model.path is empty: set --config.model.path to the backdoored model (an HF directory or "
                          ".gguf).")

@@ -52,6 +52,7 @@ def test_two_processes_make_the_model_one_process_makes(world, tmp_path):
         outputs[name] = [output for _, output in results]
     # Exactly one process writes: process 0 the model and the metrics (one line per round), the other says so.
     assert "repaired model written to" in outputs["two"][0] and "process 1 of 2: done" in outputs["two"][1]
+    assert "launch all again with --config.resume=True" in outputs["two"][0]  # what to do if one is lost
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert sum('"round_end"' in line for line in lines) == 2
     assert (tmp_path / "two" / "checkpoints").is_dir()
