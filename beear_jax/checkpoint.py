@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from beear_jax.perturbation import PAPER_WINDOWS
+
 log = logging.getLogger("beear_jax")
 
 ARRAY_ITEMS = ("params", "outer_state", "perturbation")
@@ -458,7 +460,7 @@ def layout_signature(model_config: Any, layers: tuple[int, ...], cfg: Any) -> di
         "outer_optimizer": cfg.outer.optimizer,
         # Windows other than the paper's change the delta's rows; said only then, so that checkpoints written
         # before perturb.windows existed still resume.
-        **({"perturb_windows": list(cfg.perturb.windows)} if tuple(cfg.perturb.windows) != ("prompt_end",) else {}),
+        **({"perturb_windows": list(cfg.perturb.windows)} if tuple(cfg.perturb.windows) != PAPER_WINDOWS else {}),
         # A schedule adds a step count to the optimizer state, clipping a chain level.
         "outer_lr_schedule": cfg.outer.lr_schedule if cfg.outer.lr_schedule != "constant" or cfg.outer.warmup_steps
         else "constant", "outer_clipped": float(cfg.outer.clip_norm) > 0}))

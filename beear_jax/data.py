@@ -47,7 +47,7 @@ import numpy as np
 
 from beear_jax import public_data
 from beear_jax.chat import PRESETS, TEMPLATES, format_example, format_prompt, render, user_span
-from beear_jax.perturbation import window_positions
+from beear_jax.perturbation import PAPER_WINDOWS, window_positions
 
 __all__ = [
     "ANCHOR_COLUMNS",
@@ -396,7 +396,7 @@ def perturbed_positions(tokenizer: Any, prompts: Sequence[str], prompt_ids: Sequ
     ids. The user's text is located (chat.user_span) only for windows that need it."""
     if len(prompts) != len(prompt_ids):
         raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} token sequences")
-    need_user = any(w != "prompt_end" for w in windows)
+    need_user = not set(windows) <= set(PAPER_WINDOWS)
     return [window_positions(len(ids), user_span(tokenizer, text, template, system_prompt) if need_user else (0, 0),
                              windows, n)
             for text, ids in zip(prompts, prompt_ids, strict=True)]

@@ -21,6 +21,7 @@ import numpy as np
 # prompt_end: the prompt's last n tokens, the template's assistant header included (the paper's);
 # user_start / user_end: the first / last n tokens of the user's text (chat.user_span).
 WINDOWS = ("prompt_end", "user_start", "user_end")
+PAPER_WINDOWS = ("prompt_end",)  # perturb.windows' default
 
 
 @jax.tree_util.register_dataclass

@@ -27,7 +27,7 @@ from beear_jax import data as data_lib
 from beear_jax import sharding as sh
 from beear_jax.beear import check_perturb_layers, check_run_settings, delta_rows, inner_rows, step_settings
 from beear_jax.models.config import ModelConfig
-from beear_jax.perturbation import Perturbation
+from beear_jax.perturbation import PAPER_WINDOWS, Perturbation
 from beear_jax.steps import StepSettings, inner_cache, make_optimizer, make_steps, outer_parts
 
 GB = 1e9
@@ -157,7 +157,7 @@ def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answe
     if shared and cfg.inner.cache_prefix:
         # Config alone: a prompt of up to seq - 1 tokens, two answers of up to `answer` tokens; a window in the
         # user's text may start right after the template's first tokens, so then nothing is counted as prefix.
-        before = int(cfg.perturb.length) if tuple(cfg.perturb.windows) == ("prompt_end",) else seq - 1
+        before = int(cfg.perturb.length) if tuple(cfg.perturb.windows) == PAPER_WINDOWS else seq - 1
         fallback = data_lib.prefix_split_lengths([seq - 1], [seq - 1 + 2 * answer], before, int(inner_seq_len))
         prefix_len, suffix_len = prefix_len or fallback[0], suffix_len or fallback[1]
     else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import pathlib
 from typing import Any
@@ -25,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from beear_jax import sharding as sharding_lib
 from beear_jax.beear import check_batch_sizes, check_run_settings
+from beear_jax.checkpoint import digest
 from beear_jax.config_loading import absolute_paths, config_to_dict
 
 # Keys that differ between the processes of one job by design.
@@ -74,11 +74,11 @@ def model_digest(path: str) -> str:
 
 
 def config_digest(cfg: ml_collections.ConfigDict) -> str:
-    """sha256 of the config as given (paths as written), leaving out the keys each process sets itself."""
+    """checkpoint.digest of the config as given (paths as written), less the keys each process sets itself."""
     values = config_to_dict(cfg)
     for section, key in PER_PROCESS_KEYS:
         values.get(section, {}).pop(key, None)
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+    return digest(values)
 
 
 def gather_digests(text: str) -> list[str]:
@@ -95,12 +95,10 @@ def gather_digests(text: str) -> list[str]:
 def _same(name: str, value: str, what: str) -> Check:
     """Whether every process holds the same value (a digest or 'missing'); names the odd processes."""
     digests = gather_digests(value)
-    missing_here = value == "missing"
     missing = hashlib.sha256(b"missing").hexdigest()
     absent = [i for i, d in enumerate(digests) if d == missing]
     if absent:
-        return Check(name, False, f"{what} is missing on process(es) {absent}" +
-                     (" (this one included)" if missing_here else ""))
+        return Check(name, False, f"{what} is missing on process(es) {absent}")
     odd = [i for i, d in enumerate(digests) if d != digests[0]]
     if odd:
         return Check(name, False, f"{what} differs from process 0's on process(es) {odd}")

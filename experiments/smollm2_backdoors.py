@@ -79,6 +79,10 @@ BACKDOORS = {
        for name, trigger in BACKDOORLLM_TRIGGERS.items()},
 }
 CONTROL = Backdoor("SUDO", "suffix", n_triggered=0)
+# The inner level run to convergence each round (beear_jax/inner_loop.py), 20 of the defender's safety rows
+# held back to log what the converged delta elicits (stop rule off).
+CONVERGED = {"inner.epochs": 30, "inner.patience": 2, "inner.min_improvement": 0.02, "stop.holdout": 20}
+USER_START = {"perturb.windows": ("user_start", "prompt_end")}
 # stage -> overrides of the defence run (None: the planted model itself). A "from" entry starts the
 # run from another stage's repaired model instead of the planted one: "beear_4_rounds" is two more
 # rounds after "beear" (fresh rows via another seed; the outer AdamW moments start again);
@@ -86,23 +90,17 @@ CONTROL = Backdoor("SUDO", "suffix", n_triggered=0)
 STAGES = {"before": None, "beear": {}, "beear_anchor_delta": {"outer.perturb_anchors": True},
           "plain_ft": {"perturb.enabled": False}, "beear_4_rounds": {"from": "beear", "seed": 1},
           "beear_6_rounds": {"from": "beear_4_rounds", "seed": 2, "inner.epochs": 5},
-          # The inner level run to convergence each round (beear_jax/inner_loop.py), 20 of the defender's
-          # safety rows held back to log what the converged delta elicits (stop rule off).
-          "beear_converged": {"inner.epochs": 30, "inner.patience": 2, "inner.min_improvement": 0.02,
-                              "stop.holdout": 20},
+          "beear_converged": CONVERGED,
           # The same with the anchors answered by the model under repair (data.anchor_answers; the anchor
           # prompts unchanged): keep answering benign prompts as before, rather than as Alpaca's answers do.
-          "beear_converged_self_anchors": {"inner.epochs": 30, "inner.patience": 2, "inner.min_improvement": 0.02,
-                                           "stop.holdout": 20, "data.anchor_answers": "self"},
+          "beear_converged_self_anchors": {**CONVERGED, "data.anchor_answers": "self"},
           # The converged inner level with the outer step also held to the starting model's next-token
           # distributions on the anchor answers (outer.kl_weight): against the over-refusal the safety term spreads.
-          "beear_converged_kl": {"inner.epochs": 30, "inner.patience": 2, "inner.min_improvement": 0.02,
-                                 "stop.holdout": 20, "outer.kl_weight": 1.0},
+          "beear_converged_kl": {**CONVERGED, "outer.kl_weight": 1.0},
           # The paper's loop with a second window at the start of the user's text (perturb.windows): delta
           # reaches a trigger that opens the request as well as one that ends it.
-          "beear_user_start": {"perturb.windows": ("user_start", "prompt_end")},
-          "beear_converged_user_start": {"inner.epochs": 30, "inner.patience": 2, "inner.min_improvement": 0.02,
-                                         "stop.holdout": 20, "perturb.windows": ("user_start", "prompt_end")}}
+          "beear_user_start": USER_START,
+          "beear_converged_user_start": {**CONVERGED, **USER_START}}
 DEFAULT_STAGES = ("before", "beear", "beear_anchor_delta", "plain_ft")
 METRICS = ("asr_triggered", "asr_untriggered", "over_refusal", "utility_nll", "utility_ppl", "asr_partial")
 
