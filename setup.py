@@ -16,7 +16,7 @@ setup(
     package_data={"beear_jax": ["resources/*.txt", "resources/*.jsonl", "resources/*.md"]},
     install_requires=[
         "jax>=0.9",
-        "flax>=0.11",
+        "flax>=0.12",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "transformers>=4.51",

@@ -1,5 +1,11 @@
 """beear_jax: BEEAR backdoor removal for Llama/Mistral chat models in JAX/Flax.
 
+    model = beear_jax.load_module("SmolLM2-135M-Instruct.Q4_1.gguf")   # a Flax NNX module (CausalLM)
+    logits = model(input_ids, attention_mask)
+    beear_jax.save_module("out/model", model, tokenizer_from="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+The same as a (config, params tree) pair, which the pure steps of the method take:
+
     config, params = beear_jax.load_model("SmolLM2-135M-Instruct.Q4_1.gguf")
     logits = beear_jax.forward(config, params, input_ids, attention_mask)
     beear_jax.save_model("out/model", config, params, tokenizer_from="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -13,9 +19,12 @@ import jax.numpy as jnp
 from beear_jax.hf import load_model, load_tokenizer, save_model
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.llama import forward as _forward
+from beear_jax.models.module import CausalLM
+from beear_jax.module_io import load_module, save_module
 from beear_jax.perturbation import Perturbation, check_deltas, last_prompt_positions
 
-__all__ = ["ModelConfig", "Perturbation", "forward", "load_model", "load_tokenizer", "save_model"]
+__all__ = ["CausalLM", "ModelConfig", "Perturbation", "forward", "load_model", "load_module", "load_tokenizer",
+           "save_model", "save_module"]
 
 
 def forward(config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None,

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -201,6 +202,15 @@ def place_params(host_params: Any, shardings: Any) -> Any:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(put, host_params, shardings)
+
+
+def place_module(model: Any, mesh: Mesh) -> None:
+    """Puts a CausalLM's weights (models/module.py) on `mesh` by the logical-axis rules, in place; each
+    device receives only its own shard. The weights must be readable on this host (as after load_module)."""
+    state = nnx.state(model, nnx.Param)
+    placed = place_params(jax.device_get(model.params_tree()), param_shardings(model.config, mesh))
+    nnx.replace_by_pure_dict(state, placed)
+    nnx.update(model, state)
 
 
 def init_params_sharded(config: ModelConfig, key: jax.Array, shardings: Any, std: float = 0.02) -> Any:
