@@ -154,3 +154,51 @@ def test_save_module_round_trip_and_refusals(tmp_path):
     bad["layers"] = {**bad["layers"], "q_proj": bad["layers"]["q_proj"][:, :8]}
     with pytest.raises(ValueError, match=r"q_proj.*shape"):
         CausalLM.from_params(SMALL, bad)
+
+
+def test_one_beear_round_on_the_split_state_then_merge_and_export(tmp_path):
+    """Module from a tiny HF model -> nnx.split -> one round (inner epoch on delta, outer step) of the pure,
+    jitted steps on its state on a 2 x 2 mesh -> merged back into a module -> exported -> transformers."""
+    import transformers
+
+    from beear_jax import data as data_lib
+    from beear_jax.steps import StepSettings, make_optimizer, make_steps, trainable_mask
+
+    directory, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
+    model = beear_jax.load_module(directory)
+    config, layer, n, seq = model.config, 1, 3, 20
+    mesh = sharding.make_mesh((1, 2, 2))
+    sharding.place_module(model, mesh)
+    graphdef, state = nnx.split(model)
+    start = jax.tree.map(np.asarray, state.to_pure_dict())
+
+    rng = np.random.default_rng(0)
+    rows = [(rng.integers(3, 120, int(p)).tolist(), rng.integers(3, 120, 5).tolist()) for p in (6, 9, 4, 7)]
+    unwanted = data_lib.make_batch(rows, n, 4, seq, 0)
+    safe = data_lib.make_batch([(p, [7, 8, 9]) for p, _ in rows], n, 4, seq, 0)
+    inner = data_lib.stack_batches([{k: np.concatenate([unwanted[k], safe[k]]) for k in safe}])
+    anchor = data_lib.make_batch([(p, a[::-1]) for p, a in rows], n, 4, seq, 0)
+    inner_opt, outer_opt = make_optimizer("adam", 0.1), make_optimizer("adamw", 1e-3, 0.01)
+    layout = sharding.step_shardings(config, mesh, outer_opt)
+    steps = make_steps(config, StepSettings(alpha=0.05, answer_len=5), layer, inner_opt, outer_opt, layout)
+
+    params = state.to_pure_dict()  # the steps' params tree: the module's arrays, already placed
+    outer_state = jax.jit(outer_opt.init, out_shardings=layout.outer_state)(params)
+    pert = sharding.replicate(Perturbation.zeros(layer, n, config.hidden_size), mesh)
+    trainable = sharding.replicate(trainable_mask(config, params, "all", layer), mesh)
+    inner_batches = sharding.shard_batch(inner, layout.stacked_batch, axis=1)
+    h_stack = steps.lower_stack(params, inner_batches)
+    pert, _, _ = steps.inner_epoch(params, pert, inner_opt.init(pert.deltas), h_stack, inner_batches,
+                                               np.inf)
+    params, _, _ = steps.outer_step(trainable, params, outer_state, pert, sharding.shard_batch(safe, layout.batch),
+                                    sharding.shard_batch(anchor, layout.batch))
+    assert float(np.abs(np.asarray(pert.deltas[layer])).max()) > 0
+
+    nnx.replace_by_pure_dict(state, params)
+    repaired = nnx.merge(graphdef, state)
+    moved = np.abs(np.asarray(repaired.params_tree()["layers"]["down_proj"]) - start["layers"]["down_proj"]).max()
+    assert moved > 1e-5  # the outer step trained the blocks above the injection layer
+    out = beear_jax.save_module(tmp_path / "repaired", repaired, tokenizer_from=None)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = np.array([[3, 9, 27, 81, 5, 6]])
+    np.testing.assert_allclose(np.asarray(repaired(ids)), torch_logits(reloaded, ids), atol=1e-4, rtol=0)
