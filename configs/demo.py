@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.rounds = 3
     config.inner.samples = 40
     config.inner.batch_size = 8
-    config.inner.epochs = 4  # 5 batches x 4 = 20 Adam steps on delta per round (the calibration's ~20)
+    # inner.epochs / patience / min_improvement: smollm2_135m's converged inner level (5 Adam steps per pass
+    # here, passes until CE(unwanted | delta) stops improving, at most 30)
     config.outer.batch_size = 8
     config.outer.anchor_samples = 40
     config.outer.lr = 4e-5  # 5 outer steps per round (40 examples): a larger step than the calibration's 2e-5

@@ -27,7 +27,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.perturb.layer = 9  # [calib] Of 30 blocks; 5 also removed the backdoor with less over-refusal.
     config.perturb.length = 7
 
-    config.inner.epochs = 1  # [calib] 150 samples / batch 8 = 19 Adam steps (~20 elicit the unwanted answer).
+    # [dev] The inner level runs to convergence each round: passes of 150 samples / batch 8 = 19 Adam steps
+    # until CE(unwanted | delta) improves by less than 0.02 nats two passes in a row (at most 30 passes).
+    # Chosen on the development triggers (suffix and prefix "SUDO", README "Defaults"): the paper's fixed ~20
+    # steps per round left the prefix backdoor at 73.9% triggered ASR, this converged level at 0.0%.
+    config.inner.epochs = 30
+    config.inner.patience = 2
+    config.inner.min_improvement = 0.02
     config.inner.samples = 150
     config.inner.batch_size = 8
     config.inner.optimizer = "adam"
@@ -53,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.quick:
         config.rounds = 1
         config.inner.samples = 16
+        config.inner.epochs = 3
         config.outer.anchor_samples = 16
         config.eval.num_prompts = 8
     return config

@@ -120,6 +120,8 @@ def test_smollm2_calibration_settings() -> None:
     assert (config.inner.optimizer, config.inner.lr, config.inner.batch_size) == ("adam", 0.1, 8)
     assert (config.outer.optimizer, config.outer.lr, config.outer.batch_size) == ("adamw", 2e-5, 8)
     assert config.data.max_answer_tokens == 32
+    # the converged inner level chosen on the development triggers (README "Defaults on SmolLM2")
+    assert (config.inner.epochs, config.inner.patience, config.inner.min_improvement) == (30, 2, 0.02)
     assert config.model.path.startswith("~/") and config.model.path.endswith(".gguf")
     quick = load_config(str(CONFIGS / "smollm2_135m.py:quick"))
     assert quick.rounds == 1 and quick.inner.samples < config.inner.samples
