@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from beear_jax.models.config import ModelConfig
-from beear_jax.perturbation import check_deltas
+from beear_jax.models.hook import check_deltas
 
 Params = dict[str, Any]
 
