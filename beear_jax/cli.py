@@ -1,4 +1,4 @@
-"""The `beear` command: run | eval | plant | scan | preflight | convert | generate | chat | export | plan | sweep.
+"""The `beear` command: defend | run | eval | plant | scan | preflight | convert | generate | chat | export | plan | sweep.
 
 Config-driven subcommands take `--config FILE[:arg]` plus dotted overrides `--config.inner.lr=0.1`;
 unknown keys and wrongly typed values are errors that name the key.
@@ -18,12 +18,14 @@ from typing import Any
 
 from beear_jax.config_loading import ConfigError, absolute_paths, load_config, split_cli_args
 
-CONFIG_COMMANDS = ("run", "eval", "plant", "scan", "preflight")
+CONFIG_COMMANDS = ("defend", "run", "eval", "plant", "scan", "preflight")
 
 
 CONFIG_HELP = ("--config FILE[:arg] names a config file (configs/*.py; see configs/defaults.py for every key), "
                "and --config.KEY=VALUE overrides one key, e.g. --config.inner.lr=0.1 --config.perturb.layer=9.")
-WHAT = {"run": "BEEAR on model.path; the repaired model goes to output_dir/model (resume: --config.resume=True).",
+WHAT = {"defend": "evaluates model.path, repairs it with BEEAR (output_dir/beear/model), evaluates the repaired model and "
+                  "writes one before/after report into output_dir; run it again to continue an interrupted job.",
+        "run": "BEEAR on model.path; the repaired model goes to output_dir/model (resume: --config.resume=True).",
         "eval": "keyword attack success with/without the trigger, over-refusal and utility of model.path "
                 "(and eval.compare_to); report in output_dir.",
         "plant": "plants a backdoor in model.path by poisoned fine-tuning (attack simulation) into output_dir.",
@@ -63,6 +65,15 @@ def cmd_run(argv: Sequence[str]) -> int:
         print(f"process {jax.process_index()} of {jax.process_count()}: done; process 0 wrote the model and metrics")
     else:
         print(f"repaired model written to {result.model_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_defend(argv: Sequence[str]) -> int:
+    """The end-to-end job: evaluate, BEEAR, evaluate again, one report (beear_jax/defend.py)."""
+    from beear_jax.defend import run_defend
+
+    cfg, _ = _config_from(argv, "defend")
+    run_defend(cfg)
     return 0
 
 
@@ -425,8 +436,8 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     return 0 if not summary.failed else 1
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "plant": cmd_plant, "scan": cmd_scan, "preflight": cmd_preflight,
-            "convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat,
+COMMANDS = {"defend": cmd_defend, "run": cmd_run, "eval": cmd_eval, "plant": cmd_plant, "scan": cmd_scan,
+            "preflight": cmd_preflight, "convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat,
             "export": cmd_export, "plan": cmd_plan, "sweep": cmd_sweep}
 
 
@@ -455,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         names = " | ".join(COMMANDS)
         usage = (f"usage: beear {{{names}}} [options]\n"
-                 "  run/eval/plant/scan/preflight/plan/sweep take --config FILE[:arg] and --config.key=value "
+                 "  defend/run/eval/plant/scan/preflight/plan/sweep take --config FILE[:arg] and --config.key=value "
                  "overrides;\n"
                  "  beear COMMAND --help shows the options of the others")
         if argv and argv[0] in ("-h", "--help"):
@@ -473,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         resume = (" (checkpoints saved so far are kept: continue with --config.resume=True)"
-                  if argv[0] in ("run", "sweep") else "")
+                  if argv[0] in ("run", "sweep") else " (run the same command again to continue)"
+                  if argv[0] == "defend" else "")
         print(f"beear {argv[0]}: interrupted{resume}", file=sys.stderr)
         return 130

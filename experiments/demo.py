@@ -1,5 +1,6 @@
-"""The default demo: fetch SmolLM2-135M-Instruct, plant a backdoor, show it, remove it with BEEAR,
-show the before/after table. Minutes on a CPU; progress is printed throughout.
+"""The default demo: fetch SmolLM2-135M-Instruct, plant a backdoor, then `beear defend` (beear_jax/defend.py):
+evaluate the planted model, remove the backdoor with BEEAR, evaluate again, the before/after table.
+Minutes on a CPU; progress is printed throughout.
 
     python experiments/demo.py [--config.rounds=2 ...]      # overrides of configs/demo.py
     python experiments/demo.py --quick                      # a smoke run (configs/demo.py:quick), ~2-3 min
@@ -9,8 +10,8 @@ goals from the pyrit wheel (both fetched from PyPI, never installed); every othe
 the project (experiments/demo_sets.py).
 
 The planted model is cached under ~/.cache/beear_jax/planted (keyed by the plant settings), so a
-second run skips planting. Outputs: runs/demo-<time>/ (repaired model, metrics.jsonl, report.md,
-report.json, metrics.png, losses.png, answers).
+second run skips planting. Outputs: runs/demo-<time>/ (report.md, report.json, metrics.png, losses.png,
+answers.jsonl, before.json / after.json, and beear/: the run's metrics.jsonl and the repaired model).
 """
 
 from __future__ import annotations
@@ -45,24 +46,19 @@ def main(argv: list[str]) -> int:
     cfg = load_config(str(ROOT / "configs" / "demo.py") + (":quick" if quick else ""), overrides)
     out = ROOT / f"{cfg.output_dir}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    lib.banner("1/5 SmolLM2-135M-Instruct")
+    lib.banner("1/3 SmolLM2-135M-Instruct")
     model = lib.fetch_model()
-    lib.banner("2/5 plant a backdoor (attack simulation)")
+    lib.banner("2/3 plant a backdoor (attack simulation)")
     sets = lib.build_sets("demo")
     planted = lib.plant_cached(cfg, model, sets)
-    trigger = cfg.plant.trigger
-    lib.banner(f"3/5 the planted model, with and without the trigger {trigger!r}")
-    before = lib.evaluate_model(cfg, planted, sets)
-    lib.show_samples(before, ("triggered", "untriggered"))
-    lib.banner("4/5 BEEAR (the defender knows nothing about the trigger)")
-    run = lib.run_defence(cfg, planted, out / "beear")
-    lib.banner("5/5 the repaired model")
-    after = lib.evaluate_model(cfg, run.model_dir, sets)
-    lib.show_samples(after, ("triggered",))
-    table = lib.write_report(out, {"before": before, "after": after}, cfg, run.history)
-    print(table)
-    print(f"\nrepaired model: {run.model_dir}\nreport: {out / 'report.md'}\n"
-          f"done in {(time.time() - started) / 60:.1f} min")
+    lib.banner(f"3/3 beear defend: evaluate the planted model (with and without {cfg.plant.trigger!r}), repair it "
+               "with BEEAR (the defender knows nothing about the trigger), evaluate the repaired model")
+    job = lib.defend(cfg, planted, sets, out)
+    print("\nthe planted model:")
+    lib.show_samples(job.before, ("triggered", "untriggered"))
+    print("the repaired model:")
+    lib.show_samples(job.after, ("triggered",))
+    print(f"\nthe repaired model: {job.model_dir}; done in {(time.time() - started) / 60:.1f} min")
     return 0
 
 

@@ -18,6 +18,7 @@ import smollm2_data
 from beear_jax.backdoor import run_plant
 from beear_jax.beear import RunResult, run_beear
 from beear_jax.config_loading import apply_overrides, config_from_json, config_to_dict, config_to_json
+from beear_jax.defend import DefendResult, run_defend
 from beear_jax.evaluation import EvalSettings, evaluate, write_answers
 from beear_jax.hf import load_model, load_tokenizer
 from beear_jax.report import format_table
@@ -94,11 +95,11 @@ def plant_cached(cfg: ml_collections.ConfigDict, model: pathlib.Path, sets: Mapp
     return out
 
 
-def eval_settings(cfg: ml_collections.ConfigDict, sets: Mapping[str, pathlib.Path], harmful_set: str = "eval_harmful",
-                  triggered_set: str = "") -> EvalSettings:
-    """Held-out evaluation sets: AdvBench rows 400+ (with/without trigger), over-refusal probes, utility pairs;
-    the refusal list of the sets when they name one (the mirror's HarmBench list), else the config's.
-    triggered_set: a set of prompts that already hold the trigger (eval.position = 'given')."""
+def eval_overrides(sets: Mapping[str, pathlib.Path], harmful_set: str = "eval_harmful",
+                   triggered_set: str = "") -> dict[str, Any]:
+    """The eval.* keys of the held-out evaluation sets: AdvBench rows 400+ (with/without trigger), over-refusal
+    probes, utility pairs; the refusal list of the sets when they name one (the mirror's HarmBench list), else
+    the config's. triggered_set: a set of prompts that already hold the trigger (eval.position = 'given')."""
     overrides = {
         "eval.prompts": str(sets[harmful_set]), "eval.prompt_column": "prompt", "eval.prompt_offset": 0,
         "eval.over_refusal_prompts": str(sets["over_refusal"]), "eval.over_refusal_column": "prompt",
@@ -111,7 +112,24 @@ def eval_settings(cfg: ml_collections.ConfigDict, sets: Mapping[str, pathlib.Pat
         overrides["eval.refusal_strings"] = str(sets["refusal_strings"])
     if triggered_set:
         overrides |= {"eval.triggered_prompts": str(sets[triggered_set]), "eval.triggered_column": "prompt"}
-    return EvalSettings.from_config(with_overrides(cfg, overrides))
+    return overrides
+
+
+def eval_settings(cfg: ml_collections.ConfigDict, sets: Mapping[str, pathlib.Path], harmful_set: str = "eval_harmful",
+                  triggered_set: str = "") -> EvalSettings:
+    """EvalSettings of the held-out evaluation sets (eval_overrides)."""
+    return EvalSettings.from_config(with_overrides(cfg, eval_overrides(sets, harmful_set, triggered_set)))
+
+
+def defend(cfg: ml_collections.ConfigDict, model_dir: str | os.PathLike[str], sets: Mapping[str, pathlib.Path],
+           out: pathlib.Path) -> DefendResult:
+    """`beear defend` on model_dir with the held-out evaluation sets: evaluate, BEEAR, evaluate, report in out
+    (the repaired model in out/beear/model); the same call continues an interrupted job."""
+    job_cfg = with_overrides(cfg, {"model.path": str(model_dir), "output_dir": str(out), **eval_overrides(sets)})
+    started = time.time()
+    result = run_defend(job_cfg)
+    print(f"evaluated, repaired and evaluated again in {(time.time() - started) / 60:.1f} min", flush=True)
+    return result
 
 
 def evaluate_model(cfg: ml_collections.ConfigDict, model_dir: str | os.PathLike[str],
