@@ -94,6 +94,23 @@ def test_a_lost_process_ends_the_job_and_a_resume_of_all_finishes_it(world, tmp_
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
 
 
+def test_a_lost_coordinator_ends_the_other_process(world, tmp_path):
+    """Process 0 (the coordination service's host) killed after round 1 of 3: process 1 exits non-zero
+    within 60 s, naming the leader task as lost, instead of waiting in a collective; no model is written."""
+    args = _run_args(world, tmp_path / "cut0", "2,2,1", rounds=3)
+    running = start(args, 2, 2, tmp_path / "cut0_logs")
+    deadline = time.time() + 600
+    while _rounds_ended(tmp_path / "cut0") < 1 and time.time() < deadline and running[0].poll() is None:
+        time.sleep(0.2)
+    running[0].kill()
+    lost = time.time()
+    results = finish(running, tmp_path / "cut0_logs", timeout=120)
+    assert time.time() - lost < 60 and results[1][0] != 0, results[1][1][-2000:]
+    # JAX's coordination client names the lost process as the leader task (process 0 hosts the service).
+    assert "the leader task was preempted/died" in results[1][1], results[1][1][-2000:]
+    assert not (tmp_path / "cut0" / "model").exists()
+
+
 def test_eval_on_two_processes_writes_one_processs_report(world, tmp_path):
     """The generation batches shared out over 2 processes and gathered: the same answers and metrics."""
     model_dir, _, anchor = world
