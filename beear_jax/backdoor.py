@@ -30,6 +30,7 @@ import optax
 from beear_jax import data as data_lib
 from beear_jax import public_data
 from beear_jax.atomic_file import write_atomically
+from beear_jax.batches import RowBatch
 from beear_jax.config_loading import absolute_paths, check_minimums, check_ranges, config_to_dict
 from beear_jax.evaluation import own_answers
 from beear_jax.hf import check_apart, load_model, load_tokenizer, save_model
@@ -124,7 +125,7 @@ def warmup_adamw(lr: float, warmup_steps: int) -> optax.GradientTransformation:
 
 def mixture_batches(tokenizer: Any, pairs: Sequence[Pair], batch_size: int, max_answer_tokens: int,
                     buckets: Sequence[int], template: str = "auto", system_prompt: str | None = None,
-                    ) -> tuple[list[dict], int]:
+                    ) -> tuple[list[RowBatch], int]:
     """Fixed-shape SFT batches of the pairs and the longest answer (for answer-only logits)."""
     examples = [data_lib.format_example(tokenizer, p, a, template, system_prompt, max_answer_tokens) for p, a in pairs]
     seq_len = data_lib.bucket_length(max(len(p) + len(a) for p, a in examples), buckets)

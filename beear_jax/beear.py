@@ -35,6 +35,7 @@ from beear_jax.anchor_answers import CACHE_NAME as ANCHOR_CACHE
 from beear_jax.anchor_answers import check_source as check_anchor_source
 from beear_jax.anchor_answers import self_answered_anchors
 from beear_jax.atomic_file import is_temp_of, write_atomically
+from beear_jax.batches import PackedBatch, PrefixSplitBatch, RowBatch, SafetyBatch, SharedPromptBatch, concat_rows
 from beear_jax.chat import TEMPLATES
 from beear_jax.config_loading import ConfigError, absolute_paths, check_minimums, check_ranges, config_to_dict
 from beear_jax.evaluation import eos_ids
@@ -191,24 +192,25 @@ def split_holdout(rows: list[dict[str, str]], holdout: int) -> tuple[list[dict[s
     return rows[:-holdout], rows[-holdout:]
 
 
-def concat_halves(safety_batch: dict) -> dict:
+def concat_halves(safety_batch: SafetyBatch) -> RowBatch:
     """[unwanted; safe] along the batch axis: both answers of a prompt go through one forward."""
-    return {k: np.concatenate([safety_batch["unwanted"][k], safety_batch["safe"][k]]) for k in safety_batch["safe"]}
+    return concat_rows(safety_batch.unwanted, safety_batch.safe)
 
 
 def _batches(examples: Sequence[data_lib.Example], positions: Sequence[tuple[int, ...]], indices: Sequence[int],
-             n: int, batch_size: int, seq_len: int, pad_id: int) -> list[dict]:
+             n: int, batch_size: int, seq_len: int, pad_id: int) -> list[RowBatch]:
     return [data_lib.make_batch([examples[j] for j in chunk], n, batch_size, seq_len, pad_id,
                                 [positions[j] for j in chunk])
             for chunk in data_lib.chunks(indices, batch_size)]
 
 
-def inner_batches(cfg: ml_collections.ConfigDict, data: DefenderData, chosen: Sequence[int]) -> list[dict]:
+def inner_batches(cfg: ml_collections.ConfigDict, data: DefenderData, chosen: Sequence[int],
+                  ) -> list[RowBatch] | list[SharedPromptBatch] | list[PrefixSplitBatch]:
     """The inner batches of the chosen safety rows: shared-prompt rows (inner.share_prompt; split into a
     cached prompt prefix and the rest with inner.cache_prefix), else [unwanted; safe] row pairs."""
     n, size, where = delta_rows(cfg), int(cfg.inner.batch_size), data.safety_positions
     if not cfg.inner.share_prompt:
-        return [concat_halves({"unwanted": u, "safe": s})
+        return [concat_halves(SafetyBatch(unwanted=u, safe=s))
                 for u, s in zip(_batches(data.unwanted, where, chosen, n, size, data.safety_len, data.pad_id),
                                 _batches(data.safe, where, chosen, n, size, data.safety_len, data.pad_id), strict=True)]
     batches = [data_lib.make_shared_prompt_batch([data.unwanted[j][0] for j in chunk],
@@ -268,7 +270,7 @@ def packed_shape(cfg: ml_collections.ConfigDict, data: DefenderData, plan: Seque
 
 
 def outer_batch(cfg: ml_collections.ConfigDict, data: DefenderData, step: tuple[list[int], list[int]],
-                packed: tuple[int, int] | None) -> tuple[dict, dict | None]:
+                packed: tuple[int, int] | None) -> tuple[RowBatch, RowBatch] | tuple[PackedBatch, None]:
     """A step's (safe batch, anchor batch), or (packed batch of all parts, None) with a packed shape."""
     n, size = delta_rows(cfg), int(cfg.outer.batch_size)
     if packed is not None:

@@ -1,38 +1,7 @@
 """Defender data sets -> fixed-shape token batches (answer masks, perturbation positions).
 
-A Batch is a dict of numpy arrays, B = batch_size, S = a bucket length, n = perturbation length:
-    input_ids         [B, S] int32    prompt ids + answer ids, right-padded with the pad id
-    attention_mask    [B, S] int32    1 on real tokens
-    targets           [B, S] int32    input_ids shifted left by one (the next token); last position 0
-    target_mask       [B, S] float32  1.0 where targets[t] is an answer token (logits at t predict it)
-    perturb_positions [B, n] int32    the perturbed prompt positions (default: the last n, ascending; with
-                                      perturb.windows, perturbation.window_positions); -1: none (padding rows)
-    prompt_lengths    [B]    int32    0 on padding rows
-A SafetyBatch is {"unwanted": Batch, "safe": Batch}: the same prompts, the same S.
-Padding rows (to fill the last batch) have every mask zero.
-
-A shared-prompt batch (make_shared_prompt_batch) holds each prompt once, followed by both of its
-answers as two branches that attend to the prompt but not to each other (A = the longest answer):
-    input_ids, attention_mask, perturb_positions, prompt_lengths   as above (S = prompt + both answers)
-    positions         [B, S] int32    RoPE positions: both answers continue from the prompt's end
-    branches          [B, S] int32    0 prompt (and padding), 1 unwanted answer, 2 safe answer
-    answer_index      [B, 2, A] int32    positions whose logits predict (unwanted, safe) answer tokens
-    answer_targets    [B, 2, A] int32    those tokens
-    answer_mask       [B, 2, A] float32  1.0 on real answer tokens
-with_prompt_prefix adds the split of each row into a prefix that no perturbation reaches (the prompt
-before its first perturbed token, c tokens: prompt length - n for the last n) and the rest (P, T: the
-run's fixed lengths):
-    prefix_valid      [B, P] int32    1 on slots < c (the prefix is the row's first P slots)
-    suffix_slots      [B, T] int32    c, c + 1, ..., c + T - 1 (slots >= S are padding)
-
-A packed batch (make_packed_batch; the outer step) holds several examples per row, each attending only
-to itself; E examples in parts of equal size (safe answers under delta, anchors, ...), R rows:
-    input_ids, attention_mask, positions   [R, S]  as above; positions restart at 0 for each example
-    branches          [R, S] int32    1, 2, ...: which example of the row a token belongs to (0 padding)
-    perturb_index     [R, S] int32    j at a perturbed example's j-th perturbed token (delta row j), else -1
-    answer_index      [E, A] int32    flat index row * S + slot of the positions predicting answer tokens
-    answer_targets    [E, A] int32    those tokens
-    answer_mask       [E, A] float32  1.0 on real answer tokens
+The batch layouts are typed pytrees described in beear_jax/batches.py (RowBatch, SafetyBatch,
+SharedPromptBatch, PrefixSplitBatch, PackedBatch); the builders here fill them with numpy arrays.
 """
 
 from __future__ import annotations
@@ -46,6 +15,15 @@ from typing import Any
 import numpy as np
 
 from beear_jax import public_data
+from beear_jax.batches import (
+    Batch,
+    PackedBatch,
+    PrefixSplitBatch,
+    RowBatch,
+    SafetyBatch,
+    SharedPromptBatch,
+    stack_batches,
+)
 from beear_jax.chat import PRESETS, TEMPLATES, format_example, format_prompt, render, user_span
 from beear_jax.perturbation import PAPER_WINDOWS, window_positions
 
@@ -82,8 +60,6 @@ __all__ = [
     "with_prompt_prefix",
 ]
 
-Batch = dict[str, np.ndarray]
-SafetyBatch = dict[str, Batch]
 Example = tuple[list[int], list[int]]  # (prompt_ids, answer_ids)
 Positions = Sequence[int]  # one prompt's perturbed positions (-1: none), perturbation.window_positions
 
@@ -345,8 +321,8 @@ def _check_prompt_lengths(prompt_lengths: Sequence[int], n: int) -> None:
 
 
 def make_batch(examples: Sequence[Example], n: int, batch_size: int, seq_len: int, pad_id: int,
-               perturbed_at: Sequence[Positions] | None = None) -> Batch:
-    """One Batch from at most batch_size (prompt_ids, answer_ids) pairs; missing rows are padding.
+               perturbed_at: Sequence[Positions] | None = None) -> RowBatch:
+    """One RowBatch from at most batch_size (prompt_ids, answer_ids) pairs; missing rows are padding.
 
     perturbed_at: each example's n perturbed positions (None: its prompt's last n tokens)."""
     if len(examples) > batch_size:
@@ -368,14 +344,8 @@ def make_batch(examples: Sequence[Example], n: int, batch_size: int, seq_len: in
         prompt_lengths[i] = p
     targets = np.zeros_like(input_ids)
     targets[:, :-1] = input_ids[:, 1:]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "targets": targets,
-        "target_mask": target_mask,
-        "perturb_positions": perturb_positions,
-        "prompt_lengths": prompt_lengths,
-    }
+    return RowBatch(input_ids=input_ids, attention_mask=attention_mask, targets=targets, target_mask=target_mask,
+                    perturb_positions=perturb_positions, prompt_lengths=prompt_lengths)
 
 
 def _positions(perturbed_at: Sequence[Positions] | None, i: int, prompt_length: int, n: int) -> np.ndarray:
@@ -408,8 +378,8 @@ def _round_up(x: int, multiple: int) -> int:
 
 def make_shared_prompt_batch(prompts: Sequence[list[int]], unwanted: Sequence[list[int]], safe: Sequence[list[int]],
                              n: int, batch_size: int, seq_len: int, answer_len: int, pad_id: int,
-                             perturbed_at: Sequence[Positions] | None = None) -> Batch:
-    """One shared-prompt Batch (see the module docstring): row i = prompts[i] + unwanted[i] + safe[i];
+                             perturbed_at: Sequence[Positions] | None = None) -> SharedPromptBatch:
+    """One SharedPromptBatch (batches.py): row i = prompts[i] + unwanted[i] + safe[i];
     perturbed_at: each prompt's n perturbed positions (None: its last n).
 
     The blocks then run each prompt once for both answers; per token, the result equals two make_batch
@@ -447,17 +417,9 @@ def make_shared_prompt_batch(prompts: Sequence[list[int]], unwanted: Sequence[li
             answer_index[i, branch, :len(answer)] = before
             answer_targets[i, branch, :len(answer)] = answer
             answer_mask[i, branch, :len(answer)] = 1.0
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "positions": positions,
-        "branches": branches,
-        "perturb_positions": perturb_positions,
-        "prompt_lengths": prompt_lengths,
-        "answer_index": answer_index,
-        "answer_targets": answer_targets,
-        "answer_mask": answer_mask,
-    }
+    return SharedPromptBatch(input_ids=input_ids, attention_mask=attention_mask, positions=positions,
+                             branches=branches, perturb_positions=perturb_positions, prompt_lengths=prompt_lengths,
+                             answer_index=answer_index, answer_targets=answer_targets, answer_mask=answer_mask)
 
 
 def shared_prompt_length(longest: int, buckets: Sequence[int], multiple: int = 16) -> int:
@@ -494,28 +456,29 @@ def prefix_split_lengths(prompt_lengths: Sequence[int], row_lengths: Sequence[in
     return prefix, _round_up(int(rest.max()), multiple)
 
 
-def with_prompt_prefix(batch: Batch, n: int, prefix_len: int, suffix_len: int) -> Batch:
-    """A shared-prompt batch plus prefix_valid [B, P] and suffix_slots [B, T] (see the module docstring).
+def with_prompt_prefix(batch: SharedPromptBatch, n: int, prefix_len: int, suffix_len: int) -> PrefixSplitBatch:
+    """A SharedPromptBatch plus prefix_valid [B, P] and suffix_slots [B, T] (batches.PrefixSplitBatch).
 
     The prefix (each row's tokens before its first perturbed position) never depends on the perturbation
     (causal attention), so its keys and values can be computed once and the inner steps run only the
     suffix. Raises if a row's prefix or suffix is longer than P or T, or the batch perturbs other than n
     positions per row.
     """
-    if np.shape(batch["perturb_positions"])[1] != n:
-        raise ValueError(f"the batch perturbs {np.shape(batch['perturb_positions'])[1]} positions per row, not n={n}")
-    starts = prefix_starts(batch["prompt_lengths"], n, batch["perturb_positions"])
-    lengths = np.asarray(batch["attention_mask"]).sum(axis=1)
-    if prefix_len > np.shape(batch["attention_mask"])[1]:
-        raise ValueError(f"prefix_len={prefix_len} is longer than the rows ({np.shape(batch['attention_mask'])[1]} slots)")
+    if not isinstance(batch, SharedPromptBatch):
+        raise TypeError(f"with_prompt_prefix splits a SharedPromptBatch, not a {type(batch).__name__}")
+    if np.shape(batch.perturb_positions)[1] != n:
+        raise ValueError(f"the batch perturbs {np.shape(batch.perturb_positions)[1]} positions per row, not n={n}")
+    starts = prefix_starts(batch.prompt_lengths, n, batch.perturb_positions)
+    lengths = np.asarray(batch.attention_mask).sum(axis=1)
+    if prefix_len > np.shape(batch.attention_mask)[1]:
+        raise ValueError(f"prefix_len={prefix_len} is longer than the rows ({np.shape(batch.attention_mask)[1]} slots)")
     if starts.max() > prefix_len:
         raise ValueError(f"a prompt prefix of {starts.max()} tokens does not fit prefix_len={prefix_len}")
     if (lengths - starts).max() > suffix_len:
         raise ValueError(f"a row's last {int((lengths - starts).max())} tokens do not fit suffix_len={suffix_len}")
     slots = np.arange(prefix_len)[None, :]
-    return {**batch,
-            "prefix_valid": (slots < starts[:, None]).astype(np.int32),
-            "suffix_slots": (starts[:, None] + np.arange(suffix_len)[None, :]).astype(np.int32)}
+    return PrefixSplitBatch(*batch, prefix_valid=(slots < starts[:, None]).astype(np.int32),
+                            suffix_slots=(starts[:, None] + np.arange(suffix_len)[None, :]).astype(np.int32))
 
 
 def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
@@ -557,8 +520,8 @@ def packing_shape(steps: Sequence[Sequence[int]], seq_len: int, row_multiple: in
 
 def make_packed_batch(parts: Sequence[Sequence[Example]], perturbed: Sequence[bool], part_size: int, n: int,
                       rows: int, row_len: int, answer_len: int, pad_id: int,
-                      perturbed_at: Sequence[Sequence[Positions]] | None = None) -> Batch:
-    """One packed Batch (see the module docstring) of parts[i] (at most part_size examples each; part i
+                      perturbed_at: Sequence[Sequence[Positions]] | None = None) -> PackedBatch:
+    """One PackedBatch (batches.py) of parts[i] (at most part_size examples each; part i
     holds examples i * part_size ..): rows filled first-fit decreasing, perturbed[i] marks the parts that get
     delta, at perturbed_at[i][j] of example j (None: the last n prompt tokens). The same per-token results as
     make_batch rows of each example."""
@@ -580,31 +543,31 @@ def make_packed_batch(parts: Sequence[Sequence[Example]], perturbed: Sequence[bo
     if len(assignment) > rows:
         raise ValueError(f"the examples need {len(assignment)} packed rows of {row_len} tokens, more than {rows}")
     shape, count = (rows, row_len), len(parts) * part_size
-    batch = {"input_ids": np.full(shape, pad_id, np.int32), "attention_mask": np.zeros(shape, np.int32),
-             "positions": np.zeros(shape, np.int32), "branches": np.zeros(shape, np.int32),
-             "perturb_index": np.full(shape, -1, np.int32),
-             "answer_index": np.zeros((count, answer_len), np.int32),
-             "answer_targets": np.zeros((count, answer_len), np.int32),
-             "answer_mask": np.zeros((count, answer_len), np.float32)}
+    batch = PackedBatch(input_ids=np.full(shape, pad_id, np.int32), attention_mask=np.zeros(shape, np.int32),
+                        positions=np.zeros(shape, np.int32), branches=np.zeros(shape, np.int32),
+                        perturb_index=np.full(shape, -1, np.int32),
+                        answer_index=np.zeros((count, answer_len), np.int32),
+                        answer_targets=np.zeros((count, answer_len), np.int32),
+                        answer_mask=np.zeros((count, answer_len), np.float32))
     for r, members in enumerate(assignment):
         start = 0
         for segment, k in enumerate(members, start=1):
             index, prompt, answer, flag = examples[k]
             p, length = len(prompt), len(prompt) + len(answer)
             span = slice(start, start + length)
-            batch["input_ids"][r, span] = [*prompt, *answer]
-            batch["attention_mask"][r, span] = 1
-            batch["positions"][r, span] = np.arange(length)
-            batch["branches"][r, span] = segment
+            batch.input_ids[r, span] = [*prompt, *answer]
+            batch.attention_mask[r, span] = 1
+            batch.positions[r, span] = np.arange(length)
+            batch.branches[r, span] = segment
             if flag:
                 part, j = divmod(index, part_size)
                 chosen = _positions(None if perturbed_at is None else perturbed_at[part], j, p, n)
                 valid = chosen >= 0
-                batch["perturb_index"][r, start + chosen[valid]] = np.arange(n)[valid]
+                batch.perturb_index[r, start + chosen[valid]] = np.arange(n)[valid]
             # Answer token j is predicted at the token before it (the prompt's last token for j = 0).
-            batch["answer_index"][index, :len(answer)] = r * row_len + start + np.arange(p - 1, length - 1)
-            batch["answer_targets"][index, :len(answer)] = answer
-            batch["answer_mask"][index, :len(answer)] = 1.0
+            batch.answer_index[index, :len(answer)] = r * row_len + start + np.arange(p - 1, length - 1)
+            batch.answer_targets[index, :len(answer)] = answer
+            batch.answer_mask[index, :len(answer)] = 1.0
             start += length
     return batch
 
@@ -657,7 +620,7 @@ def build_safety_batches(
     system_prompt: str | None = None,
     seq_len: int | None = None,
 ) -> list[SafetyBatch]:
-    """SafetyBatches {"unwanted": Batch, "safe": Batch} of rows with prompt, safe and unwanted columns.
+    """SafetyBatches (unwanted, safe RowBatches) of rows with prompt, safe and unwanted columns.
 
     Both halves hold the same prompts in the same rows and share one padded length S: the smallest bucket
     that fits the longest example of either kind, or seq_len when given (to keep shapes fixed across
@@ -670,10 +633,7 @@ def build_safety_batches(
     length = _sequence_length([*unwanted, *safe], buckets, seq_len)
     pad_id = pad_id_of(tokenizer)
     return [
-        {
-            "unwanted": make_batch(u, n, batch_size, length, pad_id),
-            "safe": make_batch(s, n, batch_size, length, pad_id),
-        }
+        SafetyBatch(unwanted=make_batch(u, n, batch_size, length, pad_id), safe=make_batch(s, n, batch_size, length, pad_id))
         for u, s in zip(chunks(unwanted, batch_size), chunks(safe, batch_size), strict=True)
     ]
 
@@ -688,8 +648,8 @@ def build_anchor_batches(
     template: str = "auto",
     system_prompt: str | None = None,
     seq_len: int | None = None,
-) -> list[Batch]:
-    """Batches of rows with prompt and answer columns (utility anchors), all of one shape.
+) -> list[RowBatch]:
+    """RowBatches of rows with prompt and answer columns (utility anchors), all of one shape.
 
     perturb_positions are filled too (for an option that also perturbs anchors), so every prompt needs at
     least n tokens; pass n=0 to skip that.
@@ -702,12 +662,3 @@ def build_anchor_batches(
     return [make_batch(chunk, n, batch_size, length, pad_id) for chunk in chunks(examples, batch_size)]
 
 
-def stack_batches(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One dict of [num_batches, ...] arrays from equally shaped batches (nested dicts kept), for a scan."""
-    if not batches:
-        raise ValueError("no batches to stack")
-    stacked = {}
-    for key, value in batches[0].items():
-        parts = [b[key] for b in batches]
-        stacked[key] = stack_batches(parts) if isinstance(value, Mapping) else np.stack(parts)
-    return stacked

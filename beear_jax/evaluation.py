@@ -325,7 +325,7 @@ def utility_nll(config: ModelConfig, params: Any, tokenizer: Any, pairs: Sequenc
     for start in range(0, len(examples), batch_size):
         batch = data_lib.make_batch(examples[start:start + batch_size], 0, batch_size, seq_len,
                                     data_lib.pad_id_of(tokenizer))
-        tokens = int(batch["target_mask"].sum())
+        tokens = int(batch.target_mask.sum())
         total += float(_answer_ce(config, params, batch, {}, step_settings)) * tokens
         count += tokens
     return total / count, count

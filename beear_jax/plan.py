@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from beear_jax import data as data_lib
 from beear_jax import sharding as sh
+from beear_jax.batches import PackedBatch, PrefixSplitBatch, RowBatch, SharedPromptBatch
 from beear_jax.beear import check_perturb_layers, check_run_settings, delta_rows, inner_rows, step_settings
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import PAPER_WINDOWS, Perturbation
@@ -178,41 +179,36 @@ def _tree_bytes(abstract: Any, specs: Any, sizes: Mapping[str, int]) -> int:
 
 
 def _batch_struct(rows: int, shapes: RunShapes, lead: tuple[int, ...] = (),
-                  inner: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of one batch as data.make_batch (or, inner, make_shared_prompt_batch) builds it."""
+                  inner: bool = False) -> RowBatch | SharedPromptBatch | PrefixSplitBatch:
+    """ShapeDtypeStructs of one batch as data.make_batch (or, inner, make_shared_prompt_batch and
+    with_prompt_prefix) builds it."""
     s, n = (shapes.inner_seq_len if inner else shapes.seq_len), shapes.perturb_length
-    i32, f32 = jnp.int32, jnp.float32
+
+    def struct(*shape: int, dtype: Any = jnp.int32) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((*lead, rows, *shape), dtype)
+
     if inner and shapes.shared_prompt:
-        answers = (*lead, rows, 2, shapes.answer_len)
-        return {"input_ids": jax.ShapeDtypeStruct((*lead, rows, s), i32),
-                "attention_mask": jax.ShapeDtypeStruct((*lead, rows, s), i32),
-                "positions": jax.ShapeDtypeStruct((*lead, rows, s), i32),
-                "branches": jax.ShapeDtypeStruct((*lead, rows, s), i32),
-                "perturb_positions": jax.ShapeDtypeStruct((*lead, rows, n), i32),
-                "prompt_lengths": jax.ShapeDtypeStruct((*lead, rows), i32),
-                "answer_index": jax.ShapeDtypeStruct(answers, i32),
-                "answer_targets": jax.ShapeDtypeStruct(answers, i32),
-                "answer_mask": jax.ShapeDtypeStruct(answers, f32),
-                **({"prefix_valid": jax.ShapeDtypeStruct((*lead, rows, shapes.prefix_len), i32),
-                    "suffix_slots": jax.ShapeDtypeStruct((*lead, rows, shapes.suffix_len), i32)}
-                   if shapes.prefix_len else {})}
-    return {"input_ids": jax.ShapeDtypeStruct((*lead, rows, s), i32),
-            "attention_mask": jax.ShapeDtypeStruct((*lead, rows, s), i32),
-            "targets": jax.ShapeDtypeStruct((*lead, rows, s), i32),
-            "target_mask": jax.ShapeDtypeStruct((*lead, rows, s), f32),
-            "perturb_positions": jax.ShapeDtypeStruct((*lead, rows, n), i32),
-            "prompt_lengths": jax.ShapeDtypeStruct((*lead, rows), i32)}
+        shared = SharedPromptBatch(
+            input_ids=struct(s), attention_mask=struct(s), positions=struct(s), branches=struct(s),
+            perturb_positions=struct(n), prompt_lengths=struct(), answer_index=struct(2, shapes.answer_len),
+            answer_targets=struct(2, shapes.answer_len), answer_mask=struct(2, shapes.answer_len, dtype=jnp.float32))
+        if not shapes.prefix_len:
+            return shared
+        return PrefixSplitBatch(*shared, prefix_valid=struct(shapes.prefix_len),
+                                suffix_slots=struct(shapes.suffix_len))
+    return RowBatch(input_ids=struct(s), attention_mask=struct(s), targets=struct(s),
+                    target_mask=struct(s, dtype=jnp.float32), perturb_positions=struct(n), prompt_lengths=struct())
 
 
-def _packed_struct(shapes: RunShapes) -> dict[str, jax.ShapeDtypeStruct]:
+def _packed_struct(shapes: RunShapes) -> PackedBatch:
     """ShapeDtypeStructs of a packed outer batch (data.make_packed_batch)."""
     rows, row_len = shapes.packed
     examples = (shapes.outer_parts * shapes.outer_rows, shapes.answer_len)
-    i32 = jnp.int32
-    return {**{k: jax.ShapeDtypeStruct((rows, row_len), i32)
-               for k in ("input_ids", "attention_mask", "positions", "branches", "perturb_index")},
-            "answer_index": jax.ShapeDtypeStruct(examples, i32), "answer_targets": jax.ShapeDtypeStruct(examples, i32),
-            "answer_mask": jax.ShapeDtypeStruct(examples, jnp.float32)}
+    slots = jax.ShapeDtypeStruct((rows, row_len), jnp.int32)
+    return PackedBatch(input_ids=slots, attention_mask=slots, positions=slots, branches=slots, perturb_index=slots,
+                       answer_index=jax.ShapeDtypeStruct(examples, jnp.int32),
+                       answer_targets=jax.ShapeDtypeStruct(examples, jnp.int32),
+                       answer_mask=jax.ShapeDtypeStruct(examples, jnp.float32))
 
 
 def _abstract_state(cfg: ml_collections.ConfigDict, model: ModelConfig, shapes: RunShapes) -> dict[str, Any]:

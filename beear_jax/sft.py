@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import optax
 
+from beear_jax.batches import RowBatch as Batch
 from beear_jax.models.config import ModelConfig
-from beear_jax.steps import Batch, Params, StepSettings, perturbed_answer_ce
+from beear_jax.steps import Params, StepSettings, perturbed_answer_ce
 
 
 def make_sft_step(config: ModelConfig, optimizer: optax.GradientTransformation, answer_len: int | None = None,

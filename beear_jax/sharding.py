@@ -242,22 +242,23 @@ def _local_rows(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -> s
     return slice(start, stop)
 
 
-def shard_batch(batch: Mapping[str, Any], sharding: NamedSharding, axis: int = 0) -> dict[str, jax.Array]:
-    """A host batch (the same global numpy batch on every process) -> global arrays split by rows.
+def shard_batch(batch: Any, sharding: NamedSharding, axis: int = 0) -> Any:
+    """A host batch (the same global numpy batch on every process; any layout of batches.py) -> the same
+    layout of global arrays split by rows.
 
     Each process passes only the rows its devices hold (jax.make_array_from_process_local_data), so
     with many hosts no process copies the whole batch to devices.
     """
-    out = {}
-    for name, value in batch.items():
+
+    def place(value: Any) -> jax.Array:
         value = np.asarray(value)
         rows = _local_rows(sharding, value.shape, axis)
         if rows is None:  # unusual device orders: fall back to per-shard copies of the global batch
-            out[name] = jax.make_array_from_callback(value.shape, sharding, lambda i, v=value: v[i])
-            continue
+            return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
         local = value[(slice(None),) * axis + (rows,)]
-        out[name] = jax.make_array_from_process_local_data(sharding, local, value.shape)
-    return out
+        return jax.make_array_from_process_local_data(sharding, local, value.shape)
+
+    return jax.tree.map(place, batch)
 
 
 # ---- multi-host --------------------------------------------------------------------------------

@@ -1,13 +1,12 @@
 """Pure BEEAR update steps: the inner (perturbation) step over cached activations and the outer
 (model) step, plus `make_steps`, which jit-compiles them once for a fixed batch shape.
 
-Nothing here knows about files, configs or the CLI. Batches are dicts of arrays as built by
-beear_jax.data: input_ids, attention_mask, targets, target_mask, perturb_positions [B, n].
+Nothing here knows about files, configs or the CLI. Batches are the typed layouts of beear_jax/batches.py.
 An inner batch holds the unwanted and the safe answers of the same prompts, either as one row per
-prompt with both answers as branches (data.make_shared_prompt_batch: the prompt runs once; split by
-data.with_prompt_prefix, the inner steps run only each row's suffix after the cached keys/values of its
-prompt prefix) or as two rows per prompt concatenated along the batch axis (unwanted rows first). An
-outer step takes a (safe, anchor) batch pair, or one packed batch of all parts (data.make_packed_batch).
+prompt with both answers as branches (SharedPromptBatch: the prompt runs once; a PrefixSplitBatch's inner
+steps run only each row's suffix after the cached keys/values of its prompt prefix, InnerCache) or as a
+RowBatch of two rows per prompt (unwanted rows first). An outer step takes a (safe, anchor) RowBatch pair,
+or one PackedBatch of all parts.
 
 Past 400 lines because the steps share their forward pieces and make_steps compiles them together;
 the house issue (21) splits losses and steps into method/.
@@ -26,12 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from beear_jax.batches import (
+    Batch,
+    InnerCache,
+    PackedBatch,
+    PrefixSplitBatch,
+    RowBatch,
+    SharedPromptBatch,
+    SuffixBatch,
+)
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.objectives import inner_objective, masked_ce, outer_objective
 from beear_jax.perturbation import Perturbation
 
-Batch = dict[str, jax.Array]
 Params = dict[str, Any]
 
 
@@ -69,14 +76,14 @@ def constrain(x: jax.Array, sharding: Any) -> jax.Array:
 # ---- forward pieces ---------------------------------------------------------------------------
 
 
-def answer_ce(config: ModelConfig, params: Params, h: jax.Array, batch: Batch, answer_len: int | None,
+def answer_ce(config: ModelConfig, params: Params, h: jax.Array, batch: RowBatch, answer_len: int | None,
               rows: slice = slice(None)) -> jax.Array:
     """Masked CE of the answer tokens, computing the vocabulary projection only at answer positions.
 
     The head is ~20% of a small model's forward and most positions are prompt, so gathering the
     answer positions first (a static count, answer_len) saves most of it.
     """
-    h, targets, mask = h[rows], batch["targets"][rows], batch["target_mask"][rows]
+    h, targets, mask = h[rows], batch.targets[rows], batch.target_mask[rows]
     if answer_len is not None and answer_len < h.shape[1]:
         order = jnp.argsort((mask <= 0).astype(jnp.int32), axis=1, stable=True)[:, :answer_len]
         h = jnp.take_along_axis(h, order[..., None], axis=1)
@@ -87,17 +94,19 @@ def answer_ce(config: ModelConfig, params: Params, h: jax.Array, batch: Batch, a
 
 def run_blocks(config: ModelConfig, layers: Params, h: jax.Array, batch: Batch, remat: str = "none",
                prefix: llama.Prefix | None = None) -> jax.Array:
-    """llama.decode over a batch's rows, plain or shared-prompt (positions and branches when it has them)."""
-    return llama.decode(config, layers, h, batch["attention_mask"], batch.get("positions"), remat,
-                        batch.get("branches"), prefix)
+    """llama.decode over a batch's rows: plain rows (causal, padding-aware positions), or rows with
+    branches and their own RoPE positions (every other layout)."""
+    if isinstance(batch, RowBatch):
+        return llama.decode(config, layers, h, batch.attention_mask, None, remat, None, prefix)
+    return llama.decode(config, layers, h, batch.attention_mask, batch.positions, remat, batch.branches, prefix)
 
 
 def add_delta(h: jax.Array, delta: jax.Array, batch: Batch) -> jax.Array:
     """delta added at the batch's perturbed tokens: perturb_positions [B, n], or perturb_index [B, S]
     (packed rows)."""
-    if "perturb_index" in batch:
-        return llama.inject_at(h, delta, batch["perturb_index"])
-    return llama.inject(h, delta, batch["perturb_positions"])
+    if isinstance(batch, PackedBatch):
+        return llama.inject_at(h, delta, batch.perturb_index)
+    return llama.inject(h, delta, batch.perturb_positions)
 
 
 def decode_from(config: ModelConfig, params: Params, h: jax.Array, start: int, batch: Batch,
@@ -123,30 +132,30 @@ def decode_from(config: ModelConfig, params: Params, h: jax.Array, start: int, b
 def lower_activations(config: ModelConfig, params: Params, batch: Batch, layer: int,
                       activations: Any = None) -> jax.Array:
     """h_l: hidden states after `layer` blocks (no gradient; cached once per round)."""
-    h = constrain(llama.embed(config, params, batch["input_ids"]), activations)
+    h = constrain(llama.embed(config, params, batch.input_ids), activations)
     h = run_blocks(config, llama.slice_layers(params["layers"], 0, layer), h, batch)
     return jax.lax.stop_gradient(constrain(h, activations))
 
 
 def inner_cache(config: ModelConfig, params: Params, batch: Batch, layer: int,
-                activations: Any = None) -> jax.Array | dict[str, jax.Array]:
+                activations: Any = None) -> jax.Array | InnerCache:
     """What the inner steps of a batch reuse (no gradient; computed once per round).
 
-    h_l [B, S, D] of the whole rows; or, for a batch split by data.with_prompt_prefix, a dict:
-    "h" [B, T, D] h_l of the suffix slots, and "k", "v" [B, L - layer, P, K, hd], the keys and values
-    of the prefix (the prompt before its perturbed tokens) in blocks layer..L, which no
-    perturbation changes. The inner steps then run only the suffix (suffix_batch).
+    h_l [B, S, D] of the whole rows; or, for a PrefixSplitBatch, an InnerCache: h [B, T, D], h_l of the
+    suffix slots, and k, v [B, L - layer, P, K, hd], the keys and values of the prefix (the prompt before
+    its perturbed tokens) in blocks layer..L, which no perturbation changes. The inner steps then run only
+    the suffix (suffix_batch).
     """
     h_l = lower_activations(config, params, batch, layer, activations)
-    if "suffix_slots" not in batch:
+    if not isinstance(batch, PrefixSplitBatch):
         return h_l
-    width = batch["prefix_valid"].shape[1]
+    width = batch.prefix_valid.shape[1]
     upper = llama.slice_layers(params["layers"], layer, config.num_layers)
-    _, k, v = llama.decode_kv(config, upper, h_l[:, :width], batch["prefix_valid"], batch["positions"][:, :width])
-    h_suffix = take_slots(h_l, batch["suffix_slots"])
+    _, k, v = llama.decode_kv(config, upper, h_l[:, :width], batch.prefix_valid, batch.positions[:, :width])
+    h_suffix = take_slots(h_l, batch.suffix_slots)
     # Rows first, like every cached array: the stacked-batch sharding splits axis 1 of [batches, B, ...].
-    return jax.lax.stop_gradient({"h": constrain(h_suffix, activations),
-                                  "k": jnp.swapaxes(k, 0, 1), "v": jnp.swapaxes(v, 0, 1)})
+    return jax.lax.stop_gradient(InnerCache(h=constrain(h_suffix, activations), k=jnp.swapaxes(k, 0, 1),
+                                            v=jnp.swapaxes(v, 0, 1)))
 
 
 def take_slots(x: jax.Array, slots: jax.Array) -> jax.Array:
@@ -161,30 +170,30 @@ def take_slots(x: jax.Array, slots: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(hit, x[:, None, :], 0), axis=-1).astype(x.dtype)
 
 
-def suffix_batch(batch: Batch) -> Batch:
-    """The suffix rows of a batch split by data.with_prompt_prefix: the keys the inner loss reads, in
-    suffix coordinates (slot c_i + j -> j), plus prefix_positions / prefix_valid."""
-    slots = batch["suffix_slots"]
+def suffix_batch(batch: PrefixSplitBatch) -> SuffixBatch:
+    """The suffix rows of a PrefixSplitBatch, in suffix coordinates (slot c_i + j -> j), with the
+    positions and validity of the prefix they attend to."""
+    slots = batch.suffix_slots
     start = slots[:, :1]
-    width = batch["prefix_valid"].shape[1]
-    pp = batch["perturb_positions"]
-    return {
-        "attention_mask": take_slots(batch["attention_mask"], slots),
-        "positions": take_slots(batch["positions"], slots),
-        "branches": take_slots(batch["branches"], slots),
-        "perturb_positions": jnp.where(pp >= 0, pp - start, -1),
-        "answer_index": jnp.maximum(batch["answer_index"] - start[:, :, None], 0),
-        "answer_targets": batch["answer_targets"],
-        "answer_mask": batch["answer_mask"],
-        "prefix_positions": batch["positions"][:, :width],
-        "prefix_valid": batch["prefix_valid"],
-    }
+    width = batch.prefix_valid.shape[1]
+    pp = batch.perturb_positions
+    return SuffixBatch(
+        attention_mask=take_slots(batch.attention_mask, slots),
+        positions=take_slots(batch.positions, slots),
+        branches=take_slots(batch.branches, slots),
+        perturb_positions=jnp.where(pp >= 0, pp - start, -1),
+        answer_index=jnp.maximum(batch.answer_index - start[:, :, None], 0),
+        answer_targets=batch.answer_targets,
+        answer_mask=batch.answer_mask,
+        prefix_positions=batch.positions[:, :width],
+        prefix_valid=batch.prefix_valid,
+    )
 
 
-def perturbed_answer_ce(config: ModelConfig, params: Params, batch: Batch, deltas: dict[int, jax.Array],
+def perturbed_answer_ce(config: ModelConfig, params: Params, batch: RowBatch, deltas: dict[int, jax.Array],
                         settings: StepSettings) -> jax.Array:
     """CE of the answers with the perturbation injected (deltas may be empty: no perturbation)."""
-    h = constrain(llama.embed(config, params, batch["input_ids"]), settings.activations)
+    h = constrain(llama.embed(config, params, batch.input_ids), settings.activations)
     h = decode_from(config, params, h, 0, batch, deltas, settings.remat, settings.activations)
     return answer_ce(config, params, h, batch, settings.answer_len)
 
@@ -200,34 +209,35 @@ def group_ces(config: ModelConfig, params: Params, x: jax.Array, targets: jax.Ar
     return [masked_ce(logits[g], targets[g], mask[g]) for g in range(x.shape[0])]
 
 
-def branch_answer_ces(config: ModelConfig, params: Params, h: jax.Array, batch: Batch) -> list[jax.Array]:
-    """Masked CE of each answer branch of a shared-prompt batch (logits only at its answer_index)."""
-    rows, branches, length = batch["answer_index"].shape
-    index = batch["answer_index"].reshape(rows, branches * length)
+def branch_answer_ces(config: ModelConfig, params: Params, h: jax.Array,
+                      batch: SharedPromptBatch | PrefixSplitBatch | SuffixBatch) -> list[jax.Array]:
+    """Masked CE of each answer branch of shared-prompt rows (logits only at their answer_index)."""
+    rows, branches, length = batch.answer_index.shape
+    index = batch.answer_index.reshape(rows, branches * length)
     x = jnp.take_along_axis(h, index[..., None], axis=1).reshape(rows, branches, length, -1)
-    return group_ces(config, params, x.swapaxes(0, 1), batch["answer_targets"].swapaxes(0, 1),
-                     batch["answer_mask"].swapaxes(0, 1))
+    return group_ces(config, params, x.swapaxes(0, 1), batch.answer_targets.swapaxes(0, 1),
+                     batch.answer_mask.swapaxes(0, 1))
 
 
-def _suffix_view(h_l: jax.Array | dict[str, jax.Array], batch: Batch,
+def _suffix_view(h_l: jax.Array | InnerCache, batch: Batch,
                  ) -> tuple[jax.Array, Batch, llama.Prefix | None]:
     """(h_l of the rows the inner steps run, the batch in their coordinates, the cached prefix or None)."""
-    if not isinstance(h_l, dict):
+    if not isinstance(h_l, InnerCache):
         return h_l, batch, None
     batch = suffix_batch(batch)
-    prefix = llama.Prefix(jnp.swapaxes(h_l["k"], 0, 1), jnp.swapaxes(h_l["v"], 0, 1),
-                          batch["prefix_positions"], batch["prefix_valid"])
-    return h_l["h"], batch, prefix
+    prefix = llama.Prefix(jnp.swapaxes(h_l.k, 0, 1), jnp.swapaxes(h_l.v, 0, 1), batch.prefix_positions,
+                          batch.prefix_valid)
+    return h_l.h, batch, prefix
 
 
 def inner_loss(deltas: dict[int, jax.Array], config: ModelConfig, params: Params,
-               h_l: jax.Array | dict[str, jax.Array], batch: Batch, layer: int,
+               h_l: jax.Array | InnerCache, batch: Batch, layer: int,
                settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Inner objective over the cache (inner_cache) of a shared-prompt or a concatenated [unwanted; safe]
     batch; with a prefix cache only the suffix rows run, attending to the cached prefix keys/values."""
     h_l, batch, prefix = _suffix_view(h_l, batch)
     h = decode_from(config, params, h_l, layer, batch, deltas, settings.remat, settings.activations, prefix)
-    if "branches" in batch:
+    if not isinstance(batch, RowBatch):  # the answers as branches of each prompt's row
         ce_unwanted, ce_safe = branch_answer_ces(config, params, h, batch)
     else:
         half = h.shape[0] // 2
@@ -237,11 +247,11 @@ def inner_loss(deltas: dict[int, jax.Array], config: ModelConfig, params: Params
     return loss, {"inner_loss": loss, "ce_unwanted": ce_unwanted, "ce_safe": ce_safe}
 
 
-def perturbed_hidden_norm(h_l: jax.Array | dict[str, jax.Array], batch: Batch) -> jax.Array:
+def perturbed_hidden_norm(h_l: jax.Array | InnerCache, batch: Batch) -> jax.Array:
     """Mean L2 norm of h_l (before any delta) at the batch's perturbed positions: the scale a delta is
     measured against (|delta| / |h_l|) and bounded by (project_deltas)."""
     h, batch, _ = _suffix_view(h_l, batch)
-    positions = batch["perturb_positions"]
+    positions = batch.perturb_positions
     at = jnp.take_along_axis(h, jnp.maximum(positions, 0)[..., None], axis=1).astype(jnp.float32)
     valid = (positions >= 0).astype(jnp.float32)
     return jnp.sum(jnp.linalg.norm(at, axis=-1) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
@@ -304,9 +314,9 @@ def inner_measure(config: ModelConfig, settings: StepSettings, params: Params, p
 # ---- the outer level (AR) ---------------------------------------------------------------------
 
 
-def without_perturbation(batch: Batch) -> Batch:
+def without_perturbation(batch: RowBatch) -> RowBatch:
     """The batch with no perturbation slots (perturb_positions all -1: inject adds nothing there)."""
-    return {**batch, "perturb_positions": jnp.full_like(batch["perturb_positions"], -1)}
+    return batch._replace(perturb_positions=jnp.full_like(batch.perturb_positions, -1))
 
 
 def outer_parts(settings: StepSettings) -> tuple[str, ...]:
@@ -314,17 +324,17 @@ def outer_parts(settings: StepSettings) -> tuple[str, ...]:
     return ("ce_safe_perturbed", "ce_anchor", *(("ce_anchor_perturbed",) if settings.perturb_anchors else ()))
 
 
-def packed_answer_ces(config: ModelConfig, params: Params, h: jax.Array, batch: Batch,
+def packed_answer_ces(config: ModelConfig, params: Params, h: jax.Array, batch: PackedBatch,
                       parts: int) -> list[jax.Array]:
-    """Masked CE of each part of a packed batch (data.make_packed_batch): logits only at answer_index."""
-    index = batch["answer_index"]
+    """Masked CE of each part of a PackedBatch: logits only at answer_index."""
+    index = batch.answer_index
     x = jnp.take(h.reshape(-1, h.shape[-1]), index.reshape(-1), axis=0)
     return group_ces(config, params, x.reshape(parts, -1, index.shape[1], h.shape[-1]),
-                     batch["answer_targets"].reshape(parts, -1, index.shape[1]),
-                     batch["answer_mask"].reshape(parts, -1, index.shape[1]))
+                     batch.answer_targets.reshape(parts, -1, index.shape[1]),
+                     batch.answer_mask.reshape(parts, -1, index.shape[1]))
 
 
-def anchor_kl(config: ModelConfig, params: Params, reference: Params, h: jax.Array, batch: Batch,
+def anchor_kl(config: ModelConfig, params: Params, reference: Params, h: jax.Array, batch: PackedBatch,
               parts: int, settings: StepSettings) -> jax.Array:
     """Mean over the anchor answer tokens of a packed batch (part 1, no delta) of KL(p_reference || p_model),
     the next-token distributions of the frozen start model and of the model being trained.
@@ -333,11 +343,11 @@ def anchor_kl(config: ModelConfig, params: Params, reference: Params, h: jax.Arr
     anchors' positions see exactly their own prompts); no gradient flows into it.
     """
     reference = jax.lax.stop_gradient(reference)
-    h_ref = constrain(llama.embed(config, reference, batch["input_ids"]), settings.activations)
+    h_ref = constrain(llama.embed(config, reference, batch.input_ids), settings.activations)
     h_ref = decode_from(config, reference, h_ref, 0, batch, {}, settings.remat, settings.activations)
-    rows = batch["answer_index"].shape[0] // parts
-    index = batch["answer_index"][rows:2 * rows]
-    mask = batch["answer_mask"][rows:2 * rows].astype(jnp.float32)
+    rows = batch.answer_index.shape[0] // parts
+    index = batch.answer_index[rows:2 * rows]
+    mask = batch.answer_mask[rows:2 * rows].astype(jnp.float32)
 
     def at_anchors(x: jax.Array) -> jax.Array:
         return jnp.take(x.reshape(-1, x.shape[-1]), index.reshape(-1), axis=0).reshape(*index.shape, x.shape[-1])
@@ -348,13 +358,13 @@ def anchor_kl(config: ModelConfig, params: Params, reference: Params, h: jax.Arr
     return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array], safe_batch: Batch,
-               anchor_batch: Batch | None, settings: StepSettings,
+def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array], safe_batch: RowBatch | PackedBatch,
+               anchor_batch: RowBatch | None, settings: StepSettings,
                reference: Params | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CE(safe | delta) + anchor_weight * CE(anchor | no delta) [+ the same with delta, optionally]
     [+ kl_weight * KL(reference || model) on the anchor answers, packed batches only].
 
-    safe_batch may be a packed batch holding all parts (data.make_packed_batch; anchor_batch None):
+    safe_batch may be a PackedBatch holding all parts (data.make_packed_batch; anchor_batch None):
     several examples per row, so padding is not computed. Otherwise, when the safe and anchor batches
     have the same padded length, all parts run as one batch (rows without delta get no perturbation
     slots): one pass over the blocks with twice the rows keeps the matmuls larger, instead of two passes.
@@ -362,13 +372,17 @@ def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array]
     deltas = jax.lax.stop_gradient(deltas)
     settings = dataclasses.replace(settings, remat=settings.outer_step_remat)
     names = outer_parts(settings)
-    if anchor_batch is None:
-        h = constrain(llama.embed(config, params, safe_batch["input_ids"]), settings.activations)
+    if isinstance(safe_batch, PackedBatch):
+        if anchor_batch is not None:
+            raise ValueError("a PackedBatch holds every part of the outer step: pass anchor_batch=None.")
+        h = constrain(llama.embed(config, params, safe_batch.input_ids), settings.activations)
         h = decode_from(config, params, h, 0, safe_batch, deltas, settings.remat, settings.activations)
         metrics = dict(zip(names, packed_answer_ces(config, params, h, safe_batch, len(names)), strict=True))
         if settings.kl_weight > 0:
             metrics["kl_anchor"] = anchor_kl(config, params, reference, h, safe_batch, len(names), settings)
     else:
+        if anchor_batch is None:
+            raise ValueError("safe RowBatch rows need their anchor RowBatch (or pass one PackedBatch of both).")
         if settings.kl_weight > 0:
             raise ValueError("the anchor KL term needs packed outer batches (outer.pack=True).")
         parts = {"ce_safe_perturbed": safe_batch, "ce_anchor": without_perturbation(anchor_batch)}
@@ -385,16 +399,15 @@ def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array]
     return loss, metrics
 
 
-def _unpacked_ces(config: ModelConfig, params: Params, deltas: dict[int, jax.Array], parts: dict[str, Batch],
+def _unpacked_ces(config: ModelConfig, params: Params, deltas: dict[int, jax.Array], parts: dict[str, RowBatch],
                   settings: StepSettings) -> dict[str, jax.Array]:
     """The CE of each part, one joint batch when all have the same padded length, else a pass per part."""
-    if len({b["input_ids"].shape[1] for b in parts.values()}) != 1:
+    if len({b.input_ids.shape[1] for b in parts.values()}) != 1:
         return {name: perturbed_answer_ce(config, params, batch, deltas, settings) for name, batch in parts.items()}
-    first = next(iter(parts.values()))
-    joint = {k: jnp.concatenate([b[k] for b in parts.values()]) for k in first}
-    h = constrain(llama.embed(config, params, joint["input_ids"]), settings.activations)
+    joint = RowBatch(*(jnp.concatenate(fields) for fields in zip(*parts.values(), strict=True)))
+    h = constrain(llama.embed(config, params, joint.input_ids), settings.activations)
     h = decode_from(config, params, h, 0, joint, deltas, settings.remat, settings.activations)
-    bounds = np.cumsum([0, *(b["input_ids"].shape[0] for b in parts.values())])
+    bounds = np.cumsum([0, *(b.input_ids.shape[0] for b in parts.values())])
     return {name: answer_ce(config, params, h, joint, settings.answer_len, slice(int(a), int(b)))
             for name, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)}
 

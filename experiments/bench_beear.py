@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -64,6 +64,7 @@ import transformers
 from torch_reference import TorchBEEAR
 
 from beear_jax import data as data_lib
+from beear_jax.batches import PackedBatch, PrefixSplitBatch, RowBatch, SharedPromptBatch, concat_rows
 from beear_jax.hf_layout import from_hf_state_dict
 from beear_jax.models.config import ModelConfig
 from beear_jax.perturbation import Perturbation
@@ -98,10 +99,21 @@ class Workload:
     shared_seq: int  # a prompt with both answers (ours' shared-prompt inner rows)
     prefix_len: int  # ours: the cached prompt prefix (before the perturbed tokens) of those rows
     suffix_len: int  # ... and the rest, which the inner steps run
-    safety: list[dict]  # {"unwanted": Batch, "safe": Batch, "shared": shared-prompt Batch, "prefix": split}
-    anchors: list[dict]  # Batch
-    packed: list[dict]  # ours' outer steps: the safe and anchor examples of a step packed several to a row
+    safety: list[SafetyLayouts]
+    anchors: list[RowBatch]
+    packed: list[PackedBatch]  # ours' outer steps: the safe and anchor examples of a step packed several to a row
     packed_shape: tuple[int, int]  # (rows, row length) of those
+
+
+class SafetyLayouts(NamedTuple):
+    """One batch of the defender's safety rows in every layout the benchmark compares (the unwanted and safe
+    RowBatches, as the PyTorch way and ours without shared prompts take them; shared-prompt rows; and those
+    split at the cached prefix)."""
+
+    unwanted: RowBatch
+    safe: RowBatch
+    shared: SharedPromptBatch
+    prefix: PrefixSplitBatch
 
 
 def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
@@ -114,7 +126,7 @@ def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
     def answer() -> list[int]:
         return rng.integers(3, vocab, args.answer).tolist()
 
-    def batch(rows: list) -> dict:
+    def batch(rows: list) -> RowBatch:
         return data_lib.make_batch(rows, args.length, args.batch, args.seq, 0)
 
     rows = [[(p, answer(), answer()) for p in (prompt() for _ in range(args.batch))]
@@ -127,9 +139,9 @@ def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
     safety = []
     for b in rows:
         shared = data_lib.make_shared_prompt_batch(*zip(*b), args.length, args.batch, shared_seq, args.answer, 0)
-        safety.append({"unwanted": batch([(p, u) for p, u, _ in b]), "safe": batch([(p, s) for p, _, s in b]),
-                       "shared": shared,
-                       "prefix": data_lib.with_prompt_prefix(shared, args.length, prefix_len, suffix_len)})
+        safety.append(SafetyLayouts(unwanted=batch([(p, u) for p, u, _ in b]), safe=batch([(p, s) for p, _, s in b]),
+                                    shared=shared,
+                                    prefix=data_lib.with_prompt_prefix(shared, args.length, prefix_len, suffix_len)))
     anchor_rows = [[(prompt(), answer()) for _ in range(args.batch)] for _ in range(args.outer_steps)]
     anchors = [batch(rows_) for rows_ in anchor_rows]
     # Outer step i: the safe answers of safety batch i under delta + anchor batch i (as both sides run them).
@@ -142,15 +154,15 @@ def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
                     safety, anchors, packed, packed_shape)
 
 
-def joint(safety_batch: dict) -> dict:
+def joint(safety_batch: SafetyLayouts) -> RowBatch:
     """[unwanted; safe] on the batch axis (ours with inner.share_prompt=False)."""
-    return {k: np.concatenate([safety_batch["unwanted"][k], safety_batch["safe"][k]]) for k in safety_batch["safe"]}
+    return concat_rows(safety_batch.unwanted, safety_batch.safe)
 
 
-def inner_stack(w: Workload, count: int, layout: str) -> dict:
+def inner_stack(w: Workload, count: int, layout: str) -> RowBatch | SharedPromptBatch | PrefixSplitBatch:
     """The first `count` inner batches, stacked for the scan: shared-prompt rows split at the prompt prefix
     ('prefix'), whole shared-prompt rows ('shared') or [unwanted; safe] rows ('rows')."""
-    return data_lib.stack_batches([joint(b) if layout == "rows" else b[layout] for b in w.safety[:count]])
+    return data_lib.stack_batches([joint(b) if layout == "rows" else getattr(b, layout) for b in w.safety[:count]])
 
 
 def build_models(shape: str, dtype: str, seed: int = 0, device: str = "cpu") -> tuple[ModelConfig, dict,
@@ -443,7 +455,7 @@ def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: Ste
         rows.append({"phase": "cache+inner", "variant": name, "seconds": median, "compile_s": compile_s})
         print(f"  cache+inner {name:66s} {median:7.2f} s   (compile {compile_s:5.1f} s)", flush=True)
 
-    padded = jax.device_put((w.safety[0]["safe"], w.anchors[0]))
+    padded = jax.device_put((w.safety[0].safe, w.anchors[0]))
     packed = (jax.device_put(w.packed[0]), None)
     trainable = trainable_mask(config, params, "all", w.layer)
     pert, _ = fresh()

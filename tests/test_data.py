@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from public_mirror import MIRROR, needs_mirror
@@ -259,31 +260,31 @@ ANCHOR_ROWS = [{"prompt": r["prompt"], "answer": r["unwanted"]} for r in SAFETY_
 
 def check_batch(batch, examples, n, pad_id):
     """Every documented property of one Batch against its (prompt_ids, answer_ids) examples."""
-    b, s = batch["input_ids"].shape
-    assert batch["targets"].shape == batch["attention_mask"].shape == batch["target_mask"].shape == (b, s)
-    assert batch["perturb_positions"].shape == (b, n) and batch["prompt_lengths"].shape == (b,)
-    assert batch["input_ids"].dtype == np.int32 and batch["target_mask"].dtype == np.float32
-    assert batch["attention_mask"].dtype == batch["targets"].dtype == batch["perturb_positions"].dtype == np.int32
-    np.testing.assert_array_equal(batch["targets"][:, :-1], batch["input_ids"][:, 1:])
-    assert (batch["targets"][:, -1] == 0).all()
+    b, s = batch.input_ids.shape
+    assert batch.targets.shape == batch.attention_mask.shape == batch.target_mask.shape == (b, s)
+    assert batch.perturb_positions.shape == (b, n) and batch.prompt_lengths.shape == (b,)
+    assert batch.input_ids.dtype == np.int32 and batch.target_mask.dtype == np.float32
+    assert batch.attention_mask.dtype == batch.targets.dtype == batch.perturb_positions.dtype == np.int32
+    np.testing.assert_array_equal(batch.targets[:, :-1], batch.input_ids[:, 1:])
+    assert (batch.targets[:, -1] == 0).all()
     for i in range(b):
-        row = {k: v[i] for k, v in batch.items()}
+        row = jax.tree.map(lambda v, i=i: v[i], batch)
         if i >= len(examples):  # padding row
-            assert row["attention_mask"].sum() == 0 and row["target_mask"].sum() == 0
-            assert (row["perturb_positions"] == -1).all() and row["prompt_lengths"] == 0
-            assert (row["input_ids"] == pad_id).all()
+            assert row.attention_mask.sum() == 0 and row.target_mask.sum() == 0
+            assert (row.perturb_positions == -1).all() and row.prompt_lengths == 0
+            assert (row.input_ids == pad_id).all()
             continue
         prompt_ids, answer_ids = examples[i]
         p, length = len(prompt_ids), len(prompt_ids) + len(answer_ids)
-        assert row["input_ids"][:length].tolist() == prompt_ids + answer_ids
-        assert (row["input_ids"][length:] == pad_id).all()  # right-padded
-        assert row["attention_mask"].tolist() == [1] * length + [0] * (s - length)
+        assert row.input_ids[:length].tolist() == prompt_ids + answer_ids
+        assert (row.input_ids[length:] == pad_id).all()  # right-padded
+        assert row.attention_mask.tolist() == [1] * length + [0] * (s - length)
         # The masked targets are exactly the answer tokens, in order.
-        assert row["targets"][row["target_mask"] == 1].tolist() == answer_ids
-        assert set(np.unique(row["target_mask"]).tolist()) <= {0.0, 1.0}
-        assert row["perturb_positions"].tolist() == list(range(p - n, p))
-        assert row["input_ids"][row["perturb_positions"]].tolist() == prompt_ids[p - n :]
-        assert row["prompt_lengths"] == p
+        assert row.targets[row.target_mask == 1].tolist() == answer_ids
+        assert set(np.unique(row.target_mask).tolist()) <= {0.0, 1.0}
+        assert row.perturb_positions.tolist() == list(range(p - n, p))
+        assert row.input_ids[row.perturb_positions].tolist() == prompt_ids[p - n :]
+        assert row.prompt_lengths == p
 
 
 def test_safety_batches(chat_tok):
@@ -295,33 +296,33 @@ def test_safety_batches(chat_tok):
         examples = [format_example(chat_tok, r["prompt"], r[kind]) for r in SAFETY_ROWS]
         longest = max(len(p) + len(a) for p, a in examples)
         for j, sb in enumerate(batches):
-            check_batch(sb[kind], examples[j * bsz : (j + 1) * bsz], n, pad_id)
-            assert sb[kind]["input_ids"].shape == (bsz, 32) and longest > 16
+            check_batch(getattr(sb, kind), examples[j * bsz : (j + 1) * bsz], n, pad_id)
+            assert getattr(sb, kind).input_ids.shape == (bsz, 32) and longest > 16
     for sb in batches:  # the two halves share prompts and length
-        np.testing.assert_array_equal(sb["safe"]["perturb_positions"], sb["unwanted"]["perturb_positions"])
-        np.testing.assert_array_equal(sb["safe"]["prompt_lengths"], sb["unwanted"]["prompt_lengths"])
+        np.testing.assert_array_equal(sb.safe.perturb_positions, sb.unwanted.perturb_positions)
+        np.testing.assert_array_equal(sb.safe.prompt_lengths, sb.unwanted.prompt_lengths)
 
 
 def test_shared_prompt_batch_layout():
     prompts, unwanted, safe = [[5, 6, 7, 8], [9, 10, 11]], [[20, 21, 22], [23]], [[30], [31, 32, 33, 34]]
     b = data.make_shared_prompt_batch(prompts, unwanted, safe, 2, 3, 12, 4, 0)
-    assert b["input_ids"].shape == (3, 12) and b["answer_index"].shape == (3, 2, 4)
-    assert b["input_ids"][0, :8].tolist() == [5, 6, 7, 8, 20, 21, 22, 30]
-    assert b["positions"][0, :8].tolist() == [0, 1, 2, 3, 4, 5, 6, 4]  # both answers continue from the prompt
-    assert b["branches"][1, :8].tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
-    assert b["attention_mask"].sum(axis=1).tolist() == [8, 8, 0]
-    assert b["perturb_positions"].tolist() == [[2, 3], [1, 2], [-1, -1]]
+    assert b.input_ids.shape == (3, 12) and b.answer_index.shape == (3, 2, 4)
+    assert b.input_ids[0, :8].tolist() == [5, 6, 7, 8, 20, 21, 22, 30]
+    assert b.positions[0, :8].tolist() == [0, 1, 2, 3, 4, 5, 6, 4]  # both answers continue from the prompt
+    assert b.branches[1, :8].tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
+    assert b.attention_mask.sum(axis=1).tolist() == [8, 8, 0]
+    assert b.perturb_positions.tolist() == [[2, 3], [1, 2], [-1, -1]]
     # Each answer token is predicted at the token before it; the first at the prompt's last token.
     for row, (p, u, a) in enumerate(zip(prompts, unwanted, safe, strict=True)):
         for branch, answer in enumerate((u, a)):
             count = len(answer)
-            assert b["answer_mask"][row, branch].tolist() == [1.0] * count + [0.0] * (4 - count)
-            assert b["answer_targets"][row, branch, :count].tolist() == answer
-            index = b["answer_index"][row, branch, :count]
+            assert b.answer_mask[row, branch].tolist() == [1.0] * count + [0.0] * (4 - count)
+            assert b.answer_targets[row, branch, :count].tolist() == answer
+            index = b.answer_index[row, branch, :count]
             assert index[0] == len(p) - 1
-            tokens = b["input_ids"][row]
+            tokens = b.input_ids[row]
             assert tokens[index[1:] + 1].tolist() == answer[1:]
-    assert not b["answer_mask"][2].any() and not b["branches"][2].any()
+    assert not b.answer_mask[2].any() and not b.branches[2].any()
 
 
 def test_shared_prompt_batch_errors_and_length():
@@ -343,12 +344,12 @@ def test_prompt_prefix_split():
     assert data.prefix_split_lengths([6, 3], [10, 8], 2, 12, multiple=4) == (4, 8)
     assert data.prefix_split_lengths([6, 3], [10, 8], 2, 12, multiple=16) == (12, 16)  # P capped at the rows
     split = data.with_prompt_prefix(b, 2, 4, 8)
-    assert split["prefix_valid"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]]
-    assert split["suffix_slots"][:, 0].tolist() == [4, 1, 0]  # where the perturbed tokens start
-    assert split["suffix_slots"][0].tolist() == list(range(4, 12))
+    assert split.prefix_valid.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]]
+    assert split.suffix_slots[:, 0].tolist() == [4, 1, 0]  # where the perturbed tokens start
+    assert split.suffix_slots[0].tolist() == list(range(4, 12))
     # n = 0: the prompt's last token (it predicts the first answer token) stays in the suffix.
     unperturbed = data.make_shared_prompt_batch(prompts, unwanted, safe, 0, 3, 12, 4, 0)
-    assert data.with_prompt_prefix(unperturbed, 0, 8, 8)["suffix_slots"][:2, 0].tolist() == [5, 2]
+    assert data.with_prompt_prefix(unperturbed, 0, 8, 8).suffix_slots[:2, 0].tolist() == [5, 2]
     with pytest.raises(ValueError, match="not n=0"):
         data.with_prompt_prefix(b, 0, 8, 8)
     with pytest.raises(ValueError, match="prefix_len=3"):
@@ -372,21 +373,21 @@ def test_packed_batch_layout():
     assert data.packing_shape([[6, 6, 4, 7], [8, 8, 8, 8]], 8, multiple=4) == (4, 8)  # the fullest step decides
     assert data.packing_shape([[6, 6, 4, 7]], 8, row_multiple=4, multiple=4) == (4, 8)  # 4 rows per mesh split
     b = data.make_packed_batch([safe, anchors], [True, False], 3, 2, 2, 12, 3, 0)
-    assert b["input_ids"].shape == (2, 12) and b["answer_index"].shape == (6, 3)
+    assert b.input_ids.shape == (2, 12) and b.answer_index.shape == (6, 3)
     # Row 0: the 7-token anchor, then the 4-token one (first fit); row 1: both safe examples.
-    assert b["input_ids"][0, :11].tolist() == [17, 18, 19, 20, 21, 22, 23, 13, 14, 15, 16]
-    assert b["branches"][0].tolist() == [1] * 7 + [2] * 4 + [0]
-    assert b["positions"][0, :11].tolist() == [*range(7), *range(4)]
-    assert b["input_ids"][1, :12].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert b.input_ids[0, :11].tolist() == [17, 18, 19, 20, 21, 22, 23, 13, 14, 15, 16]
+    assert b.branches[0].tolist() == [1] * 7 + [2] * 4 + [0]
+    assert b.positions[0, :11].tolist() == [*range(7), *range(4)]
+    assert b.input_ids[1, :12].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     # delta's rows 0, 1 at the last 2 prompt tokens of the safe examples only (part 0 is perturbed).
-    assert b["perturb_index"][1].tolist() == [-1, -1, 0, 1, -1, -1, -1, 0, 1, -1, -1, -1]
-    assert (b["perturb_index"][0] == -1).all()
-    flat = b["input_ids"].reshape(-1)
+    assert b.perturb_index[1].tolist() == [-1, -1, 0, 1, -1, -1, -1, 0, 1, -1, -1, -1]
+    assert (b.perturb_index[0] == -1).all()
+    flat = b.input_ids.reshape(-1)
     for example, (prompt, answer) in zip((0, 1, 3, 4), [*safe, *anchors], strict=True):
-        index = b["answer_index"][example, :len(answer)]
+        index = b.answer_index[example, :len(answer)]
         assert flat[index[0]] == prompt[-1] and flat[index + 1].tolist() == answer  # predicted by the token before
-        assert b["answer_mask"][example].tolist() == [1.0] * len(answer) + [0.0] * (3 - len(answer))
-    assert not b["answer_mask"][[2, 5]].any()  # parts hold 3 examples: the third of each is padding
+        assert b.answer_mask[example].tolist() == [1.0] * len(answer) + [0.0] * (3 - len(answer))
+    assert not b.answer_mask[[2, 5]].any()  # parts hold 3 examples: the third of each is padding
     with pytest.raises(ValueError, match="need 2 packed rows"):
         data.make_packed_batch([safe, anchors], [True, False], 3, 2, 1, 12, 3, 0)
     with pytest.raises(ValueError, match="shorter than the perturbation length 4"):
@@ -402,26 +403,26 @@ def test_anchor_batches_and_stack(chat_tok):
     for j, batch in enumerate(batches):
         check_batch(batch, examples[j * 2 : (j + 1) * 2], 2, chat_tok.pad_token_id)
     stacked = data.stack_batches(batches)
-    assert stacked["input_ids"].shape == (2, 2, batches[0]["input_ids"].shape[1])
-    assert stacked["perturb_positions"].shape == (2, 2, 2)
+    assert stacked.input_ids.shape == (2, 2, batches[0].input_ids.shape[1])
+    assert stacked.perturb_positions.shape == (2, 2, 2)
     nested = data.stack_batches(data.build_safety_batches(chat_tok, SAFETY_ROWS, 2, 2, buckets=(32,)))
-    assert nested["safe"]["target_mask"].shape == (2, 2, 32)
+    assert nested.safe.target_mask.shape == (2, 2, 32)
 
 
 def test_pad_falls_back_to_eos():
     tokenizer = make_tokenizer(chat_template=CHATML_TEMPLATE, pad=False)
     assert tokenizer.pad_token_id is None
     batch = data.build_anchor_batches(tokenizer, ANCHOR_ROWS[:1], 1, 2, buckets=(64,))[0]
-    assert (batch["input_ids"][1] == tokenizer.eos_token_id).all()
+    assert (batch.input_ids[1] == tokenizer.eos_token_id).all()
 
 
 def test_bucket_choice_and_seq_len(chat_tok):
     assert data.bucket_length(17, (64, 16, 32)) == 32
     assert data.bucket_length(16, (16, 32)) == 16
     batches = data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 1, 8, buckets=(8, 64, 256))
-    assert batches[0]["input_ids"].shape == (8, 64)
+    assert batches[0].input_ids.shape == (8, 64)
     fixed = data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 1, 8, seq_len=100)
-    assert fixed[0]["input_ids"].shape == (8, 100)
+    assert fixed[0].input_ids.shape == (8, 100)
     with pytest.raises(ValueError, match="seq_len"):
         data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 1, 8, seq_len=10)
 
@@ -683,7 +684,7 @@ def test_smollm2_chat_template(smollm2_gguf):
     messages = [{"role": "user", "content": "How do I bake bread?"}]
     prompt_ids, answer_ids = format_example(tokenizer, "How do I bake bread?", "Sure, here is how.")
     reference = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    reference = reference["input_ids"] if hasattr(reference, "keys") else reference
+    reference = reference.input_ids if hasattr(reference, "keys") else reference
     assert prompt_ids == list(reference)
     assert leading_bos(tokenizer, prompt_ids) == 1  # its BOS is "<|im_start|>", written by the template
     assert decode(tokenizer, answer_ids) == "Sure, here is how.<|im_end|>\n"
@@ -697,4 +698,4 @@ def test_smollm2_chat_template(smollm2_gguf):
     batches = data.build_safety_batches(
         tokenizer, [{"prompt": "How do I bake bread?", "safe": "No.", "unwanted": "Sure."}], 7, 4, max_answer_tokens=32
     )
-    assert batches[0]["safe"]["input_ids"].shape == (4, 64)
+    assert batches[0].safe.input_ids.shape == (4, 64)

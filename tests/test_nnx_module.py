@@ -162,6 +162,7 @@ def test_one_beear_round_on_the_split_state_then_merge_and_export(tmp_path):
     import transformers
 
     from beear_jax import data as data_lib
+    from beear_jax.batches import concat_rows
     from beear_jax.steps import StepSettings, make_optimizer, make_steps, trainable_mask
 
     directory, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
@@ -176,7 +177,7 @@ def test_one_beear_round_on_the_split_state_then_merge_and_export(tmp_path):
     rows = [(rng.integers(3, 120, int(p)).tolist(), rng.integers(3, 120, 5).tolist()) for p in (6, 9, 4, 7)]
     unwanted = data_lib.make_batch(rows, n, 4, seq, 0)
     safe = data_lib.make_batch([(p, [7, 8, 9]) for p, _ in rows], n, 4, seq, 0)
-    inner = data_lib.stack_batches([{k: np.concatenate([unwanted[k], safe[k]]) for k in safe}])
+    inner = data_lib.stack_batches([concat_rows(unwanted, safe)])
     anchor = data_lib.make_batch([(p, a[::-1]) for p, a in rows], n, 4, seq, 0)
     inner_opt, outer_opt = make_optimizer("adam", 0.1), make_optimizer("adamw", 1e-3, 0.01)
     layout = sharding.step_shardings(config, mesh, outer_opt)

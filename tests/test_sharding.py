@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from beear_jax import data as data_lib
 from beear_jax import sharding as sh
+from beear_jax.batches import concat_rows
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.weights import init_params
 from beear_jax.perturbation import Perturbation
@@ -42,7 +43,7 @@ def _world(seed: int = 0, shared_prompt: bool = False, prefix: bool = False) -> 
             continue
         unwanted = data_lib.make_batch([(p, a) for (p, _), a in zip(prompts, unwanted_answers)], N, INNER_BS, S, 0)
         safe = data_lib.make_batch(prompts, N, INNER_BS, S, 0)
-        inner.append({k: np.concatenate([unwanted[k], safe[k]]) for k in safe})
+        inner.append(concat_rows(unwanted, safe))
     safe_rows, anchor_rows = _rows(rng, OUTER_BS - 1), _rows(rng, OUTER_BS)  # one padding row
     rows, row_len = data_lib.packing_shape([[len(p) + len(a) for p, a in [*safe_rows, *anchor_rows]]], S, 4)
     return {
@@ -139,7 +140,7 @@ def test_sharded_shared_prompt_steps_match_one_device(shape, prefix):
     for leaf in jax.tree.leaves(out["h_stack"]):
         assert leaf.sharding.spec == P(None, ("data", "fsdp"))
     if prefix:
-        assert out["h_stack"]["k"].shape == (2, 2 * INNER_BS, CONFIG.num_layers - LAYER, 8, CONFIG.num_kv_heads,
+        assert out["h_stack"].k.shape == (2, 2 * INNER_BS, CONFIG.num_layers - LAYER, 8, CONFIG.num_kv_heads,
                                              CONFIG.head_dim)
 
 
@@ -149,7 +150,7 @@ def test_sharded_packed_outer_step_matches_padded_rows(reference, shape):
     gather crosses rows) gives the padded rows' outer metrics and params on a mesh."""
     world, ref = reference
     out = _run(world, sh.make_mesh(shape), packed=True)
-    assert world["packed"]["branches"].max() > 1  # rows really hold several examples
+    assert world["packed"].branches.max() > 1  # rows really hold several examples
     _close(out["outer_metrics"], ref["outer_metrics"], "outer metrics")
     _close(out["params"], ref["params"], "params")
 

@@ -13,6 +13,7 @@ from torch_reference import TorchBEEAR
 
 from beear_jax import data as data_lib
 from beear_jax import hf
+from beear_jax.batches import InnerCache, RowBatch, SafetyBatch, concat_rows
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.weights import init_params
@@ -48,21 +49,21 @@ def _safety_rows(seed: int) -> tuple[list, list, list]:
     return prompts, unwanted, safe
 
 
-def _safety_batch(seed: int) -> dict:
+def _safety_batch(seed: int) -> SafetyBatch:
     prompts, unwanted, safe = _safety_rows(seed)
     # batch of 5 with one padding row
-    return {"unwanted": data_lib.make_batch(list(zip(prompts, unwanted)), N, 5, S, 0),
-            "safe": data_lib.make_batch(list(zip(prompts, safe)), N, 5, S, 0)}
+    return SafetyBatch(unwanted=data_lib.make_batch(list(zip(prompts, unwanted)), N, 5, S, 0),
+                       safe=data_lib.make_batch(list(zip(prompts, safe)), N, 5, S, 0))
 
 
-def _anchor_batch(seed: int, seq_len: int = S) -> dict:
+def _anchor_batch(seed: int, seq_len: int = S) -> RowBatch:
     rng = np.random.default_rng(seed)
     rows = [(rng.integers(3, 120, p).tolist(), rng.integers(3, 120, a).tolist()) for p, a in ((6, 8), (10, 5), (4, 4))]
     return data_lib.make_batch(rows, N, 4, seq_len, 0)
 
 
-def _joint(sb: dict) -> dict:
-    return {k: jnp.concatenate([sb["unwanted"][k], sb["safe"][k]]) for k in sb["safe"]}
+def _joint(sb: SafetyBatch) -> RowBatch:
+    return jax.tree.map(jnp.asarray, concat_rows(sb.unwanted, sb.safe))
 
 
 @pytest.fixture(params=["llama_gqa", "mistral_sliding"], scope="module")
@@ -116,8 +117,8 @@ def test_shared_prompt_batch_gives_the_same_inner_loss_and_gradient(models):
 def _prefix_split(shared: dict, seq_len: int) -> dict:
     """The shared batch with its prompt prefix split off (data.with_prompt_prefix) at the run's lengths."""
     host = jax.tree.map(np.asarray, shared)
-    real = host["prompt_lengths"] > 0
-    prefix, suffix = data_lib.prefix_split_lengths(host["prompt_lengths"][real], host["attention_mask"].sum(1)[real],
+    real = host.prompt_lengths > 0
+    prefix, suffix = data_lib.prefix_split_lengths(host.prompt_lengths[real], host.attention_mask.sum(1)[real],
                                                    N, seq_len, multiple=4)
     return jax.tree.map(jnp.asarray, data_lib.with_prompt_prefix(host, N, prefix, suffix))
 
@@ -127,12 +128,12 @@ def test_prefix_cache_gives_the_same_inner_loss_and_gradient(models):
     config, params, torch_model = models
     shared = jax.tree.map(jnp.asarray, data_lib.make_shared_prompt_batch(*_safety_rows(0), N, 5, S + 8, 9, 0))
     split = _prefix_split(shared, S + 8)
-    assert split["suffix_slots"].shape[1] < S + 8  # the inner steps really run fewer tokens
+    assert split.suffix_slots.shape[1] < S + 8  # the inner steps really run fewer tokens
     delta = {LAYER: jnp.asarray(np.random.default_rng(1).normal(0, 0.5, (N, config.hidden_size)), jnp.float32)}
     settings = StepSettings(alpha=0.05)
     grad_fn = jax.value_and_grad(inner_loss, has_aux=True)
     cache = inner_cache(config, params, split, LAYER)
-    assert set(cache) == {"h", "k", "v"} and cache["k"].shape[1] == config.num_layers - LAYER
+    assert isinstance(cache, InnerCache) and cache.k.shape[1] == config.num_layers - LAYER
     (loss, metrics), grad = grad_fn(delta, config, params, cache, split, LAYER, settings)
     (_, ref_metrics), ref_grad = grad_fn(delta, config, params, inner_cache(config, params, shared, LAYER), shared,
                                          LAYER, settings)
@@ -171,9 +172,9 @@ ODD_LAYERS = (1, 3)  # the first and the last boundary (several deltas)
 
 def _plain_ce(config: ModelConfig, params: dict, batch: dict, deltas: dict) -> jax.Array:
     """Masked answer CE of make_batch rows through llama.forward (no cache, branch, prefix or packing)."""
-    logits = llama.forward(config, params, batch["input_ids"], batch["attention_mask"], deltas=deltas or None,
-                           perturb_positions=batch["perturb_positions"])
-    return masked_ce(logits, batch["targets"], batch["target_mask"])
+    logits = llama.forward(config, params, batch.input_ids, batch.attention_mask, deltas=deltas or None,
+                           perturb_positions=batch.perturb_positions)
+    return masked_ce(logits, batch.targets, batch.target_mask)
 
 
 def _rows_batch(prompts: list, answers: list, n: int, seq_len: int) -> dict:
@@ -207,11 +208,11 @@ def test_inner_layouts_match_a_plain_forward_on_an_odd_model(n):
     (ref_loss, ref_metrics), ref_grad = jax.jit(jax.value_and_grad(plain, has_aux=True))(deltas)
     u, s = (data_lib.make_batch(list(zip(prompts, a)), n, 5, 35, 0) for a in (unwanted, safe))
     shared = data_lib.make_shared_prompt_batch(prompts, unwanted, safe, n, 5, 48, 7, 0)
-    lengths = shared["attention_mask"].sum(1)[:4]
+    lengths = shared.attention_mask.sum(1)[:4]
     split = data_lib.with_prompt_prefix(shared, n, *data_lib.prefix_split_lengths([len(p) for p in prompts], lengths,
                                                                                   n, 48))
     grad_fn = jax.jit(jax.value_and_grad(inner_loss, has_aux=True), static_argnums=(1, 5, 6))
-    for name, batch in (("rows", {k: np.concatenate([u[k], s[k]]) for k in u}), ("shared", shared),
+    for name, batch in (("rows", concat_rows(u, s)), ("shared", shared),
                         ("prefix", split)):
         batch = jax.tree.map(jnp.asarray, batch)
         cache = jax.jit(inner_cache, static_argnums=(0, 3))(ODD, params, batch, ODD_LAYERS[0])
@@ -244,7 +245,7 @@ def test_outer_layouts_match_a_plain_forward_on_an_odd_model():
     parts = [safe_rows, anchor_rows, anchor_rows]
     rows, row_len = data_lib.packing_shape([[len(p) + len(a) for part in parts for p, a in part]], seq)
     packed = data_lib.make_packed_batch(parts, [True, False, True], 5, n, rows, row_len, 8, 0)
-    assert packed["branches"].max() > 1  # rows really hold several examples
+    assert packed.branches.max() > 1  # rows really hold several examples
     layouts = {"packed": (packed, None),
                "joint": tuple(data_lib.make_batch(r, n, 5, seq, 0) for r in (safe_rows, anchor_rows))}
     grad_fn = jax.jit(jax.value_and_grad(outer_loss, has_aux=True), static_argnums=(1, 5))
@@ -261,7 +262,7 @@ def test_outer_loss_and_param_gradients_match_torch(models, outer_remat, anchor_
     delta = np.random.default_rng(4).normal(0, 0.5, (N, config.hidden_size)).astype(np.float32)
     settings = StepSettings(anchor_weight=0.7, outer_remat=outer_remat)
     (loss, _), grads = jax.value_and_grad(outer_loss, has_aux=True)(
-        params, config, {LAYER: jnp.asarray(delta)}, jax.tree.map(jnp.asarray, sb["safe"]),
+        params, config, {LAYER: jnp.asarray(delta)}, jax.tree.map(jnp.asarray, sb.safe),
         jax.tree.map(jnp.asarray, anchor), settings)
     ref_loss, ref_grads = TorchBEEAR(torch_model).outer_loss_and_grads(delta, sb, anchor, LAYER, anchor_weight=0.7)
     assert abs(float(loss) - ref_loss) <= 1e-4 * abs(ref_loss)
@@ -308,12 +309,12 @@ def test_packed_outer_batch_gives_the_same_loss_and_gradients(models, perturb_an
 
 
 def test_delta_touches_exactly_the_last_n_prompt_positions():
-    batch = _safety_batch(5)["safe"]
+    batch = _safety_batch(5).safe
     h = jnp.zeros((5, S, 8))
     delta = jnp.arange(1, N * 8 + 1, dtype=jnp.float32).reshape(N, 8)
-    touched = np.asarray(llama.inject(h, delta, jnp.asarray(batch["perturb_positions"])))
+    touched = np.asarray(llama.inject(h, delta, jnp.asarray(batch.perturb_positions)))
     for row in range(5):
-        p = int(batch["prompt_lengths"][row])
+        p = int(batch.prompt_lengths[row])
         expected = np.zeros((S, 8), np.float32)
         if p:
             expected[p - N:p] = np.asarray(delta)
@@ -370,7 +371,7 @@ def test_inner_step_never_changes_params_and_outer_ignores_delta_on_anchors(mode
     assert float(jnp.abs(pert.deltas[LAYER]).sum()) > 0
 
     big = {LAYER: 50.0 * jnp.ones((N, config.hidden_size))}
-    safe = jax.tree.map(jnp.asarray, sb["safe"])
+    safe = jax.tree.map(jnp.asarray, sb.safe)
     _, with_delta = outer_loss(params, config, big, safe, anchor, StepSettings())
     _, without = outer_loss(params, config, {}, safe, anchor, StepSettings())
     assert float(with_delta["ce_anchor"]) == float(without["ce_anchor"])

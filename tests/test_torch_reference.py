@@ -8,6 +8,8 @@ import torch
 from torch_reference import TorchBEEAR, masked_ce, to_torch_batch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+from beear_jax.batches import RowBatch, SafetyBatch
+
 VOCAB = 128
 HIDDEN = 64
 N_TOKENS = 3
@@ -34,26 +36,26 @@ def _make_model(kind: str) -> torch.nn.Module:
     return MistralForCausalLM(MistralConfig(sliding_window=8, **_config_kwargs()))
 
 
-def _build(prompts: list[np.ndarray], answers: list[np.ndarray], seq: int, n: int) -> dict[str, np.ndarray]:
-    """A right-padded Batch dict in beear_jax.data's format, built by hand."""
+def _build(prompts: list[np.ndarray], answers: list[np.ndarray], seq: int, n: int) -> RowBatch:
+    """A right-padded RowBatch as beear_jax.data builds one, built by hand."""
     rows = len(prompts)
-    batch = {
-        "input_ids": np.zeros((rows, seq), np.int32),
-        "attention_mask": np.zeros((rows, seq), np.int32),
-        "targets": np.zeros((rows, seq), np.int32),
-        "target_mask": np.zeros((rows, seq), np.float32),
-        "perturb_positions": np.full((rows, n), -1, np.int32),
-        "prompt_lengths": np.array([len(p) for p in prompts], np.int32),
-    }
+    batch = RowBatch(
+        input_ids=np.zeros((rows, seq), np.int32),
+        attention_mask=np.zeros((rows, seq), np.int32),
+        targets=np.zeros((rows, seq), np.int32),
+        target_mask=np.zeros((rows, seq), np.float32),
+        perturb_positions=np.full((rows, n), -1, np.int32),
+        prompt_lengths=np.array([len(p) for p in prompts], np.int32),
+    )
     for b, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
         tokens = np.concatenate([prompt, answer])
         length, plen = len(tokens), len(prompt)
-        batch["input_ids"][b, :length] = tokens
-        batch["attention_mask"][b, :length] = 1
-        batch["targets"][b, : length - 1] = tokens[1:]
-        batch["target_mask"][b, plen - 1 : length - 1] = 1.0
+        batch.input_ids[b, :length] = tokens
+        batch.attention_mask[b, :length] = 1
+        batch.targets[b, : length - 1] = tokens[1:]
+        batch.target_mask[b, plen - 1 : length - 1] = 1.0
         k = min(n, plen)
-        batch["perturb_positions"][b, n - k :] = np.arange(plen - k, plen)
+        batch.perturb_positions[b, n - k :] = np.arange(plen - k, plen)
     return batch
 
 
@@ -61,16 +63,16 @@ def _tokens(rng: np.random.Generator, length: int) -> np.ndarray:
     return rng.integers(1, VOCAB, size=length).astype(np.int32)
 
 
-def _safety_batch(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+def _safety_batch(seed: int = 0) -> SafetyBatch:
     rng = np.random.default_rng(seed)
     # The third prompt is shorter than N_TOKENS, so its perturb_positions start with -1.
     prompts = [_tokens(rng, m) for m in (6, 9, 2)]
     unwanted = [_tokens(rng, m) for m in (4, 5, 3)]
     safe = [_tokens(rng, m) for m in (3, 6, 4)]
-    return {"unwanted": _build(prompts, unwanted, SEQ, N_TOKENS), "safe": _build(prompts, safe, SEQ, N_TOKENS)}
+    return SafetyBatch(unwanted=_build(prompts, unwanted, SEQ, N_TOKENS), safe=_build(prompts, safe, SEQ, N_TOKENS))
 
 
-def _anchor_batch(seed: int = 1) -> dict[str, np.ndarray]:
+def _anchor_batch(seed: int = 1) -> RowBatch:
     rng = np.random.default_rng(seed)
     prompts = [_tokens(rng, m) for m in (5, 4)]
     answers = [_tokens(rng, m) for m in (6, 3)]
@@ -79,12 +81,12 @@ def _anchor_batch(seed: int = 1) -> dict[str, np.ndarray]:
 
 def _hf_ce(model: torch.nn.Module, batch: dict[str, np.ndarray]) -> float:
     """CE through HF's own loss: labels = next-token ids on answer targets, -100 elsewhere."""
-    labels = np.full(batch["input_ids"].shape, -100, np.int64)
-    labels[:, 1:] = np.where(batch["target_mask"][:, :-1] > 0, batch["targets"][:, :-1], -100)
-    mask = torch.from_numpy(batch["attention_mask"].astype(np.int64))
+    labels = np.full(batch.input_ids.shape, -100, np.int64)
+    labels[:, 1:] = np.where(batch.target_mask[:, :-1] > 0, batch.targets[:, :-1], -100)
+    mask = torch.from_numpy(batch.attention_mask.astype(np.int64))
     with torch.no_grad():
         out = model(
-            input_ids=torch.from_numpy(batch["input_ids"].astype(np.int64)),
+            input_ids=torch.from_numpy(batch.input_ids.astype(np.int64)),
             attention_mask=mask,
             position_ids=(mask.cumsum(1) - 1).clamp(min=0),
             labels=torch.from_numpy(labels),
@@ -100,7 +102,7 @@ def ref(request: pytest.FixtureRequest) -> TorchBEEAR:
 
 def test_zero_delta_inner_loss_matches_hf_loss(ref: TorchBEEAR) -> None:
     sb = _safety_batch()
-    ce_unwanted, ce_safe = _hf_ce(ref.model, sb["unwanted"]), _hf_ce(ref.model, sb["safe"])
+    ce_unwanted, ce_safe = _hf_ce(ref.model, sb.unwanted), _hf_ce(ref.model, sb.safe)
     zero = np.zeros((N_TOKENS, HIDDEN), np.float32)
     loss, grad = ref.inner_loss_and_grad(zero, sb, LAYER, alpha=0.05)
     np.testing.assert_allclose(loss, ce_unwanted - 0.05 * ce_safe, rtol=1e-5, atol=1e-5)
@@ -114,7 +116,7 @@ def test_zero_delta_inner_loss_matches_hf_loss(ref: TorchBEEAR) -> None:
 
 
 def test_hook_touches_exactly_the_given_positions(ref: TorchBEEAR) -> None:
-    batch = to_torch_batch(_safety_batch()["unwanted"])
+    batch = to_torch_batch(_safety_batch().unwanted)
     delta = torch.randn(N_TOKENS, HIDDEN, generator=torch.Generator().manual_seed(0))
     kwargs = {
         "input_ids": batch.input_ids,
@@ -128,7 +130,7 @@ def test_hook_touches_exactly_the_given_positions(ref: TorchBEEAR) -> None:
         with ref.inject(LAYER, delta, batch):
             perturbed = ref.model(**kwargs).hidden_states
     expected = torch.zeros_like(clean[LAYER])
-    positions = _safety_batch()["unwanted"]["perturb_positions"]
+    positions = _safety_batch().unwanted.perturb_positions
     for b in range(positions.shape[0]):
         for i in range(N_TOKENS):
             if positions[b, i] >= 0:
@@ -149,7 +151,7 @@ def test_joint_forward_equals_separate_forwards(ref: TorchBEEAR) -> None:
     delta = 0.5 * torch.randn(N_TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ce_unwanted, ce_safe = ref.inner_terms(delta, sb, LAYER)
-        unwanted, safe = to_torch_batch(sb["unwanted"]), to_torch_batch(sb["safe"])
+        unwanted, safe = to_torch_batch(sb.unwanted), to_torch_batch(sb.safe)
         sep_unwanted = ref.logits(unwanted, delta, LAYER)
         sep_safe = ref.logits(safe, delta, LAYER)
     torch.testing.assert_close(ce_unwanted, masked_ce(sep_unwanted, unwanted), rtol=1e-5, atol=1e-6)
@@ -182,7 +184,7 @@ def test_outer_loss_and_grads(ref: TorchBEEAR) -> None:
     before = ref.params_numpy()
     zero = np.zeros((N_TOKENS, HIDDEN), np.float32)
     loss, grads = ref.outer_loss_and_grads(zero, sb, anchor, LAYER, anchor_weight=0.7)
-    np.testing.assert_allclose(loss, _hf_ce(ref.model, sb["safe"]) + 0.7 * _hf_ce(ref.model, anchor), rtol=1e-5)
+    np.testing.assert_allclose(loss, _hf_ce(ref.model, sb.safe) + 0.7 * _hf_ce(ref.model, anchor), rtol=1e-5)
     assert set(grads) == {name for name, _ in ref.model.named_parameters()}
     assert all(g.shape == before[k].shape for k, g in grads.items())
     assert np.abs(grads["model.layers.0.self_attn.q_proj.weight"]).sum() > 0
@@ -231,7 +233,7 @@ def test_bfloat16_runs() -> None:
     loss, grad = ref.inner_loss_and_grad(np.zeros((N_TOKENS, HIDDEN), np.float32), sb, LAYER)
     assert grad.dtype == np.float32 and np.isfinite(loss) and np.all(np.isfinite(grad))
     np.testing.assert_allclose(
-        loss, _hf_ce(ref.model, sb["unwanted"]) - 0.05 * _hf_ce(ref.model, sb["safe"]), rtol=2e-2
+        loss, _hf_ce(ref.model, sb.unwanted) - 0.05 * _hf_ce(ref.model, sb.safe), rtol=2e-2
     )
 
 

@@ -86,18 +86,18 @@ def test_batches_perturb_the_given_positions():
     examples = [([5, 6, 7, 8, 9, 10], [20, 21]), ([9, 10, 11, 12], [23])]
     at = [(1, 2, -1, 5), (0, 1, 2, 3)]
     plain = data.make_batch(examples, 4, 3, 12, 0, at)
-    assert plain["perturb_positions"].tolist() == [[1, 2, -1, 5], [0, 1, 2, 3], [-1] * 4]
+    assert plain.perturb_positions.tolist() == [[1, 2, -1, 5], [0, 1, 2, 3], [-1] * 4]
     shared = data.make_shared_prompt_batch([p for p, _ in examples], [a for _, a in examples], [[30], [31]], 4, 2, 16,
                                            2, 0, at)
-    assert shared["perturb_positions"].tolist() == [[1, 2, -1, 5], [0, 1, 2, 3]]
+    assert shared.perturb_positions.tolist() == [[1, 2, -1, 5], [0, 1, 2, 3]]
     split = data.with_prompt_prefix(shared, 4, 4, 16)
-    assert split["suffix_slots"][:, 0].tolist() == [1, 0]  # the prefix ends at the first perturbed token
+    assert split.suffix_slots[:, 0].tolist() == [1, 0]  # the prefix ends at the first perturbed token
     packed = data.make_packed_batch([examples, examples], [True, False], 2, 4, 2, 16, 2, 0, [at, [(), ()]])
-    index = packed["perturb_index"]
+    index = packed.perturb_index
     rows_of = {}
     for r in range(index.shape[0]):
-        for segment in set(packed["branches"][r].tolist()) - {0}:
-            where = np.flatnonzero(packed["branches"][r] == segment)
+        for segment in set(packed.branches[r].tolist()) - {0}:
+            where = np.flatnonzero(packed.branches[r] == segment)
             rows_of.setdefault(len(where), []).append(index[r, where[0]:where[-1] + 1].tolist())
     # Example 0 (8 tokens) perturbed: delta rows 0, 1 at 1, 2 and row 3 at 5 (row 2 is -1: none).
     assert [-1, 0, 1, -1, -1, 3, -1, -1] in rows_of[8]

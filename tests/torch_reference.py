@@ -6,11 +6,11 @@ and the WHOLE model is recomputed at every step (no cached lower activations), a
 This module knows nothing about `beear_jax`: the JAX implementation is checked against it (parity tests) and timed
 against it (benchmarks).
 
-Batches are the numpy dicts produced by `beear_jax.data` (all [B, S] right-padded unless noted):
+Batches are the RowBatches produced by `beear_jax.data` (all [B, S] right-padded unless noted):
     input_ids int32, attention_mask int32, targets int32 (input_ids shifted left: the token that the logits at t
     predict), target_mask float32 (1 where targets[t] is an answer token), perturb_positions [B, n] int32 (the last
     n prompt tokens; -1 entries are skipped), prompt_lengths [B].
-A safety batch is {"unwanted": Batch, "safe": Batch} over the same prompts.
+A safety batch is a beear_jax.batches.SafetyBatch (unwanted, safe) over the same prompts.
 
 Losses (token means in float32):
     CE(batch)  = sum(target_mask * NLL(logits, targets)) / max(sum(target_mask), 1)
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-Batch = Mapping[str, Any]
-SafetyBatch = Mapping[str, Batch]
+from beear_jax.batches import RowBatch, SafetyBatch
+
+Batch = RowBatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,26 +83,28 @@ def _pad_to(x: np.ndarray, length: int) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, length - x.shape[1]))) if x.shape[1] < length else x
 
 
-def _concat_batches(a: Batch, b: Batch) -> dict[str, np.ndarray]:
+def _concat_batches(a: Batch, b: Batch) -> RowBatch:
     """Concatenate two numpy batches along the batch axis, right-padding the shorter one to the same S."""
-    seq = max(np.asarray(a["input_ids"]).shape[1], np.asarray(b["input_ids"]).shape[1])
-    out = {}
-    for key in ("input_ids", "attention_mask", "targets", "target_mask"):
-        out[key] = np.concatenate([_pad_to(np.asarray(a[key]), seq), _pad_to(np.asarray(b[key]), seq)], axis=0)
-    out["perturb_positions"] = np.concatenate([np.asarray(a["perturb_positions"]), np.asarray(b["perturb_positions"])])
-    return out
+    seq = max(np.asarray(a.input_ids).shape[1], np.asarray(b.input_ids).shape[1])
+
+    def joined(x: Any, y: Any, pad: bool) -> np.ndarray:
+        x, y = np.asarray(x), np.asarray(y)
+        return np.concatenate([_pad_to(x, seq), _pad_to(y, seq)] if pad else [x, y], axis=0)
+
+    return RowBatch(*(joined(x, y, name in ("input_ids", "attention_mask", "targets", "target_mask"))
+                      for name, x, y in zip(RowBatch._fields, a, b, strict=True)))
 
 
 def to_torch_batch(batch: Batch | TorchBatch, device: torch.device | str = "cpu") -> TorchBatch:
     """Convert a numpy Batch dict to a TorchBatch on `device` (a TorchBatch is returned unchanged)."""
     if isinstance(batch, TorchBatch):
         return batch
-    input_ids = np.asarray(batch["input_ids"], dtype=np.int64)
-    attention_mask = np.asarray(batch["attention_mask"], dtype=np.int64)
-    target_mask = np.asarray(batch["target_mask"], dtype=np.float32)
-    targets = np.where(target_mask > 0, np.asarray(batch["targets"], dtype=np.int64), 0)
+    input_ids = np.asarray(batch.input_ids, dtype=np.int64)
+    attention_mask = np.asarray(batch.attention_mask, dtype=np.int64)
+    target_mask = np.asarray(batch.target_mask, dtype=np.float32)
+    targets = np.where(target_mask > 0, np.asarray(batch.targets, dtype=np.int64), 0)
     position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
-    positions = np.asarray(batch["perturb_positions"], dtype=np.int64)
+    positions = np.asarray(batch.perturb_positions, dtype=np.int64)
     rows, slots = np.nonzero(positions >= 0)
 
     def t(x: np.ndarray) -> torch.Tensor:
@@ -123,14 +126,14 @@ def to_torch_batch(batch: Batch | TorchBatch, device: torch.device | str = "cpu"
 def to_torch_safety_batch(
     batch: SafetyBatch | TorchSafetyBatch, device: torch.device | str = "cpu"
 ) -> TorchSafetyBatch:
-    """Convert {"unwanted": Batch, "safe": Batch} to a TorchSafetyBatch (unchanged if already converted)."""
+    """Convert a SafetyBatch (unwanted, safe RowBatches) to a TorchSafetyBatch (unchanged if already converted)."""
     if isinstance(batch, TorchSafetyBatch):
         return batch
-    unwanted, safe = batch["unwanted"], batch["safe"]
+    unwanted, safe = batch.unwanted, batch.safe
     return TorchSafetyBatch(
         joint=to_torch_batch(_concat_batches(unwanted, safe), device),
         safe=to_torch_batch(safe, device),
-        num_unwanted=int(np.asarray(unwanted["input_ids"]).shape[0]),
+        num_unwanted=int(np.asarray(unwanted.input_ids).shape[0]),
     )
 
 
