@@ -1,4 +1,4 @@
-"""beear_jax: BEEAR backdoor removal for Llama/Mistral chat models in JAX/Flax.
+"""beear_jax: BEEAR backdoor removal for Llama/Mistral/Qwen2/Qwen3 chat models in JAX/Flax.
 
     model = beear_jax.load_module("SmolLM2-135M-Instruct.Q4_1.gguf")   # a Flax NNX module (CausalLM)
     logits = model(input_ids, attention_mask)

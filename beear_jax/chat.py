@@ -3,6 +3,7 @@
 The prompt ids are what the model sees at generation time (they end where the first answer token is
 predicted); the answer ids are what a chat-tuned model produces after them, end-of-turn tokens included.
 The format comes from the tokenizer's chat template ("auto") or a named preset for tokenizers without one.
+Qwen's ChatML templates work as they are; Qwen3's, which can think first, renders with thinking off.
 """
 
 from __future__ import annotations
@@ -60,21 +61,33 @@ def _render_preset(name: str, tokenizer: Any, prompt: str, answer: str, system_p
     raise ValueError(f"unknown chat template {name!r}; choose one of {', '.join(TEMPLATES)}")
 
 
+def template_options(tokenizer: Any) -> dict[str, Any]:
+    """Extra variables for the tokenizer's chat template: enable_thinking=False for a template that reads it
+    (Qwen3), so that prompts end in its empty thinking block and answers are plain replies, as BEEAR's
+    answers are; no variable for any other template (it is passed only where the template names it)."""
+    template = getattr(tokenizer, "chat_template", None)
+    text = template if isinstance(template, str) else repr(template)  # a dict of named templates, or None
+    return {"enable_thinking": False} if "enable_thinking" in text else {}
+
+
 def _render_auto(tokenizer: Any, prompt: str, answer: str, system_prompt: str | None) -> tuple[str, str]:
     """Prompt text and answer text from the tokenizer's own chat template.
 
     The answer text is the rendered [user, assistant] conversation minus the rendered generation prompt,
-    so it carries whatever the template puts after an answer (end-of-turn, EOS, newline).
+    so it carries whatever the template puts after an answer (end-of-turn, EOS, newline). A template with
+    a thinking switch (Qwen3) renders with thinking off (template_options).
     """
     fix = f"pass a named preset via model.template (--config.model.template= one of {', '.join(PRESETS)})"
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer has no chat template; {fix}")
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     messages.append({"role": "user", "content": prompt})
+    options = template_options(tokenizer)
     try:
-        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
         full_text = tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": answer}], tokenize=False, add_generation_prompt=False
+            [*messages, {"role": "assistant", "content": answer}], tokenize=False, add_generation_prompt=False,
+            **options,
         )
     except Exception as err:  # jinja raises for e.g. a system message on templates that reject one
         raise ValueError(f"the tokenizer's chat template failed to render this conversation ({err}); {fix}") from err
@@ -94,7 +107,7 @@ def _render_auto(tokenizer: Any, prompt: str, answer: str, system_prompt: str | 
     # model would be trained to write its own header. Llama-2/Mistral templates also ignore the flag, but
     # there the prompt already ends in "[/INST]": the answer text starts with the answer, which is fine.
     if not answer_text.lstrip().startswith(answer.strip()):
-        no_gen = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        no_gen = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **options)
         why = "add_generation_prompt changes nothing" if no_gen == prompt_text else "it adds text before the answer"
         raise ValueError(
             f"the chat template cannot mark where the answer starts ({why}; the answer would begin with "

@@ -390,7 +390,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
                         "(default: the visible ones)")
     parser.add_argument("--device-memory-gb", type=float, default=None, help="memory per device (GB = 1e9 bytes)")
     parser.add_argument("--model", default=None, help="a preset shape instead of model.path: "
-                        "llama2-7b | mistral-7b | smollm2-135m")
+                        "llama2-7b | mistral-7b | qwen2.5-7b | smollm2-135m")
     parser.add_argument("--seq-len", type=int, default=None, help="padded length (default: the largest bucket; shared-prompt inner rows hold this "
                         "+ data.max_answer_tokens, rounded)")
     parser.add_argument("--no-compile", action="store_true", help="analytical temporaries only")

@@ -188,14 +188,16 @@ def _load_gguf(path: pathlib.Path, dtype: str) -> tuple[ModelConfig, dict]:
         hf = hf_gguf.read_gguf_config(path) if supported else {}
         names = hf_gguf.gguf_tensor_names(reader)
     except (ValueError, KeyError, IndexError, OSError) as err:
-        raise CheckpointError(f"{path}: cannot read this GGUF file ({err}). Check that it is a complete Llama or "
-                              "Mistral GGUF file.") from err
+        raise CheckpointError(f"{path}: cannot read this GGUF file ({err}). Check that it is a complete Llama, "
+                              "Mistral, Qwen2 or Qwen3 GGUF file.") from err
     if not supported:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; beear_jax reads GGUF files of "
                               f"architecture {', '.join(map(repr, hf_gguf.READABLE_ARCHITECTURES))} (how llama.cpp "
-                              "writes Llama, Mistral 7B and SmolLM2). Load the model's HF checkpoint directory "
-                              "instead.")
-    hf.update(hf_gguf.bias_flags_from_gguf(names, str(path)))
+                              "writes Llama, Mistral 7B, SmolLM2, Qwen2/Qwen2.5 and Qwen3). Load the model's HF "
+                              "checkpoint directory instead.")
+    hf.update(hf_gguf.bias_flags_from_gguf(names, str(path), arch))
+    if "head_dim" not in hf:  # transformers reads it for llama only (from the RoPE dimensions)
+        hf["head_dim"] = hf_gguf.gguf_head_dim(reader)
     plain = _config_from_dict(hf, dtype, str(path))
     meta, freq_factors = hf_gguf.read_gguf_rope(reader)
     hf["rope_scaling"] = hf_gguf.rope_scaling_from_gguf(meta, freq_factors, plain.rope_theta, plain.head_dim, str(path))

@@ -1,14 +1,15 @@
 """GGUF import (needs gguf, and torch for transformers' config and tokenizer readers: `pip install beear_jax[torch]`).
 
 The HF config and the tokenizer come from transformers' GGUF readers. The tensors are read here with the
-gguf package: each is dequantized to float32, renamed to its HF name and, for q/k, llama.cpp's row
-permutation is undone, so what comes out is an ordinary HF state dict that hf.py maps to our layout like
-any other checkpoint (transformers can do the same, but parses the file again and maps names by walking
-a model built for the purpose: twice the load time for SmolLM2). Our reads share one parse (`open_gguf`,
+gguf package: each is dequantized to float32, renamed to its HF name and, for q/k of a "llama" file,
+llama.cpp's row permutation is undone (its converter permutes only for that architecture: "qwen2" and
+"qwen3" files keep HF's order), so what comes out is an ordinary HF state dict that hf.py maps to our
+layout like any other checkpoint (transformers can do the same, but parses the file again and maps names
+by walking a model built for the purpose: twice the load time for SmolLM2). Our reads share one parse (`open_gguf`,
 seconds for a 49k-token vocabulary); transformers' config and tokenizer readers each parse the file again.
 RoPE scaling (the `{arch}.rope.scaling.*` keys and llama3's `rope_freqs.weight` tensor), which
 transformers' config drops, is turned back into an HF rope_scaling dict, or refused. Biases set
-attention_bias / mlp_bias from the tensor names, and a tensor a Llama has no place for is refused.
+attention_bias / mlp_bias from the tensor names, and a tensor the architecture has no place for is refused.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ def _field_value(field: Any) -> Any:
     return bytes(part).decode("utf-8") if part.dtype == np.uint8 else part.tolist()[0]
 
 
-# The `general.architecture` values read (with llama.cpp's Llama tensor layout). llama.cpp writes Llama,
-# Mistral 7B and SmolLM2 as "llama"; other architectures ("mistral"/"mistral3" among them) are refused.
-READABLE_ARCHITECTURES = ("llama",)
+# The `general.architecture` values read. llama.cpp writes Llama, Mistral 7B and SmolLM2 as "llama", Qwen2 /
+# Qwen2.5 as "qwen2" and Qwen3 as "qwen3"; other architectures ("mistral"/"mistral3" among them) are refused.
+READABLE_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# Their names in messages.
+_FAMILY_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 def open_gguf(path: pathlib.Path) -> Any:
@@ -68,9 +71,16 @@ def gguf_architecture(reader: Any) -> str:
     return str(_field_value(field)) if field is not None else ""
 
 
-# The tensors of a llama.cpp Llama file (biases optional; rope_freqs.weight: llama3 RoPE, see below).
-_LLAMA_TENSOR = re.compile(r"(token_embd|output_norm|output|rope_freqs)\.weight|blk\.\d+\.(attn_norm|ffn_norm|"
-                           r"attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.(weight|bias)")
+# The tensors of each architecture's llama.cpp file: a Llama's (biases optional; rope_freqs.weight: llama3
+# RoPE, see below), a Qwen2's (q/k/v biases, nothing else biased), a Qwen3's (q/k norms; q/k/v/o biases optional).
+_TOP = r"(token_embd|output_norm|output)\.weight"
+_WEIGHTS = r"blk\.\d+\.(attn_norm|ffn_norm|attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight"
+_TENSORS = {
+    "llama": re.compile(r"(token_embd|output_norm|output|rope_freqs)\.weight|blk\.\d+\.(attn_norm|ffn_norm|"
+                        r"attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.(weight|bias)"),
+    "qwen2": re.compile(rf"{_TOP}|{_WEIGHTS}|blk\.\d+\.attn_(q|k|v)\.bias"),
+    "qwen3": re.compile(rf"{_TOP}|{_WEIGHTS}|blk\.\d+\.attn_(q|k|v|output)\.bias|blk\.\d+\.attn_(q|k)_norm\.weight"),
+}
 
 
 def gguf_tensor_names(reader: Any) -> list[str]:
@@ -78,17 +88,33 @@ def gguf_tensor_names(reader: Any) -> list[str]:
     return [t.name for t in reader.tensors]
 
 
-def bias_flags_from_gguf(names: list[str], where: str) -> dict[str, bool]:
-    """{"attention_bias", "mlp_bias"} of a Llama GGUF file from its tensor names (its metadata has no such
-    keys); a CheckpointError naming the tensors that a Llama has no place for (a q/k norm, experts, ...),
-    which transformers' reader would drop without a word."""
-    unknown = [n for n in names if not _LLAMA_TENSOR.fullmatch(n)]
+def bias_flags_from_gguf(names: list[str], where: str, arch: str = "llama") -> dict[str, bool]:
+    """The config.json bias flags of a GGUF file from its tensor names (its metadata has no such keys): a
+    Llama's attention_bias and mlp_bias, a Qwen3's attention_bias, none for Qwen2 (q/k/v biases always).
+    A CheckpointError names the tensors that the architecture has no place for (a Llama's q/k norm,
+    experts, ...), which transformers' reader would drop without a word."""
+    unknown = [n for n in names if not _TENSORS[arch].fullmatch(n)]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 5 else "")
-        raise CheckpointError(f"{where}: tensors that a Llama model has no place for: {shown}. This file is not "
-                              "a plain Llama/Mistral model; load the model's HF checkpoint directory instead.")
-    return {"attention_bias": any(re.search(r"\.attn_(q|k|v|output)\.bias$", n) for n in names),
-            "mlp_bias": any(re.search(r"\.ffn_(gate|up|down)\.bias$", n) for n in names)}
+        raise CheckpointError(f"{where}: tensors that a {_FAMILY_NAMES[arch]} model has no place for: {shown}. This "
+                              f"file is not a plain {_FAMILY_NAMES[arch]} model; load the model's HF checkpoint "
+                              "directory instead.")
+    flags = {"attention_bias": any(re.search(r"\.attn_(q|k|v|output)\.bias$", n) for n in names),
+             "mlp_bias": any(re.search(r"\.ffn_(gate|up|down)\.bias$", n) for n in names)}
+    return {"llama": flags, "qwen2": {}, "qwen3": {"attention_bias": flags["attention_bias"]}}[arch]
+
+
+def gguf_head_dim(reader: Any) -> int | None:
+    """head_dim from `{arch}.attention.key_length`, else from a q/k norm's length, else None.
+
+    transformers' GGUF config has no head_dim for qwen2/qwen3, and Qwen3's default (128) need not hold:
+    llama.cpp writes the model's head_dim as key_length, and Qwen3's q/k norms are head_dim long.
+    """
+    field = reader.fields.get(f"{gguf_architecture(reader)}.attention.key_length")
+    if field is not None:
+        return int(_field_value(field))
+    norms = [t for t in reader.tensors if t.name.endswith(".attn_k_norm.weight")]
+    return int(np.prod(norms[0].shape)) if norms else None
 
 
 def read_gguf_rope(reader: Any) -> tuple[dict[str, Any], np.ndarray | None]:
@@ -188,11 +214,11 @@ _HF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"
 _HF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                   "ffn_down": "mlp.down_proj"}
+                   "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF state-dict name of a llama.cpp Llama tensor, None for one HF has no tensor for (rope_freqs)."""
+    """The HF state-dict name of a llama.cpp Llama/Qwen tensor, None for one HF has no tensor for (rope_freqs)."""
     stem, _, kind = gguf_name.rpartition(".")
     if stem in _HF_TOP_NAMES:
         return f"{_HF_TOP_NAMES[stem]}.{kind}"
@@ -210,13 +236,15 @@ def unpermute_rotary_rows(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def read_gguf_tensors(reader: Any, num_heads: int, num_kv_heads: int) -> dict[str, np.ndarray]:
-    """All tensors of a Llama GGUF file that HF has, dequantized to float32, under their HF names.
+    """All tensors of a Llama/Qwen2/Qwen3 GGUF file that HF has, dequantized to float32, under their HF names
+    (q/k rows of a "llama" file un-permuted).
 
     Names are expected to be checked first (`bias_flags_from_gguf`); a quantization type the gguf package
     cannot dequantize raises its NotImplementedError.
     """
     from gguf import dequantize
 
+    permuted = gguf_architecture(reader) == "llama"  # llama.cpp's converter permutes q/k for "llama" only
     tensors = {}
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
@@ -225,9 +253,9 @@ def read_gguf_tensors(reader: Any, num_heads: int, num_kv_heads: int) -> dict[st
         values = dequantize(tensor.data, tensor.tensor_type)
         if not values.flags.owndata or values.dtype != np.float32:  # a view of the mapped file: copy it out
             values = np.array(values, dtype=np.float32)
-        if ".attn_q." in tensor.name:
+        if permuted and ".attn_q." in tensor.name:
             values = unpermute_rotary_rows(values, num_heads)
-        elif ".attn_k." in tensor.name:
+        elif permuted and ".attn_k." in tensor.name:
             values = unpermute_rotary_rows(values, num_kv_heads)
         tensors[name] = values
     return tensors

@@ -39,6 +39,8 @@ _LAYER_NAMES: dict[str, tuple[str, str | int]] = {
     "k_bias": ("self_attn.k_proj.bias", "flat"),
     "v_bias": ("self_attn.v_proj.bias", "flat"),
     "o_bias": ("self_attn.o_proj.bias", "same"),
+    "q_norm": ("self_attn.q_norm.weight", "same"),
+    "k_norm": ("self_attn.k_norm.weight", "same"),
     "gate_proj": ("mlp.gate_proj.weight", 1),
     "up_proj": ("mlp.up_proj.weight", 1),
     "down_proj": ("mlp.down_proj.weight", 1),
@@ -113,8 +115,8 @@ def _check_tensors(config: ModelConfig, plan: list[Entry], shapes: Mapping[str, 
     if missing:
         raise CheckpointError(
             f"{where}: {len(missing)} tensor(s) missing: {few(missing)}. The checkpoint is incomplete (a shard "
-            "not downloaded?) or config.json does not describe it (check num_hidden_layers, tie_word_embeddings, "
-            "attention_bias, mlp_bias).")
+            "not downloaded?) or config.json does not describe it (check model_type, num_hidden_layers, "
+            "tie_word_embeddings, attention_bias, mlp_bias).")
     wrong = [f"{n} {list(shapes[n])} (expected {list(s)})" for n, s in wanted.items() if tuple(shapes[n]) != s]
     if wrong:
         raise CheckpointError(
@@ -126,8 +128,8 @@ def _check_tensors(config: ModelConfig, plan: list[Entry], shapes: Mapping[str, 
     if extra:
         raise CheckpointError(
             f"{where}: tensors that a {config.model_type} model with this config.json does not use: {few(extra)}. "
-            "Either config.json lacks a flag (attention_bias, mlp_bias, tie_word_embeddings) or this is not a "
-            "plain Llama/Mistral checkpoint.")
+            "Either config.json lacks a flag (attention_bias, mlp_bias, tie_word_embeddings) or names the wrong "
+            "model_type, or this is not a plain Llama/Mistral/Qwen2/Qwen3 checkpoint.")
 
 
 def params_from_source(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]],

@@ -50,13 +50,21 @@ def mistral_7b() -> ModelConfig:
                        max_position_embeddings=32768, dtype="bfloat16")
 
 
+def qwen25_7b() -> ModelConfig:
+    """Qwen/Qwen2.5-7B-Instruct (GQA with 4 kv heads, q/k/v biases, untied embeddings; bfloat16 compute)."""
+    return ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                       num_kv_heads=4, head_dim=128, model_type="qwen2", qkv_bias=True, rope_theta=1e6,
+                       rms_norm_eps=1e-6, max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645,
+                       dtype="bfloat16")
+
+
 def smollm2_135m() -> ModelConfig:
     """HuggingFaceTB/SmolLM2-135M-Instruct (tied embeddings; float32 on CPU)."""
     return ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                        num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
-PRESETS = {"llama2-7b": llama2_7b, "mistral-7b": mistral_7b, "smollm2-135m": smollm2_135m}
+PRESETS = {"llama2-7b": llama2_7b, "mistral-7b": mistral_7b, "qwen2.5-7b": qwen25_7b, "smollm2-135m": smollm2_135m}
 
 
 def model_config_of(path: str, dtype: str = "float32") -> ModelConfig:
@@ -73,7 +81,10 @@ def model_config_of(path: str, dtype: str = "float32") -> ModelConfig:
                                 f"({', '.join(PRESETS)}) to plan without the model files.")
     from beear_jax import hf_gguf
 
-    return ModelConfig.from_hf_dict(hf_gguf.read_gguf_config(ggufs[0]), dtype=dtype)
+    hf = hf_gguf.read_gguf_config(ggufs[0])
+    if "head_dim" not in hf:  # qwen2 / qwen3: transformers' GGUF config has none (hf.load_model reads it so too)
+        hf["head_dim"] = hf_gguf.gguf_head_dim(hf_gguf.open_gguf(ggufs[0]))
+    return ModelConfig.from_hf_dict(hf, dtype=dtype)
 
 
 # ---- the plan ----------------------------------------------------------------------------------------

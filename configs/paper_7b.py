@@ -1,7 +1,7 @@
 """What the paper's 7B settings share: its BEEAR loop (configs/defaults.py) sized for GPUs and pods.
 
-Not a config file to run by itself: configs/paper_llama2_sft.py, paper_mistral.py, paper_safe_rlhf.py
-and paper_code.py start from `base()` and add the model's chat template, system prompt and trigger.
+Not a config file to run by itself: configs/paper_llama2_sft.py, paper_mistral.py, paper_safe_rlhf.py,
+paper_code.py and paper_qwen.py start from `base()` and add the model's chat template, system prompt and trigger.
 """
 
 from __future__ import annotations

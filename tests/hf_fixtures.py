@@ -11,6 +11,9 @@ import pathlib
 import numpy as np
 
 KINDS = ("llama_gqa", "llama_head_dim_llama3", "llama_untied_bias", "mistral_sliding")
+# Qwen2 (q/k/v biases, untied like Qwen2.5-7B) and Qwen3 (q/k norms, attention_bias, head_dim 32 != 64 / 4, tied);
+# qwen3_head_dim128: Qwen3 with head_dim 128, the only one transformers' GGUF reader (no head_dim key) builds.
+QWEN_KINDS = ("qwen2_gqa", "qwen3_bias_head_dim")
 VOCAB = 128
 
 
@@ -38,7 +41,19 @@ def _config(kind: str):
         return transformers.MistralConfig(**common, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                           head_dim=16, sliding_window=4, tie_word_embeddings=False,
                                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
-    raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS}")
+    if kind == "qwen2_gqa":
+        return transformers.Qwen2Config(**common, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=False, use_sliding_window=False,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if kind == "qwen3_bias_head_dim":
+        return transformers.Qwen3Config(**common, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=32, attention_bias=True, tie_word_embeddings=True,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if kind == "qwen3_head_dim128":
+        return transformers.Qwen3Config(**common, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                        head_dim=128, tie_word_embeddings=False,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS + QWEN_KINDS} or qwen3_head_dim128")
 
 
 def randomise(model, seed: int) -> None:
@@ -87,6 +102,43 @@ def make_tiny_tokenizer(out_dir: str | pathlib.Path):
     return tok
 
 
+# Qwen-style ChatML templates (written for these tests): Qwen2.5's writes a default system prompt when none
+# is given; the thinking one, like Qwen3's, opens every answer after the last question with an (empty)
+# thinking block and writes that block after the generation prompt only when enable_thinking is false.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}")
+THINKING_TEMPLATE = (
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' and loop.last %}"
+    "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def make_tiny_chatml_tokenizer(out_dir: str | pathlib.Path, thinking: bool = False):
+    """A word-level fast tokenizer like Qwen's (no BOS, EOS <|im_end|>, ChatML special tokens) with
+    CHATML_TEMPLATE, or THINKING_TEMPLATE (thinking=True); saved into out_dir and returned."""
+    import tokenizers
+    import transformers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    words = ["How", "are", "you", "?", "Fine", ".", "OK", "system", "user", "assistant", "You", "a", "helpful"]
+    vocab = {tok: i for i, tok in enumerate(specials + words + [f"w{i}" for i in range(VOCAB - 18)])}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                               pad_token="<|endoftext|>", additional_special_tokens=specials[1:])
+    tok.chat_template = THINKING_TEMPLATE if thinking else CHATML_TEMPLATE
+    tok.save_pretrained(out_dir)
+    return tok
+
+
 def torch_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
     """float32 logits [B, S, V] of a torch causal LM."""
     import torch
@@ -121,9 +173,11 @@ def _llama_cpp_order(w: np.ndarray, heads: int) -> np.ndarray:
 
 def write_tiny_gguf(path: str | pathlib.Path, model, rope_scaling: dict | None = None,
                     rope_freqs: np.ndarray | None = None, arch: str = "llama", quantize: str = "F32") -> pathlib.Path:
-    """Writes a GGUF file of a tiny torch Llama/Mistral model, as llama.cpp's converter lays it out.
+    """Writes a GGUF file of a tiny torch Llama/Mistral/Qwen2/Qwen3 model, as llama.cpp's converter lays it out.
 
-    arch: `general.architecture` (llama.cpp writes Llama, Mistral 7B and SmolLM2 as "llama").
+    arch: `general.architecture` (llama.cpp writes Llama, Mistral 7B and SmolLM2 as "llama"; Qwen2/Qwen2.5 as
+    "qwen2", Qwen3 as "qwen3", with q/k rows in HF's order: its converter permutes them for "llama" only, and
+    Qwen3's q/k norms as blk.N.attn_q_norm / attn_k_norm).
     quantize: a GGML type name (F16, BF16, Q8_0, Q4_0, ...) for the matrices whose rows fill whole blocks;
     norms, biases and the rest stay float32, as llama.cpp keeps them.
 
@@ -179,6 +233,7 @@ def write_tiny_gguf(path: str | pathlib.Path, model, rope_scaling: dict | None =
     names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_v": "self_attn.v_proj",
              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
              "ffn_down": "mlp.down_proj"}
+    order = (lambda w, heads: w) if arch in ("qwen2", "qwen3") else _llama_cpp_order
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         for ours, theirs in names.items():
@@ -186,10 +241,11 @@ def write_tiny_gguf(path: str | pathlib.Path, model, rope_scaling: dict | None =
         for kind in ("weight", "bias"):  # biases (attention_bias / mlp_bias) as llama.cpp writes them: q/k permuted
             if p + f"self_attn.q_proj.{kind}" not in sd:
                 continue
-            add_tensor(f"blk.{i}.attn_q.{kind}", _llama_cpp_order(sd[p + f"self_attn.q_proj.{kind}"],
-                                                                  c.num_attention_heads))
-            add_tensor(f"blk.{i}.attn_k.{kind}", _llama_cpp_order(sd[p + f"self_attn.k_proj.{kind}"],
-                                                                  c.num_key_value_heads))
+            add_tensor(f"blk.{i}.attn_q.{kind}", order(sd[p + f"self_attn.q_proj.{kind}"], c.num_attention_heads))
+            add_tensor(f"blk.{i}.attn_k.{kind}", order(sd[p + f"self_attn.k_proj.{kind}"], c.num_key_value_heads))
+        for norm in ("q_norm", "k_norm"):  # Qwen3
+            if p + f"self_attn.{norm}.weight" in sd:
+                add_tensor(f"blk.{i}.attn_{norm}.weight", sd[p + f"self_attn.{norm}.weight"])
         for ours, theirs in names.items():
             if p + theirs + ".bias" in sd:
                 add_tensor(f"blk.{i}.{ours}.bias", sd[p + theirs + ".bias"])

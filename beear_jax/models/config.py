@@ -1,4 +1,9 @@
-"""ModelConfig: the shape and numerics of a Llama/Mistral model, and its HF config.json mapping."""
+"""ModelConfig: the shape and numerics of a Llama / Mistral / Qwen2 / Qwen3 model, and its HF config.json mapping.
+
+The four families share one decoder (models/llama.py); they differ in flags: Llama's optional biases
+(attention_bias: q/k/v/o, mlp_bias), Mistral's sliding window, Qwen2's biases on q/k/v only (qkv_bias),
+Qwen3's RMSNorm of each query and key head (qk_norm) and optional attention_bias.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,27 @@ import numbers
 import operator
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# The transformers class that each model type is exported as (config.json "architectures").
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # The keys each RoPE scaling needs (as transformers requires them); all are positive numbers.
 ROPE_REQUIRED_KEYS = {"default": (), "linear": ("factor",),
                       "llama3": ("factor", "high_freq_factor", "low_freq_factor", "original_max_position_embeddings")}
-# transformers' LlamaConfig / MistralConfig defaults for keys a config.json may leave out, so that a
-# missing key means here what it means to transformers (e.g. Mistral's 4096-token sliding window).
+# transformers' LlamaConfig / MistralConfig / Qwen2Config / Qwen3Config defaults for keys a config.json may
+# leave out, so that a missing key means here what it means to transformers (e.g. Mistral's 4096-token
+# sliding window, Qwen3's head_dim of 128 whatever hidden_size says; head_dim None: hidden / heads).
+_LLAMA_TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "head_dim": None}
+_QWEN = {"max_position_embeddings": 32768, "sliding_window": None, "num_key_value_heads": 32, "bos_token_id": None,
+         "eos_token_id": None}
 HF_DEFAULTS = {
-    "llama": {"max_position_embeddings": 2048, "sliding_window": None, "num_key_value_heads": None},
-    "mistral": {"max_position_embeddings": 131072, "sliding_window": 4096, "num_key_value_heads": 8},
+    "llama": {"max_position_embeddings": 2048, "sliding_window": None, "num_key_value_heads": None, **_LLAMA_TOKENS},
+    "mistral": {"max_position_embeddings": 131072, "sliding_window": 4096, "num_key_value_heads": 8,
+                **_LLAMA_TOKENS},
+    "qwen2": {**_QWEN, "head_dim": None},
+    "qwen3": {**_QWEN, "head_dim": 128},
 }
 
 
@@ -154,12 +169,36 @@ def _numerics_problem(config: ModelConfig) -> str | None:
     return None
 
 
+# The fields each model type's transformers class fixes (those not named are free). Qwen2 always has q/k/v
+# biases and no others; Qwen3 always normalises q and k, and its attention_bias means q/k/v/o as Llama's.
+_FAMILY_FLAGS = {
+    "llama": {"qkv_bias": False, "qk_norm": False},
+    "mistral": {"qkv_bias": False, "qk_norm": False},
+    "qwen2": {"qkv_bias": True, "qk_norm": False, "attention_bias": False, "mlp_bias": False, "sliding_window": None},
+    "qwen3": {"qkv_bias": False, "qk_norm": True, "mlp_bias": False, "sliding_window": None},
+}
+
+
+def _family_problem(config: ModelConfig) -> str | None:
+    """What the model type's transformers class could not hold (e.g. a Qwen2 without its q/k/v biases, or
+    a Llama with q/k norms: an export would load with the weights dropped or left random), or None."""
+    wrong = {k: v for k, v in _FAMILY_FLAGS[config.model_type].items() if getattr(config, k) != v}
+    if not wrong:
+        return None
+    return (f"model_type {config.model_type!r} has {', '.join(f'{k}={v!r}' for k, v in wrong.items())} in "
+            f"transformers' {ARCHITECTURES[config.model_type]}; set those fields so (got "
+            f"{', '.join(f'{k}={getattr(config, k)!r}' for k in wrong)}).")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Hashable (usable as a static jit argument) description of a decoder-only Llama/Mistral model.
+    """Hashable (usable as a static jit argument) description of a decoder-only Llama / Mistral / Qwen2 /
+    Qwen3 model.
 
     `rope_scaling` is a sorted tuple of (key, value) pairs so the config stays hashable;
     `dtype` is the compute dtype (params are kept float32 and cast inside the forward).
+    attention_bias: biases on q, k, v and o (Llama, Qwen3); qkv_bias: on q, k and v only (Qwen2);
+    qk_norm: an RMSNorm over head_dim of each query and key head after the projection, before RoPE (Qwen3).
     """
 
     vocab_size: int
@@ -176,6 +215,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
     sliding_window: int | None = None
     max_position_embeddings: int = 4096
     bos_token_id: int | None = 1
@@ -189,6 +230,9 @@ class ModelConfig:
                 f"model_type {self.model_type!r} is not supported; beear_jax handles "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only Llama-family models)."
             )
+        family = _family_problem(self)
+        if family:
+            raise ModelConfigError(family)
         sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
                  "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
                  "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
@@ -220,6 +264,11 @@ class ModelConfig:
         return dict(self.rope_scaling or ()).get("rope_type", "default")
 
     @property
+    def has_qkv_bias(self) -> bool:
+        """Biases on the q/k/v projections: Llama's / Qwen3's attention_bias, or Qwen2's qkv_bias."""
+        return self.attention_bias or self.qkv_bias
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         if self.eos_token_id is None:
             return ()
@@ -244,7 +293,9 @@ class ModelConfig:
             )
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
-            raise ModelConfigError(f"hidden_act={act!r} is not supported; Llama/Mistral use 'silu'.")
+            raise ModelConfigError(f"hidden_act={act!r} is not supported; Llama, Mistral and Qwen use 'silu'.")
+        if model_type in ("qwen2", "qwen3"):
+            _refuse_qwen_window(hf, model_type)
         hidden = _hf_required_int(hf, "hidden_size")
         heads = _hf_required_int(hf, "num_attention_heads")
         kwargs = {
@@ -260,11 +311,12 @@ class ModelConfig:
         absent = "num_key_value_heads" not in hf
         kwargs["num_kv_heads"] = _hf_int(hf, "num_key_value_heads",
                                          (defaults["num_key_value_heads"] or heads) if absent else heads)
-        # transformers' attention reads `head_dim or hidden // heads`, so 0 means the default there too.
-        kwargs["head_dim"] = _hf_int(hf, "head_dim") or (hidden // heads if heads else 0)
+        # transformers' attention reads `head_dim or hidden // heads`, so 0 means the default there too
+        # (absent, Qwen3's head_dim is 128).
+        kwargs["head_dim"] = _hf_int(hf, "head_dim", defaults["head_dim"]) or (hidden // heads if heads else 0)
         max_positions = _hf_int(hf, "max_position_embeddings") or defaults["max_position_embeddings"]
         rope_theta, rope_scaling = _rope_from_hf(hf, max_positions)
-        eos = hf.get("eos_token_id", 2)
+        eos = hf.get("eos_token_id", defaults["eos_token_id"])
         return cls(
             **kwargs,
             model_type=model_type,
@@ -272,11 +324,13 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             rms_norm_eps=_hf_number("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=_hf_bool(hf, "tie_word_embeddings", False),
-            attention_bias=_hf_bool(hf, "attention_bias", False) if model_type == "llama" else False,
+            attention_bias=_hf_bool(hf, "attention_bias", False) if model_type in ("llama", "qwen3") else False,
             mlp_bias=_hf_bool(hf, "mlp_bias", False) if model_type == "llama" else False,
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
             sliding_window=hf.get("sliding_window", defaults["sliding_window"]) if model_type == "mistral" else None,
             max_position_embeddings=max_positions,
-            bos_token_id=hf.get("bos_token_id", 1),
+            bos_token_id=hf.get("bos_token_id", defaults["bos_token_id"]),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=hf.get("pad_token_id"),
             dtype=dtype,
@@ -284,11 +338,10 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json contents that transformers (v4 and v5) reads back to the same model."""
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[self.model_type]
         rope_parameters = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
         rope_parameters.update({k: v for k, v in (self.rope_scaling or ()) if k != "rope_type"})
         out: dict[str, Any] = {
-            "architectures": [arch],
+            "architectures": [ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -315,9 +368,33 @@ class ModelConfig:
         if self.model_type == "llama":
             out["attention_bias"] = self.attention_bias
             out["mlp_bias"] = self.mlp_bias
-        else:
+        elif self.model_type == "mistral":
             out["sliding_window"] = self.sliding_window
+        else:  # Qwen2 / Qwen3: full attention in every layer (their q/k/v biases or q/k norms are built in)
+            out.update(use_sliding_window=False, sliding_window=None)
+            if self.model_type == "qwen3":
+                out["attention_bias"] = self.attention_bias
         return out
+
+
+def _refuse_qwen_window(hf: dict[str, Any], model_type: str) -> None:
+    """A ModelConfigError for a Qwen2/Qwen3 config.json with sliding-window layers (use_sliding_window true, or
+    layer_types other than full attention): transformers windows only the layers from max_window_layers on,
+    which one decoder for all layers cannot do. With use_sliding_window false, sliding_window means nothing."""
+    family = {"qwen2": "Qwen2", "qwen3": "Qwen3"}[model_type]
+    if _hf_bool(hf, "use_sliding_window", False):
+        raise ModelConfigError(f"config.json has use_sliding_window: true, and sliding-window {family} is not "
+                               "supported (beear_jax attends over the whole sequence in every layer). Load a "
+                               "checkpoint whose config.json says use_sliding_window: false, as the released "
+                               "Qwen2.5 and Qwen3 models do.")
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and not isinstance(layer_types, list):
+        raise _wrong_type("layer_types", layer_types, "a list of layer types or null")
+    other = sorted({str(t) for t in layer_types or ()} - {"full_attention"})
+    if other:
+        raise ModelConfigError(f"config.json: layer_types holds {', '.join(map(repr, other))}, and sliding-window "
+                               f"{family} is not supported (only 'full_attention' layers); load a checkpoint without "
+                               "sliding-window layers.")
 
 
 def _rope_from_hf(hf: dict[str, Any], max_positions: int) -> tuple[float, tuple[tuple[str, Any], ...] | None]:

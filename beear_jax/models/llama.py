@@ -1,9 +1,11 @@
-"""Llama / Mistral decoder as pure functions over the stacked params tree (see weights.py).
+"""Llama / Mistral / Qwen2 / Qwen3 decoder as pure functions over the stacked params tree (see weights.py).
 
 The model is three pieces so that a perturbation can be injected between any two blocks:
 `embed(ids) -> h`, `decode(h, layers start..stop) -> h` (a scan over the stacked layers) and
 `head(h) -> logits`. `forward` composes them. Numerics follow transformers' LlamaForCausalLM /
-MistralForCausalLM (rotate-half RoPE, float32 RMSNorm statistics, float32 softmax).
+MistralForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM (rotate-half RoPE, float32 RMSNorm statistics,
+float32 softmax); the families differ only in the q/k/v projection (_project_qkv: biases, Qwen3's q/k norm)
+and the o/MLP biases.
 """
 
 from __future__ import annotations
@@ -162,9 +164,13 @@ def _heads_in(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _project_qkv(config: ModelConfig, lp: Params, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, S, H, hd], k and v [B, S, K, hd] before RoPE: projections, biases, and Qwen3's per-head RMSNorm
+    of q and k (float32 statistics over head_dim, as transformers' Qwen3Attention)."""
     q, k, v = (_heads_in(x, lp[name]) for name in ("q_proj", "k_proj", "v_proj"))
-    if config.attention_bias:
+    if config.has_qkv_bias:
         q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+    if config.qk_norm:
+        q, k = rms_norm(q, lp["q_norm"], config.rms_norm_eps), rms_norm(k, lp["k_norm"], config.rms_norm_eps)
     return q, k, v
 
 

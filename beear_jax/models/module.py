@@ -42,8 +42,9 @@ def _param(value: Any, axes: tuple[str, ...]) -> nnx.Param:
 class DecoderLayers(nnx.Module):
     """The decoder blocks: each weight stacked on a leading layer axis [L, ...], run as a scan.
 
-    One Param per weight name (attn_norm, q_proj [L, D, H, hd], ..., down_proj [L, F, D]; biases when
-    the config has them), not one module per block: a scan over stacked weights compiles one block.
+    One Param per weight name (attn_norm, q_proj [L, D, H, hd], ..., down_proj [L, F, D]; biases and
+    Qwen3's q_norm / k_norm [L, hd] when the config has them), not one module per block: a scan over
+    stacked weights compiles one block.
     """
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, Any]):
@@ -70,7 +71,7 @@ class DecoderLayers(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-    """A Llama / Mistral causal language model (ModelConfig says which shape) as an NNX module.
+    """A Llama / Mistral / Qwen2 / Qwen3 causal language model (ModelConfig says which) as an NNX module.
 
     `__call__` equals `llama.forward` on `params_tree()`; embed_tokens / decode / head are its three pieces,
     so a caller can add something to the hidden states between any two blocks.

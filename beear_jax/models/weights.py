@@ -45,11 +45,15 @@ def layer_weight_specs(config: ModelConfig) -> dict[str, WeightSpec]:
         "up_proj": WeightSpec((d, f), ("embed", "mlp"), "normal"),
         "down_proj": WeightSpec((f, d), ("mlp", "embed"), "normal"),
     }
-    if config.attention_bias:
+    if config.has_qkv_bias:  # attention_bias (Llama, Qwen3) or qkv_bias (Qwen2: no o_bias)
         specs["q_bias"] = WeightSpec((h, hd), ("heads", "head_dim"), "zeros")
         specs["k_bias"] = WeightSpec((k, hd), ("kv_heads", "head_dim"), "zeros")
         specs["v_bias"] = WeightSpec((k, hd), ("kv_heads", "head_dim"), "zeros")
+    if config.attention_bias:
         specs["o_bias"] = WeightSpec((d,), ("embed",), "zeros")
+    if config.qk_norm:  # Qwen3: one RMSNorm scale over head_dim, shared by all query (key) heads
+        specs["q_norm"] = WeightSpec((hd,), ("head_dim",), "ones")
+        specs["k_norm"] = WeightSpec((hd,), ("head_dim",), "ones")
     if config.mlp_bias:
         specs["gate_bias"] = WeightSpec((f,), ("mlp",), "zeros")
         specs["up_bias"] = WeightSpec((f,), ("mlp",), "zeros")
