@@ -68,27 +68,12 @@ class SharedPromptBatch(NamedTuple):
     answer_mask: Array
 
 
-class PrefixSplitBatch(NamedTuple):
-    """A SharedPromptBatch (its fields first) plus the split of each row at its first perturbed token c:
-    prefix_valid [B, P] (1 on slots < c; the prefix is the row's first P slots), suffix_slots [B, T]
-    (c, c + 1, ..., c + T - 1; slots >= S are padding)."""
-
-    input_ids: Array
-    attention_mask: Array
-    positions: Array
-    branches: Array
-    perturb_positions: Array
-    prompt_lengths: Array
-    answer_index: Array
-    answer_targets: Array
-    answer_mask: Array
-    prefix_valid: Array
-    suffix_slots: Array
-
-    @property
-    def shared(self) -> SharedPromptBatch:
-        """The unsplit rows."""
-        return SharedPromptBatch(*self[:len(SharedPromptBatch._fields)])
+# A SharedPromptBatch's fields, then the split (NamedTuples cannot extend another's fields by subclassing).
+PrefixSplitBatch = NamedTuple("PrefixSplitBatch", [*SharedPromptBatch.__annotations__.items(),
+                                                   ("prefix_valid", Array), ("suffix_slots", Array)])
+PrefixSplitBatch.__doc__ = """A SharedPromptBatch (its fields first) plus the split of each row at its first
+perturbed token c: prefix_valid [B, P] (1 on slots < c; the prefix is the row's first P slots), suffix_slots
+[B, T] (c, c + 1, ..., c + T - 1; slots >= S are padding)."""
 
 
 class SuffixBatch(NamedTuple):

@@ -73,21 +73,30 @@ def _rounds_ended(out: pathlib.Path) -> int:
     return metrics.read_text().count('"round_end"') if metrics.is_file() else 0
 
 
+def _kill_after(args: list[str], out: pathlib.Path, logs: pathlib.Path, rounds: int, victim: int,
+                ) -> tuple[list[tuple[int, str]], float]:
+    """Starts the 2-process job, kills process `victim` once `rounds` rounds have ended; returns both
+    processes' (exit code, log) and the seconds the survivor took to exit after the kill."""
+    running = start(args, 2, 2, logs)
+    deadline = time.time() + 600
+    while _rounds_ended(out) < rounds and time.time() < deadline and running[0].poll() is None:
+        time.sleep(0.2)
+    running[victim].kill()
+    lost = time.time()
+    results = finish(running, logs, timeout=120)
+    return results, time.time() - lost
+
+
 def test_a_lost_process_ends_the_job_and_a_resume_of_all_finishes_it(world, tmp_path):
     """Process 1 killed after round 2 of 3: process 0 exits non-zero within 60 s naming the lost task, and
     the job launched again with resume=True ends with the uninterrupted job's weights."""
     args = _run_args(world, tmp_path / "cut", "2,2,1", rounds=3)
-    running = start(args, 2, 2, tmp_path / "cut_logs")
-    deadline = time.time() + 600
-    while _rounds_ended(tmp_path / "cut") < 2 and time.time() < deadline and running[0].poll() is None:
-        time.sleep(0.2)
-    running[1].kill()
-    lost = time.time()
-    results = finish(running, tmp_path / "cut_logs", timeout=120)
-    assert time.time() - lost < 60 and results[0][0] != 0
+    results, took = _kill_after(args, tmp_path / "cut", tmp_path / "cut_logs", rounds=2, victim=1)
+    assert took < 60 and results[0][0] != 0
     # JAX's coordination service names it: "Task 1 heartbeat timeout", or under load "The following tasks are
     # unhealthy (stopped sending heartbeats):" with the task ids on the lines after.
-    named = re.search(r"task 1\b|tasks are unhealthy \(stopped sending heartbeats\):\s*\n\s*1\b", results[0][1], re.IGNORECASE)
+    named = re.search(r"task 1\b|tasks are unhealthy \(stopped sending heartbeats\):\s*\n\s*1\b", results[0][1],
+                      re.IGNORECASE)
     assert named, results[0][1][-2000:]
     assert not (tmp_path / "cut" / "model").exists()
     resumed = launch([*args, "--config.resume=True"], 2, 2, tmp_path / "resume_logs")
@@ -102,14 +111,8 @@ def test_a_lost_coordinator_ends_the_other_process(world, tmp_path):
     """Process 0 (the coordination service's host) killed after round 1 of 3: process 1 exits non-zero
     within 60 s, naming the leader task as lost, instead of waiting in a collective; no model is written."""
     args = _run_args(world, tmp_path / "cut0", "2,2,1", rounds=3)
-    running = start(args, 2, 2, tmp_path / "cut0_logs")
-    deadline = time.time() + 600
-    while _rounds_ended(tmp_path / "cut0") < 1 and time.time() < deadline and running[0].poll() is None:
-        time.sleep(0.2)
-    running[0].kill()
-    lost = time.time()
-    results = finish(running, tmp_path / "cut0_logs", timeout=120)
-    assert time.time() - lost < 60 and results[1][0] != 0, results[1][1][-2000:]
+    results, took = _kill_after(args, tmp_path / "cut0", tmp_path / "cut0_logs", rounds=1, victim=0)
+    assert took < 60 and results[1][0] != 0, results[1][1][-2000:]
     # JAX's coordination client names the lost process as the leader task (process 0 hosts the service).
     assert "the leader task was preempted/died" in results[1][1], results[1][1][-2000:]
     assert not (tmp_path / "cut0" / "model").exists()
