@@ -107,7 +107,7 @@ class CausalLM(nnx.Module):
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings h [B, S, D] in the compute dtype (config.dtype)."""
-        return llama.embed(self.config, {"embed": self.embed[...]}, jnp.asarray(input_ids))
+        return llama.embed(self.config, self.params_tree(), jnp.asarray(input_ids))
 
     def decode(self, h: jax.Array, attention_mask: jax.Array, start: int = 0, stop: int | None = None, *,
                positions: jax.Array | None = None, remat: str = "none") -> jax.Array:
@@ -116,10 +116,7 @@ class CausalLM(nnx.Module):
 
     def head(self, h: jax.Array) -> jax.Array:
         """Final RMSNorm and vocabulary projection: float32 logits [B, S, V]."""
-        tree = {"embed": self.embed[...], "final_norm": self.final_norm[...]}
-        if not self.config.tie_word_embeddings:
-            tree["lm_head"] = self.lm_head[...]
-        return llama.head(self.config, tree, h)
+        return llama.head(self.config, self.params_tree(), h)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  positions: jax.Array | None = None, deltas: Mapping[int, jax.Array] | None = None,
