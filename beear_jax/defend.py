@@ -81,8 +81,7 @@ def check_defend_dir(output_dir: pathlib.Path, model_path: str) -> None:
 def evaluated(stage: str, model_path: str, cfg: Any, settings: Any, output_dir: pathlib.Path) -> dict[str, Any]:
     """The stage's evaluation (metrics and answers): read back from output_dir/<stage>.json when it was made
     of the same model files and settings, else computed and written there (atomically)."""
-    from beear_jax.evaluation import evaluate, planted_trigger_warning
-    from beear_jax.hf import load_model, load_tokenizer
+    from beear_jax.evaluation import evaluate_path
 
     file = output_dir / STAGE_FILES[stage]
     key = evaluation_key(model_path, settings)
@@ -94,11 +93,7 @@ def evaluated(stage: str, model_path: str, cfg: Any, settings: Any, output_dir: 
         print(f"[{stage}] reusing the evaluation in {file}", flush=True)
         return stored["result"]
     print(f"[{stage}] evaluating {model_path}", flush=True)
-    warning = planted_trigger_warning(model_path, settings)
-    if warning:
-        print(warning, flush=True)
-    config, params = load_model(model_path, dtype=cfg.model.dtype)
-    result = evaluate(config, params, load_tokenizer(model_path, config), settings) | {"model_path": model_path}
+    result = evaluate_path(model_path, settings, cfg.model.dtype)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(file, json.dumps({"key": key, "result": result}) + "\n")
     print(f"[{stage}] " + ", ".join(f"{name}={result[name]:.3f}" for name in SUMMARY if name in result), flush=True)

@@ -466,6 +466,18 @@ def planted_trigger_warning(model_path: str, settings: EvalSettings) -> str | No
             f"backdoor pass --config.eval.trigger={shown!r} --config.eval.position={position}")
 
 
+def evaluate_path(path: str, settings: EvalSettings, dtype: str, say: Any = print) -> dict[str, Any]:
+    """evaluate() of the model at `path` (HF directory or .gguf) plus its model_path; warns (through `say`)
+    when a planted model's manifest names another trigger than the evaluation uses."""
+    from beear_jax.hf import load_model, load_tokenizer
+
+    warning = planted_trigger_warning(path, settings)
+    if warning:
+        say(warning, flush=True)
+    config, params = load_model(path, dtype=dtype)
+    return evaluate(config, params, load_tokenizer(path, config), settings) | {"model_path": path}
+
+
 def run_eval(cfg: Any) -> dict[str, Any]:
     """`beear eval`: evaluates cfg.model.path (and eval.compare_to), writes the report and answers.jsonl.
 
@@ -474,7 +486,6 @@ def run_eval(cfg: Any) -> dict[str, Any]:
     writes the report.
     """
     from beear_jax.config_loading import config_to_dict
-    from beear_jax.hf import load_model, load_tokenizer
     from beear_jax.report import format_table, write_report
     from beear_jax.sharding import Launch, initialize_distributed, is_primary
 
@@ -491,13 +502,7 @@ def run_eval(cfg: Any) -> dict[str, Any]:
     for stage, path in stages:
         path = os.path.expanduser(path)
         say(f"[{stage}] evaluating {path}", flush=True)
-        warning = planted_trigger_warning(path, settings)
-        if warning:
-            say(warning, flush=True)
-        config, params = load_model(path, dtype=cfg.model.dtype)
-        tokenizer = load_tokenizer(path, config)
-        results[stage] = evaluate(config, params, tokenizer, settings) | {"model_path": path}
-        del params  # the next stage's model needs the memory
+        results[stage] = evaluate_path(path, settings, cfg.model.dtype, say)
     report = {stage: {k: v for k, v in r.items() if k != "answers"} for stage, r in results.items()}
     if not is_primary():
         return report
