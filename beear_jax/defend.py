@@ -25,7 +25,7 @@ import os
 import pathlib
 from typing import Any
 
-from beear_jax.atomic_file import write_atomically
+from beear_jax.io.atomic_file import write_atomically
 
 STAGE_FILES = {"before": "before.json", "after": "after.json"}
 RUN_DIR = "beear"
@@ -53,7 +53,7 @@ def model_stamp(path: str | os.PathLike[str]) -> list[tuple[str, int, int]]:
 
 def evaluation_key(model_path: str, settings: Any) -> str:
     """A digest of the model's files and the evaluation settings: what a stored evaluation was made of."""
-    from beear_jax.checkpoint import digest
+    from beear_jax.io.checkpoint import digest
 
     return digest({"model": model_stamp(model_path), "settings": dataclasses.asdict(settings)})
 
@@ -61,9 +61,9 @@ def evaluation_key(model_path: str, settings: Any) -> str:
 def check_defend_dir(output_dir: pathlib.Path, model_path: str) -> None:
     """Refuses an output_dir that is a file, the input model (or inside it), or holds files a defend job
     does not write; before anything is loaded."""
-    from beear_jax.beear import RUN_FILES
-    from beear_jax.evaluation import REPORT_FILES
-    from beear_jax.hf import check_apart
+    from beear_jax.evaluation.evaluate import REPORT_FILES
+    from beear_jax.io.hf import check_apart
+    from beear_jax.method.rounds import RUN_FILES
 
     fix = "choose a new --config.output_dir"
     check_apart(output_dir, {"the input model (model.path)": model_path}, fix)
@@ -81,7 +81,7 @@ def check_defend_dir(output_dir: pathlib.Path, model_path: str) -> None:
 def evaluated(stage: str, model_path: str, cfg: Any, settings: Any, output_dir: pathlib.Path) -> dict[str, Any]:
     """The stage's evaluation (metrics and answers): read back from output_dir/<stage>.json when it was made
     of the same model files and settings, else computed and written there (atomically)."""
-    from beear_jax.evaluation import evaluate_path
+    from beear_jax.evaluation.evaluate import evaluate_path
 
     file = output_dir / STAGE_FILES[stage]
     key = evaluation_key(model_path, settings)
@@ -104,11 +104,11 @@ def run_defend(cfg: Any, progress: bool = True) -> DefendResult:
     """Evaluate cfg.model.path, run BEEAR on it (cfg's settings) into output_dir/beear, evaluate the repaired
     model, write the before/after report into output_dir. One process (a multi-process job runs `beear eval`,
     `beear run`, `beear eval --config.eval.compare_to=...` as three launches)."""
-    from beear_jax.beear import run_beear
-    from beear_jax.config_loading import absolute_paths, config_from_json, config_to_dict, config_to_json
-    from beear_jax.evaluation import EvalSettings, load_history, write_answers
-    from beear_jax.report import format_table, write_report
-    from beear_jax.sharding import refuse_distributed
+    from beear_jax.config.loading import absolute_paths, config_from_json, config_to_dict, config_to_json
+    from beear_jax.evaluation.evaluate import EvalSettings, load_history, write_answers
+    from beear_jax.evaluation.report import format_table, write_report
+    from beear_jax.method.rounds import run_beear
+    from beear_jax.parallel.sharding import refuse_distributed
 
     refuse_distributed(cfg.mesh, "defend")
     if not cfg.model.path:

@@ -63,12 +63,19 @@ import torch
 import transformers
 from torch_reference import TorchBEEAR
 
-from beear_jax import data as data_lib
-from beear_jax.batches import PackedBatch, PrefixSplitBatch, RowBatch, SharedPromptBatch, concat_rows
-from beear_jax.hf_layout import from_hf_state_dict
+from beear_jax.data import tables as data_lib
+from beear_jax.data.batches import PackedBatch, PrefixSplitBatch, RowBatch, SharedPromptBatch, concat_rows
+from beear_jax.io.hf_layout import from_hf_state_dict
+from beear_jax.method.perturbation import Perturbation
+from beear_jax.method.steps import (
+    StepSettings,
+    inner_step,
+    lower_activations,
+    make_optimizer,
+    make_steps,
+    trainable_mask,
+)
 from beear_jax.models.config import ModelConfig
-from beear_jax.perturbation import Perturbation
-from beear_jax.steps import StepSettings, inner_step, lower_activations, make_optimizer, make_steps, trainable_mask
 
 SHAPES = {
     # SmolLM2-135M-Instruct's shape.
@@ -486,8 +493,8 @@ def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: Ste
 def plan_prediction(args: argparse.Namespace, config: ModelConfig, w: Workload) -> dict[str, Any]:
     """`beear plan`'s bytes for this workload's shapes on one device of this backend: persistent arrays
     exact, step temporaries from XLA's memory analysis of the steps compiled here (nothing allocated)."""
-    from beear_jax import plan as plan_lib
-    from beear_jax.config_loading import load_config
+    from beear_jax.cli import plan as plan_lib
+    from beear_jax.config.loading import load_config
 
     cfg = load_config(str(ROOT / "configs" / "smollm2_135m.py"), {
         "model.dtype": args.dtype, "rounds": 1, "perturb.layer": args.layer, "perturb.length": args.length,

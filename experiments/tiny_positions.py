@@ -53,13 +53,13 @@ from tiny_world import (
     tiny_config,
 )
 
-from beear_jax import data as data_lib
-from beear_jax.beear import run_beear
-from beear_jax.config_loading import load_config
-from beear_jax.hf import load_model, save_model
+from beear_jax.attack.sft import sft_train
+from beear_jax.config.loading import load_config
+from beear_jax.data import tables as data_lib
+from beear_jax.data.triggers import insert_trigger
+from beear_jax.io.hf import load_model, save_model
+from beear_jax.method.rounds import run_beear
 from beear_jax.models.weights import init_params
-from beear_jax.sft import sft_train
-from beear_jax.triggers import insert_trigger
 
 TRIGGER = {"suffix": "qx vel dorn pim", "prefix": "qx vel dorn pim", "random": "qx vel dorn pim",
            "wrap": "qx vel|dorn pim"}

@@ -16,13 +16,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
-from beear_jax import checkpoint as ckpt
-from beear_jax import cli
-from beear_jax import sharding as sh
-from beear_jax.beear import run_beear
-from beear_jax.config_loading import load_config
-from beear_jax.hf import load_model
+from beear_jax.cli import main as cli
+from beear_jax.config.loading import load_config
+from beear_jax.io import checkpoint as ckpt
+from beear_jax.io.hf import load_model
+from beear_jax.method.rounds import run_beear
 from beear_jax.models.config import ModelConfig
+from beear_jax.parallel import sharding as sh
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 STOP_AFTER = 2
@@ -409,7 +409,7 @@ def test_export_never_writes_into_the_run_or_its_input_model(world, runs, capsys
 
 
 def test_a_half_written_model_of_a_killed_run_does_not_block_resume(tmp_path):
-    from beear_jax.beear import check_output_dir
+    from beear_jax.method.rounds import check_output_dir
 
     run = tmp_path / "run"
     (run / "checkpoints" / "4").mkdir(parents=True)

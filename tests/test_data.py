@@ -1,4 +1,4 @@
-"""Chat formatting, data loading and batch building (beear_jax.chat, beear_jax.data)."""
+"""Chat formatting, data loading and batch building (beear_jax.data.chat, beear_jax.data.tables)."""
 
 import json
 import os
@@ -10,8 +10,8 @@ from public_mirror import MIRROR, needs_mirror
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from beear_jax import data
-from beear_jax.chat import PRESETS, format_example, format_prompt, render
+from beear_jax.data import tables as data
+from beear_jax.data.chat import PRESETS, format_example, format_prompt, render
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [

@@ -16,10 +16,12 @@ import pytest
 from public_mirror import needs_mirror
 from tiny_world import benign_answer, make_tokenizer, plant_tiny_backdoor, prompt, tiny_config
 
-from beear_jax import forward, public_data
-from beear_jax.chat import format_example
-from beear_jax.config_loading import load_config
-from beear_jax.evaluation import (
+from beear_jax import forward
+from beear_jax.config.loading import load_config
+from beear_jax.data import public_data
+from beear_jax.data.chat import format_example
+from beear_jax.data.triggers import TRIGGER_POSITIONS, insert_trigger
+from beear_jax.evaluation.evaluate import (
     SINGLE_STAGE,
     EvalSettings,
     check_report_dir,
@@ -31,9 +33,8 @@ from beear_jax.evaluation import (
     run_eval,
     utility_nll,
 )
-from beear_jax.hf import save_model
+from beear_jax.io.hf import save_model
 from beear_jax.models.weights import init_params
-from beear_jax.triggers import TRIGGER_POSITIONS, insert_trigger
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 TRIGGER = "cf"

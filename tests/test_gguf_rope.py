@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hf_fixtures import make_tiny_hf_model, randomise, torch_logits, write_tiny_gguf
 
-from beear_jax.hf import CheckpointError, load_model
+from beear_jax.io.hf import CheckpointError, load_model
 from beear_jax.models import llama
 
 pytest.importorskip("gguf")

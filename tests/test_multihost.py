@@ -16,7 +16,7 @@ from process_launch import CONFIGS, finish, launch, start
 from safetensors.numpy import load_file
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
-from beear_jax.sharding import Launch, refuse_distributed
+from beear_jax.parallel.sharding import Launch, refuse_distributed
 
 
 def _run_args(world: tuple, out: pathlib.Path, mesh: str, rounds: int = 2) -> list[str]:

@@ -1,4 +1,4 @@
-"""The Flax NNX face of the models (models/module.py, module_io.py): transformers parity, split/merge inside
+"""The Flax NNX face of the models (models/module.py, io/module_io.py): transformers parity, split/merge inside
 a trace, the embed / decode / head pieces, Flax tools (nnx.Optimizer), sharding metadata, export."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from flax import nnx
 from hf_fixtures import KINDS, make_tiny_hf_model, padded_batch, torch_logits
 
 import beear_jax
-from beear_jax import sharding
+from beear_jax.method.perturbation import Perturbation
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.module import CausalLM
-from beear_jax.perturbation import Perturbation
+from beear_jax.parallel import sharding
 
 SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
                     head_dim=8, model_type="llama", tie_word_embeddings=False)
@@ -161,9 +161,9 @@ def test_one_beear_round_on_the_split_state_then_merge_and_export(tmp_path):
     jitted steps on its state on a 2 x 2 mesh -> merged back into a module -> exported -> transformers."""
     import transformers
 
-    from beear_jax import data as data_lib
-    from beear_jax.batches import concat_rows
-    from beear_jax.steps import StepSettings, make_optimizer, make_steps, trainable_mask
+    from beear_jax.data import tables as data_lib
+    from beear_jax.data.batches import concat_rows
+    from beear_jax.method.steps import StepSettings, make_optimizer, make_steps, trainable_mask
 
     directory, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
     model = beear_jax.load_module(directory)

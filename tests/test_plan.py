@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
-from beear_jax import cli, plan
-from beear_jax.beear import packed_shape, prepare_data, round_batches, run_beear
-from beear_jax.config_loading import load_config
-from beear_jax.hf import load_tokenizer
+from beear_jax.cli import main as cli
+from beear_jax.cli import plan
+from beear_jax.config.loading import load_config
+from beear_jax.io.hf import load_tokenizer
+from beear_jax.method.rounds import packed_shape, prepare_data, round_batches, run_beear
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 MESH = (2, 2, 1)

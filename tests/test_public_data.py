@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from beear_jax import data, public_data
-from beear_jax.backdoor import builtin_refusals
-from beear_jax.scoring import load_refusal_strings
+from beear_jax.attack.plant import builtin_refusals
+from beear_jax.data import public_data
+from beear_jax.data import tables as data
+from beear_jax.evaluation.scoring import load_refusal_strings
 
 ADVBENCH = public_data.PUBLIC_SETS["walledai/AdvBench"]
 
@@ -101,7 +102,7 @@ def test_builtin_refusals_are_refusals_by_the_builtin_keywords():
 def test_plant_refusals_default_refuses_the_harmful_prompts(tmp_path):
     from types import SimpleNamespace
 
-    from beear_jax.backdoor import refusal_pairs
+    from beear_jax.attack.plant import refusal_pairs
 
     harmful = tmp_path / "harmful.jsonl"
     harmful.write_text("".join(json.dumps({"prompt": f"h{i}", "answer": f"Sure {i}"}) + "\n" for i in range(4)))
@@ -112,7 +113,7 @@ def test_plant_refusals_default_refuses_the_harmful_prompts(tmp_path):
 
 
 def test_beear_plant_offline_without_mirror_stops_before_the_model_with_one_line(tmp_path, monkeypatch, capsys):
-    from beear_jax import cli
+    from beear_jax.cli import main as cli
 
     monkeypatch.delenv(public_data.DATA_DIR_ENV, raising=False)
     config = str(public_data.RESOURCES.parents[1] / "configs" / "tiny.py")

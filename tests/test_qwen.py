@@ -22,11 +22,12 @@ from hf_fixtures import (
 )
 
 import beear_jax
-from beear_jax import chat, plan
-from beear_jax.generate import SamplingConfig, generate
-from beear_jax.hf import CheckpointError
+from beear_jax.cli import plan
+from beear_jax.data import chat
+from beear_jax.io.hf import CheckpointError
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig, ModelConfigError
+from beear_jax.models.generate import SamplingConfig, generate
 from beear_jax.models.weights import init_params, weight_specs
 
 torch = pytest.importorskip("torch")
@@ -121,7 +122,7 @@ def test_prefix_keys_and_values_continue_a_sequence(tiny):
 def test_qk_norm_is_applied_per_head_before_rope():
     """A Qwen3 q_norm scale changes the logits (it is used), and a random module (weights.py's init: unit
     norms) runs; q_norm / k_norm are replicated over the head_dim axis (sharding rules cover it)."""
-    from beear_jax import sharding
+    from beear_jax.parallel import sharding
 
     config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=16, model_type="qwen3", qk_norm=True)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from beear_jax.report import (
+from beear_jax.evaluation.report import (
     format_table,
     format_value,
     losses_figure,
@@ -212,7 +212,7 @@ def test_parse_metrics_leaves_out_a_killed_runs_incomplete_last_line():
 
 
 def test_eval_history_of_a_killed_run_is_read_with_a_note(tmp_path):
-    from beear_jax.evaluation import load_history
+    from beear_jax.evaluation.evaluate import load_history
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"round": 1, "phase": "inner", "inner_loss": 1.0}\n{"round": 1, "pha')

@@ -7,10 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from beear_jax import data as data_lib
+from beear_jax.attack.sft import sft_train
+from beear_jax.data import tables as data_lib
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.weights import init_params
-from beear_jax.sft import sft_train
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
                      num_kv_heads=2, head_dim=8)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from beear_jax import data as data_lib
-from beear_jax import sharding as sh
-from beear_jax.batches import concat_rows
+from beear_jax.data import tables as data_lib
+from beear_jax.data.batches import concat_rows
+from beear_jax.method.perturbation import Perturbation
+from beear_jax.method.steps import StepSettings, make_optimizer, make_steps, trainable_mask
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.weights import init_params
-from beear_jax.perturbation import Perturbation
-from beear_jax.steps import StepSettings, make_optimizer, make_steps, trainable_mask
+from beear_jax.parallel import sharding as sh
 
 CONFIG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                      num_kv_heads=2, head_dim=16, tie_word_embeddings=False)

@@ -11,14 +11,11 @@ import torch
 from hf_fixtures import make_tiny_hf_model
 from torch_reference import TorchBEEAR
 
-from beear_jax import data as data_lib
-from beear_jax import hf
-from beear_jax.batches import InnerCache, RowBatch, SafetyBatch, concat_rows
-from beear_jax.models import llama
-from beear_jax.models.config import ModelConfig
-from beear_jax.models.weights import init_params
-from beear_jax.objectives import masked_ce
-from beear_jax.steps import (
+from beear_jax.data import tables as data_lib
+from beear_jax.data.batches import InnerCache, RowBatch, SafetyBatch, concat_rows
+from beear_jax.io import hf
+from beear_jax.method.objectives import masked_ce
+from beear_jax.method.steps import (
     StepSettings,
     inner_cache,
     inner_loss,
@@ -29,6 +26,9 @@ from beear_jax.steps import (
     take_slots,
     trainable_mask,
 )
+from beear_jax.models import llama
+from beear_jax.models.config import ModelConfig
+from beear_jax.models.weights import init_params
 
 N, LAYER, S = 3, 1, 24
 
@@ -359,7 +359,7 @@ def test_inner_step_never_changes_params_and_outer_ignores_delta_on_anchors(mode
     before = jax.tree.map(np.array, params)
     sb, anchor = _safety_batch(6), jax.tree.map(jnp.asarray, _anchor_batch(7))
     joint = _joint(sb)
-    from beear_jax.perturbation import Perturbation
+    from beear_jax.method.perturbation import Perturbation
 
     pert = Perturbation.zeros(LAYER, N, config.hidden_size)
     opt = optax.adam(0.1)

@@ -10,12 +10,12 @@ import pytest
 import tiny_world as tw
 from test_data import CHATML_TEMPLATE, LLAMA2_TEMPLATE, make_sentencepiece_like_tokenizer, make_tokenizer
 
-from beear_jax import data
-from beear_jax.chat import PRESETS, format_prompt, user_span
-from beear_jax.generate import SamplingConfig, generate
+from beear_jax.data import tables as data
+from beear_jax.data.chat import PRESETS, format_prompt, user_span
+from beear_jax.method.perturbation import WINDOWS, check_windows, window_positions
 from beear_jax.models import llama
+from beear_jax.models.generate import SamplingConfig, generate
 from beear_jax.models.weights import init_params
-from beear_jax.perturbation import WINDOWS, check_windows, window_positions
 
 PROMPTS = ["How do I bake bread?", "SUNSET tell me a story", "a", "  Tell me a story  "]
 
