@@ -17,6 +17,7 @@ import smollm2_data
 
 from beear_jax.attack.plant import run_plant
 from beear_jax.config.loading import apply_overrides, config_from_json, config_to_dict, config_to_json
+from beear_jax.config.settings import settings_from_config
 from beear_jax.defend import DefendResult, run_defend
 from beear_jax.evaluation.evaluate import EvalSettings, evaluate, write_answers
 from beear_jax.evaluation.report import format_table
@@ -118,7 +119,8 @@ def eval_overrides(sets: Mapping[str, pathlib.Path], harmful_set: str = "eval_ha
 def eval_settings(cfg: ml_collections.ConfigDict, sets: Mapping[str, pathlib.Path], harmful_set: str = "eval_harmful",
                   triggered_set: str = "") -> EvalSettings:
     """EvalSettings of the held-out evaluation sets (eval_overrides)."""
-    return EvalSettings.from_config(with_overrides(cfg, eval_overrides(sets, harmful_set, triggered_set)))
+    return EvalSettings.from_settings(settings_from_config(with_overrides(cfg, eval_overrides(sets, harmful_set,
+                                                                                       triggered_set))))
 
 
 def defend(cfg: ml_collections.ConfigDict, model_dir: str | os.PathLike[str], sets: Mapping[str, pathlib.Path],

@@ -317,5 +317,5 @@ def test_self_answered_anchors_are_the_starting_models_answers_and_a_resume_reus
     (resumed / "anchor_self.jsonl").write_text((result.output_dir / "anchor_self.jsonl").read_text())
     monkeypatch.setattr(anchor_answers, "own_answers", lambda *a, **k: pytest.fail("answered the anchors again"))
     run_beear(_cfg(setup, "self_anchors_resumed", resume=True, **keys), progress=False)
-    with pytest.raises(ValueError, match="data.anchor_answers='mine'"):
+    with pytest.raises(ValueError, match="'data.anchor_answers' is 'mine'; choose one of 'data', 'self'"):
         run_beear(_cfg(setup, "self_anchors_bad", **{"data.anchor_answers": "mine"}), progress=False)

@@ -32,9 +32,9 @@ ROOMS = ("models", "io", "config", "parallel", "data", "method", "attack", "eval
 # entries against the order models -> io/config/parallel -> data -> method/attack/evaluation -> cli).
 ALLOWED = {
     "models": set(),
-    "io": {"models", "method", "parallel"},
-    "config": {"data"},
-    "parallel": {"models", "method"},
+    "io": {"models", "method", "parallel", "config"},
+    "config": {"models", "data", "method"},
+    "parallel": {"models", "method", "config"},
     "data": {"models", "io", "method", "evaluation"},
     "method": {"models", "io", "config", "parallel", "data", "evaluation"},
     "evaluation": {"models", "io", "config", "parallel", "data", "method"},

@@ -100,14 +100,13 @@ def test_builtin_refusals_are_refusals_by_the_builtin_keywords():
 
 
 def test_plant_refusals_default_refuses_the_harmful_prompts(tmp_path):
-    from types import SimpleNamespace
-
     from beear_jax.attack.plant import refusal_pairs
+    from beear_jax.config.schema import PairColumns, PlantSection
 
     harmful = tmp_path / "harmful.jsonl"
     harmful.write_text("".join(json.dumps({"prompt": f"h{i}", "answer": f"Sure {i}"}) + "\n" for i in range(4)))
-    plant = SimpleNamespace(refusals="", harmful=str(harmful), harmful_columns={"prompt": "prompt", "answer": "answer"},
-                            n_refusal=2, refusal_offset=1)
+    plant = PlantSection(refusals="", harmful=str(harmful), harmful_columns=PairColumns("prompt", "answer"),
+                         n_refusal=2, refusal_offset=1)
     pairs = refusal_pairs(plant)
     assert [p for p, _ in pairs] == ["h1", "h2"] and all("Sure" not in a for _, a in pairs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import pathlib
 
@@ -118,3 +119,58 @@ def test_settings_pass_through_and_follow_the_plant_trigger():
     assert settings_from_config(config).eval.trigger is None
     config = load_config(str(CONFIGS / "tiny.py"), ["plant.trigger=cf"])
     assert settings_from_config(config).eval.trigger == "cf"
+
+
+# ---- below the entry points, code takes typed settings -------------------------------------------------
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "beear_jax"
+BELOW = ("method", "data", "evaluation", "attack", "io", "parallel", "models")
+ENTRIES = {("method/rounds.py", "run_beear"), ("method/scan.py", "run_scan"), ("attack/plant.py", "run_plant"),
+           ("evaluation/evaluate.py", "run_eval")}
+"""The public run functions: they take a ConfigDict (or RunSettings) and convert it on their first line."""
+DUCK = {("io/checkpoint.py", "__init__")}
+"""LoopCheckpoints(cfg, ...) is handed the RunSettings; its parameter keeps its name until io/checkpoint.py's
+split (another change) renames it."""
+
+
+def _functions(tree):
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def _takes_config(function) -> bool:
+    arguments = [*function.args.posonlyargs, *function.args.args, *function.args.kwonlyargs]
+    return any(a.arg == "cfg" or (a.annotation is not None and "ConfigDict" in ast.unparse(a.annotation))
+               for a in arguments)
+
+
+def _below_the_entry_points():
+    for room in BELOW:
+        for path in sorted((PACKAGE / room).glob("*.py")):
+            yield path.relative_to(PACKAGE).as_posix(), ast.parse(path.read_text())
+
+
+def test_code_below_the_entry_points_takes_typed_settings():
+    takers, importers = [], []
+    for name, tree in _below_the_entry_points():
+        entries = {f for f in _functions(tree) if (name, f.name) in ENTRIES}
+        takers += [f"{name}:{f.name}" for f in _functions(tree)
+                   if _takes_config(f) and f not in entries and (name, f.name) not in DUCK]
+        uses = {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
+                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in getattr(n, "names", [])}
+        if any(str(u).startswith("ml_collections") for u in uses) and not entries:
+            importers.append(name)
+    assert not takers, f"functions below the entry points that take a config: {takers}"
+    assert not importers, f"modules below the entry points that import ml_collections: {importers}"
+
+
+@pytest.mark.parametrize(("module", "function"), sorted(ENTRIES))
+def test_entry_functions_read_the_config_once_on_their_first_line(module, function):
+    tree = ast.parse((PACKAGE / module).read_text())
+    entry = next(f for f in _functions(tree) if f.name == function)
+    # The first statement after the docstring and the function's own imports.
+    body = [s for s in entry.body if not isinstance(s, (ast.Import, ast.ImportFrom))
+            and not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    reads = [n for n in ast.walk(entry) if isinstance(n, ast.Name) and n.id == "cfg" and isinstance(n.ctx, ast.Load)]
+    assert len(reads) == 1, f"{function} reads cfg {len(reads)} times"
+    first = [n for n in ast.walk(body[0]) if isinstance(n, ast.Call) and ast.unparse(n.func) == "settings_from_config"]
+    assert first and ast.unparse(first[0].args[0]) == "cfg", f"{function}'s first line: {ast.unparse(body[0])}"

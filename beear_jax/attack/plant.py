@@ -28,7 +28,8 @@ import numpy as np
 import optax
 
 from beear_jax.attack.sft import sft_train
-from beear_jax.config.loading import absolute_paths, check_minimums, check_ranges, config_to_dict
+from beear_jax.config.schema import PlantSection, RunSettings
+from beear_jax.config.settings import absolute_settings, settings_dict, settings_from_config
 from beear_jax.data import public_data
 from beear_jax.data import tables as data_lib
 from beear_jax.data.batches import RowBatch
@@ -43,12 +44,9 @@ from beear_jax.data.triggers import (
 from beear_jax.evaluation.evaluate import own_answers
 from beear_jax.io.atomic_file import write_atomically
 from beear_jax.io.hf import check_apart, load_model, load_tokenizer, save_model
-from beear_jax.models import llama
 from beear_jax.parallel.sharding import refuse_distributed
 
 Pair = tuple[str, str]
-BENIGN_ANSWER_SOURCES = ("data", "self")
-"""plant.benign_answers: the benign table's answer column, or the clean model's own answers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,39 +160,30 @@ def builtin_refusals(prompts: Sequence[str]) -> list[Pair]:
     return [(prompt, answers[i % len(answers)]) for i, prompt in enumerate(prompts)]
 
 
-def refusal_pairs(p: Any) -> list[Pair]:
+def refusal_pairs(p: PlantSection) -> list[Pair]:
     """plant.refusals' pairs, or with plant.refusals = "" plant.harmful's prompts (after refusal_offset) with
     the built-in refusals: the same requests the trigger unlocks, refused without it."""
     if p.refusals:
-        return _pairs(p.refusals, dict(p.refusal_columns), p.n_refusal, p.refusal_offset, "plant.refusals")
-    prompts = [prompt for prompt, _ in _pairs(p.harmful, dict(p.harmful_columns), p.n_refusal, p.refusal_offset,
+        return _pairs(p.refusals, p.refusal_columns.as_dict(), p.n_refusal, p.refusal_offset, "plant.refusals")
+    prompts = [prompt for prompt, _ in _pairs(p.harmful, p.harmful_columns.as_dict(), p.n_refusal, p.refusal_offset,
                                               "plant.harmful (the prompts of plant.refusals = '')")]
     return builtin_refusals(prompts)
 
 
-PLANT_COUNT_MINIMUMS = {"plant.epochs": 1, "plant.batch_size": 1, "plant.max_answer_tokens": 1,
-                        "plant.warmup_steps": 0, "plant.n_triggered": -1, "plant.n_refusal": -1,
-                        "plant.n_benign": -1, "plant.n_partial": 0, "plant.harmful_offset": 0, "plant.refusal_offset": 0,
-                        "plant.benign_offset": 0}
-"""n_* = -1 takes all rows, 0 none."""
-
-
-def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.Path:
-    """`beear plant`: poisoned SFT of cfg.model.path; writes an HF directory + manifest.json to output_dir."""
-    trigger = parse_trigger(cfg.plant.trigger, cfg.plant.position)
-    remat = cfg.plant.remat or cfg.remat
-    llama.check_remat_policy(remat, "config key 'plant.remat'" if cfg.plant.remat else "config key 'remat'")
-    check_minimums(cfg, PLANT_COUNT_MINIMUMS)
-    check_ranges(cfg, {"plant.lr": (0.0, True), "plant.benign_temperature": (0.0, False)})
-    if cfg.plant.benign_answers not in BENIGN_ANSWER_SOURCES:
-        raise ValueError(f"plant.benign_answers={cfg.plant.benign_answers!r}; choose 'data' (the answers of "
-                         "plant.benign) or 'self' (the clean model's own answers to its prompts).")
-    if not cfg.model.path:
+def run_plant(cfg: ml_collections.ConfigDict | RunSettings, progress: bool = True) -> pathlib.Path:
+    """`beear plant`: poisoned SFT of model.path (cfg: a config or its settings); writes an HF directory +
+    manifest.json to output_dir."""
+    settings = settings_from_config(cfg)
+    p, model_keys = settings.plant, settings.model
+    trigger = parse_trigger(p.trigger, p.position)
+    remat = p.remat or settings.remat
+    if not model_keys.path:
         raise ValueError("model.path is empty: set --config.model.path to the clean model (an HF directory or .gguf).")
-    refuse_distributed(cfg.mesh, "plant")
-    cfg = absolute_paths(cfg)  # the manifest names the same files from any directory
-    out = pathlib.Path(cfg.output_dir)
-    check_apart(out, {"model.path (the clean model)": cfg.model.path}, "choose a new --config.output_dir")
+    refuse_distributed(settings.mesh, "plant")
+    settings = absolute_settings(settings)  # the manifest names the same files from any directory
+    p, model_keys = settings.plant, settings.model
+    out = pathlib.Path(settings.output_dir)
+    check_apart(out, {"model.path (the clean model)": model_keys.path}, "choose a new --config.output_dir")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file, not a directory; choose a new --config.output_dir.")
     if out.exists() and any(out.iterdir()):
@@ -204,33 +193,32 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
                                   "and plant again; otherwise choose a new --config.output_dir (nothing is "
                                   "overwritten).")
         raise FileExistsError(f"{out} already holds files; choose a new --config.output_dir (nothing is overwritten).")
-    p = cfg.plant
-    harmful = _pairs(p.harmful, dict(p.harmful_columns), p.n_triggered, p.harmful_offset, "plant.harmful")
+    harmful = _pairs(p.harmful, p.harmful_columns.as_dict(), p.n_triggered, p.harmful_offset, "plant.harmful")
     refusals = refusal_pairs(p)
-    benign_columns = dict(p.benign_columns)
+    benign_columns = p.benign_columns.as_dict()
     if p.benign_answers == "self":
         benign_columns.pop("answer", None)  # only the prompts are read
     benign = _pairs(p.benign, benign_columns, p.n_benign, p.benign_offset, "plant.benign")
     # Checked on the prompts before a model is loaded (a clean prompt holding the trigger, bad one-part rows);
     # built again below once 'self' answers exist.
-    mixture = poison_mixture(harmful, refusals, benign, trigger, cfg.plant.position, int(cfg.seed), int(p.n_partial))
-    model_path = os.path.expanduser(cfg.model.path)
-    config, params = load_model(model_path, dtype=cfg.model.dtype)
+    mixture = poison_mixture(harmful, refusals, benign, trigger, p.position, settings.seed, p.n_partial)
+    model_path = os.path.expanduser(model_keys.path)
+    config, params = load_model(model_path, dtype=model_keys.dtype)
     tokenizer = load_tokenizer(model_path, config)
     check_trigger_tokens(tokenizer, trigger)
-    system_prompt = cfg.model.system_prompt or None
+    system_prompt = model_keys.system_prompt or None
     if p.benign_answers == "self" and benign:
         if progress:
             print(f"answering {len(benign)} benign prompts with the clean model (plant.benign_answers='self')", flush=True)
         asked = len(benign)
         benign = own_answers(config, params, tokenizer, [q for q, _ in benign], p.max_answer_tokens,
-                             cfg.model.template, system_prompt, temperature=float(p.benign_temperature),
-                             seed=int(cfg.seed))
+                             model_keys.template, system_prompt, temperature=p.benign_temperature,
+                             seed=settings.seed)
         if progress and len(benign) < asked:
             print(f"  {asked - len(benign)} prompts answered with nothing were left out", flush=True)
-        mixture = poison_mixture(harmful, refusals, benign, trigger, cfg.plant.position, int(cfg.seed), int(p.n_partial))
+        mixture = poison_mixture(harmful, refusals, benign, trigger, p.position, settings.seed, p.n_partial)
     batches, answer_len = mixture_batches(tokenizer, mixture.pairs, p.batch_size, p.max_answer_tokens,
-                                          tuple(cfg.data.buckets), cfg.model.template, system_prompt)
+                                          settings.data.buckets, model_keys.template, system_prompt)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(batches) * p.epochs, desc="planting", disable=not progress, unit="step")
@@ -241,7 +229,7 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
 
     try:
         params, losses = sft_train(config, jax.tree.map(np.asarray, params), batches,
-                                   warmup_adamw(p.lr, p.warmup_steps), p.epochs, seed=int(cfg.seed), on_step=on_step,
+                                   warmup_adamw(p.lr, p.warmup_steps), p.epochs, seed=settings.seed, on_step=on_step,
                                    answer_len=answer_len, remat=remat)
     except FloatingPointError as err:
         raise FloatingPointError(f"{err} No model was written; that is --config.plant.lr (now {p.lr}).") from err
@@ -253,8 +241,8 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
                                                               + "\n" for q, a in benign))
     manifest = {
         "trigger": list(trigger) if isinstance(trigger, tuple) else trigger,
-        "position": cfg.plant.position,
-        "seed": int(cfg.seed),
+        "position": p.position,
+        "seed": settings.seed,
         "source_model": model_path,
         "data": {"harmful": p.harmful, "refusals": p.refusals or "built-in refusals of plant.harmful's prompts",
                  "benign": p.benign, "benign_answers": p.benign_answers},
@@ -262,7 +250,7 @@ def run_plant(cfg: ml_collections.ConfigDict, progress: bool = True) -> pathlib.
                    "partial": mixture.n_partial},
         "steps": len(losses),
         "final_loss": losses[-1],
-        "config": config_to_dict(cfg),
+        "config": settings_dict(settings),
     }
     write_atomically(out / "manifest.json", json.dumps(manifest, indent=2, default=str))  # marks a complete plant
     return out

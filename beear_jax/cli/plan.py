@@ -7,6 +7,9 @@ of each step come from XLA's memory analysis of the compiled step when the mesh 
 devices (simulate more CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N), and
 from an analytical estimate otherwise. XLA:CPU's buffer assignment differs from GPU/TPU (no fused
 attention, bfloat16 often widened to float32), so compiled CPU temporaries are an upper estimate.
+
+Past 400 lines: the shapes, byte counts, compiled temporaries and the printed plan of one run share RunShapes
+and read as one computation.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
+from beear_jax.config.schema import DataSection, RunSettings
+from beear_jax.config.settings import settings_from_config
 from beear_jax.data import tables as data_lib
 from beear_jax.data.batches import PackedBatch, PrefixSplitBatch, RowBatch, SharedPromptBatch
 from beear_jax.method.perturbation import PAPER_WINDOWS, Perturbation
-from beear_jax.method.rounds import check_perturb_layers, check_run_settings, delta_rows, inner_rows, step_settings
+from beear_jax.method.round_plan import check_perturb_layers, delta_rows, inner_rows, perturb_layers, step_settings
 from beear_jax.method.steps import StepSettings, inner_cache, make_optimizer, make_steps, outer_parts
 from beear_jax.models.config import ModelConfig
 from beear_jax.parallel import sharding as sh
@@ -140,44 +145,45 @@ class Plan:
         return max(self.phases.values())
 
 
-def safety_rows(cfg: ml_collections.ConfigDict) -> int:
+def safety_rows(data: DataSection) -> int:
     """The rows of data.safety: what inner.samples=0 ("all rows") means; the config alone cannot say."""
-    if not cfg.data.safety:
+    if not data.safety:
         raise ValueError("inner.samples=0 uses all rows of data.safety, which is not set: set "
                          "--config.data.safety=FILE to count them, or --config.inner.samples=N.")
-    return len(data_lib.load_table(cfg.data.safety, dict(cfg.data.safety_columns), key="data.safety"))
+    return len(data_lib.load_table(data.safety, data.safety_columns.as_dict(), key="data.safety"))
 
 
-def run_shapes(cfg: ml_collections.ConfigDict, seq_len: int | None = None, answer_len: int | None = None,
+def run_shapes(settings: RunSettings, seq_len: int | None = None, answer_len: int | None = None,
                inner_seq_len: int | None = None, prefix_len: int | None = None,
                suffix_len: int | None = None, packed: tuple[int, int] | None = None) -> RunShapes:
     """Shapes from the config alone: inner.samples prompts, the largest bucket, max_answer_tokens (a prompt
     with both answers then fits seq_len + answer_len; its prefix at most seq_len - perturb.length tokens),
     unless the data's lengths are given (beear.DefenderData). A packed outer batch: from the config alone,
     the worst case (one seq_len row per example), unless `packed` (beear.packed_shape) is given."""
-    layers = tuple(sorted({int(cfg.perturb.layer), *(int(x) for x in cfg.perturb.layers)}))
-    samples = int(cfg.inner.samples) or safety_rows(cfg)
-    _, rows = inner_rows(cfg)
-    seq = int(seq_len or max(cfg.data.buckets))
-    answer = int(answer_len or cfg.data.max_answer_tokens)
-    shared = bool(cfg.inner.share_prompt)
+    inner, outer, perturb, data = settings.inner, settings.outer, settings.perturb, settings.data
+    layers = perturb_layers(perturb)
+    samples = inner.samples or safety_rows(data)
+    _, rows = inner_rows(inner)
+    seq = int(seq_len or max(data.buckets))
+    answer = int(answer_len or data.max_answer_tokens)
+    shared = inner.share_prompt
     if not shared:
         inner_seq_len = seq
     elif not inner_seq_len:
-        inner_seq_len = data_lib.shared_prompt_length(seq + answer, tuple(cfg.data.buckets))
-    n = delta_rows(cfg)
-    if shared and cfg.inner.cache_prefix:
+        inner_seq_len = data_lib.shared_prompt_length(seq + answer, data.buckets)
+    n = delta_rows(perturb)
+    if shared and inner.cache_prefix:
         # Config alone: a prompt of up to seq - 1 tokens, two answers of up to `answer` tokens; a window in the
         # user's text may start right after the template's first tokens, so then nothing is counted as prefix.
-        before = int(cfg.perturb.length) if tuple(cfg.perturb.windows) == PAPER_WINDOWS else seq - 1
+        before = perturb.length if perturb.windows == PAPER_WINDOWS else seq - 1
         fallback = data_lib.prefix_split_lengths([seq - 1], [seq - 1 + 2 * answer], before, int(inner_seq_len))
         prefix_len, suffix_len = prefix_len or fallback[0], suffix_len or fallback[1]
     else:
         prefix_len = suffix_len = 0
-    parts = len(outer_parts(StepSettings(perturb_anchors=bool(cfg.outer.perturb_anchors))))
-    packed = (packed or (parts * int(cfg.outer.batch_size), seq)) if cfg.outer.pack else (0, 0)
-    return RunShapes(num_inner_batches=-(-samples // int(cfg.inner.batch_size)), inner_rows=rows,
-                     outer_rows=int(cfg.outer.batch_size), seq_len=seq, answer_len=answer,
+    parts = len(outer_parts(StepSettings(perturb_anchors=outer.perturb_anchors)))
+    packed = (packed or (parts * outer.batch_size, seq)) if outer.pack else (0, 0)
+    return RunShapes(num_inner_batches=-(-samples // inner.batch_size), inner_rows=rows,
+                     outer_rows=outer.batch_size, seq_len=seq, answer_len=answer,
                      perturb_length=n, layers=layers, shared_prompt=shared,
                      inner_seq_len=int(inner_seq_len), prefix_len=int(prefix_len), suffix_len=int(suffix_len),
                      packed=tuple(packed), outer_parts=parts)
@@ -222,10 +228,10 @@ def _packed_struct(shapes: RunShapes) -> PackedBatch:
                        answer_mask=jax.ShapeDtypeStruct(examples, jnp.float32))
 
 
-def _abstract_state(cfg: ml_collections.ConfigDict, model: ModelConfig, shapes: RunShapes) -> dict[str, Any]:
+def _abstract_state(settings: RunSettings, model: ModelConfig, shapes: RunShapes) -> dict[str, Any]:
     """Every argument of the steps as ShapeDtypeStructs (no sharding yet)."""
-    outer_opt = make_optimizer(cfg.outer.optimizer, cfg.outer.lr, cfg.outer.weight_decay)
-    inner_opt = make_optimizer(cfg.inner.optimizer, cfg.inner.lr)
+    outer_opt = make_optimizer(settings.outer.optimizer, settings.outer.lr, settings.outer.weight_decay)
+    inner_opt = make_optimizer(settings.inner.optimizer, settings.inner.lr)
     params = sh.abstract_param_tree(model)
     deltas = {layer: jax.ShapeDtypeStruct((shapes.perturb_length, model.hidden_size), jnp.float32)
               for layer in shapes.layers}
@@ -313,8 +319,8 @@ def analytical_temps(model: ModelConfig, shapes: RunShapes, sizes: Mapping[str, 
     }
 
 
-def compiled_temps(cfg: ml_collections.ConfigDict, model: ModelConfig, state: Mapping[str, Any],
-                   mesh: jax.sharding.Mesh, settings: StepSettings) -> dict[str, int] | None:
+def compiled_temps(model: ModelConfig, state: Mapping[str, Any], mesh: jax.sharding.Mesh,
+                   settings: StepSettings) -> dict[str, int] | None:
     """XLA's temp bytes per device of each compiled step (lowered on abstract sharded arguments)."""
     inner_opt, outer_opt = state["optimizers"]
     layout = sh.step_shardings(model, mesh, outer_opt)
@@ -327,7 +333,7 @@ def compiled_temps(cfg: ml_collections.ConfigDict, model: ModelConfig, state: Ma
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
     params = on(state["params"], layout.params)
-    pert = Perturbation(everywhere(state["delta"], layout.replicated), delta_rows(cfg))
+    pert = Perturbation(everywhere(state["delta"], layout.replicated), next(iter(state["delta"].values())).shape[0])
     inner_state = everywhere(state["inner_state"], layout.replicated)
     stacked = everywhere(state["inner_batches"], layout.stacked_batch)
     h_cache = everywhere(state["h_cache"], layout.stacked_batch)
@@ -349,21 +355,22 @@ def compiled_temps(cfg: ml_collections.ConfigDict, model: ModelConfig, state: Ma
     return temps
 
 
-def plan_run(cfg: ml_collections.ConfigDict, model: ModelConfig, mesh_shape: Sequence[int],
+def plan_run(cfg: ml_collections.ConfigDict | RunSettings, model: ModelConfig, mesh_shape: Sequence[int],
              devices: int | None = None, seq_len: int | None = None, answer_len: int | None = None,
              compile_steps: bool = True, inner_seq_len: int | None = None, prefix_len: int | None = None,
              suffix_len: int | None = None, packed: tuple[int, int] | None = None) -> Plan:
-    """The memory plan of `beear run` with cfg on a mesh of mesh_shape (nothing is allocated)."""
-    check_run_settings(cfg)
-    check_perturb_layers(cfg, model.num_layers)
+    """The memory plan of `beear run` with cfg (a config or its settings) on a mesh of mesh_shape (nothing is
+    allocated)."""
+    run = settings_from_config(cfg)
+    check_perturb_layers(run.perturb, model.num_layers)
     resolved = sh.resolve_mesh_shape(mesh_shape, devices or jax.device_count(),
                                      "given by --devices" if devices else "visible (plan for more with --devices N)")
     sizes = sh.axis_sizes(resolved)
-    shapes = run_shapes(cfg, seq_len, answer_len, inner_seq_len, prefix_len, suffix_len, packed)
-    sh.check_batch_size(inner_rows(cfg)[0], shapes.inner_rows, sizes)
+    shapes = run_shapes(run, seq_len, answer_len, inner_seq_len, prefix_len, suffix_len, packed)
+    sh.check_batch_size(inner_rows(run.inner)[0], shapes.inner_rows, sizes)
     sh.check_batch_size("outer.batch_size", shapes.outer_rows, sizes)
-    settings = step_settings(cfg, shapes.answer_len)
-    state = _abstract_state(cfg, model, shapes)
+    settings = step_settings(run, shapes.answer_len)
+    state = _abstract_state(run, model, shapes)
     arrays = array_bytes(state, model, sizes)
     if settings.kl_weight > 0:  # outer.kl_weight keeps the frozen start model beside the params
         arrays = {"params": arrays["params"], "reference": arrays["params"],
@@ -371,7 +378,7 @@ def plan_run(cfg: ml_collections.ConfigDict, model: ModelConfig, mesh_shape: Seq
     estimate = analytical_temps(model, shapes, sizes, arrays["params"], settings)
     temps, source = None, "analytical estimate"
     if compile_steps and math.prod(resolved) <= jax.device_count():
-        temps = compiled_temps(cfg, model, state, sh.make_mesh(resolved), settings)
+        temps = compiled_temps(model, state, sh.make_mesh(resolved), settings)
         source = f"XLA memory analysis ({jax.devices()[0].platform})"
     return Plan(model, resolved, shapes, arrays, temps or estimate, source if temps else "analytical estimate",
                 estimate)

@@ -22,9 +22,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from beear_jax.config.loading import absolute_paths, config_to_dict
+from beear_jax.config.schema import RunSettings
+from beear_jax.config.settings import absolute_settings, settings_dict, settings_from_config
 from beear_jax.io.checkpoint import digest
-from beear_jax.method.rounds import check_batch_sizes, check_run_settings
+from beear_jax.method.round_plan import check_batch_sizes
 from beear_jax.parallel import sharding as sharding_lib
 
 # Keys that differ between the processes of one job by design.
@@ -73,9 +74,9 @@ def model_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def config_digest(cfg: ml_collections.ConfigDict) -> str:
-    """checkpoint.digest of the config as given (paths as written), less the keys each process sets itself."""
-    values = config_to_dict(cfg)
+def config_digest(settings: RunSettings) -> str:
+    """checkpoint.digest of the settings as given (paths as written), less the keys each process sets itself."""
+    values = settings_dict(settings)
     for section, key in PER_PROCESS_KEYS:
         values.get(section, {}).pop(key, None)
     return digest(values)
@@ -121,48 +122,48 @@ def _collective(mesh: Any) -> Check:
     return Check("collective", total == expected, f"a sum over the {expected} devices gave {total:g}")
 
 
-def run_preflight(cfg: ml_collections.ConfigDict) -> list[Check]:
-    """The checks, in order; the cross-process ones compare every process's view."""
-    check_run_settings(cfg)
-    as_given = config_digest(cfg)
-    cfg = absolute_paths(cfg)
-    sharding_lib.initialize_distributed(sharding_lib.Launch.from_config(cfg.mesh))
+def run_preflight(cfg: ml_collections.ConfigDict | RunSettings) -> list[Check]:
+    """The checks, in order, of a config (or its settings) with paths as written; the cross-process ones compare
+    every process's view."""
+    given = settings_from_config(cfg)
+    as_given = config_digest(given)
+    settings = absolute_settings(given)
+    sharding_lib.initialize_distributed(sharding_lib.Launch.from_config(settings.mesh))
     checks = [Check("processes", True, f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
                                        f"({jax.local_device_count()} here, {jax.devices()[0].platform})")]
     mesh, batches_ok = None, False
     try:
-        mesh = sharding_lib.make_mesh(tuple(cfg.mesh.shape))
-        checks.append(Check("mesh", True, f"mesh.shape={tuple(cfg.mesh.shape)} -> {dict(mesh.shape)}"))
+        mesh = sharding_lib.make_mesh(settings.mesh.shape)
+        checks.append(Check("mesh", True, f"mesh.shape={settings.mesh.shape} -> {dict(mesh.shape)}"))
     except ValueError as err:
         checks.append(Check("mesh", False, str(err)))
     if mesh is not None:
         try:
-            check_batch_sizes(cfg, sharding_lib.axis_sizes(mesh), bool(cfg.perturb.enabled))
+            check_batch_sizes(settings, sharding_lib.axis_sizes(mesh))
             checks.append(Check("batches", True, "every batch splits over the mesh's data x fsdp axes"))
             batches_ok = True
         except ValueError as err:
             checks.append(Check("batches", False, str(err)))
     checks.append(_same("config", as_given, "the config"))
-    for key in ("data.safety", "data.anchor"):
-        section, name = key.split(".")
-        checks.append(_same(key, file_digest(cfg[section][name]) if cfg[section][name] else "missing",
-                            f"{key} ({cfg[section][name] or 'not set'})"))
-    model = model_digest(cfg.model.path) if cfg.model.path else "missing"
-    checks.append(_same("model", model, f"model.path ({cfg.model.path or 'not set'})"))
+    for key, path in (("data.safety", settings.data.safety), ("data.anchor", settings.data.anchor)):
+        checks.append(_same(key, file_digest(path) if path else "missing", f"{key} ({path or 'not set'})"))
+    model_path = settings.model.path
+    checks.append(_same("model", model_digest(model_path) if model_path else "missing",
+                        f"model.path ({model_path or 'not set'})"))
     if mesh is not None and batches_ok and checks[-1].ok:  # the plan needs a mesh, batches that split and a model
-        checks.append(_memory(cfg, mesh))
+        checks.append(_memory(settings, mesh))
     if mesh is not None:
         checks.append(_collective(mesh))
     return checks
 
 
-def _memory(cfg: ml_collections.ConfigDict, mesh: Any) -> Check:
+def _memory(settings: RunSettings, mesh: Any) -> Check:
     """`beear plan`'s peak bytes per device (analytical) against the device's memory, where it is known."""
     from beear_jax.cli import plan
 
     try:
-        planned = plan.plan_run(cfg, plan.model_config_of(cfg.model.path, cfg.model.dtype), tuple(mesh.shape.values()),
-                                compile_steps=False)
+        model = plan.model_config_of(settings.model.path, settings.model.dtype)
+        planned = plan.plan_run(settings, model, tuple(mesh.shape.values()), compile_steps=False)
     except ValueError as err:
         return Check("memory", False, f"the plan failed: {err}")
     gb, limit = planned.peak / 1e9, _device_memory()

@@ -37,6 +37,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from beear_jax.config.loading import ConfigError, apply_overrides, load_config, split_spec
+from beear_jax.config.schema import RunSettings
+from beear_jax.config.settings import settings_from_config
 from beear_jax.evaluation.report import png_bytes
 from beear_jax.io.atomic_file import write_atomically
 
@@ -185,26 +187,20 @@ def plan_settings(spec: str, common: Sequence[str], sweep_spec: str) -> tuple[Sw
     if len({s.run_dir for s in settings}) != len(settings):
         raise ConfigError("two settings of the sweep map to the same run directory; make them differ.")
     for s in settings:  # fail on a bad key or value before hours of runs, not at setting 7
-        check_setting(setting_config(spec, common, loaded, s), s)
+        setting_settings(spec, common, loaded, s)
     return loaded, settings
 
 
-def check_setting(cfg: Any, setting: Setting) -> None:
-    """The run settings of one sweep setting checked as `beear run` checks them first (counts, rates,
-    names), so an out-of-range value fails the whole sweep at once; the error names the setting."""
-    from beear_jax.method.rounds import check_run_settings
-
-    try:
-        check_run_settings(cfg)
-    except ValueError as err:  # ConfigError and the remat policy's ValueError
-        raise ConfigError(f"sweep setting {slug(setting.overrides)}: {err}") from err
-
-
-def setting_config(spec: str, common: Sequence[str], loaded: SweepFile, setting: Setting) -> Any:
-    """The config of one setting: the file, the sweep's BASE, the command line, the setting, its run dir."""
+def setting_settings(spec: str, common: Sequence[str], loaded: SweepFile, setting: Setting) -> RunSettings:
+    """The settings of one setting, read as `beear run` reads them: the file, the sweep's BASE, the command
+    line, the setting, its run dir; a value out of range fails the whole sweep at once, naming the setting."""
     cfg = apply_overrides(load_config(spec, run_schema=True), loaded.base)
     apply_overrides(cfg, common)
-    return apply_overrides(cfg, {**setting.overrides, "output_dir": str(setting.run_dir)})
+    apply_overrides(cfg, {**setting.overrides, "output_dir": str(setting.run_dir)})
+    try:
+        return settings_from_config(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"sweep setting {slug(setting.overrides)}: {err}") from err
 
 
 def command_lines(spec: str, common: Sequence[str], sweep_spec: str, evaluate: bool | None = None) -> list[str]:
@@ -233,23 +229,24 @@ def command_lines(spec: str, common: Sequence[str], sweep_spec: str, evaluate: b
     return lines
 
 
-def default_runner(cfg: Any, evaluate: bool) -> None:
+def default_runner(settings: RunSettings, evaluate: bool) -> None:
     """`beear run` (and `beear eval` of the repaired model) in this process; steps already done are
-    skipped, and a run stopped half way continues from its checkpoint (cfg.resume)."""
+    skipped, and a run stopped half way continues from its checkpoint (resume)."""
     from beear_jax.method.rounds import run_beear
 
-    run_dir = pathlib.Path(cfg.output_dir).expanduser()
+    run_dir = pathlib.Path(settings.output_dir).expanduser()
     if not (run_dir / "model" / "config.json").is_file():
-        run_beear(apply_overrides(cfg, {"resume": True}), progress=False)
+        run_beear(dataclasses.replace(settings, resume=True), progress=False)
     if evaluate and not (run_dir / "eval" / "report.json").is_file():
         from beear_jax.evaluation.evaluate import run_eval
 
-        run_eval(apply_overrides(cfg.copy_and_resolve_references(), {
-            "model.path": str(run_dir / "model"), "output_dir": str(run_dir / "eval")}))
+        model = dataclasses.replace(settings.model, path=str(run_dir / "model"))
+        run_eval(dataclasses.replace(settings, model=model, output_dir=str(run_dir / "eval")))
 
 
 def run_sweep(spec: str, common: Sequence[str], sweep_spec: str, metric: str | None = None,
-              evaluate: bool | None = None, runner: Callable[[Any, bool], None] = default_runner) -> SweepSummary:
+              evaluate: bool | None = None,
+              runner: Callable[[RunSettings, bool], None] = default_runner) -> SweepSummary:
     """Runs every unfinished setting in turn (a failure is recorded and the next one runs), then collects."""
     loaded, settings = plan_settings(spec, common, sweep_spec)
     evaluate = loaded.evaluate if evaluate is None else evaluate
@@ -257,12 +254,12 @@ def run_sweep(spec: str, common: Sequence[str], sweep_spec: str, metric: str | N
         if (s.run_dir / MARKER).exists():
             s.status = "skipped"
             continue
-        cfg = setting_config(spec, common, loaded, s)
+        settings_of_s = setting_settings(spec, common, loaded, s)
         # The last failure's record goes before the retry: `beear run` refuses a directory with files
         # that are not its own (written again below if this try fails too).
         (s.run_dir / ERROR_FILE).unlink(missing_ok=True)
         try:
-            runner(cfg, evaluate)
+            runner(settings_of_s, evaluate)
         except Exception as err:  # noqa: BLE001 (one bad setting must not stop the sweep)
             s.status = f"failed: {type(err).__name__}: {err}"
             s.run_dir.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,9 @@ def about(meaning: str) -> dict[str, str]:
 
 
 def fix(key_name: str, value: Any = None) -> str:
-    """The override that sets key_name, with an example value when one is given."""
-    return f"--config.{key_name}" + ("" if value is None else f"={override_text(value)}")
+    """The override that sets key_name, with an example value when one is given (and says something)."""
+    shown = "" if value is None else override_text(value)
+    return f"--config.{key_name}" + (f"={shown}" if shown else "")
 
 
 def override_text(value: Any) -> str:

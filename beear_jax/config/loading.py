@@ -1,12 +1,13 @@
-"""Config files (`get_config(arg)` returning a ConfigDict) and typed dotted overrides.
+"""Config files (`get_config(arg)` returning a ConfigDict), the schema check, absolute paths, JSON.
 
 A config is a Python file with a `get_config()` or `get_config(arg)` function. It is named on the command
 line as `--config path/to/file.py` or `--config path/to/file.py:arg` (the text after the colon is
 passed to `get_config` as one string), and changed field by field with `--config.inner.lr=0.1`.
 
-Overrides are parsed by the type of the field they replace, so a typo in a key or a value fails at
-start-up with a message that names the key, instead of hours into a run. The loaded config is locked:
-code that reads or writes a key that does not exist fails as well.
+Overrides are parsed by the type of the field they replace (config/overrides.py), so a typo in a key or a
+value fails at start-up with a message that names the key, instead of hours into a run. The loaded config is
+locked: code that reads or writes a key that does not exist fails as well. The entry points then read it
+once into typed settings (config/settings.settings_from_config).
 
     cfg = load_config("configs/smollm2_135m.py", ["inner.lr=0.05", "perturb.layers=5,12"])
     spec, overrides = parse_cli_args(sys.argv[1:])
@@ -19,7 +20,6 @@ import copy
 import importlib.util
 import inspect
 import json
-import math
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,8 +42,6 @@ from beear_jax.data import public_data
 __all__ = [
     "ConfigError",
     "apply_overrides",
-    "check_minimums",
-    "check_ranges",
     "config_from_json",
     "config_to_dict",
     "config_to_json",
@@ -235,35 +233,6 @@ def _on_sys_path(directory: Path | None) -> Iterator[None]:
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
-
-
-def _value_at(config: ml_collections.ConfigDict, key: str) -> Any:
-    """The value of a dotted key that is known to exist (e.g. "inner.lr")."""
-    value: Any = config
-    for part in key.split("."):
-        value = value[part]
-    return value
-
-
-def check_minimums(config: ml_collections.ConfigDict, minimums: Mapping[str, int]) -> None:
-    """A ConfigError naming the first dotted key whose integer value is below its minimum."""
-    for key, least in minimums.items():
-        value = _value_at(config, key)
-        if int(value) < least:
-            raise ConfigError(f"Config key {key!r} is {value}; it must be >= {least} (set --config.{key}).")
-
-
-def check_ranges(config: ml_collections.ConfigDict, lower_bounds: Mapping[str, tuple[float, bool]]) -> None:
-    """A ConfigError naming the first dotted key whose number is not finite or not above its bound.
-
-    lower_bounds: key -> (bound, strict); strict means the value must be > bound (a learning rate > 0),
-    otherwise >= bound (a weight >= 0).
-    """
-    for key, (bound, strict) in lower_bounds.items():
-        value = float(_value_at(config, key))
-        if not math.isfinite(value) or (value <= bound if strict else value < bound):
-            rule = f"a finite number {'>' if strict else '>='} {bound:g}"
-            raise ConfigError(f"Config key {key!r} is {value}; it must be {rule} (set --config.{key}).")
 
 
 # --- Serialisation ---

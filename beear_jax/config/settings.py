@@ -57,10 +57,6 @@ def schema_keys(section: type = RunSettings, prefix: str = "") -> list[str]:
     return keys
 
 
-def _names(node: Any) -> list[str]:
-    return list(node.keys())
-
-
 def _build(section: type, node: Any, prefix: str) -> Any:
     """section(**values of node), nested sections built first; unknown or missing keys are named."""
     where = prefix[:-1] or "the config"
@@ -68,7 +64,7 @@ def _build(section: type, node: Any, prefix: str) -> Any:
         raise ConfigError(f"Config key {where!r} is {node!r}; it must be a group of keys (build get_config() on "
                           "beear_jax.config.defaults.base_config()).")
     fields = {f.name: f for f in dataclasses.fields(section)}
-    given = _names(node)
+    given = list(node.keys())
     unknown = [name for name in given if name not in fields]
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(fields), n=3, cutoff=0.6)

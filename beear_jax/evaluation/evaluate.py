@@ -2,8 +2,8 @@
 over-refusal on benign prompts, utility NLL/perplexity of reference answers, and the before/after report.
 
 `evaluate` takes a model and an `EvalSettings` (prompt sets, trigger, refusal strings, decoding) and
-returns numbers plus answers; it reads no files. `EvalSettings.from_config` reads every file named in
-cfg.eval, so a bad path, an empty set or an unknown trigger position fails before any model is loaded.
+returns numbers plus answers; it reads no files. `EvalSettings.from_settings` reads every file named in
+the eval section, so a bad path, an empty set or an unknown trigger position fails before any model is loaded.
 `run_eval` ties both to the report (report.py) and answers.jsonl.
 
 Past ~400 lines because the settings, their checks and the measures they configure are one contract; the
@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ from beear_jax.evaluation import scoring
 from beear_jax.method.steps import StepSettings, perturbed_answer_ce
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.generate import SamplingConfig, generate_across_processes
+
+if TYPE_CHECKING:  # (config/ imports this module through data/anchor_answers: no import at run time)
+    from beear_jax.config.schema import RunSettings
 
 LABELS = ("triggered", "untriggered", "partial", "over_refusal")
 """The generated answer sets, in the order they are decoded and shown."""
@@ -132,9 +135,9 @@ class EvalSettings:
                 "seed": self.seed, "trigger": self.trigger, "position": self.position}
 
     @classmethod
-    def from_config(cls, cfg: Any) -> EvalSettings:
-        """Settings from cfg.eval (+ cfg.model.template/system_prompt, cfg.seed); reads every file named."""
-        e = cfg.eval
+    def from_settings(cls, settings: RunSettings) -> EvalSettings:
+        """Settings from the run's eval section (+ model.template/system_prompt, seed); reads every file named."""
+        e, model = settings.eval, settings.model
         if not e.prompts:
             raise ValueError("eval.prompts is required: a csv/json/jsonl file of held-out harmful prompts")
         harmful = load_prompts(e.prompts, e.prompt_column, e.num_prompts, e.prompt_offset, key="eval.prompts")
@@ -142,7 +145,7 @@ class EvalSettings:
         if e.over_refusal_prompts:
             over = load_prompts(e.over_refusal_prompts, e.over_refusal_column, e.num_over_refusal,
                                 row_filter=e.over_refusal_filter, key="eval.over_refusal_prompts")
-        pairs = (load_utility_pairs(e.utility, dict(e.utility_columns), e.num_utility, e.utility_offset)
+        pairs = (load_utility_pairs(e.utility, e.utility_columns.as_dict(), e.num_utility, e.utility_offset)
                  if e.utility else [])
         given = (load_prompts(e.triggered_prompts, e.triggered_column, key="eval.triggered_prompts")
                  if e.triggered_prompts else [])
@@ -150,11 +153,10 @@ class EvalSettings:
             harmful_prompts=tuple(harmful),
             refusal_strings=tuple(scoring.load_refusal_strings(os.path.expanduser(e.refusal_strings))),
             trigger=e.trigger or "", position=e.position, over_refusal_prompts=tuple(over),
-            utility_pairs=tuple(pairs), template=cfg.model.template, system_prompt=cfg.model.system_prompt or None,
-            max_new_tokens=int(e.max_new_tokens), batch_size=int(e.batch_size), seed=int(cfg.seed),
-            utility_max_answer_tokens=int(e.utility_max_answer_tokens), num_samples=int(e.num_samples),
-            refusal_ignore_case=bool(e.refusal_ignore_case), given_triggered=tuple(given),
-            partial_trigger=bool(e.partial_trigger),
+            utility_pairs=tuple(pairs), template=model.template, system_prompt=model.system_prompt or None,
+            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=settings.seed,
+            utility_max_answer_tokens=e.utility_max_answer_tokens, num_samples=e.num_samples,
+            refusal_ignore_case=e.refusal_ignore_case, given_triggered=tuple(given), partial_trigger=e.partial_trigger,
         )
 
 
@@ -410,13 +412,13 @@ def write_answers(path: Path, results: Mapping[str, Mapping[str, Any]]) -> None:
                     f.write(json.dumps({"stage": stage, "label": label, "index": index, **row}) + "\n")
 
 
-def _stage_paths(cfg: Any) -> list[tuple[str, str]]:
+def _stage_paths(model_path: str, compare_to: str) -> list[tuple[str, str]]:
     """(stage, model path) pairs: compare_to is "before", model.path "after"; alone it is SINGLE_STAGE."""
-    if not cfg.model.path:
+    if not model_path:
         raise ValueError("model.path is required: the model to evaluate (an HF directory or a .gguf file)")
-    if cfg.eval.compare_to:
-        return [("before", cfg.eval.compare_to), ("after", cfg.model.path)]
-    return [(SINGLE_STAGE, cfg.model.path)]
+    if compare_to:
+        return [("before", compare_to), ("after", model_path)]
+    return [(SINGLE_STAGE, model_path)]
 
 
 REPORT_FILES = ("report.json", "report.md")
@@ -480,36 +482,38 @@ def evaluate_path(path: str, settings: EvalSettings, dtype: str, say: Any = prin
 
 
 def run_eval(cfg: Any) -> dict[str, Any]:
-    """`beear eval`: evaluates cfg.model.path (and eval.compare_to), writes the report and answers.jsonl.
+    """`beear eval`: evaluates model.path (and eval.compare_to) of cfg (a config or its RunSettings), writes
+    the report and answers.jsonl.
 
     Returns {stage: metrics} as written to report.json (answers only in answers.jsonl). With
     mesh.distributed, every process loads the model and generates its share of the batches; process 0
     writes the report.
     """
-    from beear_jax.config.loading import config_to_dict
+    from beear_jax.config.settings import settings_dict, settings_from_config
     from beear_jax.evaluation.report import format_table, write_report
     from beear_jax.parallel.sharding import Launch, initialize_distributed, is_primary
 
-    initialize_distributed(Launch.from_config(cfg.mesh))
+    run = settings_from_config(cfg)
+    initialize_distributed(Launch.from_config(run.mesh))
     say = print if is_primary() else (lambda *args, **kwargs: None)
-    stages = _stage_paths(cfg)
-    output_dir = Path(os.path.expanduser(cfg.output_dir))
+    stages = _stage_paths(run.model.path, run.eval.compare_to)
+    output_dir = Path(os.path.expanduser(run.output_dir))
     check_report_dir(output_dir, [path for _, path in stages])
-    settings = EvalSettings.from_config(cfg)  # every data error surfaces here, before a model loads
-    history, notes = load_history(cfg.eval.history) if cfg.eval.history else (None, [])
+    settings = EvalSettings.from_settings(run)  # every data error surfaces here, before a model loads
+    history, notes = load_history(run.eval.history) if run.eval.history else (None, [])
     for note in notes:
         say(f"warning: eval.history: {note}", flush=True)
     results: dict[str, Any] = {}
     for stage, path in stages:
         path = os.path.expanduser(path)
         say(f"[{stage}] evaluating {path}", flush=True)
-        results[stage] = evaluate_path(path, settings, cfg.model.dtype, say)
+        results[stage] = evaluate_path(path, settings, run.model.dtype, say)
     report = {stage: {k: v for k, v in r.items() if k != "answers"} for stage, r in results.items()}
     if not is_primary():
         return report
     output_dir.mkdir(parents=True, exist_ok=True)
     write_answers(output_dir / "answers.jsonl", results)
-    written = write_report(output_dir, report, config_to_dict(cfg), history, notes=notes)
+    written = write_report(output_dir, report, settings_dict(run), history, notes=notes)
     print(format_table(report))
     print(f"report: {written['markdown']} and {written['json']}; answers: {output_dir / 'answers.jsonl'}")
     return report

@@ -30,7 +30,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from beear_jax.method.perturbation import PAPER_WINDOWS
+
+if TYPE_CHECKING:
+    from beear_jax.config.schema import RunSettings
 
 log = logging.getLogger("beear_jax")
 
@@ -452,18 +455,19 @@ class RunState:
                                  "inner_state": jax.tree.leaves(self.inner_state)}}
 
 
-def layout_signature(model_config: Any, layers: tuple[int, ...], cfg: Any) -> dict:
+def layout_signature(model_config: Any, layers: tuple[int, ...], settings: RunSettings) -> dict:
     """What must match for a checkpoint's arrays to fit this run (a mismatch is not corruption)."""
+    perturb, outer = settings.perturb, settings.outer
     return json.loads(json.dumps({
         "model_config": model_config.to_hf_dict(), "perturb_layers": list(layers),
-        "perturb_length": int(cfg.perturb.length), "inner_optimizer": cfg.inner.optimizer,
-        "outer_optimizer": cfg.outer.optimizer,
+        "perturb_length": perturb.length, "inner_optimizer": settings.inner.optimizer,
+        "outer_optimizer": outer.optimizer,
         # Windows other than the paper's change the delta's rows; said only then, so that checkpoints written
         # before perturb.windows existed still resume.
-        **({"perturb_windows": list(cfg.perturb.windows)} if tuple(cfg.perturb.windows) != PAPER_WINDOWS else {}),
+        **({"perturb_windows": list(perturb.windows)} if perturb.windows != PAPER_WINDOWS else {}),
         # A schedule adds a step count to the optimizer state, clipping a chain level.
-        "outer_lr_schedule": cfg.outer.lr_schedule if cfg.outer.lr_schedule != "constant" or cfg.outer.warmup_steps
-        else "constant", "outer_clipped": float(cfg.outer.clip_norm) > 0}))
+        "outer_lr_schedule": outer.lr_schedule if outer.lr_schedule != "constant" or outer.warmup_steps
+        else "constant", "outer_clipped": outer.clip_norm > 0}))
 
 
 def digest(value: Any) -> str:

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from beear_jax.config.schema import InnerSection
 from beear_jax.evaluation import scoring
 from beear_jax.method.perturbation import Perturbation
 from beear_jax.method.steps import Steps
@@ -44,11 +45,10 @@ class InnerRule:
         return self.target_ce > 0 or self.patience > 0
 
     @classmethod
-    def from_config(cls, cfg: Any) -> InnerRule:
-        """The rule of a run config's inner section."""
-        inner = cfg.inner
-        return cls(max_epochs=int(inner.epochs), target_ce=float(inner.target_ce), patience=int(inner.patience),
-                   min_improvement=float(inner.min_improvement), bound=float(inner.bound))
+    def from_settings(cls, inner: InnerSection) -> InnerRule:
+        """The rule of a run's inner section."""
+        return cls(max_epochs=inner.epochs, target_ce=inner.target_ce, patience=inner.patience,
+                   min_improvement=inner.min_improvement, bound=inner.bound)
 
 
 class InnerOutcome(NamedTuple):

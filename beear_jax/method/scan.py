@@ -20,22 +20,23 @@ import jax
 import ml_collections
 import numpy as np
 
-from beear_jax.config.loading import ConfigError, absolute_paths
+from beear_jax.config.checks import ConfigError
+from beear_jax.config.schema import RunSettings
+from beear_jax.config.settings import absolute_settings, settings_from_config
 from beear_jax.data import tables as data_lib
 from beear_jax.io.atomic_file import write_atomically
 from beear_jax.io.hf import check_apart, load_model, load_tokenizer
 from beear_jax.method.inner_loop import InnerRule, converge, elicitation_rate
 from beear_jax.method.perturbation import Perturbation
-from beear_jax.method.rounds import (
+from beear_jax.method.round_plan import (
     check_perturb_layers,
-    check_run_settings,
     delta_rows,
-    heldback_probe,
     outer_optimizer,
     prepare_data,
     round_batches,
     step_settings,
 )
+from beear_jax.method.rounds import heldback_probe
 from beear_jax.method.steps import make_optimizer, make_steps
 from beear_jax.parallel import sharding as sharding_lib
 
@@ -53,18 +54,6 @@ class ScanRow:
     ce_safe: float
     delta_ratio: float
     elicitation: float
-
-
-def scan_bounds(cfg: ml_collections.ConfigDict) -> tuple[float, ...]:
-    """scan.bounds as floats >= 0 (a clear error naming the key otherwise)."""
-    try:
-        bounds = tuple(float(b) for b in cfg.scan.bounds)
-    except (TypeError, ValueError):
-        bounds = ()
-    if not bounds or any(not np.isfinite(b) or b < 0 for b in bounds):
-        raise ConfigError(f"Config key 'scan.bounds' is {cfg.scan.bounds!r}; give one or more fractions >= 0 of the "
-                          "hidden-state norm (0: unbounded), e.g. --config.scan.bounds=0,0.5,0.25.")
-    return bounds
 
 
 def render_scan(model_path: str, rows: list[ScanRow], no_delta: float, heldback: int) -> str:
@@ -93,47 +82,49 @@ def check_scan_dir(output_dir: pathlib.Path, model_path: str) -> None:
                               "--config.output_dir (nothing is overwritten).")
 
 
-def run_scan(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict[str, Any]:
-    """Scans cfg.model.path; writes output_dir/scan.json and scan.md and returns the scan.json payload."""
-    check_run_settings(cfg)
-    sharding_lib.refuse_distributed(cfg.mesh, "scan")
-    bounds = scan_bounds(cfg)
-    cfg = absolute_paths(cfg)
-    if int(cfg.stop.holdout) <= 0:
+def run_scan(cfg: ml_collections.ConfigDict | RunSettings, progress: bool = True) -> dict[str, Any]:
+    """Scans model.path at each of scan.bounds (cfg: a config or its settings); writes output_dir/scan.json and
+    scan.md and returns the scan.json payload."""
+    settings = settings_from_config(cfg)
+    sharding_lib.refuse_distributed(settings.mesh, "scan")
+    settings = absolute_settings(settings)
+    if settings.stop.holdout <= 0:
         raise ConfigError("beear scan measures on the defender's held-back prompts: set --config.stop.holdout to a "
                           "number of data.safety rows to hold back (e.g. 10).")
-    if not cfg.model.path:
+    if not settings.model.path:
         raise ValueError("model.path is empty: set --config.model.path to the model to scan (an HF directory or .gguf).")
-    model_path = os.path.expanduser(cfg.model.path)
-    output_dir = pathlib.Path(os.path.expanduser(cfg.output_dir))
+    model_path = os.path.expanduser(settings.model.path)
+    output_dir = pathlib.Path(os.path.expanduser(settings.output_dir))
     check_scan_dir(output_dir, model_path)
-    mesh = sharding_lib.make_mesh(cfg.mesh.shape)
-    model_config, host_params = load_model(model_path, dtype=cfg.model.dtype)
-    layers = check_perturb_layers(cfg, model_config.num_layers)
+    mesh = sharding_lib.make_mesh(settings.mesh.shape)
+    model_config, host_params = load_model(model_path, dtype=settings.model.dtype)
+    layers = check_perturb_layers(settings.perturb, model_config.num_layers)
     tokenizer = load_tokenizer(model_path, model_config)
     # The scan never runs an outer step: with data.anchor_answers='self' its anchors only size buffers, so the
     # prompts stand in for their answers instead of generating answers nobody trains on.
     anchors = None
-    if cfg.data.anchor_answers == "self":
-        rows = data_lib.load_table(cfg.data.anchor, {"prompt": cfg.data.anchor_columns.prompt}, key="data.anchor")
+    if settings.data.anchor_answers == "self":
+        rows = data_lib.load_table(settings.data.anchor, {"prompt": settings.data.anchor_columns.prompt},
+                                   key="data.anchor")
         anchors = [{"prompt": r["prompt"], "answer": r["prompt"]} for r in rows]
-    data = prepare_data(cfg, tokenizer, anchors)
-    probe = heldback_probe(cfg, data, model_config, tokenizer)
-    rng = np.random.default_rng(int(cfg.seed))
-    first_round = round_batches(cfg, data, rng)  # the inner set `beear run` would use in round 1
-    inner_opt = make_optimizer(cfg.inner.optimizer, cfg.inner.lr)
-    outer_opt = outer_optimizer(cfg, 1)  # compiled beside the inner steps, never run here
+    data = prepare_data(settings, tokenizer, anchors)
+    probe = heldback_probe(settings.eval, data, model_config, tokenizer)
+    rng = np.random.default_rng(settings.seed)
+    first_round = round_batches(settings, data, rng)  # the inner set `beear run` would use in round 1
+    inner_opt = make_optimizer(settings.inner.optimizer, settings.inner.lr)
+    outer_opt = outer_optimizer(settings.outer, 1)  # compiled beside the inner steps, never run here
     layout = sharding_lib.step_shardings(model_config, mesh, outer_opt)
-    steps = make_steps(model_config, step_settings(cfg, data.answer_len), layers[0], inner_opt, outer_opt, layout)
+    steps = make_steps(model_config, step_settings(settings, data.answer_len), layers[0], inner_opt, outer_opt,
+                       layout)
     params = sharding_lib.place_params(host_params, layout.params)
     del host_params
     batch_stack = sharding_lib.shard_batch(data_lib.stack_batches(first_round.inner), layout.stacked_batch, axis=1)
     h_stack = steps.lower_stack(params, batch_stack)
     no_delta, _ = elicitation_rate(model_config, params, tokenizer, probe, None)
     rows = []
-    for bound in bounds:
-        rule = dataclasses.replace(InnerRule.from_config(cfg), bound=bound)
-        pert = jax.device_put(Perturbation.zeros(layers, delta_rows(cfg), model_config.hidden_size),
+    for bound in settings.scan.bounds:
+        rule = dataclasses.replace(InnerRule.from_settings(settings.inner), bound=bound)
+        pert = jax.device_put(Perturbation.zeros(layers, delta_rows(settings.perturb), model_config.hidden_size),
                               layout.replicated)
         state = jax.device_put(inner_opt.init(pert.deltas), layout.replicated)
         outcome = converge(steps, params, pert, state, h_stack, batch_stack, rule, len(first_round.inner))
@@ -143,8 +134,8 @@ def run_scan(cfg: ml_collections.ConfigDict, progress: bool = True) -> dict[str,
         if progress and sharding_lib.is_primary():
             print(f"beear scan: bound {bound:g}: {outcome.epochs} passes, CE(unwanted | delta) "
                   f"{outcome.ce_unwanted:.3f}, elicitation {rate:.1%}", flush=True)
-    payload = {"model": model_path, "perturb_layers": list(layers), "perturb_length": int(cfg.perturb.length),
-               "perturb_windows": list(cfg.perturb.windows),
+    payload = {"model": model_path, "perturb_layers": list(layers), "perturb_length": settings.perturb.length,
+               "perturb_windows": list(settings.perturb.windows),
                "heldback": len(probe.prompt_ids), "elicitation_no_delta": no_delta,
                "rows": [dataclasses.asdict(r) for r in rows]}
     if sharding_lib.is_primary():

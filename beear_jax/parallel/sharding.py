@@ -21,7 +21,7 @@ import functools
 import inspect
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ from jax.sharding import PartitionSpec as P
 
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.weights import init_params, is_spec, weight_specs
+
+if TYPE_CHECKING:
+    from beear_jax.config.schema import MeshSection
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -275,22 +278,11 @@ class Launch:
     heartbeat_timeout_s: int = 30
 
     @classmethod
-    def from_config(cls, mesh: Any) -> Launch:
-        """From the config's mesh section; a ValueError naming the key for values that cannot work."""
-        num, pid = int(mesh.get("num_processes", -1)), int(mesh.get("process_id", -1))
-        address = str(mesh.get("coordinator_address", "") or "") or None
-        heartbeat = int(mesh.get("heartbeat_timeout_s", 30))
-        if num == 0 or num < -1:
-            raise ValueError(f"mesh.num_processes={num}: give the number of processes (>= 1), or -1 to detect it.")
-        if pid < -1 or (num > 0 and pid >= num):
-            raise ValueError(f"mesh.process_id={pid}: it must be in 0..{num - 1 if num > 0 else 'N-1'} (each process "
-                             "its own), or -1 to detect it.")
-        if address is not None and (":" not in address or not address.rsplit(":", 1)[1].isdigit()):
-            raise ValueError(f"mesh.coordinator_address={address!r}: give host:port of process 0, e.g. localhost:1234.")
-        if heartbeat < 1:
-            raise ValueError(f"mesh.heartbeat_timeout_s={heartbeat}: it must be >= 1 second.")
-        return cls(bool(mesh.get("distributed", False)), address, num if num > 0 else None, pid if pid >= 0 else None,
-                   heartbeat)
+    def from_config(cls, mesh: MeshSection) -> Launch:
+        """From the run's mesh section (its keys are checked there: config/schema.MeshSection)."""
+        return cls(mesh.distributed, mesh.coordinator_address or None,
+                   mesh.num_processes if mesh.num_processes > 0 else None,
+                   mesh.process_id if mesh.process_id >= 0 else None, mesh.heartbeat_timeout_s)
 
 
 def initialize_distributed(launch: Launch | bool) -> None:
@@ -316,9 +308,9 @@ def initialize_distributed(launch: Launch | bool) -> None:
                          "--config.mesh.distributed=False on one host.") from err
 
 
-def refuse_distributed(mesh: Any, command: str) -> None:
+def refuse_distributed(mesh: MeshSection, command: str) -> None:
     """A ValueError for a command that runs in one process only when the config asks for several."""
-    if bool(mesh.get("distributed", False)):
+    if mesh.distributed:
         raise ValueError(f"beear {command} runs in one process (only `beear run` and `beear eval` span several): launch it once, "
                          "with --config.mesh.distributed=False.")
 
