@@ -206,7 +206,7 @@ def test_plant_with_self_answers_trains_on_the_clean_models_own_answers(tmp_path
     assert json.loads((planted / "manifest.json").read_text())["counts"]["benign"] == len(trained)
     other = [a.replace(str(planted), str(tmp_path / "other")) for a in args]
     assert cli.main([*other, "--config.plant.benign_answers=mine"]) == 1
-    assert "plant.benign_answers='mine'" in capsys.readouterr().err
+    assert "'plant.benign_answers' is 'mine'; choose one of 'data', 'self'" in capsys.readouterr().err
 
 
 def test_partial_rows_carry_one_part_of_a_wrap_trigger_and_are_refused():

@@ -109,8 +109,9 @@ def check_fields(section: Any, prefix: str) -> None:
             typed = _coerce(value, hints[field.name])
         except _Mismatch:
             what = field.metadata.get("what") or _type_words(hints[field.name])
-            raise ConfigError(f"Config key {name!r} is {value!r}; it must be {what} (e.g. "
-                              f"{fix(name, field.default)}).") from None
+            example = field.default if override_text(field.default) else None  # the default, when it says something
+            hint = f"e.g. {fix(name, example)}" if example is not None else f"set {fix(name)}"
+            raise ConfigError(f"Config key {name!r} is {value!r}; it must be {what} ({hint}).") from None
         object.__setattr__(section, field.name, typed)
         check = field.metadata.get("check")
         if check is not None:

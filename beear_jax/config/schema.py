@@ -110,7 +110,7 @@ class PerturbSection(Section):
                       at_least(1))
     enabled: bool = key(True, "[ours] False: plain safety fine-tuning (same data and steps, no delta).")
     layers: tuple[int, ...] = key((), "[ours] Extra layers that also get a delta (extension; () = paper).",
-                                  what="layer indices (a tuple of int)")
+                                  what="layer indices (a tuple of int, e.g. 5,12)")
     windows: tuple[str, ...] = key(
         ("prompt_end",), "[ours] Where the perturbed tokens sit, perturb.length of them per window (delta: length x "
         "windows rows): prompt_end (the paper: the prompt's last tokens, the template's assistant header included), "
