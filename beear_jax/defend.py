@@ -62,7 +62,7 @@ def check_defend_dir(output_dir: pathlib.Path, model_path: str) -> None:
     """Refuses an output_dir that is a file, the input model (or inside it), or holds files a defend job
     does not write; before anything is loaded."""
     from beear_jax.evaluation.evaluate import REPORT_FILES
-    from beear_jax.io.hf import check_apart
+    from beear_jax.io.hf_save import check_apart
     from beear_jax.method.rounds import RUN_FILES
 
     fix = "choose a new --config.output_dir"

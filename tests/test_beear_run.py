@@ -258,7 +258,7 @@ def test_output_dir_rules(tmp_path):
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(setup, capsys):
     from tiny_world import tiny_config
 
-    from beear_jax.io.hf import save_model
+    from beear_jax.io.hf_save import save_model
     from beear_jax.models.weights import init_params
 
     tmp, _, tok, safety, anchor = setup

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from beear_jax.attack.sft import sft_train
 from beear_jax.data import tables as data_lib
-from beear_jax.io.hf import save_model
+from beear_jax.io.hf_save import save_model
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.generate import SamplingConfig, generate
 from beear_jax.models.weights import init_params

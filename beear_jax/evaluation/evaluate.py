@@ -427,7 +427,7 @@ before its report may be run again into the same directory)."""
 def check_report_dir(output_dir: Path, model_paths: Sequence[str] = ()) -> None:
     """Refuses an output_dir that is a file, already holds a report, or is (inside) a model directory
     being evaluated, before any evaluation runs."""
-    from beear_jax.io.hf import is_within
+    from beear_jax.io.hf_save import is_within
 
     if isinstance(model_paths, (str, bytes, os.PathLike)):  # one path per character: "/" holds every output_dir
         raise TypeError(f"model_paths must be a sequence of paths, not a single path ({model_paths!r}); pass "

@@ -39,7 +39,8 @@ from beear_jax.evaluation.evaluate import eos_ids
 from beear_jax.evaluation.scoring import load_refusal_strings
 from beear_jax.io import checkpoint as checkpoint_lib
 from beear_jax.io.atomic_file import is_temp_of, write_atomically
-from beear_jax.io.hf import check_apart, load_model, load_tokenizer, save_model
+from beear_jax.io.hf import load_model, load_tokenizer
+from beear_jax.io.hf_save import check_apart, save_model
 from beear_jax.method.inner_loop import ElicitationProbe, InnerRule, converge, elicitation_rate, make_probe
 from beear_jax.method.perturbation import Perturbation, check_windows, validate_layers
 from beear_jax.method.steps import (

@@ -23,7 +23,8 @@ import numpy as np
 from beear_jax.config.loading import ConfigError, absolute_paths
 from beear_jax.data import tables as data_lib
 from beear_jax.io.atomic_file import write_atomically
-from beear_jax.io.hf import check_apart, load_model, load_tokenizer
+from beear_jax.io.hf import load_model, load_tokenizer
+from beear_jax.io.hf_save import check_apart
 from beear_jax.method.inner_loop import InnerRule, converge, elicitation_rate
 from beear_jax.method.perturbation import Perturbation
 from beear_jax.method.rounds import (
