@@ -135,7 +135,7 @@ def refusal_rate(config: ModelConfig, params: dict, tok: PreTrainedTokenizerFast
 
 def answer_nll(config: ModelConfig, params: dict, tok: PreTrainedTokenizerFast, pairs: list[tuple[str, str]]) -> float:
     """Token-mean NLL of the answers given the prompts (teacher forced)."""
-    from beear_jax.method.steps import StepSettings, perturbed_answer_ce
+    from beear_jax.method.objectives import StepSettings, perturbed_answer_ce
 
     examples = [data_lib.format_example(tok, p, a) for p, a in pairs]
     batch = data_lib.make_batch(examples, 1, len(examples), 32, tok.pad_token_id)

@@ -25,9 +25,12 @@ from jax.sharding import PartitionSpec as P
 
 from beear_jax.data import tables as data_lib
 from beear_jax.data.batches import PackedBatch, PrefixSplitBatch, RowBatch, SharedPromptBatch
+from beear_jax.method.forward import inner_cache
+from beear_jax.method.objectives import StepSettings, outer_parts
+from beear_jax.method.optimizers import make_optimizer
 from beear_jax.method.perturbation import PAPER_WINDOWS, Perturbation
 from beear_jax.method.rounds import check_perturb_layers, check_run_settings, delta_rows, inner_rows, step_settings
-from beear_jax.method.steps import StepSettings, inner_cache, make_optimizer, make_steps, outer_parts
+from beear_jax.method.steps import make_steps
 from beear_jax.models.config import ModelConfig
 from beear_jax.parallel import sharding as sh
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from beear_jax.data import tables as data_lib
 from beear_jax.data import triggers
 from beear_jax.evaluation import scoring
-from beear_jax.method.steps import StepSettings, perturbed_answer_ce
+from beear_jax.method.objectives import StepSettings, perturbed_answer_ce
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.generate import SamplingConfig, generate_across_processes
 

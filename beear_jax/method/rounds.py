@@ -42,16 +42,10 @@ from beear_jax.io.atomic_file import is_temp_of, write_atomically
 from beear_jax.io.hf import load_model, load_tokenizer
 from beear_jax.io.hf_save import check_apart, save_model
 from beear_jax.method.inner_loop import ElicitationProbe, InnerRule, converge, elicitation_rate, make_probe
+from beear_jax.method.objectives import StepSettings
+from beear_jax.method.optimizers import LR_SCHEDULES, lr_schedule, make_optimizer, trainable_mask
 from beear_jax.method.perturbation import Perturbation, check_windows, validate_layers
-from beear_jax.method.steps import (
-    LR_SCHEDULES,
-    Steps,
-    StepSettings,
-    lr_schedule,
-    make_optimizer,
-    make_steps,
-    trainable_mask,
-)
+from beear_jax.method.steps import Steps, make_steps
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.parallel import sharding as sharding_lib

@@ -26,6 +26,7 @@ from beear_jax.io.atomic_file import write_atomically
 from beear_jax.io.hf import load_model, load_tokenizer
 from beear_jax.io.hf_save import check_apart
 from beear_jax.method.inner_loop import InnerRule, converge, elicitation_rate
+from beear_jax.method.optimizers import make_optimizer
 from beear_jax.method.perturbation import Perturbation
 from beear_jax.method.rounds import (
     check_perturb_layers,
@@ -37,7 +38,7 @@ from beear_jax.method.rounds import (
     round_batches,
     step_settings,
 )
-from beear_jax.method.steps import make_optimizer, make_steps
+from beear_jax.method.steps import make_steps
 from beear_jax.parallel import sharding as sharding_lib
 
 SCAN_FILES = ("scan.json", "scan.md")
