@@ -106,7 +106,8 @@ def run_defend(cfg: Any, progress: bool = True) -> DefendResult:
     `beear run`, `beear eval --config.eval.compare_to=...` as three launches)."""
     from beear_jax.config.loading import absolute_paths, config_from_json, config_to_dict, config_to_json
     from beear_jax.evaluation.evaluate import EvalSettings, load_history, write_answers
-    from beear_jax.evaluation.report import format_table, write_report
+    from beear_jax.evaluation.report import write_report
+    from beear_jax.evaluation.results import format_table
     from beear_jax.method.rounds import run_beear
     from beear_jax.parallel.sharding import refuse_distributed
 

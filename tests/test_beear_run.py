@@ -11,7 +11,7 @@ from tiny_world import defender_files, random_tiny_model, split_pairs, write_jso
 
 from beear_jax.cli import main as cli
 from beear_jax.config.loading import load_config
-from beear_jax.evaluation.report import losses_figure
+from beear_jax.evaluation.plots import losses_figure
 from beear_jax.method.rounds import NonFiniteLossError, check_output_dir, run_beear
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"

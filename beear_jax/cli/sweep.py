@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from beear_jax.config.loading import ConfigError, apply_overrides, load_config, split_spec
-from beear_jax.evaluation.report import png_bytes
+from beear_jax.evaluation.plots import png_bytes
 from beear_jax.io.atomic_file import write_atomically
 
 MARKER = "sweep_done"

@@ -384,7 +384,7 @@ def load_history(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     is not a metrics.jsonl at all (not text, a bad line before the last, records without 'phase') is
     refused before any model work.
     """
-    from beear_jax.evaluation.report import parse_metrics
+    from beear_jax.evaluation.results import parse_metrics
 
     file = Path(os.path.expanduser(path))
     if not file.is_file():
@@ -487,7 +487,8 @@ def run_eval(cfg: Any) -> dict[str, Any]:
     writes the report.
     """
     from beear_jax.config.loading import config_to_dict
-    from beear_jax.evaluation.report import format_table, write_report
+    from beear_jax.evaluation.report import write_report
+    from beear_jax.evaluation.results import format_table
     from beear_jax.parallel.sharding import Launch, initialize_distributed, is_primary
 
     initialize_distributed(Launch.from_config(cfg.mesh))

@@ -307,7 +307,7 @@ def _scalars(metrics: dict[str, Any], index: int | None = None) -> dict[str, flo
 def kept_metrics(text: str, keep: int) -> tuple[list[dict], list[str]]:
     """The first `keep` records of a metrics.jsonl's text (what a checkpoint logged), and notes on lines
     that were missing or damaged there (left out: the history before the checkpoint is then incomplete)."""
-    from beear_jax.evaluation.report import parse_metrics
+    from beear_jax.evaluation.results import parse_metrics
 
     lines = text.splitlines()[:keep] if keep > 0 else []
     records, notes = parse_metrics("\n".join(lines))
