@@ -162,8 +162,6 @@ def _write_configs(out: pathlib.Path, config: ModelConfig, dtype: str, generatio
 # What an export writes (besides its tokenizer files): an old directory's files of these kinds belong to
 # the model being replaced; anything else there (README.md, LICENSE, notes) is carried over.
 _MODEL_FILE_NAMES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
-
-
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
 
 
