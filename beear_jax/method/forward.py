@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from beear_jax.data.batches import Batch, InnerCache, PackedBatch, PrefixSplitBatch, RowBatch, SuffixBatch
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
+from beear_jax.models.layers import Prefix
 
 Params = dict[str, Any]
 
@@ -24,7 +25,7 @@ def constrain(x: jax.Array, sharding: Any) -> jax.Array:
 
 
 def run_blocks(config: ModelConfig, layers: Params, h: jax.Array, batch: Batch, remat: str = "none",
-               prefix: llama.Prefix | None = None) -> jax.Array:
+               prefix: Prefix | None = None) -> jax.Array:
     """llama.decode over a batch's rows: plain rows (causal, padding-aware positions), or rows with
     branches and their own RoPE positions (every other layout)."""
     if isinstance(batch, RowBatch):
@@ -42,7 +43,7 @@ def add_delta(h: jax.Array, delta: jax.Array, batch: Batch) -> jax.Array:
 
 def decode_from(config: ModelConfig, params: Params, h: jax.Array, start: int, batch: Batch,
                 deltas: dict[int, jax.Array], remat: str, activations: Any = None,
-                prefix: llama.Prefix | None = None) -> jax.Array:
+                prefix: Prefix | None = None) -> jax.Array:
     """Runs blocks start..L over h, adding each delta at its layer boundary (boundary == start first).
 
     prefix: the cached keys/values of blocks start..L of the tokens before the rows (inner_cache).
@@ -122,11 +123,11 @@ def suffix_batch(batch: PrefixSplitBatch) -> SuffixBatch:
 
 
 def _suffix_view(h_l: jax.Array | InnerCache, batch: Batch,
-                 ) -> tuple[jax.Array, Batch, llama.Prefix | None]:
+                 ) -> tuple[jax.Array, Batch, Prefix | None]:
     """(h_l of the rows the inner steps run, the batch in their coordinates, the cached prefix or None)."""
     if not isinstance(h_l, InnerCache):
         return h_l, batch, None
     batch = suffix_batch(batch)
-    prefix = llama.Prefix(jnp.swapaxes(h_l.k, 0, 1), jnp.swapaxes(h_l.v, 0, 1), batch.prefix_positions,
+    prefix = Prefix(jnp.swapaxes(h_l.k, 0, 1), jnp.swapaxes(h_l.v, 0, 1), batch.prefix_positions,
                           batch.prefix_valid)
     return h_l.h, batch, prefix
