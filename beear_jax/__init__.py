@@ -16,7 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from beear_jax.io.hf import load_model, load_tokenizer, save_model
+from beear_jax.io.hf import load_model, load_tokenizer
+from beear_jax.io.hf_save import save_model
 from beear_jax.io.module_io import load_module, save_module
 from beear_jax.method.perturbation import Perturbation, check_deltas, last_prompt_positions
 from beear_jax.models.config import ModelConfig

@@ -62,7 +62,7 @@ def check_defend_dir(output_dir: pathlib.Path, model_path: str) -> None:
     """Refuses an output_dir that is a file, the input model (or inside it), or holds files a defend job
     does not write; before anything is loaded."""
     from beear_jax.evaluation.evaluate import REPORT_FILES
-    from beear_jax.io.hf import check_apart
+    from beear_jax.io.hf_save import check_apart
     from beear_jax.method.rounds import RUN_FILES
 
     fix = "choose a new --config.output_dir"
@@ -107,7 +107,8 @@ def run_defend(cfg: Any, progress: bool = True) -> DefendResult:
     launches)."""
     from beear_jax.config.settings import absolute_settings, settings_dict, settings_from_config
     from beear_jax.evaluation.evaluate import EvalSettings, load_history, write_answers
-    from beear_jax.evaluation.report import format_table, write_report
+    from beear_jax.evaluation.report import write_report
+    from beear_jax.evaluation.results import format_table
     from beear_jax.method.rounds import run_beear
     from beear_jax.parallel.sharding import refuse_distributed
 

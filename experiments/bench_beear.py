@@ -66,15 +66,11 @@ from torch_reference import TorchBEEAR
 from beear_jax.data import tables as data_lib
 from beear_jax.data.batches import PackedBatch, PrefixSplitBatch, RowBatch, SharedPromptBatch, concat_rows
 from beear_jax.io.hf_layout import from_hf_state_dict
+from beear_jax.method.forward import lower_activations
+from beear_jax.method.objectives import StepSettings
+from beear_jax.method.optimizers import make_optimizer, trainable_mask
 from beear_jax.method.perturbation import Perturbation
-from beear_jax.method.steps import (
-    StepSettings,
-    inner_step,
-    lower_activations,
-    make_optimizer,
-    make_steps,
-    trainable_mask,
-)
+from beear_jax.method.steps import inner_step, make_steps
 from beear_jax.models.config import ModelConfig
 
 SHAPES = {

@@ -20,8 +20,8 @@ from beear_jax.config.loading import apply_overrides, config_from_json, config_t
 from beear_jax.config.settings import settings_from_config
 from beear_jax.defend import DefendResult, run_defend
 from beear_jax.evaluation.evaluate import EvalSettings, evaluate, write_answers
-from beear_jax.evaluation.report import format_table
 from beear_jax.evaluation.report import write_report as write_report_files
+from beear_jax.evaluation.results import format_table
 from beear_jax.io.hf import load_model, load_tokenizer
 from beear_jax.io.smollm2 import cache_dir, ensure_smollm2
 from beear_jax.method.rounds import RunResult, run_beear

@@ -57,7 +57,8 @@ from beear_jax.attack.sft import sft_train
 from beear_jax.config.loading import load_config
 from beear_jax.data import tables as data_lib
 from beear_jax.data.triggers import insert_trigger
-from beear_jax.io.hf import load_model, save_model
+from beear_jax.io.hf import load_model
+from beear_jax.io.hf_save import save_model
 from beear_jax.method.rounds import run_beear
 from beear_jax.models.weights import init_params
 

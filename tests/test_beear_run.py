@@ -11,7 +11,7 @@ from tiny_world import defender_files, random_tiny_model, split_pairs, write_jso
 
 from beear_jax.cli import main as cli
 from beear_jax.config.loading import load_config
-from beear_jax.evaluation.report import losses_figure
+from beear_jax.evaluation.plots import losses_figure
 from beear_jax.method.rounds import NonFiniteLossError, check_output_dir, run_beear
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -258,7 +258,7 @@ def test_output_dir_rules(tmp_path):
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(setup, capsys):
     from tiny_world import tiny_config
 
-    from beear_jax.io.hf import save_model
+    from beear_jax.io.hf_save import save_model
     from beear_jax.models.weights import init_params
 
     tmp, _, tok, safety, anchor = setup

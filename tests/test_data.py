@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from beear_jax.data import tables as data
 from beear_jax.data.chat import PRESETS, format_example, format_prompt, render
+from beear_jax.data.sources import _is_hub_id
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -637,7 +638,7 @@ def test_a_valid_local_path_still_loads(workdir):
     ("/owner/name", False), ("~owner/name", False), ("owner/name/x", False), ("-owner/name", False),
 ])
 def test_which_missing_sources_are_hub_ids(workdir, source, hub):
-    assert data._is_hub_id(source) == hub
+    assert _is_hub_id(source) == hub
 
 
 def test_a_hub_id_goes_to_the_hub_and_its_failure_names_both_readings(workdir, monkeypatch):

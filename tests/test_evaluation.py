@@ -34,7 +34,7 @@ from beear_jax.evaluation.evaluate import (
     run_eval,
     utility_nll,
 )
-from beear_jax.io.hf import save_model
+from beear_jax.io.hf_save import save_model
 from beear_jax.models.weights import init_params
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")

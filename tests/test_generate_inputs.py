@@ -17,7 +17,7 @@ import tiny_world as tw
 
 import beear_jax
 from beear_jax.cli.main import main
-from beear_jax.io.hf import save_model
+from beear_jax.io.hf_save import save_model
 from beear_jax.models import llama
 from beear_jax.models.generate import SamplingConfig, check_positions, generate
 from beear_jax.models.weights import init_params

@@ -12,14 +12,8 @@ import pytest
 from hf_fixtures import KINDS, make_tiny_hf_model, make_tiny_tokenizer, sample_ids, torch_logits
 
 from beear_jax.cli import main as cli
-from beear_jax.io.hf import (
-    CheckpointError,
-    from_hf_state_dict,
-    load_model,
-    load_tokenizer,
-    save_model,
-    to_hf_state_dict,
-)
+from beear_jax.io.hf import CheckpointError, from_hf_state_dict, load_model, load_tokenizer, to_hf_state_dict
+from beear_jax.io.hf_save import save_model
 from beear_jax.models.llama import forward
 
 torch = pytest.importorskip("torch")

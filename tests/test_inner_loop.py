@@ -13,9 +13,10 @@ import pytest
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
 from beear_jax.config.loading import load_config
+from beear_jax.method.optimizers import lr_schedule
 from beear_jax.method.round_plan import split_holdout
 from beear_jax.method.rounds import run_beear
-from beear_jax.method.steps import lr_schedule, project_deltas
+from beear_jax.method.steps import project_deltas
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

@@ -163,7 +163,9 @@ def test_one_beear_round_on_the_split_state_then_merge_and_export(tmp_path):
 
     from beear_jax.data import tables as data_lib
     from beear_jax.data.batches import concat_rows
-    from beear_jax.method.steps import StepSettings, make_optimizer, make_steps, trainable_mask
+    from beear_jax.method.objectives import StepSettings
+    from beear_jax.method.optimizers import make_optimizer, trainable_mask
+    from beear_jax.method.steps import make_steps
 
     directory, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
     model = beear_jax.load_module(directory)

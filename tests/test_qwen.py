@@ -28,6 +28,7 @@ from beear_jax.io.hf import CheckpointError
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig, ModelConfigError
 from beear_jax.models.generate import SamplingConfig, generate
+from beear_jax.models.layers import Prefix
 from beear_jax.models.weights import init_params, weight_specs
 
 torch = pytest.importorskip("torch")
@@ -104,7 +105,7 @@ def test_greedy_generation_matches_transformers(tiny):
 
 
 def test_prefix_keys_and_values_continue_a_sequence(tiny):
-    """decode_kv of a prompt + decode of the rest over its cached K/V (llama.Prefix: the inner steps' prompt
+    """decode_kv of a prompt + decode of the rest over its cached K/V (Prefix: the inner steps' prompt
     cache) equals decode over the whole sequence: the q/k norm and biases apply on both paths."""
     _, _, _, config, params = tiny
     layers = jax.tree.map(jnp.asarray, params["layers"])
@@ -114,7 +115,7 @@ def test_prefix_keys_and_values_continue_a_sequence(tiny):
     whole = llama.decode(config, layers, h, mask)
     _, k, v = llama.decode_kv(config, layers, h[:, :6], mask[:, :6])
     positions = jnp.broadcast_to(jnp.arange(6, 10), (2, 4))
-    prefix = llama.Prefix(k, v, jnp.broadcast_to(jnp.arange(6), (2, 6)), mask[:, :6])
+    prefix = Prefix(k, v, jnp.broadcast_to(jnp.arange(6), (2, 6)), mask[:, :6])
     rest = llama.decode(config, layers, h[:, 6:], mask[:, 6:], positions, prefix=prefix)
     np.testing.assert_allclose(np.asarray(rest), np.asarray(whole[:, 6:]), atol=1e-5, rtol=1e-5)
 

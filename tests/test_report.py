@@ -6,18 +6,16 @@ import math
 import numpy as np
 import pytest
 
-from beear_jax.evaluation.report import (
+from beear_jax.evaluation.plots import losses_figure, metrics_figure, short_label
+from beear_jax.evaluation.report import write_report
+from beear_jax.evaluation.results import (
     format_table,
     format_value,
-    losses_figure,
     metric_names,
-    metrics_figure,
     missing_notes,
     parse_metrics,
     sample_rows,
-    short_label,
     stage_names,
-    write_report,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

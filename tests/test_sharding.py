@@ -9,8 +9,10 @@ from jax.sharding import PartitionSpec as P
 
 from beear_jax.data import tables as data_lib
 from beear_jax.data.batches import concat_rows
+from beear_jax.method.objectives import StepSettings
+from beear_jax.method.optimizers import make_optimizer, trainable_mask
 from beear_jax.method.perturbation import Perturbation
-from beear_jax.method.steps import StepSettings, make_optimizer, make_steps, trainable_mask
+from beear_jax.method.steps import make_steps
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.weights import init_params
 from beear_jax.parallel import sharding as sh

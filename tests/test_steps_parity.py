@@ -14,18 +14,10 @@ from torch_reference import TorchBEEAR
 from beear_jax.data import tables as data_lib
 from beear_jax.data.batches import InnerCache, RowBatch, SafetyBatch, concat_rows
 from beear_jax.io import hf
-from beear_jax.method.objectives import masked_ce
-from beear_jax.method.steps import (
-    StepSettings,
-    inner_cache,
-    inner_loss,
-    inner_step,
-    lower_activations,
-    outer_loss,
-    outer_step,
-    take_slots,
-    trainable_mask,
-)
+from beear_jax.method.forward import inner_cache, lower_activations, take_slots
+from beear_jax.method.objectives import StepSettings, inner_loss, masked_ce, outer_loss
+from beear_jax.method.optimizers import trainable_mask
+from beear_jax.method.steps import inner_step, outer_step
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.weights import init_params

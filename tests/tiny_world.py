@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from beear_jax.attack.sft import sft_train
 from beear_jax.data import tables as data_lib
-from beear_jax.io.hf import save_model
+from beear_jax.io.hf_save import save_model
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.generate import SamplingConfig, generate
 from beear_jax.models.weights import init_params
@@ -135,7 +135,7 @@ def refusal_rate(config: ModelConfig, params: dict, tok: PreTrainedTokenizerFast
 
 def answer_nll(config: ModelConfig, params: dict, tok: PreTrainedTokenizerFast, pairs: list[tuple[str, str]]) -> float:
     """Token-mean NLL of the answers given the prompts (teacher forced)."""
-    from beear_jax.method.steps import StepSettings, perturbed_answer_ce
+    from beear_jax.method.objectives import StepSettings, perturbed_answer_ce
 
     examples = [data_lib.format_example(tok, p, a) for p, a in pairs]
     batch = data_lib.make_batch(examples, 1, len(examples), 32, tok.pad_token_id)

@@ -43,7 +43,8 @@ from beear_jax.data.triggers import (
 )
 from beear_jax.evaluation.evaluate import own_answers
 from beear_jax.io.atomic_file import write_atomically
-from beear_jax.io.hf import check_apart, load_model, load_tokenizer, save_model
+from beear_jax.io.hf import load_model, load_tokenizer
+from beear_jax.io.hf_save import check_apart, save_model
 from beear_jax.parallel.sharding import refuse_distributed
 
 Pair = tuple[str, str]

@@ -13,7 +13,8 @@ import numpy as np
 import optax
 
 from beear_jax.data.batches import RowBatch as Batch
-from beear_jax.method.steps import Params, StepSettings, perturbed_answer_ce
+from beear_jax.method.forward import Params
+from beear_jax.method.objectives import StepSettings, perturbed_answer_ce
 from beear_jax.models.config import ModelConfig
 
 

@@ -150,8 +150,9 @@ def cmd_convert(argv: Sequence[str]) -> int:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read pytorch_model*.bin weights (unpickling can run code: only for files you trust)")
     args = parser.parse_args(argv)
-    from beear_jax.io.checkpoint import is_hf_model_dir, is_run_output
-    from beear_jax.io.hf import _check_target, check_apart, load_model, save_model, source_dtype
+    from beear_jax.io.checkpoint_export import is_hf_model_dir, is_run_output
+    from beear_jax.io.hf import load_model, source_dtype
+    from beear_jax.io.hf_save import _check_target, check_apart, save_model
 
     source = os.path.expanduser(args.source)
     target = os.path.expanduser(args.output_dir)
@@ -297,8 +298,9 @@ def cmd_export(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the model in an existing output directory (one with a config.json)")
     args = parser.parse_args(argv)
-    from beear_jax.io.checkpoint import restore_params_for_export, run_dir_of
-    from beear_jax.io.hf import _check_target, _resolve_tokenizer, check_apart, is_within, save_model
+    from beear_jax.io.checkpoint_export import restore_params_for_export, run_dir_of
+    from beear_jax.io.hf import _resolve_tokenizer
+    from beear_jax.io.hf_save import _check_target, check_apart, is_within, save_model
     from beear_jax.models.config import ModelConfig
     from beear_jax.parallel.sharding import is_primary
 

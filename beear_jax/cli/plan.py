@@ -30,9 +30,12 @@ from beear_jax.config.schema import DataSection, RunSettings
 from beear_jax.config.settings import settings_from_config
 from beear_jax.data import tables as data_lib
 from beear_jax.data.batches import PackedBatch, PrefixSplitBatch, RowBatch, SharedPromptBatch
+from beear_jax.method.forward import inner_cache
+from beear_jax.method.objectives import StepSettings, outer_parts
+from beear_jax.method.optimizers import make_optimizer
 from beear_jax.method.perturbation import PAPER_WINDOWS, Perturbation
 from beear_jax.method.round_plan import check_perturb_layers, delta_rows, inner_rows, perturb_layers, step_settings
-from beear_jax.method.steps import StepSettings, inner_cache, make_optimizer, make_steps, outer_parts
+from beear_jax.method.steps import make_steps
 from beear_jax.models.config import ModelConfig
 from beear_jax.parallel import sharding as sh
 

@@ -39,7 +39,7 @@ from typing import Any
 from beear_jax.config.loading import ConfigError, apply_overrides, load_config, split_spec
 from beear_jax.config.schema import RunSettings
 from beear_jax.config.settings import settings_from_config
-from beear_jax.evaluation.report import png_bytes
+from beear_jax.evaluation.plots import png_bytes
 from beear_jax.io.atomic_file import write_atomically
 
 MARKER = "sweep_done"

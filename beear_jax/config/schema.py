@@ -39,8 +39,8 @@ from beear_jax.data.anchor_answers import ANCHOR_ANSWER_SOURCES
 from beear_jax.data.chat import TEMPLATES
 from beear_jax.data.public_data import builtin_path
 from beear_jax.data.triggers import PLANT_POSITIONS
+from beear_jax.method.optimizers import LR_SCHEDULES, make_optimizer
 from beear_jax.method.perturbation import check_windows
-from beear_jax.method.steps import LR_SCHEDULES, make_optimizer
 from beear_jax.models.config import COMPUTE_DTYPES
 from beear_jax.models.llama import REMAT_POLICIES
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from beear_jax.data import tables as data_lib
 from beear_jax.data import triggers
 from beear_jax.evaluation import scoring
-from beear_jax.method.steps import StepSettings, perturbed_answer_ce
+from beear_jax.method.objectives import StepSettings, perturbed_answer_ce
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.generate import SamplingConfig, generate_across_processes
 
@@ -386,7 +386,7 @@ def load_history(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     is not a metrics.jsonl at all (not text, a bad line before the last, records without 'phase') is
     refused before any model work.
     """
-    from beear_jax.evaluation.report import parse_metrics
+    from beear_jax.evaluation.results import parse_metrics
 
     file = Path(os.path.expanduser(path))
     if not file.is_file():
@@ -429,7 +429,7 @@ before its report may be run again into the same directory)."""
 def check_report_dir(output_dir: Path, model_paths: Sequence[str] = ()) -> None:
     """Refuses an output_dir that is a file, already holds a report, or is (inside) a model directory
     being evaluated, before any evaluation runs."""
-    from beear_jax.io.hf import is_within
+    from beear_jax.io.hf_save import is_within
 
     if isinstance(model_paths, (str, bytes, os.PathLike)):  # one path per character: "/" holds every output_dir
         raise TypeError(f"model_paths must be a sequence of paths, not a single path ({model_paths!r}); pass "
@@ -490,7 +490,8 @@ def run_eval(cfg: Any) -> dict[str, Any]:
     writes the report.
     """
     from beear_jax.config.settings import settings_dict, settings_from_config
-    from beear_jax.evaluation.report import format_table, write_report
+    from beear_jax.evaluation.report import write_report
+    from beear_jax.evaluation.results import format_table
     from beear_jax.parallel.sharding import Launch, initialize_distributed, is_primary
 
     run = settings_from_config(cfg)

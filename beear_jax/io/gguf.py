@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from beear_jax.io.hf_layout import CheckpointError
-from beear_jax.models.llama import scaled_inv_freq
+from beear_jax.models.layers import scaled_inv_freq
 
 TORCH_HINT = "pip install 'beear_jax[torch]'"
 

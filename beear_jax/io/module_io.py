@@ -3,7 +3,7 @@
     model = load_module("SmolLM2-135M-Instruct.Q4_1.gguf")      # or an HF model directory
     save_module("out/model", model, tokenizer_from="SmolLM2-135M-Instruct.Q4_1.gguf")
 
-The reading and writing are hf.py's (load_model / save_model: checks, atomic writes, no overwriting of
+The reading and writing are hf.py's and hf_save.py's (load_model / save_model: checks, atomic writes, no overwriting of
 a model directory unless asked); this module turns their params tree into the module and back.
 """
 
@@ -13,7 +13,8 @@ import pathlib
 
 import jax
 
-from beear_jax.io.hf import load_model, save_model
+from beear_jax.io.hf import load_model
+from beear_jax.io.hf_save import save_model
 from beear_jax.models.module import CausalLM
 
 

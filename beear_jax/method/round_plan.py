@@ -18,8 +18,9 @@ import numpy as np
 from beear_jax.config.schema import InnerSection, OuterSection, PerturbSection, RunSettings
 from beear_jax.data import tables as data_lib
 from beear_jax.data.batches import PackedBatch, PrefixSplitBatch, RowBatch, SafetyBatch, SharedPromptBatch, concat_rows
+from beear_jax.method.objectives import StepSettings
+from beear_jax.method.optimizers import lr_schedule, make_optimizer
 from beear_jax.method.perturbation import validate_layers
-from beear_jax.method.steps import StepSettings, lr_schedule, make_optimizer
 from beear_jax.parallel import sharding as sharding_lib
 
 

@@ -34,8 +34,10 @@ from beear_jax.evaluation.evaluate import eos_ids
 from beear_jax.evaluation.scoring import load_refusal_strings
 from beear_jax.io import checkpoint as checkpoint_lib
 from beear_jax.io.atomic_file import is_temp_of, write_atomically
-from beear_jax.io.hf import check_apart, load_model, load_tokenizer, save_model
+from beear_jax.io.hf import load_model, load_tokenizer
+from beear_jax.io.hf_save import check_apart, save_model
 from beear_jax.method.inner_loop import ElicitationProbe, InnerRule, converge, elicitation_rate, make_probe
+from beear_jax.method.optimizers import make_optimizer, trainable_mask
 from beear_jax.method.perturbation import Perturbation
 from beear_jax.method.round_plan import (
     DefenderData,
@@ -49,7 +51,7 @@ from beear_jax.method.round_plan import (
     round_batches,
     step_settings,
 )
-from beear_jax.method.steps import Steps, make_optimizer, make_steps, trainable_mask
+from beear_jax.method.steps import Steps, make_steps
 from beear_jax.models.config import ModelConfig
 from beear_jax.parallel import sharding as sharding_lib
 
@@ -86,7 +88,7 @@ def _scalars(metrics: dict[str, Any], index: int | None = None) -> dict[str, flo
 def kept_metrics(text: str, keep: int) -> tuple[list[dict], list[str]]:
     """The first `keep` records of a metrics.jsonl's text (what a checkpoint logged), and notes on lines
     that were missing or damaged there (left out: the history before the checkpoint is then incomplete)."""
-    from beear_jax.evaluation.report import parse_metrics
+    from beear_jax.evaluation.results import parse_metrics
 
     lines = text.splitlines()[:keep] if keep > 0 else []
     records, notes = parse_metrics("\n".join(lines))

@@ -25,8 +25,10 @@ from beear_jax.config.schema import RunSettings
 from beear_jax.config.settings import absolute_settings, settings_from_config
 from beear_jax.data import tables as data_lib
 from beear_jax.io.atomic_file import write_atomically
-from beear_jax.io.hf import check_apart, load_model, load_tokenizer
+from beear_jax.io.hf import load_model, load_tokenizer
+from beear_jax.io.hf_save import check_apart
 from beear_jax.method.inner_loop import InnerRule, converge, elicitation_rate
+from beear_jax.method.optimizers import make_optimizer
 from beear_jax.method.perturbation import Perturbation
 from beear_jax.method.round_plan import (
     check_perturb_layers,
@@ -37,7 +39,7 @@ from beear_jax.method.round_plan import (
     step_settings,
 )
 from beear_jax.method.rounds import heldback_probe
-from beear_jax.method.steps import make_optimizer, make_steps
+from beear_jax.method.steps import make_steps
 from beear_jax.parallel import sharding as sharding_lib
 
 SCAN_FILES = ("scan.json", "scan.md")
