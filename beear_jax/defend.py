@@ -106,7 +106,8 @@ def run_defend(cfg: Any, progress: bool = True) -> DefendResult:
     multi-process job runs `beear eval`, `beear run`, `beear eval --config.eval.compare_to=...` as three
     launches)."""
     from beear_jax.config.settings import absolute_settings, settings_dict, settings_from_config
-    from beear_jax.evaluation.evaluate import EvalSettings, load_history, write_answers
+    from beear_jax.evaluation.eval_sets import EvalSettings
+    from beear_jax.evaluation.evaluate import load_history, write_answers
     from beear_jax.evaluation.report import write_report
     from beear_jax.evaluation.results import format_table
     from beear_jax.method.rounds import run_beear

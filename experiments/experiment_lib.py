@@ -19,7 +19,8 @@ from beear_jax.attack.plant import run_plant
 from beear_jax.config.loading import apply_overrides, config_from_json, config_to_dict, config_to_json
 from beear_jax.config.settings import settings_from_config
 from beear_jax.defend import DefendResult, run_defend
-from beear_jax.evaluation.evaluate import EvalSettings, evaluate, write_answers
+from beear_jax.evaluation.eval_sets import EvalSettings
+from beear_jax.evaluation.evaluate import evaluate, write_answers
 from beear_jax.evaluation.report import write_report as write_report_files
 from beear_jax.evaluation.results import format_table
 from beear_jax.io.hf import load_model, load_tokenizer

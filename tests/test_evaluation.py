@@ -22,14 +22,11 @@ from beear_jax.config.settings import settings_from_config
 from beear_jax.data import public_data
 from beear_jax.data.chat import format_example
 from beear_jax.data.triggers import TRIGGER_POSITIONS, insert_trigger
+from beear_jax.evaluation.eval_sets import EvalSettings, load_prompts, load_utility_pairs, parse_row_filter
 from beear_jax.evaluation.evaluate import (
     SINGLE_STAGE,
-    EvalSettings,
     check_report_dir,
     generate_answers,
-    load_prompts,
-    load_utility_pairs,
-    parse_row_filter,
     planted_trigger_warning,
     run_eval,
     utility_nll,

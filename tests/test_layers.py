@@ -63,31 +63,17 @@ def test_rooms_import_only_what_the_map_allows():
 
 
 MAX_LINES = 400
-# Modules over MAX_LINES that are being split now and so have no "Over 400 lines:" sentence (issue 21 item 4).
-# The settings conversion rewrites the first five; data/tables.py's batch builders move to data/builders.py
-# once that lands (five of those files reach the builders and load_table as data_lib.*). Empty it then.
-PENDING_SPLIT = {
-    "method/rounds.py",
-    "config/loading.py",
-    "evaluation/evaluate.py",
-    "cli/main.py",
-    "cli/plan.py",
-    "data/tables.py",
-}
 
 
 def test_long_modules_say_why():
     """No module over ~400 lines without a reason: its docstring has a sentence starting "Over 400 lines:"."""
-    unexplained, pending_done = [], []
+    unexplained = []
     for path in sorted(PACKAGE.rglob("*.py")):
         name = path.relative_to(PACKAGE).as_posix()
         text = path.read_text()
         if len(text.splitlines()) <= MAX_LINES:
-            if name in PENDING_SPLIT:
-                pending_done.append(name)
             continue
         docstring = ast.get_docstring(ast.parse(text)) or ""
-        if "Over 400 lines:" not in " ".join(docstring.split()) and name not in PENDING_SPLIT:
+        if "Over 400 lines:" not in " ".join(docstring.split()):
             unexplained.append(f"{name} ({len(text.splitlines())} lines)")
     assert not unexplained, f"split these modules, or say why in their docstring ('Over 400 lines: ...'): {unexplained}"
-    assert not pending_done, f"no longer over {MAX_LINES} lines: take them out of PENDING_SPLIT: {pending_done}"

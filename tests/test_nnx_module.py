@@ -161,7 +161,8 @@ def test_one_beear_round_on_the_split_state_then_merge_and_export(tmp_path):
     jitted steps on its state on a 2 x 2 mesh -> merged back into a module -> exported -> transformers."""
     import transformers
 
-    from beear_jax.data import tables as data_lib
+    from beear_jax.data import batches as batch_types
+    from beear_jax.data import builders
     from beear_jax.data.batches import concat_rows
     from beear_jax.method.objectives import StepSettings
     from beear_jax.method.optimizers import make_optimizer, trainable_mask
@@ -177,10 +178,10 @@ def test_one_beear_round_on_the_split_state_then_merge_and_export(tmp_path):
 
     rng = np.random.default_rng(0)
     rows = [(rng.integers(3, 120, int(p)).tolist(), rng.integers(3, 120, 5).tolist()) for p in (6, 9, 4, 7)]
-    unwanted = data_lib.make_batch(rows, n, 4, seq, 0)
-    safe = data_lib.make_batch([(p, [7, 8, 9]) for p, _ in rows], n, 4, seq, 0)
-    inner = data_lib.stack_batches([concat_rows(unwanted, safe)])
-    anchor = data_lib.make_batch([(p, a[::-1]) for p, a in rows], n, 4, seq, 0)
+    unwanted = builders.make_batch(rows, n, 4, seq, 0)
+    safe = builders.make_batch([(p, [7, 8, 9]) for p, _ in rows], n, 4, seq, 0)
+    inner = batch_types.stack_batches([concat_rows(unwanted, safe)])
+    anchor = builders.make_batch([(p, a[::-1]) for p, a in rows], n, 4, seq, 0)
     inner_opt, outer_opt = make_optimizer("adam", 0.1), make_optimizer("adamw", 1e-3, 0.01)
     layout = sharding.step_shardings(config, mesh, outer_opt)
     steps = make_steps(config, StepSettings(alpha=0.05, answer_len=5), layer, inner_opt, outer_opt, layout)

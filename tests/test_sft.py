@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from beear_jax.attack.sft import sft_train
-from beear_jax.data import tables as data_lib
+from beear_jax.data import builders
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.weights import init_params
 
@@ -20,7 +20,7 @@ def _batches(seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     examples = [(rng.integers(3, 64, int(rng.integers(3, 12))).tolist(), rng.integers(3, 64, 6).tolist())
                 for _ in range(8)]
-    return [data_lib.make_batch(examples[i:i + 4], 1, 4, 24, 0) for i in (0, 4)]
+    return [builders.make_batch(examples[i:i + 4], 1, 4, 24, 0) for i in (0, 4)]
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

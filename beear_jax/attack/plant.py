@@ -30,8 +30,8 @@ import optax
 from beear_jax.attack.sft import sft_train
 from beear_jax.config.schema import PlantSection, RunSettings
 from beear_jax.config.settings import absolute_settings, settings_dict, settings_from_config
-from beear_jax.data import public_data
-from beear_jax.data import tables as data_lib
+from beear_jax.data import builders, public_data, tables
+from beear_jax.data import chat as chat_lib
 from beear_jax.data.batches import RowBatch
 from beear_jax.data.triggers import (
     GIVEN,
@@ -133,10 +133,10 @@ def mixture_batches(tokenizer: Any, pairs: Sequence[Pair], batch_size: int, max_
                     buckets: Sequence[int], template: str = "auto", system_prompt: str | None = None,
                     ) -> tuple[list[RowBatch], int]:
     """Fixed-shape SFT batches of the pairs and the longest answer (for answer-only logits)."""
-    examples = [data_lib.format_example(tokenizer, p, a, template, system_prompt, max_answer_tokens) for p, a in pairs]
-    seq_len = data_lib.bucket_length(max(len(p) + len(a) for p, a in examples), buckets)
-    pad = data_lib.pad_id_of(tokenizer)
-    batches = [data_lib.make_batch(examples[i:i + batch_size], 1, batch_size, seq_len, pad)
+    examples = [chat_lib.format_example(tokenizer, p, a, template, system_prompt, max_answer_tokens) for p, a in pairs]
+    seq_len = builders.bucket_length(max(len(p) + len(a) for p, a in examples), buckets)
+    pad = builders.pad_id_of(tokenizer)
+    batches = [builders.make_batch(examples[i:i + batch_size], 1, batch_size, seq_len, pad)
                for i in range(0, len(examples), batch_size)]
     return batches, max(len(a) for _, a in examples)
 
@@ -146,7 +146,7 @@ def _pairs(source: str, columns: dict[str, str], n: int, offset: int = 0, key: s
     "answer" column in `columns` the answers are "" (to be generated)."""
     if n == 0:
         return []
-    rows = data_lib.load_table(source, columns, key=key)[offset:]
+    rows = tables.load_table(source, columns, key=key)[offset:]
     if n > 0:
         if len(rows) < n:
             raise ValueError(f"{source} has {len(rows)} rows after offset {offset}; {n} were asked for.")

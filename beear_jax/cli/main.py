@@ -4,7 +4,7 @@ Config-driven subcommands take `--config FILE[:arg]` plus dotted overrides `--co
 unknown keys and wrongly typed values are errors that name the key. Each reads its config once into typed
 settings (config/settings.settings_from_config) and hands those on.
 
-Past 400 lines: one small handler per subcommand (twelve), each its argument parsing and messages; they read
+Over 400 lines: one small handler per subcommand (twelve), each its argument parsing and messages; they read
 best side by side.
 """
 

@@ -8,7 +8,7 @@ devices (simulate more CPU devices with XLA_FLAGS=--xla_force_host_platform_devi
 from an analytical estimate otherwise. XLA:CPU's buffer assignment differs from GPU/TPU (no fused
 attention, bfloat16 often widened to float32), so compiled CPU temporaries are an upper estimate.
 
-Past 400 lines: the shapes, byte counts, compiled temporaries and the printed plan of one run share RunShapes
+Over 400 lines: the shapes, byte counts, compiled temporaries and the printed plan of one run share RunShapes
 and read as one computation.
 """
 
@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from beear_jax.config.schema import DataSection, RunSettings
 from beear_jax.config.settings import settings_from_config
-from beear_jax.data import tables as data_lib
+from beear_jax.data import builders, tables
 from beear_jax.data.batches import PackedBatch, PrefixSplitBatch, RowBatch, SharedPromptBatch
 from beear_jax.method.forward import inner_cache
 from beear_jax.method.objectives import StepSettings, outer_parts
@@ -153,7 +153,7 @@ def safety_rows(data: DataSection) -> int:
     if not data.safety:
         raise ValueError("inner.samples=0 uses all rows of data.safety, which is not set: set "
                          "--config.data.safety=FILE to count them, or --config.inner.samples=N.")
-    return len(data_lib.load_table(data.safety, data.safety_columns.as_dict(), key="data.safety"))
+    return len(tables.load_table(data.safety, data.safety_columns.as_dict(), key="data.safety"))
 
 
 def run_shapes(settings: RunSettings, seq_len: int | None = None, answer_len: int | None = None,
@@ -173,13 +173,13 @@ def run_shapes(settings: RunSettings, seq_len: int | None = None, answer_len: in
     if not shared:
         inner_seq_len = seq
     elif not inner_seq_len:
-        inner_seq_len = data_lib.shared_prompt_length(seq + answer, data.buckets)
+        inner_seq_len = builders.shared_prompt_length(seq + answer, data.buckets)
     n = delta_rows(perturb)
     if shared and inner.cache_prefix:
         # Config alone: a prompt of up to seq - 1 tokens, two answers of up to `answer` tokens; a window in the
         # user's text may start right after the template's first tokens, so then nothing is counted as prefix.
         before = perturb.length if perturb.windows == PAPER_WINDOWS else seq - 1
-        fallback = data_lib.prefix_split_lengths([seq - 1], [seq - 1 + 2 * answer], before, int(inner_seq_len))
+        fallback = builders.prefix_split_lengths([seq - 1], [seq - 1 + 2 * answer], before, int(inner_seq_len))
         prefix_len, suffix_len = prefix_len or fallback[0], suffix_len or fallback[1]
     else:
         prefix_len = suffix_len = 0

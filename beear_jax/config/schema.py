@@ -13,7 +13,7 @@ Relative paths are relative to the directory commands run in. Data sources (beea
 public sets by Hugging Face Hub id (read from the local mirror $BEEAR_DATA_DIR when it holds them, else fetched
 at the revision public_data names), and sets the project wrote itself, shipped in the package (`builtin_path`).
 
-Past 400 lines: it is the list of every key with its meaning, which reads best whole.
+Over 400 lines: it is the list of every key with its meaning, which reads best whole.
 """
 
 from __future__ import annotations

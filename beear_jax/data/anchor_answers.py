@@ -15,7 +15,7 @@ import json
 import pathlib
 from typing import Any
 
-from beear_jax.data import tables as data_lib
+from beear_jax.data import tables
 from beear_jax.evaluation.evaluate import own_answers
 from beear_jax.io.atomic_file import write_atomically
 from beear_jax.models.config import ModelConfig
@@ -47,7 +47,7 @@ def self_answered_anchors(table: str, prompt_column: str, config: ModelConfig, p
     written there when `write` (process 0 only)."""
     if cache is not None and cache.is_file():
         return read_cached(cache)
-    rows = data_lib.load_table(table, {"prompt": prompt_column}, key="data.anchor")
+    rows = tables.load_table(table, {"prompt": prompt_column}, key="data.anchor")
     pairs = own_answers(config, params, tokenizer, [r["prompt"] for r in rows], max_answer_tokens, template,
                         system_prompt, temperature=temperature, seed=seed)
     answered = [{"prompt": p, "answer": a} for p, a in pairs]

@@ -1,74 +1,25 @@
-"""Defender data sets -> fixed-shape token batches (answer masks, perturbation positions).
+"""Data tables: where one comes from and how its file is read, and its rows with canonical columns.
 
-The batch layouts are typed pytrees described in beear_jax/data/batches.py (RowBatch, SafetyBatch,
-SharedPromptBatch, PrefixSplitBatch, PackedBatch); the builders here fill them with numpy arrays. Where a
-table's file comes from and how it is read is in sources.py; load_table keeps the canonical columns.
+A source is a local .json/.jsonl/.csv/.parquet file, a file in the public-data mirror, a known public Hub set
+at its registry revision, or a Hub data set named owner/name; csv cells are kept as written text, and errors
+name the file, the config key and the likely fix. `load_table` returns the rows with the canonical column
+names; the batch builders (builders.py) turn tokenized rows into the layouts of batches.py.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from beear_jax.data.batches import (
-    Batch,
-    PackedBatch,
-    PrefixSplitBatch,
-    RowBatch,
-    SafetyBatch,
-    SharedPromptBatch,
-    stack_batches,
-)
-from beear_jax.data.chat import PRESETS, TEMPLATES, format_example, format_prompt, render, user_span
-from beear_jax.data.sources import _cell_text, _load_dataset, _not_utf8
-from beear_jax.method.perturbation import PAPER_WINDOWS, window_positions
-
-__all__ = [
-    "ANCHOR_COLUMNS",
-    "DEFAULT_BUCKETS",
-    "PRESETS",
-    "SAFETY_COLUMNS",
-    "TEMPLATES",
-    "Batch",
-    "Example",
-    "SafetyBatch",
-    "bucket_length",
-    "build_anchor_batches",
-    "build_safety_batches",
-    "chunks",
-    "encode_rows",
-    "format_example",
-    "format_prompt",
-    "load_table",
-    "make_batch",
-    "make_packed_batch",
-    "make_shared_prompt_batch",
-    "pack_rows",
-    "packing_shape",
-    "pad_id_of",
-    "perturbed_positions",
-    "prefix_split_lengths",
-    "prefix_starts",
-    "render",
-    "sample_rows",
-    "shared_prompt_length",
-    "stack_batches",
-    "with_prompt_prefix",
-]
-
-Example = tuple[list[int], list[int]]  # (prompt_ids, answer_ids)
-Positions = Sequence[int]  # one prompt's perturbed positions (-1: none), perturbation.window_positions
+from beear_jax.data import public_data
 
 SAFETY_COLUMNS = ("prompt", "safe", "unwanted")
 ANCHOR_COLUMNS = ("prompt", "answer")
-DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
-
-# ---------------------------------------------------------------------------------------------------
-# Tables
-
 
 def load_table(source: str, columns: Mapping[str, str], split: str = "train", key: str = "") -> list[dict[str, str]]:
     """Rows of a data set with the columns renamed to canonical names.
@@ -111,388 +62,164 @@ def sample_rows(rows: Sequence[dict], k: int | None, rng: np.random.Generator) -
     return [rows[i] for i in rng.permutation(len(rows))[:k]]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Batches
+# File extension -> `datasets` builder name.
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def pad_id_of(tokenizer: Any) -> int:
-    """The id used for right padding: the pad token, else EOS, else 0 (padding is masked anyway)."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    return 0
+# A hub data set id: owner/name, one slash, each part starting with a letter or digit (as the hub requires).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# A file extension as people write them ("txt", "jsonl"); hub names may end in ".5" ("OpenHermes-2.5").
+_FILE_EXTENSION = re.compile(r"\.[A-Za-z]+")
+_FORMATS = ", ".join(list(_BUILDERS)[:-1]) + " or " + list(_BUILDERS)[-1]  # ".json, ... or .parquet"
 
 
-def bucket_length(max_length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds max_length tokens."""
-    fitting = [b for b in sorted(buckets) if b >= max_length]
-    if not fitting:
+def _is_hub_id(source: str) -> bool:
+    """Whether `source`, which is no local file or directory, names a hub data set rather than a mistyped
+    path: owner/name with no file extension, not ./ ../ / ~ rooted, and no local directory called owner."""
+    if not _HUB_ID.fullmatch(source) or _FILE_EXTENSION.fullmatch(os.path.splitext(source)[1]):
+        return False
+    return not os.path.isdir(os.path.dirname(source))
+
+
+def _key_note(key: str) -> str:
+    return f" (set by config key {key})" if key else ""
+
+
+def _where(source: str) -> str:
+    """Where a relative path was looked up, for messages (the current directory is often not the expected one)."""
+    return "" if os.path.isabs(source) else f" (relative to the current directory {os.getcwd()})"
+
+
+def _similar_files(source: str) -> list[str]:
+    """Data files beside a missing `source` whose names are close to its name: the likely intended file."""
+    folder = os.path.dirname(source)
+    try:
+        names = [n for n in os.listdir(folder or ".") if os.path.splitext(n)[1].lower() in _BUILDERS]
+    except OSError:
+        return []
+    return [os.path.join(folder, n) for n in difflib.get_close_matches(os.path.basename(source), sorted(names), n=3)]
+
+
+def _missing_file_message(source: str, key: str) -> str:
+    """'data file not found' naming the path, where it was looked up, and the likely fix."""
+    message = f"data file not found: {source}{_where(source)}{_key_note(key)}"
+    similar = _similar_files(source)
+    if similar:
+        return f"{message}; did you mean {' or '.join(similar)}?"
+    if os.path.splitext(source)[1].lower() in _BUILDERS:
+        return message
+    message += f"; data files are {_FORMATS} files, and a Hugging Face hub data set is named owner/name"
+    folder = os.path.dirname(source)
+    if _HUB_ID.fullmatch(source) and os.path.isdir(folder):
+        message += f" (not tried on the hub: {folder} is a local directory)"
+    return message
+
+
+def _load_public(public: public_data.PublicSet, key: str) -> Any:
+    """A known public Hub set at its registry revision, shape-checked; HubUnavailable when it cannot be fetched."""
+    import datasets
+
+    try:
+        table = datasets.load_dataset(public.hub_id, revision=public.revision, split=public.split)
+    except Exception as err:
+        raise public_data.HubUnavailable(public_data.unavailable_message(public, key, err)) from err
+    public_data.check_shape(public, table.column_names, len(table))
+    return table
+
+
+def _load_hub(source: str, split: str, key: str) -> Any:
+    """A hub data set; a failure names both readings of `source` (only the user knows which was meant)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as err:
         raise ValueError(
-            f"the longest example has {max_length} tokens but the largest bucket is {max(buckets)}; "
-            "lower data.max_answer_tokens, shorten the prompts, or add a larger bucket to data.buckets"
-        )
-    return fitting[0]
+            f"could not load {source!r}{_key_note(key)}: there is no local file of that name{_where(source)}, "
+            f"and as a Hugging Face hub data set (split {split!r}) it could not be fetched ({err}). For a local "
+            f"file give its path with the extension ({_FORMATS}); for a hub data set check the name and the "
+            "network (offline, only data sets already in the Hugging Face cache load)."
+        ) from err
 
 
-def _check_columns(rows: Sequence[Mapping[str, str]], needed: Sequence[str]) -> None:
-    """Raise if the set is empty or a row lacks a canonical column."""
-    if not rows:
-        raise ValueError("the data set is empty")
-    for i, row in enumerate(rows):
-        lacking = [c for c in needed if c not in row]
-        if lacking:
-            raise ValueError(f"row {i} lacks {lacking} (has {sorted(row)}); map them in the config's columns")
+def _csv_as_text(source: str) -> dict[str, Any]:
+    """load_dataset options that read every csv column as text, as written: pandas would otherwise turn
+    "0.30" into 0.3 and "007" into 7, and cells such as "NA" or "None" into missing values."""
+    import csv
+
+    import datasets
+
+    with open(source, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        if len(set(header)) != len(header):
+            raise ValueError(f"{source}: the csv header names a column twice ({header}); give each column its own "
+                             "name")
+        # pandas reads rows that all have one field more than the header as an index column plus the
+        # rest, so every value lands one column to the left of its name: refuse such rows instead.
+        for row in reader:
+            if len(row) > len(header):
+                raise ValueError(f"{source}: line {reader.line_num} has {len(row)} fields but the header names "
+                                 f"{len(header)} columns (a trailing comma, or an unquoted comma in a cell?); quote "
+                                 "cells that contain commas and give every column a header name")
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "keep_default_na": False, "na_values": [""]}
 
 
-def _check_prompt_lengths(prompt_lengths: Sequence[int], n: int) -> None:
-    """Raise if a prompt has fewer than n tokens: there would be nothing to perturb at its start."""
-    if n < 0:
-        raise ValueError(f"perturbation length must be >= 0, got {n}")
-    shortest = min(prompt_lengths)
-    if shortest < n:
-        raise ValueError(
-            f"the shortest prompt has {shortest} tokens, fewer than the perturbation length {n}; "
-            f"use a smaller perturb.length (at most {shortest})"
-        )
+def _not_utf8(source: str, err: UnicodeDecodeError) -> ValueError:
+    """The error for a data file whose text is not UTF-8 (the decoder's own message names no file)."""
+    return ValueError(f"data file {source} is not UTF-8 text ({err}); save it as UTF-8 and try again")
 
 
-def make_batch(examples: Sequence[Example], n: int, batch_size: int, seq_len: int, pad_id: int,
-               perturbed_at: Sequence[Positions] | None = None) -> RowBatch:
-    """One RowBatch from at most batch_size (prompt_ids, answer_ids) pairs; missing rows are padding.
-
-    perturbed_at: each example's n perturbed positions (None: its prompt's last n tokens)."""
-    if len(examples) > batch_size:
-        raise ValueError(f"{len(examples)} examples do not fit a batch of {batch_size}")
-    input_ids = np.full((batch_size, seq_len), pad_id, np.int32)
-    attention_mask = np.zeros((batch_size, seq_len), np.int32)
-    target_mask = np.zeros((batch_size, seq_len), np.float32)
-    perturb_positions = np.full((batch_size, n), -1, np.int32)
-    prompt_lengths = np.zeros((batch_size,), np.int32)
-    for i, (prompt_ids, answer_ids) in enumerate(examples):
-        p, length = len(prompt_ids), len(prompt_ids) + len(answer_ids)
-        if length > seq_len:
-            raise ValueError(f"an example of {length} tokens does not fit the sequence length {seq_len}")
-        input_ids[i, :length] = [*prompt_ids, *answer_ids]
-        attention_mask[i, :length] = 1
-        # Logits at position t predict token t + 1: the answer tokens at p..length-1 are predicted at p-1..length-2.
-        target_mask[i, p - 1 : length - 1] = 1.0
-        perturb_positions[i] = _positions(perturbed_at, i, p, n)
-        prompt_lengths[i] = p
-    targets = np.zeros_like(input_ids)
-    targets[:, :-1] = input_ids[:, 1:]
-    return RowBatch(input_ids=input_ids, attention_mask=attention_mask, targets=targets, target_mask=target_mask,
-                    perturb_positions=perturb_positions, prompt_lengths=prompt_lengths)
+def _cell_text(value: Any, source: str, row: int, column: str) -> str:
+    """A table cell as text: strings as they are, numbers and booleans written out; a list, a mapping or
+    anything else is refused (str() would silently turn a json array into the prompt "['...']")."""
+    if value is None:
+        raise ValueError(f"{source}: row {row} has no value in column {column!r}")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return str(value)
+    raise ValueError(f"{source}: row {row} holds a {type(value).__name__} in column {column!r} ({value!r:.60}), "
+                     "not text; write each cell as a string (or map another column in the config)")
 
 
-def _positions(perturbed_at: Sequence[Positions] | None, i: int, prompt_length: int, n: int) -> np.ndarray:
-    """Example i's n perturbed positions: perturbed_at[i] (checked inside its prompt), else the prompt's last n."""
-    if perturbed_at is None:
-        return np.arange(prompt_length - n, prompt_length)
-    chosen = np.asarray(perturbed_at[i], np.int32).reshape(-1)
-    if chosen.shape != (n,) or chosen.max(initial=-1) >= prompt_length or chosen.min(initial=0) < -1:
-        raise ValueError(f"example {i}'s perturbed positions {chosen.tolist()} are not {n} positions inside its prompt "
-                         f"of {prompt_length} tokens (-1: none)")
-    return chosen
+def _load_dataset(source: str, split: str, key: str = "") -> Any:
+    """The `datasets.Dataset` behind `source`, with clear errors for missing, empty or unknown files.
 
-
-def perturbed_positions(tokenizer: Any, prompts: Sequence[str], prompt_ids: Sequence[list[int]],
-                        windows: Sequence[str], n: int, template: str = "auto",
-                        system_prompt: str | None = None) -> list[tuple[int, ...]]:
-    """Each prompt's perturbed positions: n per window (perturbation.window_positions) in its chat-formatted
-    ids. The user's text is located (chat.user_span) only for windows that need it."""
-    if len(prompts) != len(prompt_ids):
-        raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} token sequences")
-    need_user = not set(windows) <= set(PAPER_WINDOWS)
-    return [window_positions(len(ids), user_span(tokenizer, text, template, system_prompt) if need_user else (0, 0),
-                             windows, n)
-            for text, ids in zip(prompts, prompt_ids, strict=True)]
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
-def make_shared_prompt_batch(prompts: Sequence[list[int]], unwanted: Sequence[list[int]], safe: Sequence[list[int]],
-                             n: int, batch_size: int, seq_len: int, answer_len: int, pad_id: int,
-                             perturbed_at: Sequence[Positions] | None = None) -> SharedPromptBatch:
-    """One SharedPromptBatch (batches.py): row i = prompts[i] + unwanted[i] + safe[i];
-    perturbed_at: each prompt's n perturbed positions (None: its last n).
-
-    The blocks then run each prompt once for both answers; per token, the result equals two make_batch
-    rows (same RoPE positions, each answer sees only the prompt and itself).
+    Only a source that is no local file or directory and is shaped like a hub id (_is_hub_id) goes to the
+    hub; anything else is a local path, so a mistyped one fails at once instead of after the hub's retries.
     """
-    rows = len(prompts)
-    if not rows == len(unwanted) == len(safe):
-        raise ValueError(f"{rows} prompts, {len(unwanted)} unwanted and {len(safe)} safe answers: one of each per row")
-    if rows > batch_size:
-        raise ValueError(f"{rows} examples do not fit a batch of {batch_size}")
-    input_ids = np.full((batch_size, seq_len), pad_id, np.int32)
-    attention_mask = np.zeros((batch_size, seq_len), np.int32)
-    positions = np.zeros((batch_size, seq_len), np.int32)
-    branches = np.zeros((batch_size, seq_len), np.int32)
-    perturb_positions = np.full((batch_size, n), -1, np.int32)
-    prompt_lengths = np.zeros((batch_size,), np.int32)
-    answer_index = np.zeros((batch_size, 2, answer_len), np.int32)
-    answer_targets = np.zeros((batch_size, 2, answer_len), np.int32)
-    answer_mask = np.zeros((batch_size, 2, answer_len), np.float32)
-    for i, (prompt_ids, first, second) in enumerate(zip(prompts, unwanted, safe, strict=True)):
-        p, length = len(prompt_ids), len(prompt_ids) + len(first) + len(second)
-        if length > seq_len:
-            raise ValueError(f"a prompt with both answers has {length} tokens, more than the sequence length {seq_len}")
-        if max(len(first), len(second)) > answer_len:
-            raise ValueError(f"an answer has {max(len(first), len(second))} tokens, more than answer_len={answer_len}")
-        input_ids[i, :length] = [*prompt_ids, *first, *second]
-        attention_mask[i, :length] = 1
-        positions[i, :length] = [*range(p), *range(p, p + len(first)), *range(p, p + len(second))]
-        branches[i, p:length] = [1] * len(first) + [2] * len(second)
-        perturb_positions[i] = _positions(perturbed_at, i, p, n)
-        prompt_lengths[i] = p
-        for branch, (start, answer) in enumerate(((p, first), (p + len(first), second))):
-            # Answer token j is predicted by the token before it: the prompt's last token for j = 0.
-            before = [p - 1, *range(start, start + len(answer) - 1)]
-            answer_index[i, branch, :len(answer)] = before
-            answer_targets[i, branch, :len(answer)] = answer
-            answer_mask[i, branch, :len(answer)] = 1.0
-    return SharedPromptBatch(input_ids=input_ids, attention_mask=attention_mask, positions=positions,
-                             branches=branches, perturb_positions=perturb_positions, prompt_lengths=prompt_lengths,
-                             answer_index=answer_index, answer_targets=answer_targets, answer_mask=answer_mask)
+    resolved = public_data.resolve(source, key)
+    if resolved.hub is not None:
+        return _load_public(resolved.hub, key)
+    if resolved.renames:
+        table = _load_dataset(resolved.path, split, key)
+        return table.rename_columns({k: v for k, v in resolved.renames.items() if k in table.column_names})
+    source = resolved.path
+    if os.path.isdir(source):
+        raise ValueError(f"{source} is a directory, not a data file{_key_note(key)}; name a {_FORMATS} file")
+    if not os.path.isfile(source):
+        if _is_hub_id(source):
+            return _load_hub(source, split, key)
+        raise FileNotFoundError(_missing_file_message(source, key))
+    ext = os.path.splitext(source)[1].lower()
+    if ext not in _BUILDERS:
+        kind = f"unsupported data file type {ext!r}" if ext else "a data file needs an extension"
+        raise ValueError(f"{kind} ({source}){_key_note(key)}; use a {_FORMATS} file")
+    if os.path.getsize(source) == 0:
+        raise ValueError(f"data file is empty: {source}")
+    import datasets  # deferred (~1 s), and after the checks above: a mistyped path fails at once
 
-
-def shared_prompt_length(longest: int, buckets: Sequence[int], multiple: int = 16) -> int:
-    """Padded length of shared-prompt rows: the fitting bucket, or `longest` rounded up to a multiple of
-    `multiple` when that is shorter (a prompt with two answers often just passes a bucket)."""
-    rounded = _round_up(longest, multiple)
-    return min([rounded, *(b for b in buckets if b >= longest)])
-
-
-def prefix_starts(prompt_lengths: np.ndarray, n: int, perturbed_at: np.ndarray | None = None) -> np.ndarray:
-    """Where each row's perturbed part starts: its first perturbed position (perturbed_at [B, m], -1: none;
-    None: the last n, prompt length - n), at most the prompt's last token, whose logits predict the first
-    answer token; 0 on padding rows (prompt length 0)."""
-    prompt_lengths = np.asarray(prompt_lengths)
-    last = prompt_lengths - 1
-    if perturbed_at is None:
-        first = prompt_lengths - max(n, 1)
-    else:
-        at = np.asarray(perturbed_at).reshape(len(prompt_lengths), -1)
-        first = np.where(at >= 0, at, np.iinfo(np.int32).max).min(axis=1, initial=np.iinfo(np.int32).max)
-    return np.where(prompt_lengths > 0, np.maximum(np.minimum(first, last), 0), 0).astype(np.int32)
-
-
-def prefix_split_lengths(prompt_lengths: Sequence[int], row_lengths: Sequence[int], n: int, seq_len: int,
-                         multiple: int = 16, perturbed_at: Sequence[Positions] | None = None) -> tuple[int, int]:
-    """(P, T) for with_prompt_prefix over all rows a run will see (padded to seq_len): the longest
-    prefix and the longest rest, each rounded up to a multiple of `multiple` (P at most seq_len);
-    fixed for the run: one compiled shape. perturbed_at: each row's perturbed positions (None: the last n)."""
-    if not len(prompt_lengths) or len(prompt_lengths) != len(row_lengths):
-        raise ValueError("prefix_split_lengths needs one prompt length and one row length per row")
-    starts = prefix_starts(np.asarray(prompt_lengths), n, None if perturbed_at is None else np.asarray(perturbed_at))
-    rest = np.asarray(row_lengths) - starts
-    prefix = min(max(_round_up(int(starts.max()), multiple), multiple), seq_len)
-    return prefix, _round_up(int(rest.max()), multiple)
-
-
-def with_prompt_prefix(batch: SharedPromptBatch, n: int, prefix_len: int, suffix_len: int) -> PrefixSplitBatch:
-    """A SharedPromptBatch plus prefix_valid [B, P] and suffix_slots [B, T] (batches.PrefixSplitBatch).
-
-    The prefix (each row's tokens before its first perturbed position) never depends on the perturbation
-    (causal attention), so its keys and values can be computed once and the inner steps run only the
-    suffix. Raises if a row's prefix or suffix is longer than P or T, or the batch perturbs other than n
-    positions per row.
-    """
-    if not isinstance(batch, SharedPromptBatch):
-        raise TypeError(f"with_prompt_prefix splits a SharedPromptBatch, not a {type(batch).__name__}")
-    if np.shape(batch.perturb_positions)[1] != n:
-        raise ValueError(f"the batch perturbs {np.shape(batch.perturb_positions)[1]} positions per row, not n={n}")
-    starts = prefix_starts(batch.prompt_lengths, n, batch.perturb_positions)
-    lengths = np.asarray(batch.attention_mask).sum(axis=1)
-    if prefix_len > np.shape(batch.attention_mask)[1]:
-        raise ValueError(f"prefix_len={prefix_len} is longer than the rows ({np.shape(batch.attention_mask)[1]} slots)")
-    if starts.max() > prefix_len:
-        raise ValueError(f"a prompt prefix of {starts.max()} tokens does not fit prefix_len={prefix_len}")
-    if (lengths - starts).max() > suffix_len:
-        raise ValueError(f"a row's last {int((lengths - starts).max())} tokens do not fit suffix_len={suffix_len}")
-    slots = np.arange(prefix_len)[None, :]
-    return PrefixSplitBatch(*batch, prefix_valid=(slots < starts[:, None]).astype(np.int32),
-                            suffix_slots=(starts[:, None] + np.arange(suffix_len)[None, :]).astype(np.int32))
-
-
-def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
-    """First-fit decreasing: the indices of the examples in each row of row_len tokens."""
-    if max(lengths, default=0) > row_len:
-        raise ValueError(f"an example of {max(lengths)} tokens does not fit a packed row of {row_len}")
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, room in enumerate(free):
-            if lengths[i] <= room:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            free.append(row_len - lengths[i])
-    return rows
-
-
-def packing_shape(steps: Sequence[Sequence[int]], seq_len: int, row_multiple: int = 1,
-                  multiple: int = 16) -> tuple[int, int]:
-    """(rows, row_len) that packs the examples of every step (each a list of token counts): the row
-    length from seq_len to 2 x seq_len (multiples of `multiple`; longer rows pay more attention) that
-    needs the fewest row x length tokens when each step gets as many rows as the fullest step needs,
-    rounded up to a multiple of row_multiple (the mesh's batch split). Never more tokens than one
-    seq_len row per example."""
-    if not steps or not all(steps):
-        raise ValueError("packing_shape needs at least one step with examples")
-    candidates = sorted({seq_len, *range(_round_up(seq_len, multiple), 2 * seq_len + 1, multiple)})
-    best = None
-    for row_len in candidates:
-        rows = max(len(pack_rows(lengths, row_len)) for lengths in steps)
-        rows = _round_up(rows, row_multiple)
-        if best is None or rows * row_len < best[0] * best[1]:
-            best = (rows, row_len)
-    return best
-
-
-def make_packed_batch(parts: Sequence[Sequence[Example]], perturbed: Sequence[bool], part_size: int, n: int,
-                      rows: int, row_len: int, answer_len: int, pad_id: int,
-                      perturbed_at: Sequence[Sequence[Positions]] | None = None) -> PackedBatch:
-    """One PackedBatch (batches.py) of parts[i] (at most part_size examples each; part i
-    holds examples i * part_size ..): rows filled first-fit decreasing, perturbed[i] marks the parts that get
-    delta, at perturbed_at[i][j] of example j (None: the last n prompt tokens). The same per-token results as
-    make_batch rows of each example."""
-    if len(parts) != len(perturbed):
-        raise ValueError(f"{len(parts)} parts but {len(perturbed)} perturbed flags")
-    examples = []  # (example index, prompt, answer, perturbed)
-    for i, (part, flag) in enumerate(zip(parts, perturbed, strict=True)):
-        if len(part) > part_size:
-            raise ValueError(f"{len(part)} examples do not fit a part of {part_size}")
-        examples += [(i * part_size + j, prompt, answer, flag) for j, (prompt, answer) in enumerate(part)]
-    if perturbed_at is not None and [len(p) for p in perturbed_at] != [len(p) for p in parts]:
-        raise ValueError("make_packed_batch needs one perturbed_at list per part, one entry per example")
-    for _, prompt, answer, flag in examples:
-        if len(answer) > answer_len:
-            raise ValueError(f"an answer has {len(answer)} tokens, more than answer_len={answer_len}")
-        if flag and len(prompt) < n:
-            raise ValueError(f"a prompt of {len(prompt)} tokens is shorter than the perturbation length {n}")
-    assignment = pack_rows([len(p) + len(a) for _, p, a, _ in examples], row_len)
-    if len(assignment) > rows:
-        raise ValueError(f"the examples need {len(assignment)} packed rows of {row_len} tokens, more than {rows}")
-    shape, count = (rows, row_len), len(parts) * part_size
-    batch = PackedBatch(input_ids=np.full(shape, pad_id, np.int32), attention_mask=np.zeros(shape, np.int32),
-                        positions=np.zeros(shape, np.int32), branches=np.zeros(shape, np.int32),
-                        perturb_index=np.full(shape, -1, np.int32),
-                        answer_index=np.zeros((count, answer_len), np.int32),
-                        answer_targets=np.zeros((count, answer_len), np.int32),
-                        answer_mask=np.zeros((count, answer_len), np.float32))
-    for r, members in enumerate(assignment):
-        start = 0
-        for segment, k in enumerate(members, start=1):
-            index, prompt, answer, flag = examples[k]
-            p, length = len(prompt), len(prompt) + len(answer)
-            span = slice(start, start + length)
-            batch.input_ids[r, span] = [*prompt, *answer]
-            batch.attention_mask[r, span] = 1
-            batch.positions[r, span] = np.arange(length)
-            batch.branches[r, span] = segment
-            if flag:
-                part, j = divmod(index, part_size)
-                chosen = _positions(None if perturbed_at is None else perturbed_at[part], j, p, n)
-                valid = chosen >= 0
-                batch.perturb_index[r, start + chosen[valid]] = np.arange(n)[valid]
-            # Answer token j is predicted at the token before it (the prompt's last token for j = 0).
-            batch.answer_index[index, :len(answer)] = r * row_len + start + np.arange(p - 1, length - 1)
-            batch.answer_targets[index, :len(answer)] = answer
-            batch.answer_mask[index, :len(answer)] = 1.0
-            start += length
-    return batch
-
-
-def encode_rows(
-    tokenizer: Any,
-    rows: Sequence[Mapping[str, str]],
-    answer_key: str,
-    max_answer_tokens: int | None = None,
-    template: str = "auto",
-    system_prompt: str | None = None,
-) -> list[Example]:
-    """(prompt_ids, answer_ids) of every row, with row[answer_key] as the answer."""
-    examples = []
-    for i, row in enumerate(rows):
-        prompt_ids, answer_ids = format_example(
-            tokenizer, row["prompt"], row[answer_key], template, system_prompt, max_answer_tokens
-        )
-        if not answer_ids:
-            raise ValueError(f"row {i} has no {answer_key} tokens (max_answer_tokens={max_answer_tokens})")
-        examples.append((prompt_ids, answer_ids))
-    return examples
-
-
-def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    """Consecutive slices of at most `size` items."""
-    if size < 1:
-        raise ValueError(f"batch size must be >= 1, got {size}")
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _sequence_length(examples: Sequence[Example], buckets: Sequence[int], seq_len: int | None) -> int:
-    """The padded length S: seq_len when given (it must fit every example), else the fitting bucket."""
-    longest = max(len(p) + len(a) for p, a in examples)
-    if seq_len is None:
-        return bucket_length(longest, buckets)
-    if longest > seq_len:
-        raise ValueError(f"the longest example has {longest} tokens, more than seq_len={seq_len}")
-    return seq_len
-
-
-def build_safety_batches(
-    tokenizer: Any,
-    rows: Sequence[Mapping[str, str]],
-    n: int,
-    batch_size: int,
-    buckets: Sequence[int] = DEFAULT_BUCKETS,
-    max_answer_tokens: int | None = None,
-    template: str = "auto",
-    system_prompt: str | None = None,
-    seq_len: int | None = None,
-) -> list[SafetyBatch]:
-    """SafetyBatches (unwanted, safe RowBatches) of rows with prompt, safe and unwanted columns.
-
-    Both halves hold the same prompts in the same rows and share one padded length S: the smallest bucket
-    that fits the longest example of either kind, or seq_len when given (to keep shapes fixed across
-    subsets of one data set). n is the perturbation length.
-    """
-    _check_columns(rows, SAFETY_COLUMNS)
-    unwanted = encode_rows(tokenizer, rows, "unwanted", max_answer_tokens, template, system_prompt)
-    safe = encode_rows(tokenizer, rows, "safe", max_answer_tokens, template, system_prompt)
-    _check_prompt_lengths([len(p) for p, _ in unwanted], n)
-    length = _sequence_length([*unwanted, *safe], buckets, seq_len)
-    pad_id = pad_id_of(tokenizer)
-    return [
-        SafetyBatch(unwanted=make_batch(u, n, batch_size, length, pad_id), safe=make_batch(s, n, batch_size, length, pad_id))
-        for u, s in zip(chunks(unwanted, batch_size), chunks(safe, batch_size), strict=True)
-    ]
-
-
-def build_anchor_batches(
-    tokenizer: Any,
-    rows: Sequence[Mapping[str, str]],
-    n: int,
-    batch_size: int,
-    buckets: Sequence[int] = DEFAULT_BUCKETS,
-    max_answer_tokens: int | None = None,
-    template: str = "auto",
-    system_prompt: str | None = None,
-    seq_len: int | None = None,
-) -> list[RowBatch]:
-    """RowBatches of rows with prompt and answer columns (utility anchors), all of one shape.
-
-    perturb_positions are filled too (for an option that also perturbs anchors), so every prompt needs at
-    least n tokens; pass n=0 to skip that.
-    """
-    _check_columns(rows, ANCHOR_COLUMNS)
-    examples = encode_rows(tokenizer, rows, "answer", max_answer_tokens, template, system_prompt)
-    _check_prompt_lengths([len(p) for p, _ in examples], n)
-    length = _sequence_length(examples, buckets, seq_len)
-    pad_id = pad_id_of(tokenizer)
-    return [make_batch(chunk, n, batch_size, length, pad_id) for chunk in chunks(examples, batch_size)]
+    try:
+        options = _csv_as_text(source) if _BUILDERS[ext] == "csv" else {}
+        return datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train", **options)
+    except UnicodeDecodeError as err:  # a ValueError too, so before the next clause
+        raise _not_utf8(source, err) from err
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # a csv with only a header: "Instruction 'train' corresponds ..."
+            raise ValueError(f"data file has no rows: {source} ({err})") from err
+        raise ValueError(f"data file {source} cannot be read as {ext[1:]} ({err}); fix or re-export the file") from err
+    except datasets.exceptions.DatasetGenerationError as err:  # e.g. a truncated jsonl line
+        raise ValueError(f"data file {source} cannot be parsed as {ext[1:]} ({err.__cause__ or err}); fix or "
+                         "re-export the file") from err

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from beear_jax.config.schema import InnerSection, OuterSection, PerturbSection, RunSettings
-from beear_jax.data import tables as data_lib
+from beear_jax.data import builders, packing, tables
+from beear_jax.data import chat as chat_lib
 from beear_jax.data.batches import PackedBatch, PrefixSplitBatch, RowBatch, SafetyBatch, SharedPromptBatch, concat_rows
 from beear_jax.method.objectives import StepSettings
 from beear_jax.method.optimizers import lr_schedule, make_optimizer
@@ -28,9 +29,9 @@ from beear_jax.parallel import sharding as sharding_lib
 class DefenderData:
     """The defender's sets tokenized once; rounds draw subsets of them (same padded shapes)."""
 
-    unwanted: list[data_lib.Example]
-    safe: list[data_lib.Example]
-    anchors: list[data_lib.Example]
+    unwanted: list[builders.Example]
+    safe: list[builders.Example]
+    anchors: list[builders.Example]
     safety_len: int
     anchor_len: int
     shared_len: int  # a prompt with both its answers (shared-prompt inner batches)
@@ -75,17 +76,17 @@ def prepare_data(settings: RunSettings, tokenizer: Any,
     for key, path in (("safety", data.safety), ("anchor", data.anchor)):
         if not path:
             raise ValueError(f"data.{key} is empty: set --config.data.{key}=FILE (a json/jsonl/csv/parquet table).")
-    safety = data_lib.load_table(data.safety, data.safety_columns.as_dict(), key="data.safety")
+    safety = tables.load_table(data.safety, data.safety_columns.as_dict(), key="data.safety")
     if anchors is None:
-        anchors = data_lib.load_table(data.anchor, data.anchor_columns.as_dict(), key="data.anchor")
+        anchors = tables.load_table(data.anchor, data.anchor_columns.as_dict(), key="data.anchor")
     safety, heldback_rows = split_holdout(safety, settings.stop.holdout)
     encode = {"max_answer_tokens": data.max_answer_tokens, "template": model.template,
               "system_prompt": system_prompt}
-    heldback = [data_lib.format_prompt(tokenizer, row["prompt"], model.template, system_prompt)
+    heldback = [chat_lib.format_prompt(tokenizer, row["prompt"], model.template, system_prompt)
                 for row in heldback_rows]
-    unwanted = data_lib.encode_rows(tokenizer, safety, "unwanted", **encode)
-    safe = data_lib.encode_rows(tokenizer, safety, "safe", **encode)
-    anchor_examples = data_lib.encode_rows(tokenizer, anchors, "answer", **encode)
+    unwanted = builders.encode_rows(tokenizer, safety, "unwanted", **encode)
+    safe = builders.encode_rows(tokenizer, safety, "safe", **encode)
+    anchor_examples = builders.encode_rows(tokenizer, anchors, "answer", **encode)
     n = perturb.length
     shortest = min(len(p) for p, _ in unwanted)
     if shortest < n:
@@ -104,32 +105,32 @@ def prepare_data(settings: RunSettings, tokenizer: Any,
     if settings.outer.perturb_anchors and min(len(p) for p, _ in anchor_examples) < n:
         raise ValueError(f"an anchor prompt is shorter than perturb.length={n}; lower perturb.length.")
     def positions(rows: Sequence[dict[str, str]], ids: Sequence[list[int]]) -> list[tuple[int, ...]]:
-        return data_lib.perturbed_positions(tokenizer, [r["prompt"] for r in rows], ids, perturb.windows, n,
+        return builders.perturbed_positions(tokenizer, [r["prompt"] for r in rows], ids, perturb.windows, n,
                                             model.template, system_prompt)
 
     safety_positions = positions(safety, [p for p, _ in unwanted])
     # Anchors are perturbed only with outer.perturb_anchors (they may be shorter than a window otherwise).
     anchor_positions = positions(anchors, [p for p, _ in anchor_examples]) if settings.outer.perturb_anchors else []
 
-    def longest(examples: Sequence[data_lib.Example]) -> int:
+    def longest(examples: Sequence[builders.Example]) -> int:
         return max(len(p) + len(a) for p, a in examples)
 
     buckets = data.buckets
     shared_rows = [len(p) + len(u) + len(s) for (p, u), (_, s) in zip(unwanted, safe, strict=True)]
-    shared_len = data_lib.shared_prompt_length(max(shared_rows), buckets)
-    prefix_len, suffix_len = data_lib.prefix_split_lengths([len(p) for p, _ in unwanted], shared_rows, n, shared_len,
+    shared_len = builders.shared_prompt_length(max(shared_rows), buckets)
+    prefix_len, suffix_len = builders.prefix_split_lengths([len(p) for p, _ in unwanted], shared_rows, n, shared_len,
                                                            perturbed_at=safety_positions)
     return DefenderData(
         unwanted=unwanted,
         safe=safe,
         anchors=anchor_examples,
-        safety_len=data_lib.bucket_length(longest([*unwanted, *safe]), buckets),
-        anchor_len=data_lib.bucket_length(longest(anchor_examples), buckets),
+        safety_len=builders.bucket_length(longest([*unwanted, *safe]), buckets),
+        anchor_len=builders.bucket_length(longest(anchor_examples), buckets),
         shared_len=shared_len,
         prefix_len=prefix_len,
         suffix_len=suffix_len,
         answer_len=max(len(a) for _, a in [*unwanted, *safe, *anchor_examples]),
-        pad_id=data_lib.pad_id_of(tokenizer),
+        pad_id=builders.pad_id_of(tokenizer),
         heldback=heldback,
         safety_positions=safety_positions,
         anchor_positions=anchor_positions,
@@ -153,11 +154,11 @@ def concat_halves(safety_batch: SafetyBatch) -> RowBatch:
     return concat_rows(safety_batch.unwanted, safety_batch.safe)
 
 
-def _batches(examples: Sequence[data_lib.Example], positions: Sequence[tuple[int, ...]], indices: Sequence[int],
+def _batches(examples: Sequence[builders.Example], positions: Sequence[tuple[int, ...]], indices: Sequence[int],
              n: int, batch_size: int, seq_len: int, pad_id: int) -> list[RowBatch]:
-    return [data_lib.make_batch([examples[j] for j in chunk], n, batch_size, seq_len, pad_id,
+    return [builders.make_batch([examples[j] for j in chunk], n, batch_size, seq_len, pad_id,
                                 [positions[j] for j in chunk])
-            for chunk in data_lib.chunks(indices, batch_size)]
+            for chunk in builders.chunks(indices, batch_size)]
 
 
 def inner_batches(inner: InnerSection, perturb: PerturbSection, data: DefenderData, chosen: Sequence[int],
@@ -169,13 +170,13 @@ def inner_batches(inner: InnerSection, perturb: PerturbSection, data: DefenderDa
         return [concat_halves(SafetyBatch(unwanted=u, safe=s))
                 for u, s in zip(_batches(data.unwanted, where, chosen, n, size, data.safety_len, data.pad_id),
                                 _batches(data.safe, where, chosen, n, size, data.safety_len, data.pad_id), strict=True)]
-    batches = [data_lib.make_shared_prompt_batch([data.unwanted[j][0] for j in chunk],
+    batches = [builders.make_shared_prompt_batch([data.unwanted[j][0] for j in chunk],
                                                  [data.unwanted[j][1] for j in chunk], [data.safe[j][1] for j in chunk],
                                                  n, size, data.shared_len, data.answer_len, data.pad_id,
                                                  [where[j] for j in chunk])
-               for chunk in data_lib.chunks(chosen, size)]
+               for chunk in builders.chunks(chosen, size)]
     if inner.cache_prefix:
-        batches = [data_lib.with_prompt_prefix(b, n, data.prefix_len, data.suffix_len) for b in batches]
+        batches = [builders.with_prompt_prefix(b, n, data.prefix_len, data.suffix_len) for b in batches]
     return batches
 
 
@@ -196,7 +197,7 @@ def round_batches(settings: RunSettings, data: DefenderData, rng: np.random.Gene
     a = min(outer.anchor_samples or len(data.anchors), len(data.anchors))
     anchor_idx = rng.permutation(len(data.anchors))[:a].tolist()
     size = outer.batch_size
-    safe, anchors = data_lib.chunks(chosen, size), data_lib.chunks(anchor_idx, size)
+    safe, anchors = builders.chunks(chosen, size), builders.chunks(anchor_idx, size)
     steps = max(len(safe), len(anchors))
     outer_steps = zip(itertools.islice(itertools.cycle(safe), steps), itertools.islice(itertools.cycle(anchors), steps))
     return RoundPlan(inner_batches(inner, settings.perturb, data, chosen),
@@ -204,7 +205,7 @@ def round_batches(settings: RunSettings, data: DefenderData, rng: np.random.Gene
 
 
 def _outer_parts(outer: OuterSection, data: DefenderData, step: tuple[list[int], list[int]],
-                 ) -> tuple[list[list[data_lib.Example]], list[bool], list[list[tuple[int, ...]]]]:
+                 ) -> tuple[list[list[builders.Example]], list[bool], list[list[tuple[int, ...]]]]:
     """A step's examples by part (outer_loss's order: safe under delta, anchors, [anchors under delta]), which
     parts are perturbed, and each example's perturbed positions (empty for a part that is not)."""
     safe_idx, anchor_idx = step
@@ -224,7 +225,7 @@ def packed_shape(outer: OuterSection, data: DefenderData, plan: Sequence[RoundPl
         return None
     lengths = [[len(p) + len(a) for part in _outer_parts(outer, data, step)[0] for p, a in part]
                for round_plan in plan for step in round_plan.outer]
-    return data_lib.packing_shape(lengths, max(data.safety_len, data.anchor_len), row_multiple)
+    return packing.packing_shape(lengths, max(data.safety_len, data.anchor_len), row_multiple)
 
 
 def outer_batch(outer: OuterSection, perturb: PerturbSection, data: DefenderData, step: tuple[list[int], list[int]],
@@ -234,14 +235,14 @@ def outer_batch(outer: OuterSection, perturb: PerturbSection, data: DefenderData
     if packed is not None:
         parts, flags, where = _outer_parts(outer, data, step)
         rows, row_len = packed
-        return data_lib.make_packed_batch(parts, flags, size, n, rows, row_len, data.answer_len, data.pad_id,
+        return packing.make_packed_batch(parts, flags, size, n, rows, row_len, data.answer_len, data.pad_id,
                                           where), None
     safe_idx, anchor_idx = step
     # Anchors without perturb_anchors get the last n (never used: the outer loss runs them with no delta).
     anchor_where = [data.anchor_positions[j] for j in anchor_idx] if data.anchor_positions else None
-    return (data_lib.make_batch([data.safe[j] for j in safe_idx], n, size, data.safety_len, data.pad_id,
+    return (builders.make_batch([data.safe[j] for j in safe_idx], n, size, data.safety_len, data.pad_id,
                                 [data.safety_positions[j] for j in safe_idx]),
-            data_lib.make_batch([data.anchors[j] for j in anchor_idx], n, size, data.anchor_len, data.pad_id,
+            builders.make_batch([data.anchors[j] for j in anchor_idx], n, size, data.anchor_len, data.pad_id,
                                 anchor_where))
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from beear_jax.config.schema import EvalSection, InnerSection, RunSettings
 from beear_jax.config.settings import absolute_settings, settings_dict, settings_from_config
-from beear_jax.data import tables as data_lib
+from beear_jax.data import batches as batch_types
 from beear_jax.data.anchor_answers import CACHE_NAME as ANCHOR_CACHE
 from beear_jax.data.anchor_answers import self_answered_anchors
 from beear_jax.evaluation.evaluate import eos_ids
@@ -374,7 +374,7 @@ def _inner_phase(inner: InnerSection, steps: Steps, layout: Any, inner_batches: 
                  loop: checkpoint_lib.RunState, log: MetricsLog, bar: Any) -> tuple[int, dict[str, Any]]:
     """Caches h_l of the round's inner batches and runs inner passes until the convergence rule
     (inner_loop.InnerRule) stops them; returns the cache's bytes per device and the round's inner record."""
-    batch_stack = sharding_lib.shard_batch(data_lib.stack_batches(inner_batches), layout.stacked_batch, axis=1)
+    batch_stack = sharding_lib.shard_batch(batch_types.stack_batches(inner_batches), layout.stacked_batch, axis=1)
     h_stack = steps.lower_stack(loop.params, batch_stack)
     rule = InnerRule.from_settings(inner)
 

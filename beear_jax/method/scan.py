@@ -23,7 +23,8 @@ import numpy as np
 from beear_jax.config.checks import ConfigError
 from beear_jax.config.schema import RunSettings
 from beear_jax.config.settings import absolute_settings, settings_from_config
-from beear_jax.data import tables as data_lib
+from beear_jax.data import batches as batch_types
+from beear_jax.data import tables
 from beear_jax.io.atomic_file import write_atomically
 from beear_jax.io.hf import load_model, load_tokenizer
 from beear_jax.io.hf_save import check_apart
@@ -106,7 +107,7 @@ def run_scan(cfg: ml_collections.ConfigDict | RunSettings, progress: bool = True
     # prompts stand in for their answers instead of generating answers nobody trains on.
     anchors = None
     if settings.data.anchor_answers == "self":
-        rows = data_lib.load_table(settings.data.anchor, {"prompt": settings.data.anchor_columns.prompt},
+        rows = tables.load_table(settings.data.anchor, {"prompt": settings.data.anchor_columns.prompt},
                                    key="data.anchor")
         anchors = [{"prompt": r["prompt"], "answer": r["prompt"]} for r in rows]
     data = prepare_data(settings, tokenizer, anchors)
@@ -120,7 +121,7 @@ def run_scan(cfg: ml_collections.ConfigDict | RunSettings, progress: bool = True
                        layout)
     params = sharding_lib.place_params(host_params, layout.params)
     del host_params
-    batch_stack = sharding_lib.shard_batch(data_lib.stack_batches(first_round.inner), layout.stacked_batch, axis=1)
+    batch_stack = sharding_lib.shard_batch(batch_types.stack_batches(first_round.inner), layout.stacked_batch, axis=1)
     h_stack = steps.lower_stack(params, batch_stack)
     no_delta, _ = elicitation_rate(model_config, params, tokenizer, probe, None)
     rows = []
