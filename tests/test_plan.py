@@ -109,7 +109,7 @@ def test_plan_options_out_of_range_are_one_line_errors(args, match, capsys):
 
 
 def test_all_samples_are_counted_from_the_safety_set(world):
-    rows = len(plan.data_lib.load_table(world.data.safety, dict(world.data.safety_columns)))
+    rows = len(plan.tables.load_table(world.data.safety, dict(world.data.safety_columns)))
     every = world.copy_and_resolve_references()
     every.inner.samples = 0  # "0 = all rows"
     assert plan.run_shapes(settings_from_config(every)).num_inner_batches == -(-rows // int(world.inner.batch_size)) > 0
