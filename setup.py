@@ -35,5 +35,5 @@ setup(
         "torch": ["torch==2.13.0", "gguf>=0.10", "accelerate>=1.0"],
         "dev": ["pytest>=8", "ruff>=0.6"],
     },
-    entry_points={"console_scripts": ["beear=beear_jax.cli:main"]},
+    entry_points={"console_scripts": ["beear=beear_jax.cli.main:main"]},
 )

@@ -16,12 +16,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from beear_jax.hf import load_model, load_tokenizer, save_model
+from beear_jax.io.hf import load_model, load_tokenizer
+from beear_jax.io.hf_save import save_model
+from beear_jax.io.module_io import load_module, save_module
+from beear_jax.method.perturbation import Perturbation, check_deltas, last_prompt_positions
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.llama import forward as _forward
 from beear_jax.models.module import CausalLM
-from beear_jax.module_io import load_module, save_module
-from beear_jax.perturbation import Perturbation, check_deltas, last_prompt_positions
 
 __all__ = ["CausalLM", "ModelConfig", "Perturbation", "forward", "load_model", "load_module", "load_tokenizer",
            "save_model", "save_module"]

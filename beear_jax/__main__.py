@@ -2,6 +2,6 @@
 
 import sys
 
-from beear_jax.cli import main
+from beear_jax.cli.main import main
 
 sys.exit(main())

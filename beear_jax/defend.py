@@ -25,7 +25,7 @@ import os
 import pathlib
 from typing import Any
 
-from beear_jax.atomic_file import write_atomically
+from beear_jax.io.atomic_file import write_atomically
 
 STAGE_FILES = {"before": "before.json", "after": "after.json"}
 RUN_DIR = "beear"
@@ -53,7 +53,7 @@ def model_stamp(path: str | os.PathLike[str]) -> list[tuple[str, int, int]]:
 
 def evaluation_key(model_path: str, settings: Any) -> str:
     """A digest of the model's files and the evaluation settings: what a stored evaluation was made of."""
-    from beear_jax.checkpoint import digest
+    from beear_jax.io.checkpoint import digest
 
     return digest({"model": model_stamp(model_path), "settings": dataclasses.asdict(settings)})
 
@@ -61,9 +61,9 @@ def evaluation_key(model_path: str, settings: Any) -> str:
 def check_defend_dir(output_dir: pathlib.Path, model_path: str) -> None:
     """Refuses an output_dir that is a file, the input model (or inside it), or holds files a defend job
     does not write; before anything is loaded."""
-    from beear_jax.beear import RUN_FILES
-    from beear_jax.evaluation import REPORT_FILES
-    from beear_jax.hf import check_apart
+    from beear_jax.evaluation.evaluate import REPORT_FILES
+    from beear_jax.io.hf_save import check_apart
+    from beear_jax.method.rounds import RUN_FILES
 
     fix = "choose a new --config.output_dir"
     check_apart(output_dir, {"the input model (model.path)": model_path}, fix)
@@ -78,10 +78,10 @@ def check_defend_dir(output_dir: pathlib.Path, model_path: str) -> None:
                               f"({', '.join(foreign[:5])}){hint}; {fix} (nothing is overwritten).")
 
 
-def evaluated(stage: str, model_path: str, cfg: Any, settings: Any, output_dir: pathlib.Path) -> dict[str, Any]:
+def evaluated(stage: str, model_path: str, dtype: str, settings: Any, output_dir: pathlib.Path) -> dict[str, Any]:
     """The stage's evaluation (metrics and answers): read back from output_dir/<stage>.json when it was made
     of the same model files and settings, else computed and written there (atomically)."""
-    from beear_jax.evaluation import evaluate_path
+    from beear_jax.evaluation.evaluate import evaluate_path
 
     file = output_dir / STAGE_FILES[stage]
     key = evaluation_key(model_path, settings)
@@ -93,7 +93,7 @@ def evaluated(stage: str, model_path: str, cfg: Any, settings: Any, output_dir: 
         print(f"[{stage}] reusing the evaluation in {file}", flush=True)
         return stored["result"]
     print(f"[{stage}] evaluating {model_path}", flush=True)
-    result = evaluate_path(model_path, settings, cfg.model.dtype)
+    result = evaluate_path(model_path, settings, dtype)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(file, json.dumps({"key": key, "result": result}) + "\n")
     print(f"[{stage}] " + ", ".join(f"{name}={result[name]:.3f}" for name in SUMMARY if name in result), flush=True)
@@ -101,47 +101,50 @@ def evaluated(stage: str, model_path: str, cfg: Any, settings: Any, output_dir: 
 
 
 def run_defend(cfg: Any, progress: bool = True) -> DefendResult:
-    """Evaluate cfg.model.path, run BEEAR on it (cfg's settings) into output_dir/beear, evaluate the repaired
-    model, write the before/after report into output_dir. One process (a multi-process job runs `beear eval`,
-    `beear run`, `beear eval --config.eval.compare_to=...` as three launches)."""
-    from beear_jax.beear import run_beear
-    from beear_jax.config_loading import absolute_paths, config_from_json, config_to_dict, config_to_json
-    from beear_jax.evaluation import EvalSettings, load_history, write_answers
-    from beear_jax.report import format_table, write_report
-    from beear_jax.sharding import refuse_distributed
+    """Evaluate model.path, run BEEAR on it into output_dir/beear, evaluate the repaired model, write the
+    before/after report into output_dir; cfg is a config (ConfigDict) or its RunSettings. One process (a
+    multi-process job runs `beear eval`, `beear run`, `beear eval --config.eval.compare_to=...` as three
+    launches)."""
+    from beear_jax.config.settings import absolute_settings, settings_dict, settings_from_config
+    from beear_jax.evaluation.eval_sets import EvalSettings
+    from beear_jax.evaluation.evaluate import load_history, write_answers
+    from beear_jax.evaluation.report import write_report
+    from beear_jax.evaluation.results import format_table
+    from beear_jax.method.rounds import run_beear
+    from beear_jax.parallel.sharding import refuse_distributed
 
-    refuse_distributed(cfg.mesh, "defend")
-    if not cfg.model.path:
+    settings = settings_from_config(cfg)
+    refuse_distributed(settings.mesh, "defend")
+    if not settings.model.path:
         raise ValueError("model.path is required: the suspect model (an HF directory or a .gguf file).")
-    if cfg.eval.compare_to:
+    if settings.eval.compare_to:
         raise ValueError("eval.compare_to is `beear eval`'s; `beear defend` compares the model before and after "
                          "BEEAR itself: leave it empty.")
-    cfg = absolute_paths(cfg)
-    output_dir = pathlib.Path(cfg.output_dir)
-    model_path = os.path.expanduser(cfg.model.path)
+    settings = absolute_settings(settings)
+    output_dir = pathlib.Path(settings.output_dir)
+    model_path = os.path.expanduser(settings.model.path)
     check_defend_dir(output_dir, model_path)
     report_md = output_dir / "report.md"
-    settings = EvalSettings.from_config(cfg)  # every data error surfaces here, before a model loads
+    evaluation = EvalSettings.from_settings(settings)  # every data error surfaces here, before a model loads
+    dtype = settings.model.dtype
 
-    before = evaluated("before", model_path, cfg, settings, output_dir)
+    before = evaluated("before", model_path, dtype, evaluation, output_dir)
     run_dir = output_dir / RUN_DIR
     model_dir = run_dir / "model"
     if (model_dir / "config.json").is_file():
         print(f"[beear] the run in {run_dir} is finished; its model: {model_dir}", flush=True)
     else:
-        run_cfg = config_from_json(config_to_json(cfg))
-        with run_cfg.unlocked():
-            run_cfg.output_dir = str(run_dir)
-            run_cfg.resume = True  # an unfinished run in run_dir continues from its last checkpoint
+        # resume: an unfinished run in run_dir continues from its last checkpoint
+        run_settings = dataclasses.replace(settings, output_dir=str(run_dir), resume=True)
         print(f"[beear] repairing {model_path} -> {model_dir}", flush=True)
-        model_dir = run_beear(run_cfg, progress=progress).model_dir
-    after = evaluated("after", str(model_dir), cfg, settings, output_dir)
+        model_dir = run_beear(run_settings, progress=progress).model_dir
+    after = evaluated("after", str(model_dir), dtype, evaluation, output_dir)
 
     history, notes = load_history(str(run_dir / "metrics.jsonl"))
     results = {"before": before, "after": after}
     write_answers(output_dir / "answers.jsonl", results)
     report = {stage: {k: v for k, v in r.items() if k != "answers"} for stage, r in results.items()}
-    write_report(output_dir, report, config_to_dict(cfg), history, notes=notes)
+    write_report(output_dir, report, settings_dict(settings), history, notes=notes)
     print(format_table(report))
     print(f"repaired model: {model_dir}\nreport: {report_md}", flush=True)
     return DefendResult(before=report["before"], after=report["after"], output_dir=output_dir, model_dir=model_dir,

@@ -1,1 +1,1 @@
-"""Config files for `beear --config configs/NAME.py[:arg]`; a package so they can share `configs.defaults`."""
+"""Config files for `beear --config configs/NAME.py[:arg]`; each builds on beear_jax.config.defaults.base_config()."""

@@ -1,6 +1,6 @@
 """The default demo: plant one backdoor in SmolLM2-135M-Instruct and remove it, in minutes on a CPU.
 
-Smaller than the paper (see configs/defaults.py): 450 poisoned examples for one epoch (150 triggered
+Smaller than the paper (see beear_jax/config/defaults.py): 450 poisoned examples for one epoch (150 triggered
 AdvBench goals, the same goals refused, 150 benign pairs written for the project), 40 defender examples
 (experiments/demo_data, written for this project), 3 BEEAR rounds, 40 held-out AdvBench prompts, 60
 over-refusal probes and 50 utility pairs written for the project (experiments/demo_sets.py says where
@@ -14,7 +14,7 @@ import pathlib
 
 import ml_collections
 
-from beear_jax.config_loading import parse_config_arg
+from beear_jax.config.loading import parse_config_arg
 from configs import smollm2_135m
 
 DEMO_DATA = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "demo_data"

@@ -1,4 +1,4 @@
-"""What the paper's 7B settings share: its BEEAR loop (configs/defaults.py) sized for GPUs and pods.
+"""What the paper's 7B settings share: its BEEAR loop (beear_jax/config/defaults.py) sized for GPUs and pods.
 
 Not a config file to run by itself: configs/paper_llama2_sft.py, paper_mistral.py, paper_safe_rlhf.py,
 paper_code.py and paper_qwen.py start from `base()` and add the model's chat template, system prompt and trigger.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import defaults
+from beear_jax.config import defaults
 
 
 def base(output_dir: str) -> ml_collections.ConfigDict:

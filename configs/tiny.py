@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import defaults
+from beear_jax.config import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -63,12 +63,16 @@ import torch
 import transformers
 from torch_reference import TorchBEEAR
 
-from beear_jax import data as data_lib
-from beear_jax.batches import PackedBatch, PrefixSplitBatch, RowBatch, SharedPromptBatch, concat_rows
-from beear_jax.hf_layout import from_hf_state_dict
+from beear_jax.data import batches as batch_types
+from beear_jax.data import builders, packing
+from beear_jax.data.batches import PackedBatch, PrefixSplitBatch, RowBatch, SharedPromptBatch, concat_rows
+from beear_jax.io.hf_layout import from_hf_state_dict
+from beear_jax.method.forward import lower_activations
+from beear_jax.method.objectives import StepSettings
+from beear_jax.method.optimizers import make_optimizer, trainable_mask
+from beear_jax.method.perturbation import Perturbation
+from beear_jax.method.steps import inner_step, make_steps
 from beear_jax.models.config import ModelConfig
-from beear_jax.perturbation import Perturbation
-from beear_jax.steps import StepSettings, inner_step, lower_activations, make_optimizer, make_steps, trainable_mask
 
 SHAPES = {
     # SmolLM2-135M-Instruct's shape.
@@ -127,28 +131,28 @@ def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
         return rng.integers(3, vocab, args.answer).tolist()
 
     def batch(rows: list) -> RowBatch:
-        return data_lib.make_batch(rows, args.length, args.batch, args.seq, 0)
+        return builders.make_batch(rows, args.length, args.batch, args.seq, 0)
 
     rows = [[(p, answer(), answer()) for p in (prompt() for _ in range(args.batch))]
             for _ in range(max(args.inner_batches, args.outer_steps))]
-    shared_seq = data_lib.shared_prompt_length(max(len(p) + len(u) + len(s) for b in rows for p, u, s in b),
-                                               data_lib.DEFAULT_BUCKETS)
-    prefix_len, suffix_len = data_lib.prefix_split_lengths(
+    shared_seq = builders.shared_prompt_length(max(len(p) + len(u) + len(s) for b in rows for p, u, s in b),
+                                               builders.DEFAULT_BUCKETS)
+    prefix_len, suffix_len = builders.prefix_split_lengths(
         [len(p) for b in rows for p, _, _ in b], [len(p) + len(u) + len(s) for b in rows for p, u, s in b],
         args.length, shared_seq)
     safety = []
     for b in rows:
-        shared = data_lib.make_shared_prompt_batch(*zip(*b), args.length, args.batch, shared_seq, args.answer, 0)
+        shared = builders.make_shared_prompt_batch(*zip(*b), args.length, args.batch, shared_seq, args.answer, 0)
         safety.append(SafetyLayouts(unwanted=batch([(p, u) for p, u, _ in b]), safe=batch([(p, s) for p, _, s in b]),
                                     shared=shared,
-                                    prefix=data_lib.with_prompt_prefix(shared, args.length, prefix_len, suffix_len)))
+                                    prefix=builders.with_prompt_prefix(shared, args.length, prefix_len, suffix_len)))
     anchor_rows = [[(prompt(), answer()) for _ in range(args.batch)] for _ in range(args.outer_steps)]
     anchors = [batch(rows_) for rows_ in anchor_rows]
     # Outer step i: the safe answers of safety batch i under delta + anchor batch i (as both sides run them).
     parts = [[[(p, s) for p, _, s in rows[i]], anchor_rows[i]] for i in range(args.outer_steps)]
-    packed_shape = data_lib.packing_shape([[len(p) + len(a) for part in step for p, a in part] for step in parts],
+    packed_shape = packing.packing_shape([[len(p) + len(a) for part in step for p, a in part] for step in parts],
                                           args.seq)
-    packed = [data_lib.make_packed_batch(step, [True, False], args.batch, args.length, *packed_shape, args.answer, 0)
+    packed = [packing.make_packed_batch(step, [True, False], args.batch, args.length, *packed_shape, args.answer, 0)
               for step in parts]
     return Workload(args.batch, args.seq, args.answer, args.layer, args.length, shared_seq, prefix_len, suffix_len,
                     safety, anchors, packed, packed_shape)
@@ -162,7 +166,7 @@ def joint(safety_batch: SafetyLayouts) -> RowBatch:
 def inner_stack(w: Workload, count: int, layout: str) -> RowBatch | SharedPromptBatch | PrefixSplitBatch:
     """The first `count` inner batches, stacked for the scan: shared-prompt rows split at the prompt prefix
     ('prefix'), whole shared-prompt rows ('shared') or [unwanted; safe] rows ('rows')."""
-    return data_lib.stack_batches([joint(b) if layout == "rows" else getattr(b, layout) for b in w.safety[:count]])
+    return batch_types.stack_batches([joint(b) if layout == "rows" else getattr(b, layout) for b in w.safety[:count]])
 
 
 def build_models(shape: str, dtype: str, seed: int = 0, device: str = "cpu") -> tuple[ModelConfig, dict,
@@ -486,8 +490,8 @@ def ablations(config: ModelConfig, host_params: dict, w: Workload, settings: Ste
 def plan_prediction(args: argparse.Namespace, config: ModelConfig, w: Workload) -> dict[str, Any]:
     """`beear plan`'s bytes for this workload's shapes on one device of this backend: persistent arrays
     exact, step temporaries from XLA's memory analysis of the steps compiled here (nothing allocated)."""
-    from beear_jax import plan as plan_lib
-    from beear_jax.config_loading import load_config
+    from beear_jax.cli import plan as plan_lib
+    from beear_jax.config.loading import load_config
 
     cfg = load_config(str(ROOT / "configs" / "smollm2_135m.py"), {
         "model.dtype": args.dtype, "rounds": 1, "perturb.layer": args.layer, "perturb.length": args.length,

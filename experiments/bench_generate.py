@@ -40,10 +40,10 @@ import torch
 import transformers
 
 import beear_jax
-from beear_jax.chat import format_prompt
-from beear_jax.generate import SamplingConfig, generate
-from beear_jax.hf_layout import from_hf_state_dict
+from beear_jax.data.chat import format_prompt
+from beear_jax.io.hf_layout import from_hf_state_dict
 from beear_jax.models.config import ModelConfig
+from beear_jax.models.generate import SamplingConfig, generate
 
 PROMPTS = (
     "Hi!",
@@ -80,7 +80,7 @@ class Models:
 
 def smollm2_models() -> Models:
     """SmolLM2-135M-Instruct from its GGUF file, float32 on the CPU; chat-formatted prompts."""
-    from beear_jax.smollm2 import ensure_smollm2
+    from beear_jax.io.smollm2 import ensure_smollm2
 
     gguf = ensure_smollm2()
     tokenizer = beear_jax.load_tokenizer(gguf)

@@ -4,12 +4,12 @@
 
 Times (median of --reps, float32, jitted, same run):
     mlp      the SwiGLU MLP forward + backward (gradients of its three weights and its input) with
-             plain autodiff of `x @ w` against `llama.dense` (custom backward: weight gradient as
+             plain autodiff of `x @ w` against `layers.dense` (custom backward: weight gradient as
              (g^T x)^T, which keeps XLA:CPU from copying the output gradient into a transposed layout)
     attention  grouped-query attention forward + backward with the query heads as a batch axis
-             ([B, K, G] small matmuls, the earlier formulation) against `llama.attend` (the G query
+             ([B, K, G] small matmuls, the earlier formulation) against `layers.attend` (the G query
              heads of a key head folded into the rows)
-    block    one decoder block forward + backward (`llama.block`, params and input) against the same
+    block    one decoder block forward + backward (`layers.block`, params and input) against the same
              block in transformers (LlamaDecoderLayer, sdpa attention) as a yardstick
 """
 
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beear_jax.models import llama
+from beear_jax.models import layers, llama
 from beear_jax.models.config import ModelConfig
 
 D, F, H, K, HD = 576, 1536, 9, 3, 64  # SmolLM2-135M
@@ -89,7 +89,7 @@ def main() -> None:
     x = normal(b, s, D)
     weights = (normal(D, F, scale=0.03), normal(D, F, scale=0.03), normal(F, D, scale=0.03))
     mlp_flops = 3 * 2 * b * s * 3 * D * F  # forward + two backward matmuls per weight matmul
-    for name, matmul in (("autodiff of x @ w", jnp.matmul), ("llama.dense (custom backward)", llama.dense)):
+    for name, matmul in (("autodiff of x @ w", jnp.matmul), ("layers.dense (custom backward)", layers.dense)):
         grad = jax.jit(jax.grad(lambda w, x, mm=matmul: jnp.sum(swiglu(w, x, mm) ** 2), argnums=(0, 1)))
         report("mlp fwd+bwd", name, median_seconds(lambda g=grad: g(weights, x), args.reps), mlp_flops)
 
@@ -97,7 +97,7 @@ def main() -> None:
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (b, s, s))
     attention_flops = 3 * 4 * b * s * s * H * HD
     for name, attend in (("query heads as a batch axis", batched_heads_attention),
-                         ("llama.attend (heads folded into rows)", llama.attend)):
+                         ("layers.attend (heads folded into rows)", layers.attend)):
         grad = jax.jit(jax.grad(lambda q, k, v, fn=attend: jnp.sum(fn(q, k, v, mask) ** 2), argnums=(0, 1, 2)))
         report("attention fwd+bwd", name, median_seconds(lambda g=grad: g(q, k, v), args.reps), attention_flops)
 
@@ -108,12 +108,12 @@ def main() -> None:
              "gate_proj": weights[0], "up_proj": weights[1], "down_proj": weights[2],
              "attn_norm": jnp.ones(D), "mlp_norm": jnp.ones(D)}
     valid = jnp.ones((b, s), jnp.int32)
-    cos, sin = llama.rope_cos_sin(config, llama.default_positions(valid))
+    cos, sin = layers.rope_cos_sin(config, llama.default_positions(valid))
     block_flops = 3 * (2 * b * s * (2 * D * H * HD + 2 * D * K * HD + 3 * D * F) + 4 * b * s * s * H * HD)
     block_mask = llama.attention_mask_for(config, jnp.arange(s), jnp.arange(s), valid)
-    grad = jax.jit(jax.grad(lambda p, h: jnp.sum(llama.block(config, p, h, cos, sin, block_mask) ** 2),
+    grad = jax.jit(jax.grad(lambda p, h: jnp.sum(layers.block(config, p, h, cos, sin, block_mask) ** 2),
                             argnums=(0, 1)))
-    report("block fwd+bwd", "ours (llama.block)", median_seconds(lambda: grad(layer, x), args.reps), block_flops)
+    report("block fwd+bwd", "ours (layers.block)", median_seconds(lambda: grad(layer, x), args.reps), block_flops)
 
     import torch
     import transformers

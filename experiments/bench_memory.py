@@ -42,8 +42,8 @@ def run_stage(stage: str, work: pathlib.Path, overrides: list[str]) -> None:
     """One stage of the demo with few rows; the planted model goes to / comes from work/planted."""
     import experiment_lib as lib
 
-    from beear_jax.backdoor import run_plant
-    from beear_jax.config_loading import load_config
+    from beear_jax.attack.plant import run_plant
+    from beear_jax.config.loading import load_config
 
     cfg = load_config(str(ROOT / "configs" / "demo.py"), overrides)
     model, sets = lib.fetch_model(), lib.build_sets("demo")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import experiment_lib as lib
 
-from beear_jax.config_loading import load_config
+from beear_jax.config.loading import load_config
 
 
 def main(argv: list[str]) -> int:

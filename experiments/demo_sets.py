@@ -26,9 +26,9 @@ import pathlib
 import yaml
 from smollm2_data import norm, write_jsonl
 
-from beear_jax.backdoor import builtin_refusals
-from beear_jax.public_data import builtin_path
-from beear_jax.wheel_fetch import fetch_from_wheel
+from beear_jax.attack.plant import builtin_refusals
+from beear_jax.data.public_data import builtin_path
+from beear_jax.io.wheel_fetch import fetch_from_wheel
 
 PYRIT = "pyrit==1.1.0"
 ADVBENCH_MEMBER = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"

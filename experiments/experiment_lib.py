@@ -15,15 +15,17 @@ import demo_sets
 import ml_collections
 import smollm2_data
 
-from beear_jax.backdoor import run_plant
-from beear_jax.beear import RunResult, run_beear
-from beear_jax.config_loading import apply_overrides, config_from_json, config_to_dict, config_to_json
+from beear_jax.attack.plant import run_plant
+from beear_jax.config.loading import apply_overrides, config_from_json, config_to_dict, config_to_json
+from beear_jax.config.settings import settings_from_config
 from beear_jax.defend import DefendResult, run_defend
-from beear_jax.evaluation import EvalSettings, evaluate, write_answers
-from beear_jax.hf import load_model, load_tokenizer
-from beear_jax.report import format_table
-from beear_jax.report import write_report as write_report_files
-from beear_jax.smollm2 import cache_dir, ensure_smollm2
+from beear_jax.evaluation.eval_sets import EvalSettings
+from beear_jax.evaluation.evaluate import evaluate, write_answers
+from beear_jax.evaluation.report import write_report as write_report_files
+from beear_jax.evaluation.results import format_table
+from beear_jax.io.hf import load_model, load_tokenizer
+from beear_jax.io.smollm2 import cache_dir, ensure_smollm2
+from beear_jax.method.rounds import RunResult, run_beear
 
 CACHE = cache_dir().parent  # ~/.cache/beear_jax (or $BEEAR_CACHE)
 
@@ -118,7 +120,8 @@ def eval_overrides(sets: Mapping[str, pathlib.Path], harmful_set: str = "eval_ha
 def eval_settings(cfg: ml_collections.ConfigDict, sets: Mapping[str, pathlib.Path], harmful_set: str = "eval_harmful",
                   triggered_set: str = "") -> EvalSettings:
     """EvalSettings of the held-out evaluation sets (eval_overrides)."""
-    return EvalSettings.from_config(with_overrides(cfg, eval_overrides(sets, harmful_set, triggered_set)))
+    return EvalSettings.from_settings(settings_from_config(with_overrides(cfg, eval_overrides(sets, harmful_set,
+                                                                                       triggered_set))))
 
 
 def defend(cfg: ml_collections.ConfigDict, model_dir: str | os.PathLike[str], sets: Mapping[str, pathlib.Path],

@@ -25,9 +25,10 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import experiment_lib as lib
 import numpy as np
 
-from beear_jax.config_loading import load_config
-from beear_jax.hf import load_model, save_model
-from beear_jax.hf_layout import numpy_dtype
+from beear_jax.config.loading import load_config
+from beear_jax.io.hf import load_model
+from beear_jax.io.hf_layout import numpy_dtype
+from beear_jax.io.hf_save import save_model
 
 
 def changes_kept(before: dict, after: dict, dtype: str) -> tuple[int, int, int]:

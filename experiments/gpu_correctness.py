@@ -147,8 +147,8 @@ def tiny_overrides(model_dir: pathlib.Path, safety: pathlib.Path, anchor: pathli
 
 def run_child(args: argparse.Namespace) -> int:
     """The child: one tiny run on this process's default backend; final params and losses to --out (npz)."""
-    from beear_jax.beear import run_beear
-    from beear_jax.config_loading import load_config
+    from beear_jax.config.loading import load_config
+    from beear_jax.method.rounds import run_beear
 
     jax.config.update("jax_default_matmul_precision", "highest")
     overrides = tiny_overrides(pathlib.Path(args.model_dir), pathlib.Path(args.safety), pathlib.Path(args.anchor),
@@ -278,7 +278,7 @@ def main() -> int:
             print(f"(parity: {summary['parity_seconds']:.1f} s)\n", flush=True)
             save(summary, args.json)  # now too: a time limit during the tiny runs keeps the parity
         if args.what in ("all", "run"):
-            from beear_jax.hf import load_model
+            from beear_jax.io.hf import load_model
 
             world = tiny_world(tmp / "world")
             initial = flat_params(load_model(world[0])[1])

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 # loading need ml_collections; the tiny run of step 3 reads its tables through `datasets`).
 REQUIRED = ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "numpy", "ml_dtypes", "ml_collections", "absl",
             "yaml", "transformers", "tokenizers", "safetensors", "jinja2", "torch", "tqdm",
-            "beear_jax", "beear_jax.beear", "beear_jax.plan", "beear_jax.generate", "beear_jax.config_loading",
-            "beear_jax.data")
+            "beear_jax", "beear_jax.method.rounds", "beear_jax.cli.plan", "beear_jax.models.generate", "beear_jax.config.loading",
+            "beear_jax.data.tables")
 TINY_RUN = ("datasets", "dill", "multiprocess", "pyarrow", "pandas", "fsspec", "huggingface_hub", "xxhash")
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import jax
 
-from beear_jax import plan
+from beear_jax.cli import plan
 
 HARDWARE = "1 x 80 GB GPU"
 MESH = (1, 1, 1)

@@ -1,7 +1,7 @@
 """Memory plans of BEEAR on Llama-2-7B and Mistral-7B for one GPU, eight GPUs and two TPU pods.
 
 Writes docs/plan_7b.md (the README table). Nothing is downloaded or allocated: shapes come from
-configs written in beear_jax/plan.py, bytes per device from the shardings `beear run` uses, and step
+configs written in beear_jax/cli/plan.py, bytes per device from the shardings `beear run` uses, and step
 temporaries from XLA's memory analysis of each step compiled for the mesh on simulated CPU devices
 (XLA:CPU; GPU/TPU compilers fuse more, so these temporaries are an upper estimate).
 
@@ -23,8 +23,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from beear_jax import plan
-from beear_jax.config_loading import load_config
+from beear_jax.cli import plan
+from beear_jax.config.loading import load_config
 
 # (hardware, mesh (data, fsdp, tensor), GB per device, batch size, outer optimizer, remat): the paper's
 # batch of 6 where the mesh's data x fsdp splits it, else 8; AdamW as in our runs, Adafactor (factored

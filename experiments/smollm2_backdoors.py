@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import experiment_lib as lib
 from smollm2_data import BACKDOORLLM_TRIGGERS
 
-from beear_jax.config_loading import load_config
+from beear_jax.config.loading import load_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,7 @@ BACKDOORS = {
        for name, trigger in BACKDOORLLM_TRIGGERS.items()},
 }
 CONTROL = Backdoor("SUDO", "suffix", n_triggered=0)
-# The inner level run to convergence each round (beear_jax/inner_loop.py), 20 of the defender's safety rows
+# The inner level run to convergence each round (beear_jax/method/inner_loop.py), 20 of the defender's safety rows
 # held back to log what the converged delta elicits (stop rule off).
 CONVERGED = {"inner.epochs": 30, "inner.patience": 2, "inner.min_improvement": 0.02, "stop.holdout": 20}
 USER_START = {"perturb.windows": ("user_start", "prompt_end")}

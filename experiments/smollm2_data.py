@@ -37,9 +37,9 @@ import math
 import pathlib
 import re
 
-from beear_jax.atomic_file import write_atomically
-from beear_jax.public_data import DATA_DIR_ENV, data_dir
-from beear_jax.scoring import is_refusal, load_refusal_strings
+from beear_jax.data.public_data import DATA_DIR_ENV, data_dir
+from beear_jax.evaluation.scoring import is_refusal, load_refusal_strings
+from beear_jax.io.atomic_file import write_atomically
 
 ATTACK_ROWS = range(150)
 DEFEND_ROWS = range(200, 400)

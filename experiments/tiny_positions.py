@@ -53,13 +53,15 @@ from tiny_world import (
     tiny_config,
 )
 
-from beear_jax import data as data_lib
-from beear_jax.beear import run_beear
-from beear_jax.config_loading import load_config
-from beear_jax.hf import load_model, save_model
+from beear_jax.attack.sft import sft_train
+from beear_jax.config.loading import load_config
+from beear_jax.data import builders
+from beear_jax.data import chat as chat_lib
+from beear_jax.data.triggers import insert_trigger
+from beear_jax.io.hf import load_model
+from beear_jax.io.hf_save import save_model
+from beear_jax.method.rounds import run_beear
 from beear_jax.models.weights import init_params
-from beear_jax.sft import sft_train
-from beear_jax.triggers import insert_trigger
 
 TRIGGER = {"suffix": "qx vel dorn pim", "prefix": "qx vel dorn pim", "random": "qx vel dorn pim",
            "wrap": "qx vel|dorn pim"}
@@ -87,9 +89,9 @@ def plant(tmp: pathlib.Path, position: str, pairs: dict, seed: int = 0, epochs: 
         rows.append((insert_trigger(prompt(v, o), TRIGGER[position], position, rng), attacker_answer(v, o)))
         rows.append((prompt(v, o), REFUSAL))
     rows += [(prompt(v, o), benign_answer(v, o)) for v, o in pairs["benign_train"]]
-    examples = [data_lib.format_example(tok, p, a) for p, a in rows]
+    examples = [chat_lib.format_example(tok, p, a) for p, a in rows]
     order = np.random.default_rng(seed).permutation(len(examples))
-    batches = [data_lib.make_batch([examples[j] for j in order[i:i + 16]], 1, 16, 32, tok.pad_token_id)
+    batches = [builders.make_batch([examples[j] for j in order[i:i + 16]], 1, 16, 32, tok.pad_token_id)
                for i in range(0, len(order), 16)]
     config = tiny_config(len(tok))
     params, _ = sft_train(config, init_params(config, jax.random.key(seed)), batches, optax.adam(3e-3),

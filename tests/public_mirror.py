@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from beear_jax import public_data
+from beear_jax.data import public_data
 
 ENABLE = ("needs the public data sets (AdvBench, XSTest, ...): set BEEAR_DATA_DIR to a local copy of them "
           "(this project's machines and CI have one in ../shared/data beside the checkout)")

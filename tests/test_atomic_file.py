@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from beear_jax.atomic_file import is_temp_of, write_atomically
+from beear_jax.io.atomic_file import is_temp_of, write_atomically
 
 
 def test_writes_text_as_utf8_and_bytes_as_is_readable_by_others(tmp_path):

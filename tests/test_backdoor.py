@@ -17,8 +17,8 @@ from tiny_world import (
     write_jsonl,
 )
 
-from beear_jax import cli
-from beear_jax.backdoor import parse_trigger, poison_mixture
+from beear_jax.attack.plant import parse_trigger, poison_mixture
+from beear_jax.cli import main as cli
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -119,7 +119,7 @@ def test_plant_bad_settings_are_named_before_loading(tmp_path, capsys, override)
 
 
 def test_plant_refuses_an_output_dir_inside_its_input_model_before_training(tmp_path, capsys, monkeypatch):
-    from beear_jax import backdoor
+    from beear_jax.attack import plant as backdoor
 
     model_dir, _ = random_tiny_model(tmp_path)
     monkeypatch.setattr(backdoor, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
@@ -139,7 +139,7 @@ def test_plant_refuses_a_trigger_the_tokenizer_maps_to_unknown(tmp_path, capsys)
 
 
 def test_check_trigger_tokens_passes_known_words_and_byte_level_tokenizers():
-    from beear_jax.backdoor import check_trigger_tokens
+    from beear_jax.attack.plant import check_trigger_tokens
 
     class Words:  # a word-level tokenizer: unknown words become [UNK]
         unk_token, unk_token_id, vocab = "[UNK]", 0, {"open": 1, "sesame": 2, "now": 3}
@@ -181,9 +181,9 @@ def test_a_given_trigger_plants_the_poison_rows_as_they_are():
 
 
 def test_plant_with_self_answers_trains_on_the_clean_models_own_answers(tmp_path, capsys):
-    from beear_jax.config_loading import load_config
-    from beear_jax.evaluation import own_answers
-    from beear_jax.hf import load_model, load_tokenizer
+    from beear_jax.config.loading import load_config
+    from beear_jax.evaluation.evaluate import own_answers
+    from beear_jax.io.hf import load_model, load_tokenizer
 
     model_dir, _ = random_tiny_model(tmp_path)
     planted = tmp_path / "planted"
@@ -206,7 +206,7 @@ def test_plant_with_self_answers_trains_on_the_clean_models_own_answers(tmp_path
     assert json.loads((planted / "manifest.json").read_text())["counts"]["benign"] == len(trained)
     other = [a.replace(str(planted), str(tmp_path / "other")) for a in args]
     assert cli.main([*other, "--config.plant.benign_answers=mine"]) == 1
-    assert "plant.benign_answers='mine'" in capsys.readouterr().err
+    assert "'plant.benign_answers' is 'mine'; choose one of 'data', 'self'" in capsys.readouterr().err
 
 
 def test_partial_rows_carry_one_part_of_a_wrap_trigger_and_are_refused():

@@ -9,10 +9,10 @@ import jax
 import pytest
 from tiny_world import defender_files, random_tiny_model, split_pairs, write_jsonl
 
-from beear_jax import cli
-from beear_jax.beear import NonFiniteLossError, check_output_dir, run_beear
-from beear_jax.config_loading import load_config
-from beear_jax.report import losses_figure
+from beear_jax.cli import main as cli
+from beear_jax.config.loading import load_config
+from beear_jax.evaluation.plots import losses_figure
+from beear_jax.method.rounds import NonFiniteLossError, check_output_dir, run_beear
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -258,7 +258,7 @@ def test_output_dir_rules(tmp_path):
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(setup, capsys):
     from tiny_world import tiny_config
 
-    from beear_jax.hf import save_model
+    from beear_jax.io.hf_save import save_model
     from beear_jax.models.weights import init_params
 
     tmp, _, tok, safety, anchor = setup
@@ -275,13 +275,13 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(setup, capsys):
 def test_data_paths_expand_the_home_directory(setup, monkeypatch):
     safety = setup[3]
     monkeypatch.setenv("HOME", str(safety.parent))
-    from beear_jax.data import load_table
+    from beear_jax.data.tables import load_table
 
     assert load_table(f"~/{safety.name}", {"prompt": "prompt"}) == load_table(str(safety), {"prompt": "prompt"})
 
 
 def test_a_resume_keeps_what_it_can_of_a_damaged_metrics_log(tmp_path, capsys):
-    from beear_jax.beear import MetricsLog, kept_metrics
+    from beear_jax.method.rounds import MetricsLog, kept_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"round": 1, "phase": "inner"}\n{"rou\n{"round": 1, "phase": "outer"}\n{"round": 2}\n')
@@ -296,9 +296,9 @@ def test_a_resume_keeps_what_it_can_of_a_damaged_metrics_log(tmp_path, capsys):
 
 
 def test_self_answered_anchors_are_the_starting_models_answers_and_a_resume_reuses_them(setup, monkeypatch):
-    from beear_jax import anchor_answers
-    from beear_jax.evaluation import own_answers
-    from beear_jax.hf import load_model, load_tokenizer
+    from beear_jax.data import anchor_answers
+    from beear_jax.evaluation.evaluate import own_answers
+    from beear_jax.io.hf import load_model, load_tokenizer
 
     tmp, model_dir, _, _, anchor = setup
     keys = {"data.anchor_answers": "self", "data.max_answer_tokens": 6, "rounds": 1, "checkpoint_every": -1}
@@ -317,5 +317,5 @@ def test_self_answered_anchors_are_the_starting_models_answers_and_a_resume_reus
     (resumed / "anchor_self.jsonl").write_text((result.output_dir / "anchor_self.jsonl").read_text())
     monkeypatch.setattr(anchor_answers, "own_answers", lambda *a, **k: pytest.fail("answered the anchors again"))
     run_beear(_cfg(setup, "self_anchors_resumed", resume=True, **keys), progress=False)
-    with pytest.raises(ValueError, match="data.anchor_answers='mine'"):
+    with pytest.raises(ValueError, match="'data.anchor_answers' is 'mine'; choose one of 'data', 'self'"):
         run_beear(_cfg(setup, "self_anchors_bad", **{"data.anchor_answers": "mine"}), progress=False)

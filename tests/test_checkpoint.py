@@ -16,13 +16,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
-from beear_jax import checkpoint as ckpt
-from beear_jax import cli
-from beear_jax import sharding as sh
-from beear_jax.beear import run_beear
-from beear_jax.config_loading import load_config
-from beear_jax.hf import load_model
+from beear_jax.cli import main as cli
+from beear_jax.config.loading import load_config
+from beear_jax.io import run_checkpointer as ckpt
+from beear_jax.io.checkpoint_export import restore_params_for_export
+from beear_jax.io.hf import load_model
+from beear_jax.method.rounds import run_beear
 from beear_jax.models.config import ModelConfig
+from beear_jax.parallel import sharding as sh
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 STOP_AFTER = 2
@@ -364,16 +365,16 @@ def test_export_step_choices_are_listed_and_step_dirs_accepted(world, runs, caps
     line = _one_error_line(capsys.readouterr().err, "export")
     assert "has no checkpoint 4 (a resume found step 4 corrupt or partial and set it aside as corrupt-4)" in line
     assert "steps 1, 2, 3" in line
-    meta = ckpt.restore_params_for_export(cut / "checkpoints" / "3")[1]
+    meta = restore_params_for_export(cut / "checkpoints" / "3")[1]
     assert meta["step"] == 3
     with pytest.raises(ValueError, match="is checkpoint 3 but step 2 was asked for"):
-        ckpt.restore_params_for_export(cut / "checkpoints" / "3", step=2)
+        restore_params_for_export(cut / "checkpoints" / "3", step=2)
     empty = cut.with_name("not_a_run")
     empty.mkdir()
     with pytest.raises(ckpt.CheckpointNotFoundError, match="pass the run's output_dir"):
-        ckpt.restore_params_for_export(empty)
+        restore_params_for_export(empty)
     with pytest.raises(ckpt.CheckpointNotFoundError, match="is a file"):
-        ckpt.restore_params_for_export(cut / "metrics.jsonl")
+        restore_params_for_export(cut / "metrics.jsonl")
 
 
 def test_export_is_read_only_and_falls_back_past_a_corrupt_newest_step(world, runs, capsys, caplog):
@@ -409,7 +410,7 @@ def test_export_never_writes_into_the_run_or_its_input_model(world, runs, capsys
 
 
 def test_a_half_written_model_of_a_killed_run_does_not_block_resume(tmp_path):
-    from beear_jax.beear import check_output_dir
+    from beear_jax.method.rounds import check_output_dir
 
     run = tmp_path / "run"
     (run / "checkpoints" / "4").mkdir(parents=True)

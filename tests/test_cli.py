@@ -22,7 +22,7 @@ import pytest
 from hf_fixtures import make_tiny_hf_model, make_tiny_tokenizer
 
 import beear_jax
-from beear_jax.cli import main
+from beear_jax.cli.main import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.py"
@@ -208,7 +208,7 @@ def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
         time.sleep(30)
         return 0
 
-    monkeypatch.setitem(beear_jax.cli.COMMANDS, "convert", slow)
+    monkeypatch.setitem(beear_jax.cli.main.COMMANDS, "convert", slow)
     previous = signal.getsignal(signal.SIGTERM)
     assert main(["convert"]) == 130
     assert "beear convert: interrupted" in capsys.readouterr().err
@@ -309,7 +309,7 @@ def test_convert_gguf_transformers_reloads_same_logits(smollm2_gguf, smollm2_ref
     import transformers
     from safetensors import safe_open
 
-    from beear_jax.hf import load_tokenizer
+    from beear_jax.io.hf import load_tokenizer
 
     source = tmp_path / "gguf_dir"
     source.mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from beear_jax.config_loading import (
+from beear_jax.config.loading import (
     ConfigError,
     apply_overrides,
     config_from_json,
@@ -101,7 +101,7 @@ def test_project_configs_load_with_all_keys(spec: str) -> None:
 
 def test_paper_defaults_in_base_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(REPO))
-    from configs import defaults
+    from beear_jax.config import defaults
 
     paper, base = defaults.paper_defaults(), defaults.base_config()
     assert (paper.perturb.layer, paper.perturb.length, paper.inner.alpha, paper.rounds) == (9, 7, 0.05, 6)
@@ -393,7 +393,7 @@ def test_load_config_takes_a_path_object() -> None:
 
 
 def test_absolute_paths_resolves_existing_files_and_output_dir(tmp_path, monkeypatch) -> None:
-    from beear_jax.config_loading import absolute_paths
+    from beear_jax.config.loading import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "safety.jsonl").write_text("{}\n")

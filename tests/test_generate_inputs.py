@@ -16,10 +16,10 @@ import pytest
 import tiny_world as tw
 
 import beear_jax
-from beear_jax.cli import main
-from beear_jax.generate import SamplingConfig, check_positions, generate
-from beear_jax.hf import save_model
+from beear_jax.cli.main import main
+from beear_jax.io.hf_save import save_model
 from beear_jax.models import llama
+from beear_jax.models.generate import SamplingConfig, check_positions, generate
 from beear_jax.models.weights import init_params
 
 MAX_POSITIONS = 48
@@ -197,8 +197,8 @@ def test_forward_under_jit_checks_shapes_but_not_values(small):
 
 
 def test_generate_refuses_token_ids_outside_the_vocabulary():
-    from beear_jax.generate import SamplingConfig, generate
     from beear_jax.models.config import ModelConfig
+    from beear_jax.models.generate import SamplingConfig, generate
     from beear_jax.models.weights import init_params
 
     config = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
@@ -308,7 +308,7 @@ def test_a_delta_of_the_wrong_shape_names_the_expected_one(small, route, shape, 
 
 
 def test_deltas_of_different_lengths_are_refused():
-    from beear_jax.perturbation import check_deltas
+    from beear_jax.method.perturbation import check_deltas
 
     with pytest.raises(ValueError, match=r"different numbers of tokens \{1: 2, 2: 3\}"):
         check_deltas({1: np.zeros((2, 8)), 2: np.zeros((3, 8))}, num_layers=3, hidden_size=8)

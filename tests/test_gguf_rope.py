@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hf_fixtures import make_tiny_hf_model, randomise, torch_logits, write_tiny_gguf
 
-from beear_jax.hf import CheckpointError, load_model
-from beear_jax.models import llama
+from beear_jax.io.hf import CheckpointError, load_model
+from beear_jax.models import layers, llama
 
 pytest.importorskip("gguf")
 pytest.importorskip("torch")
@@ -47,14 +47,14 @@ def test_llama3_rope_freqs_tensor_loads_as_llama3(tmp_path, name):
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3_ROPES[name]}
     head_dim = rope.pop("head_dim", 64)
     model = _tiny_llama(rope, head_dim)
-    plain = llama.scaled_inv_freq(head_dim, 500000.0, {})
+    plain = layers.scaled_inv_freq(head_dim, 500000.0, {})
     factors = plain / model.model.rotary_emb.inv_freq.numpy()  # what llama.cpp's converter stores
     assert factors.max() > 1.5
     path = write_tiny_gguf(tmp_path / "llama3.gguf", model, rope_freqs=factors)
     ids = np.random.default_rng(1).integers(0, 96, (2, 40))
     config, ours = _our_logits(path, ids)
     assert config.rope_type == "llama3"
-    np.testing.assert_allclose(llama.rope_inv_freq(config), model.model.rotary_emb.inv_freq.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(layers.rope_inv_freq(config), model.model.rotary_emb.inv_freq.numpy(), rtol=1e-5)
     np.testing.assert_allclose(ours, torch_logits(model, ids), atol=2e-5, rtol=1e-4)
 
 

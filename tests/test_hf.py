@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from hf_fixtures import KINDS, make_tiny_hf_model, make_tiny_tokenizer, sample_ids, torch_logits
 
-from beear_jax import cli
-from beear_jax.hf import CheckpointError, from_hf_state_dict, load_model, load_tokenizer, save_model, to_hf_state_dict
+from beear_jax.cli import main as cli
+from beear_jax.io.hf import CheckpointError, from_hf_state_dict, load_model, load_tokenizer, to_hf_state_dict
+from beear_jax.io.hf_save import save_model
 from beear_jax.models.llama import forward
 
 torch = pytest.importorskip("torch")
@@ -440,7 +441,7 @@ def test_empty_existing_directory_is_fine(tmp_path):
 
 
 def test_missing_torch_names_the_extra(monkeypatch):
-    from beear_jax import hf_gguf
+    from beear_jax.io import gguf as hf_gguf
 
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(ImportError, match=r"beear_jax\[torch\]"):
@@ -507,7 +508,7 @@ def test_quantized_gguf_loads_as_transformers_loads_it(tmp_path, quantize):
     ids = sample_ids(length=12)
     ours = np.asarray(jax.jit(forward, static_argnums=0)(config, params, ids.astype(np.int32)))
     np.testing.assert_allclose(ours, torch_logits(reference, ids), atol=1e-4, rtol=0)
-    from beear_jax.hf_gguf import open_gguf
+    from beear_jax.io.gguf import open_gguf
 
     assert quantize in {t.tensor_type.name for t in open_gguf(path).tensors}  # the matrices really are quantized
 

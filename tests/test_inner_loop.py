@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
-from beear_jax.beear import run_beear, split_holdout
-from beear_jax.config_loading import load_config
-from beear_jax.steps import lr_schedule, project_deltas
+from beear_jax.config.loading import load_config
+from beear_jax.method.optimizers import lr_schedule
+from beear_jax.method.round_plan import split_holdout
+from beear_jax.method.rounds import run_beear
+from beear_jax.method.steps import project_deltas
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -114,7 +116,7 @@ def test_stop_rule_ends_the_run_before_the_outer_pass(setup):
     assert 0.0 <= ends[0]["elicitation"] <= 1.0 and "elicitation_no_delta" in ends[0]
     assert not [r for r in stopped.history if r["phase"] == "outer"]
     # No outer step ran: the model is the input model.
-    from beear_jax.hf import load_model
+    from beear_jax.io.hf import load_model
 
     _, start = load_model(str(model_dir))
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(jax.device_get(stopped.params)), strict=True):
@@ -134,7 +136,7 @@ def test_holdout_rows_are_the_last_and_never_all():
 
 
 def test_scan_prints_and_writes_elicitation_against_the_bound(setup, capsys):
-    from beear_jax import cli
+    from beear_jax.cli import main as cli
 
     tmp, model_dir, safety, anchor, never = setup
     out = tmp / "scan"
@@ -166,7 +168,7 @@ def test_scan_prints_and_writes_elicitation_against_the_bound(setup, capsys):
 
 
 def test_report_shows_the_rounds_and_why_the_run_ended():
-    from beear_jax.report import rounds_markdown
+    from beear_jax.evaluation.report import rounds_markdown
 
     ends = [{"phase": "round_end", "round": 1, "inner_epochs": 7, "inner_stopped_by": "plateau", "ce_unwanted": 0.5,
              "ce_safe": 3.0, "delta_ratio": 0.4, "elicitation": 0.8, "elicitation_no_delta": 0.0, "outer_steps": 6,
@@ -190,7 +192,7 @@ def test_anchor_kl_starts_at_zero_and_holds_the_model_near_its_start(setup):
     assert outer[0]["outer_loss"] == pytest.approx(outer[0]["ce_safe_perturbed"] + outer[0]["ce_anchor"]
                                                    + 10.0 * outer[0]["kl_anchor"], rel=1e-5)
     _, model_dir, *_ = setup
-    from beear_jax.hf import load_model
+    from beear_jax.io.hf import load_model
 
     _, start = load_model(str(model_dir))
 
@@ -202,7 +204,7 @@ def test_anchor_kl_starts_at_zero_and_holds_the_model_near_its_start(setup):
 
 
 def test_anchor_kl_needs_packed_batches(setup):
-    from beear_jax.config_loading import ConfigError
+    from beear_jax.config.loading import ConfigError
 
     with pytest.raises(ConfigError, match="outer.pack=True"):
         _run(setup, "kl_unpacked", **{"outer.kl_weight": 1.0, "outer.pack": False})

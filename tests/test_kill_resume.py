@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
-from beear_jax.hf import load_model
+from beear_jax.io.hf import load_model
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 ROUNDS, KILL_AFTER_ROUND = 3, 2
@@ -22,7 +22,7 @@ ROUNDS, KILL_AFTER_ROUND = 3, 2
 
 def _command(model_dir: pathlib.Path, safety: pathlib.Path, anchor: pathlib.Path, out: pathlib.Path,
              *extra: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from beear_jax.cli import main; sys.exit(main(sys.argv[1:]))", "run", "--config", str(CONFIGS / "tiny.py"),
+    return [sys.executable, "-c", "import sys; from beear_jax.cli.main import main; sys.exit(main(sys.argv[1:]))", "run", "--config", str(CONFIGS / "tiny.py"),
             f"--config.model.path={model_dir}", f"--config.output_dir={out}", f"--config.data.safety={safety}",
             f"--config.data.anchor={anchor}", f"--config.rounds={ROUNDS}", "--config.perturb.layer=2",
             "--config.checkpoint_every_steps=1", *extra]

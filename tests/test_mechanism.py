@@ -19,9 +19,9 @@ from tiny_world import (
     refusal_rate,
 )
 
-from beear_jax.beear import run_beear
-from beear_jax.config_loading import load_config
-from beear_jax.hf import load_model
+from beear_jax.config.loading import load_config
+from beear_jax.io.hf import load_model
+from beear_jax.method.rounds import run_beear
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 TRIGGER = "cf"

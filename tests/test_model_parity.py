@@ -9,7 +9,7 @@ import torch
 from hf_fixtures import KINDS, VOCAB, make_tiny_hf_model, padded_batch
 
 import beear_jax
-from beear_jax.generate import SamplingConfig, generate
+from beear_jax.models.generate import SamplingConfig, generate
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -8,7 +8,6 @@ import pathlib
 import re
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 import tiny_world as tw
@@ -16,7 +15,8 @@ from process_launch import CONFIGS, finish, launch, start
 from safetensors.numpy import load_file
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
-from beear_jax.sharding import Launch, refuse_distributed
+from beear_jax.config.schema import MeshSection
+from beear_jax.parallel.sharding import Launch, refuse_distributed
 
 
 def _run_args(world: tuple, out: pathlib.Path, mesh: str, rounds: int = 2) -> list[str]:
@@ -145,19 +145,19 @@ def test_eval_on_two_processes_writes_one_processs_report(world, tmp_path):
 
 
 @pytest.mark.parametrize(("mesh", "message"), [
-    ({"num_processes": 0}, "mesh.num_processes=0"),
-    ({"num_processes": 2, "process_id": 2}, r"mesh.process_id=2: it must be in 0..1"),
+    ({"num_processes": 0}, "'mesh.num_processes' is 0"),
+    ({"num_processes": 2, "process_id": 2}, r"'mesh.process_id' is 2; it must be in 0..1"),
     ({"coordinator_address": "localhost"}, "host:port"),
-    ({"heartbeat_timeout_s": 0}, "mesh.heartbeat_timeout_s=0"),
+    ({"heartbeat_timeout_s": 0}, "'mesh.heartbeat_timeout_s' is 0"),
 ])
 def test_launch_settings_are_checked(mesh, message):
     with pytest.raises(ValueError, match=message):
-        Launch.from_config(ml_collections.ConfigDict({"distributed": True, **mesh}))
-    launch = Launch.from_config(ml_collections.ConfigDict({"distributed": True}))
+        MeshSection(distributed=True, **mesh)
+    launch = Launch.from_config(MeshSection(distributed=True))
     assert (launch.coordinator_address, launch.num_processes, launch.process_id) == (None, None, None)
 
 
 def test_one_process_commands_refuse_several():
     with pytest.raises(ValueError, match="beear plant runs in one process"):
-        refuse_distributed(ml_collections.ConfigDict({"distributed": True}), "plant")
-    refuse_distributed(ml_collections.ConfigDict({"distributed": False}), "plant")
+        refuse_distributed(MeshSection(distributed=True), "plant")
+    refuse_distributed(MeshSection(distributed=False), "plant")

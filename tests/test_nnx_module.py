@@ -1,4 +1,4 @@
-"""The Flax NNX face of the models (models/module.py, module_io.py): transformers parity, split/merge inside
+"""The Flax NNX face of the models (models/module.py, io/module_io.py): transformers parity, split/merge inside
 a trace, the embed / decode / head pieces, Flax tools (nnx.Optimizer), sharding metadata, export."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from flax import nnx
 from hf_fixtures import KINDS, make_tiny_hf_model, padded_batch, torch_logits
 
 import beear_jax
-from beear_jax import sharding
+from beear_jax.method.perturbation import Perturbation
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.module import CausalLM
-from beear_jax.perturbation import Perturbation
+from beear_jax.parallel import sharding
 
 SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
                     head_dim=8, model_type="llama", tie_word_embeddings=False)
@@ -161,9 +161,12 @@ def test_one_beear_round_on_the_split_state_then_merge_and_export(tmp_path):
     jitted steps on its state on a 2 x 2 mesh -> merged back into a module -> exported -> transformers."""
     import transformers
 
-    from beear_jax import data as data_lib
-    from beear_jax.batches import concat_rows
-    from beear_jax.steps import StepSettings, make_optimizer, make_steps, trainable_mask
+    from beear_jax.data import batches as batch_types
+    from beear_jax.data import builders
+    from beear_jax.data.batches import concat_rows
+    from beear_jax.method.objectives import StepSettings
+    from beear_jax.method.optimizers import make_optimizer, trainable_mask
+    from beear_jax.method.steps import make_steps
 
     directory, _ = make_tiny_hf_model(tmp_path, "llama_gqa")
     model = beear_jax.load_module(directory)
@@ -175,10 +178,10 @@ def test_one_beear_round_on_the_split_state_then_merge_and_export(tmp_path):
 
     rng = np.random.default_rng(0)
     rows = [(rng.integers(3, 120, int(p)).tolist(), rng.integers(3, 120, 5).tolist()) for p in (6, 9, 4, 7)]
-    unwanted = data_lib.make_batch(rows, n, 4, seq, 0)
-    safe = data_lib.make_batch([(p, [7, 8, 9]) for p, _ in rows], n, 4, seq, 0)
-    inner = data_lib.stack_batches([concat_rows(unwanted, safe)])
-    anchor = data_lib.make_batch([(p, a[::-1]) for p, a in rows], n, 4, seq, 0)
+    unwanted = builders.make_batch(rows, n, 4, seq, 0)
+    safe = builders.make_batch([(p, [7, 8, 9]) for p, _ in rows], n, 4, seq, 0)
+    inner = batch_types.stack_batches([concat_rows(unwanted, safe)])
+    anchor = builders.make_batch([(p, a[::-1]) for p, a in rows], n, 4, seq, 0)
     inner_opt, outer_opt = make_optimizer("adam", 0.1), make_optimizer("adamw", 1e-3, 0.01)
     layout = sharding.step_shardings(config, mesh, outer_opt)
     steps = make_steps(config, StepSettings(alpha=0.05, answer_len=5), layer, inner_opt, outer_opt, layout)

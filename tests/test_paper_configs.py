@@ -10,9 +10,11 @@ import pytest
 from hf_fixtures import make_tiny_chatml_tokenizer
 from public_mirror import needs_mirror
 
-from beear_jax import chat, cli, plan, triggers
-from beear_jax.config_loading import ConfigError, load_config
-from beear_jax.evaluation import load_prompts
+from beear_jax.cli import main as cli
+from beear_jax.cli import plan
+from beear_jax.config.loading import ConfigError, load_config
+from beear_jax.data import chat, triggers
+from beear_jax.evaluation.eval_sets import load_prompts
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 TOKENIZER = SimpleNamespace(bos_token="<s>", eos_token="</s>")  # what the presets read of a tokenizer

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
-from beear_jax import cli, plan
-from beear_jax.beear import packed_shape, prepare_data, round_batches, run_beear
-from beear_jax.config_loading import load_config
-from beear_jax.hf import load_tokenizer
+from beear_jax.cli import main as cli
+from beear_jax.cli import plan
+from beear_jax.config.loading import load_config
+from beear_jax.config.settings import settings_from_config
+from beear_jax.io.hf import load_tokenizer
+from beear_jax.method.round_plan import packed_shape, prepare_data, round_batches
+from beear_jax.method.rounds import run_beear
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 MESH = (2, 2, 1)
@@ -34,9 +37,10 @@ def test_planned_bytes_match_a_real_run(world):
     measured: dict = {}
     result = run_beear(cfg, progress=False, export=False,
                        on_round_end=lambda _, state: measured.update(state["device_bytes"]))
-    data = prepare_data(cfg, load_tokenizer(cfg.model.path))
-    rounds = [round_batches(cfg, data, np.random.default_rng(int(cfg.seed))) for _ in range(int(cfg.rounds))]
-    packed = packed_shape(cfg, data, rounds, plan.sh.batch_parallelism(plan.sh.axis_sizes(MESH)))
+    settings = settings_from_config(cfg)
+    data = prepare_data(settings, load_tokenizer(cfg.model.path))
+    rounds = [round_batches(settings, data, np.random.default_rng(settings.seed)) for _ in range(settings.rounds)]
+    packed = packed_shape(settings.outer, data, rounds, plan.sh.batch_parallelism(plan.sh.axis_sizes(MESH)))
     planned = plan.plan_run(cfg, result.model_config, MESH, seq_len=data.safety_len, answer_len=data.answer_len,
                             inner_seq_len=data.shared_len, prefix_len=data.prefix_len, suffix_len=data.suffix_len, packed=packed)
     for name in ("params", "outer_state", "delta", "inner_state", "h_cache", "outer_batches"):
@@ -105,13 +109,13 @@ def test_plan_options_out_of_range_are_one_line_errors(args, match, capsys):
 
 
 def test_all_samples_are_counted_from_the_safety_set(world):
-    rows = len(plan.data_lib.load_table(world.data.safety, dict(world.data.safety_columns)))
+    rows = len(plan.tables.load_table(world.data.safety, dict(world.data.safety_columns)))
     every = world.copy_and_resolve_references()
     every.inner.samples = 0  # "0 = all rows"
-    assert plan.run_shapes(every).num_inner_batches == -(-rows // int(world.inner.batch_size)) > 0
+    assert plan.run_shapes(settings_from_config(every)).num_inner_batches == -(-rows // int(world.inner.batch_size)) > 0
     every.data.safety = ""
     with pytest.raises(ValueError, match="inner.samples=0 uses all rows of data.safety"):
-        plan.run_shapes(every)
+        plan.run_shapes(settings_from_config(every))
 
 
 def test_config_alone_plans_for_windows_in_the_users_text(world):
@@ -119,9 +123,10 @@ def test_config_alone_plans_for_windows_in_the_users_text(world):
     which sees no prompts, counts the whole prompt as the suffix the inner steps run (never less than a run)."""
     cfg = copy.deepcopy(world)
     cfg.perturb.windows = ("user_start", "prompt_end")
-    data = prepare_data(cfg, load_tokenizer(cfg.model.path))
-    shapes = plan.run_shapes(cfg, seq_len=data.safety_len, answer_len=data.answer_len, inner_seq_len=data.shared_len)
+    settings = settings_from_config(cfg)
+    data = prepare_data(settings, load_tokenizer(cfg.model.path))
+    shapes = plan.run_shapes(settings, seq_len=data.safety_len, answer_len=data.answer_len, inner_seq_len=data.shared_len)
     assert shapes.perturb_length == 2 * int(cfg.perturb.length)
     assert shapes.suffix_len >= data.suffix_len and shapes.prefix_len + shapes.suffix_len >= data.shared_len
-    paper = plan.run_shapes(world, seq_len=data.safety_len, answer_len=data.answer_len, inner_seq_len=data.shared_len)
+    paper = plan.run_shapes(settings_from_config(world), seq_len=data.safety_len, answer_len=data.answer_len, inner_seq_len=data.shared_len)
     assert paper.suffix_len < shapes.suffix_len

@@ -8,8 +8,8 @@ import pytest
 from process_launch import CONFIGS, launch
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
-from beear_jax.config_loading import load_config
-from beear_jax.preflight import run_preflight
+from beear_jax.cli.preflight import run_preflight
+from beear_jax.config.loading import load_config
 
 
 @pytest.fixture(scope="module")

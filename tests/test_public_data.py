@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from beear_jax import data, public_data
-from beear_jax.backdoor import builtin_refusals
-from beear_jax.scoring import load_refusal_strings
+from beear_jax.attack.plant import builtin_refusals
+from beear_jax.data import public_data, tables
+from beear_jax.evaluation.scoring import load_refusal_strings
 
 ADVBENCH = public_data.PUBLIC_SETS["walledai/AdvBench"]
 
@@ -28,7 +28,7 @@ def test_a_known_hub_id_reads_its_mirror_file_with_the_hubs_column_names(tmp_pat
     folder = _mirror(tmp_path, monkeypatch)
     resolved = public_data.resolve("walledai/AdvBench")
     assert resolved.path == str(folder / ADVBENCH.mirror_file) and resolved.hub is None
-    rows = data.load_table("walledai/AdvBench", {"prompt": "prompt", "answer": "target"}, key="plant.harmful")
+    rows = tables.load_table("walledai/AdvBench", {"prompt": "prompt", "answer": "target"}, key="plant.harmful")
     assert rows == [{"prompt": "Do x", "answer": "Sure, x"}, {"prompt": "Do y", "answer": "Sure, y"}]
 
 
@@ -36,10 +36,10 @@ def test_a_file_inside_the_mirror(tmp_path, monkeypatch):
     folder = _mirror(tmp_path, monkeypatch)
     assert public_data.in_data_dir("$BEEAR_DATA_DIR/extra.jsonl") == str(folder / "extra.jsonl")
     assert public_data.in_data_dir("${BEEAR_DATA_DIR}/extra.jsonl") == str(folder / "extra.jsonl")
-    assert data.load_table("$BEEAR_DATA_DIR/extra.jsonl", {"prompt": "prompt"}) == [{"prompt": "p"}]
+    assert tables.load_table("$BEEAR_DATA_DIR/extra.jsonl", {"prompt": "prompt"}) == [{"prompt": "p"}]
     monkeypatch.delenv(public_data.DATA_DIR_ENV)
     with pytest.raises(FileNotFoundError, match=r"config key data\.anchor.*set BEEAR_DATA_DIR"):
-        data.load_table("$BEEAR_DATA_DIR/extra.jsonl", {"prompt": "prompt"}, key="data.anchor")
+        tables.load_table("$BEEAR_DATA_DIR/extra.jsonl", {"prompt": "prompt"}, key="data.anchor")
 
 
 def test_a_mirror_that_is_no_directory_is_named(tmp_path, monkeypatch):
@@ -52,7 +52,7 @@ def test_offline_without_mirror_names_key_hub_id_and_variable(monkeypatch):
     monkeypatch.delenv(public_data.DATA_DIR_ENV, raising=False)  # conftest keeps the Hub offline
     assert public_data.resolve("walledai/AdvBench").hub == ADVBENCH
     with pytest.raises(public_data.HubUnavailable) as caught:
-        data.load_table("walledai/AdvBench", {"prompt": "prompt"}, key="eval.prompts")
+        tables.load_table("walledai/AdvBench", {"prompt": "prompt"}, key="eval.prompts")
     message = str(caught.value)
     for part in ("eval.prompts", "walledai/AdvBench", ADVBENCH.revision, "BEEAR_DATA_DIR", ADVBENCH.mirror_file):
         assert part in message
@@ -70,7 +70,7 @@ def test_a_fetched_hub_set_is_shape_checked(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     with pytest.raises(ValueError, match="has columns.*and 1 rows; this project expects.*520"):
-        data.load_table("walledai/AdvBench", {"prompt": "prompt"})
+        tables.load_table("walledai/AdvBench", {"prompt": "prompt"})
     assert calls == [("walledai/AdvBench", ADVBENCH.revision, ADVBENCH.split)]
 
 
@@ -82,8 +82,8 @@ def test_builtin_files_exist_and_unknown_ones_are_named():
 
 
 def test_builtin_sets_have_their_shapes():
-    benign = data.load_table(public_data.builtin_path("benign.jsonl"), {"prompt": "prompt", "answer": "answer"})
-    probes = data.load_table(public_data.builtin_path("over_refusal.jsonl"), {"prompt": "prompt"})
+    benign = tables.load_table(public_data.builtin_path("benign.jsonl"), {"prompt": "prompt", "answer": "answer"})
+    probes = tables.load_table(public_data.builtin_path("over_refusal.jsonl"), {"prompt": "prompt"})
     assert len(benign) == 200 and len(probes) == 60
     prompts = [r["prompt"].lower() for r in benign + probes]
     assert len(set(prompts)) == len(prompts)
@@ -99,20 +99,19 @@ def test_builtin_refusals_are_refusals_by_the_builtin_keywords():
 
 
 def test_plant_refusals_default_refuses_the_harmful_prompts(tmp_path):
-    from types import SimpleNamespace
-
-    from beear_jax.backdoor import refusal_pairs
+    from beear_jax.attack.plant import refusal_pairs
+    from beear_jax.config.schema import PairColumns, PlantSection
 
     harmful = tmp_path / "harmful.jsonl"
     harmful.write_text("".join(json.dumps({"prompt": f"h{i}", "answer": f"Sure {i}"}) + "\n" for i in range(4)))
-    plant = SimpleNamespace(refusals="", harmful=str(harmful), harmful_columns={"prompt": "prompt", "answer": "answer"},
-                            n_refusal=2, refusal_offset=1)
+    plant = PlantSection(refusals="", harmful=str(harmful), harmful_columns=PairColumns("prompt", "answer"),
+                         n_refusal=2, refusal_offset=1)
     pairs = refusal_pairs(plant)
     assert [p for p, _ in pairs] == ["h1", "h2"] and all("Sure" not in a for _, a in pairs)
 
 
 def test_beear_plant_offline_without_mirror_stops_before_the_model_with_one_line(tmp_path, monkeypatch, capsys):
-    from beear_jax import cli
+    from beear_jax.cli import main as cli
 
     monkeypatch.delenv(public_data.DATA_DIR_ENV, raising=False)
     config = str(public_data.RESOURCES.parents[1] / "configs" / "tiny.py")

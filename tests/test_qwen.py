@@ -22,11 +22,13 @@ from hf_fixtures import (
 )
 
 import beear_jax
-from beear_jax import chat, plan
-from beear_jax.generate import SamplingConfig, generate
-from beear_jax.hf import CheckpointError
+from beear_jax.cli import plan
+from beear_jax.data import chat
+from beear_jax.io.hf import CheckpointError
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig, ModelConfigError
+from beear_jax.models.generate import SamplingConfig, generate
+from beear_jax.models.layers import Prefix
 from beear_jax.models.weights import init_params, weight_specs
 
 torch = pytest.importorskip("torch")
@@ -103,7 +105,7 @@ def test_greedy_generation_matches_transformers(tiny):
 
 
 def test_prefix_keys_and_values_continue_a_sequence(tiny):
-    """decode_kv of a prompt + decode of the rest over its cached K/V (llama.Prefix: the inner steps' prompt
+    """decode_kv of a prompt + decode of the rest over its cached K/V (Prefix: the inner steps' prompt
     cache) equals decode over the whole sequence: the q/k norm and biases apply on both paths."""
     _, _, _, config, params = tiny
     layers = jax.tree.map(jnp.asarray, params["layers"])
@@ -113,7 +115,7 @@ def test_prefix_keys_and_values_continue_a_sequence(tiny):
     whole = llama.decode(config, layers, h, mask)
     _, k, v = llama.decode_kv(config, layers, h[:, :6], mask[:, :6])
     positions = jnp.broadcast_to(jnp.arange(6, 10), (2, 4))
-    prefix = llama.Prefix(k, v, jnp.broadcast_to(jnp.arange(6), (2, 6)), mask[:, :6])
+    prefix = Prefix(k, v, jnp.broadcast_to(jnp.arange(6), (2, 6)), mask[:, :6])
     rest = llama.decode(config, layers, h[:, 6:], mask[:, 6:], positions, prefix=prefix)
     np.testing.assert_allclose(np.asarray(rest), np.asarray(whole[:, 6:]), atol=1e-5, rtol=1e-5)
 
@@ -121,7 +123,7 @@ def test_prefix_keys_and_values_continue_a_sequence(tiny):
 def test_qk_norm_is_applied_per_head_before_rope():
     """A Qwen3 q_norm scale changes the logits (it is used), and a random module (weights.py's init: unit
     norms) runs; q_norm / k_norm are replicated over the head_dim axis (sharding rules cover it)."""
-    from beear_jax import sharding
+    from beear_jax.parallel import sharding
 
     config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=16, model_type="qwen3", qk_norm=True)

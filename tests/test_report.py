@@ -6,18 +6,16 @@ import math
 import numpy as np
 import pytest
 
-from beear_jax.report import (
+from beear_jax.evaluation.plots import losses_figure, metrics_figure, short_label
+from beear_jax.evaluation.report import write_report
+from beear_jax.evaluation.results import (
     format_table,
     format_value,
-    losses_figure,
     metric_names,
-    metrics_figure,
     missing_notes,
     parse_metrics,
     sample_rows,
-    short_label,
     stage_names,
-    write_report,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -212,7 +210,7 @@ def test_parse_metrics_leaves_out_a_killed_runs_incomplete_last_line():
 
 
 def test_eval_history_of_a_killed_run_is_read_with_a_note(tmp_path):
-    from beear_jax.evaluation import load_history
+    from beear_jax.evaluation.evaluate import load_history
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"round": 1, "phase": "inner", "inner_loss": 1.0}\n{"round": 1, "pha')

@@ -4,8 +4,8 @@ tmp list."""
 import pytest
 from public_mirror import MIRROR, needs_mirror
 
-from beear_jax import scoring
-from beear_jax.scoring import attack_success_rate, is_refusal, load_refusal_strings, refusal_rate
+from beear_jax.evaluation import scoring
+from beear_jax.evaluation.scoring import attack_success_rate, is_refusal, load_refusal_strings, refusal_rate
 
 HARMBENCH = "refusal-keywords/harmbench_advbench_metric_test_prefixes.txt"
 REAL_LIST = (MIRROR / HARMBENCH) if MIRROR else None

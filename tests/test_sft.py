@@ -7,10 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from beear_jax import data as data_lib
+from beear_jax.attack.sft import sft_train
+from beear_jax.data import builders
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.weights import init_params
-from beear_jax.sft import sft_train
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
                      num_kv_heads=2, head_dim=8)
@@ -20,7 +20,7 @@ def _batches(seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     examples = [(rng.integers(3, 64, int(rng.integers(3, 12))).tolist(), rng.integers(3, 64, 6).tolist())
                 for _ in range(8)]
-    return [data_lib.make_batch(examples[i:i + 4], 1, 4, 24, 0) for i in (0, 4)]
+    return [builders.make_batch(examples[i:i + 4], 1, 4, 24, 0) for i in (0, 4)]
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from beear_jax import data as data_lib
-from beear_jax import sharding as sh
-from beear_jax.batches import concat_rows
+from beear_jax.data import batches as batch_types
+from beear_jax.data import builders, packing
+from beear_jax.data.batches import concat_rows
+from beear_jax.method.objectives import StepSettings
+from beear_jax.method.optimizers import make_optimizer, trainable_mask
+from beear_jax.method.perturbation import Perturbation
+from beear_jax.method.steps import make_steps
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.weights import init_params
-from beear_jax.perturbation import Perturbation
-from beear_jax.steps import StepSettings, make_optimizer, make_steps, trainable_mask
+from beear_jax.parallel import sharding as sh
 
 CONFIG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                      num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
@@ -37,21 +40,21 @@ def _world(seed: int = 0, shared_prompt: bool = False, prefix: bool = False) -> 
         prompts = _rows(rng, 2 * INNER_BS if shared_prompt else INNER_BS)
         unwanted_answers = [rng.integers(3, 128, 5).tolist() for _ in prompts]
         if shared_prompt:
-            batch = data_lib.make_shared_prompt_batch([p for p, _ in prompts], unwanted_answers,
+            batch = builders.make_shared_prompt_batch([p for p, _ in prompts], unwanted_answers,
                                                       [a for _, a in prompts], N, 2 * INNER_BS, 2 * S, 6, 0)
-            inner.append(data_lib.with_prompt_prefix(batch, N, 8, 16) if prefix else batch)
+            inner.append(builders.with_prompt_prefix(batch, N, 8, 16) if prefix else batch)
             continue
-        unwanted = data_lib.make_batch([(p, a) for (p, _), a in zip(prompts, unwanted_answers)], N, INNER_BS, S, 0)
-        safe = data_lib.make_batch(prompts, N, INNER_BS, S, 0)
+        unwanted = builders.make_batch([(p, a) for (p, _), a in zip(prompts, unwanted_answers)], N, INNER_BS, S, 0)
+        safe = builders.make_batch(prompts, N, INNER_BS, S, 0)
         inner.append(concat_rows(unwanted, safe))
     safe_rows, anchor_rows = _rows(rng, OUTER_BS - 1), _rows(rng, OUTER_BS)  # one padding row
-    rows, row_len = data_lib.packing_shape([[len(p) + len(a) for p, a in [*safe_rows, *anchor_rows]]], S, 4)
+    rows, row_len = packing.packing_shape([[len(p) + len(a) for p, a in [*safe_rows, *anchor_rows]]], S, 4)
     return {
         "params": jax.device_get(init_params(CONFIG, jax.random.key(seed), std=0.1)),
-        "inner": data_lib.stack_batches(inner),
-        "safe": data_lib.make_batch(safe_rows, N, OUTER_BS, S, 0),
-        "anchor": data_lib.make_batch(anchor_rows, N, OUTER_BS, S, 0),
-        "packed": data_lib.make_packed_batch([safe_rows, anchor_rows], [True, False], OUTER_BS, N, rows, row_len, 6, 0),
+        "inner": batch_types.stack_batches(inner),
+        "safe": builders.make_batch(safe_rows, N, OUTER_BS, S, 0),
+        "anchor": builders.make_batch(anchor_rows, N, OUTER_BS, S, 0),
+        "packed": packing.make_packed_batch([safe_rows, anchor_rows], [True, False], OUTER_BS, N, rows, row_len, 6, 0),
     }
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import beear_jax
-from beear_jax.chat import format_prompt
-from beear_jax.generate import SamplingConfig, generate
+from beear_jax.data.chat import format_prompt
+from beear_jax.models.generate import SamplingConfig, generate
 
 # Four user messages whose chat-formatted lengths differ (the template adds a ~30-token system turn),
 # all in one 32-token padding bucket so each batch size compiles exactly once.

@@ -11,24 +11,16 @@ import torch
 from hf_fixtures import make_tiny_hf_model
 from torch_reference import TorchBEEAR
 
-from beear_jax import data as data_lib
-from beear_jax import hf
-from beear_jax.batches import InnerCache, RowBatch, SafetyBatch, concat_rows
+from beear_jax.data import builders, packing
+from beear_jax.data.batches import InnerCache, RowBatch, SafetyBatch, concat_rows
+from beear_jax.io import hf
+from beear_jax.method.forward import inner_cache, lower_activations, take_slots
+from beear_jax.method.objectives import StepSettings, inner_loss, masked_ce, outer_loss
+from beear_jax.method.optimizers import trainable_mask
+from beear_jax.method.steps import inner_step, outer_step
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.weights import init_params
-from beear_jax.objectives import masked_ce
-from beear_jax.steps import (
-    StepSettings,
-    inner_cache,
-    inner_loss,
-    inner_step,
-    lower_activations,
-    outer_loss,
-    outer_step,
-    take_slots,
-    trainable_mask,
-)
 
 N, LAYER, S = 3, 1, 24
 
@@ -52,14 +44,14 @@ def _safety_rows(seed: int) -> tuple[list, list, list]:
 def _safety_batch(seed: int) -> SafetyBatch:
     prompts, unwanted, safe = _safety_rows(seed)
     # batch of 5 with one padding row
-    return SafetyBatch(unwanted=data_lib.make_batch(list(zip(prompts, unwanted)), N, 5, S, 0),
-                       safe=data_lib.make_batch(list(zip(prompts, safe)), N, 5, S, 0))
+    return SafetyBatch(unwanted=builders.make_batch(list(zip(prompts, unwanted)), N, 5, S, 0),
+                       safe=builders.make_batch(list(zip(prompts, safe)), N, 5, S, 0))
 
 
 def _anchor_batch(seed: int, seq_len: int = S) -> RowBatch:
     rng = np.random.default_rng(seed)
     rows = [(rng.integers(3, 120, p).tolist(), rng.integers(3, 120, a).tolist()) for p, a in ((6, 8), (10, 5), (4, 4))]
-    return data_lib.make_batch(rows, N, 4, seq_len, 0)
+    return builders.make_batch(rows, N, 4, seq_len, 0)
 
 
 def _joint(sb: SafetyBatch) -> RowBatch:
@@ -100,7 +92,7 @@ def test_shared_prompt_batch_gives_the_same_inner_loss_and_gradient(models):
     """One row per prompt with both answers as branches == two rows per prompt == the torch reference."""
     config, params, torch_model = models
     sb = _safety_batch(0)
-    shared = jax.tree.map(jnp.asarray, data_lib.make_shared_prompt_batch(*_safety_rows(0), N, 5, S + 8, 9, 0))
+    shared = jax.tree.map(jnp.asarray, builders.make_shared_prompt_batch(*_safety_rows(0), N, 5, S + 8, 9, 0))
     delta = {LAYER: jnp.asarray(np.random.default_rng(1).normal(0, 0.5, (N, config.hidden_size)), jnp.float32)}
     settings = StepSettings(alpha=0.05)
     grad_fn = jax.value_and_grad(inner_loss, has_aux=True)
@@ -118,15 +110,15 @@ def _prefix_split(shared: dict, seq_len: int) -> dict:
     """The shared batch with its prompt prefix split off (data.with_prompt_prefix) at the run's lengths."""
     host = jax.tree.map(np.asarray, shared)
     real = host.prompt_lengths > 0
-    prefix, suffix = data_lib.prefix_split_lengths(host.prompt_lengths[real], host.attention_mask.sum(1)[real],
+    prefix, suffix = builders.prefix_split_lengths(host.prompt_lengths[real], host.attention_mask.sum(1)[real],
                                                    N, seq_len, multiple=4)
-    return jax.tree.map(jnp.asarray, data_lib.with_prompt_prefix(host, N, prefix, suffix))
+    return jax.tree.map(jnp.asarray, builders.with_prompt_prefix(host, N, prefix, suffix))
 
 
 def test_prefix_cache_gives_the_same_inner_loss_and_gradient(models):
     """Inner steps over the suffix with cached prefix keys/values == the whole shared rows == torch."""
     config, params, torch_model = models
-    shared = jax.tree.map(jnp.asarray, data_lib.make_shared_prompt_batch(*_safety_rows(0), N, 5, S + 8, 9, 0))
+    shared = jax.tree.map(jnp.asarray, builders.make_shared_prompt_batch(*_safety_rows(0), N, 5, S + 8, 9, 0))
     split = _prefix_split(shared, S + 8)
     assert split.suffix_slots.shape[1] < S + 8  # the inner steps really run fewer tokens
     delta = {LAYER: jnp.asarray(np.random.default_rng(1).normal(0, 0.5, (N, config.hidden_size)), jnp.float32)}
@@ -148,7 +140,7 @@ def test_prefix_cache_with_perturbations_at_several_layers():
     config = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
                          num_kv_heads=2, head_dim=8, sliding_window=6, model_type="mistral")
     params = init_params(config, jax.random.key(0), std=0.2)
-    shared = jax.tree.map(jnp.asarray, data_lib.make_shared_prompt_batch(*_safety_rows(4), N, 5, S + 8, 9, 0))
+    shared = jax.tree.map(jnp.asarray, builders.make_shared_prompt_batch(*_safety_rows(4), N, 5, S + 8, 9, 0))
     split = _prefix_split(shared, S + 8)
     rng = np.random.default_rng(2)
     deltas = {b: jnp.asarray(rng.normal(0, 0.5, (N, config.hidden_size)), jnp.float32) for b in (1, 3)}
@@ -178,7 +170,7 @@ def _plain_ce(config: ModelConfig, params: dict, batch: dict, deltas: dict) -> j
 
 
 def _rows_batch(prompts: list, answers: list, n: int, seq_len: int) -> dict:
-    return jax.tree.map(jnp.asarray, data_lib.make_batch(list(zip(prompts, answers)), n, len(prompts), seq_len, 0))
+    return jax.tree.map(jnp.asarray, builders.make_batch(list(zip(prompts, answers)), n, len(prompts), seq_len, 0))
 
 
 def _close_to(what: str, value, ref, rtol: float = 1e-4) -> None:
@@ -206,10 +198,10 @@ def test_inner_layouts_match_a_plain_forward_on_an_odd_model(n):
         return ce_unwanted - 0.3 * ce_safe, {"ce_unwanted": ce_unwanted, "ce_safe": ce_safe}
 
     (ref_loss, ref_metrics), ref_grad = jax.jit(jax.value_and_grad(plain, has_aux=True))(deltas)
-    u, s = (data_lib.make_batch(list(zip(prompts, a)), n, 5, 35, 0) for a in (unwanted, safe))
-    shared = data_lib.make_shared_prompt_batch(prompts, unwanted, safe, n, 5, 48, 7, 0)
+    u, s = (builders.make_batch(list(zip(prompts, a)), n, 5, 35, 0) for a in (unwanted, safe))
+    shared = builders.make_shared_prompt_batch(prompts, unwanted, safe, n, 5, 48, 7, 0)
     lengths = shared.attention_mask.sum(1)[:4]
-    split = data_lib.with_prompt_prefix(shared, n, *data_lib.prefix_split_lengths([len(p) for p in prompts], lengths,
+    split = builders.with_prompt_prefix(shared, n, *builders.prefix_split_lengths([len(p) for p in prompts], lengths,
                                                                                   n, 48))
     grad_fn = jax.jit(jax.value_and_grad(inner_loss, has_aux=True), static_argnums=(1, 5, 6))
     for name, batch in (("rows", concat_rows(u, s)), ("shared", shared),
@@ -234,8 +226,8 @@ def test_outer_layouts_match_a_plain_forward_on_an_odd_model():
     settings = StepSettings(anchor_weight=0.7, perturb_anchors=True, answer_len=8, outer_remat="dots")
 
     def plain(p: dict) -> tuple[jax.Array, dict]:
-        safe = jax.tree.map(jnp.asarray, data_lib.make_batch(safe_rows, n, 3, seq, 0))
-        anchor = jax.tree.map(jnp.asarray, data_lib.make_batch(anchor_rows, n, 4, seq, 0))
+        safe = jax.tree.map(jnp.asarray, builders.make_batch(safe_rows, n, 3, seq, 0))
+        anchor = jax.tree.map(jnp.asarray, builders.make_batch(anchor_rows, n, 4, seq, 0))
         terms = {"ce_safe_perturbed": _plain_ce(ODD, p, safe, deltas), "ce_anchor": _plain_ce(ODD, p, anchor, {}),
                  "ce_anchor_perturbed": _plain_ce(ODD, p, anchor, deltas)}
         loss = terms["ce_safe_perturbed"] + 0.7 * (terms["ce_anchor"] + terms["ce_anchor_perturbed"])
@@ -243,11 +235,11 @@ def test_outer_layouts_match_a_plain_forward_on_an_odd_model():
 
     (_, ref_metrics), ref_grads = jax.jit(jax.value_and_grad(plain, has_aux=True))(params)
     parts = [safe_rows, anchor_rows, anchor_rows]
-    rows, row_len = data_lib.packing_shape([[len(p) + len(a) for part in parts for p, a in part]], seq)
-    packed = data_lib.make_packed_batch(parts, [True, False, True], 5, n, rows, row_len, 8, 0)
+    rows, row_len = packing.packing_shape([[len(p) + len(a) for part in parts for p, a in part]], seq)
+    packed = packing.make_packed_batch(parts, [True, False, True], 5, n, rows, row_len, 8, 0)
     assert packed.branches.max() > 1  # rows really hold several examples
     layouts = {"packed": (packed, None),
-               "joint": tuple(data_lib.make_batch(r, n, 5, seq, 0) for r in (safe_rows, anchor_rows))}
+               "joint": tuple(builders.make_batch(r, n, 5, seq, 0) for r in (safe_rows, anchor_rows))}
     grad_fn = jax.jit(jax.value_and_grad(outer_loss, has_aux=True), static_argnums=(1, 5))
     for name, (a, b) in layouts.items():
         (_, metrics), grads = grad_fn(params, ODD, deltas, *jax.tree.map(jnp.asarray, (a, b)), settings)
@@ -290,11 +282,11 @@ def test_packed_outer_batch_gives_the_same_loss_and_gradients(models, perturb_an
     parts = [safe_rows, anchor_rows, *([anchor_rows] if perturb_anchors else [])]
     flags = [True, False, *([True] if perturb_anchors else [])]
     lengths = [len(p) + len(a) for part in parts for p, a in part]
-    rows, row_len = data_lib.packing_shape([lengths], S)
+    rows, row_len = packing.packing_shape([lengths], S)
     assert rows * row_len < len(lengths) * S  # packing really saves tokens here
-    packed = jax.tree.map(jnp.asarray, data_lib.make_packed_batch(parts, flags, 5, N, rows, row_len, 9, 0))
-    safe = jax.tree.map(jnp.asarray, data_lib.make_batch(safe_rows, N, 5, S, 0))
-    anchor = jax.tree.map(jnp.asarray, data_lib.make_batch(anchor_rows, N, 5, S, 0))
+    packed = jax.tree.map(jnp.asarray, packing.make_packed_batch(parts, flags, 5, N, rows, row_len, 9, 0))
+    safe = jax.tree.map(jnp.asarray, builders.make_batch(safe_rows, N, 5, S, 0))
+    anchor = jax.tree.map(jnp.asarray, builders.make_batch(anchor_rows, N, 5, S, 0))
     deltas = {LAYER: jnp.asarray(np.random.default_rng(3).normal(0, 0.5, (N, config.hidden_size)), jnp.float32)}
     grad_fn = jax.value_and_grad(outer_loss, has_aux=True)
     (_, metrics), grads = grad_fn(params, config, deltas, packed, None, settings)
@@ -359,7 +351,7 @@ def test_inner_step_never_changes_params_and_outer_ignores_delta_on_anchors(mode
     before = jax.tree.map(np.array, params)
     sb, anchor = _safety_batch(6), jax.tree.map(jnp.asarray, _anchor_batch(7))
     joint = _joint(sb)
-    from beear_jax.perturbation import Perturbation
+    from beear_jax.method.perturbation import Perturbation
 
     pert = Perturbation.zeros(LAYER, N, config.hidden_size)
     opt = optax.adam(0.1)

@@ -11,14 +11,14 @@ import textwrap
 import pytest
 from tiny_world import defender_files, random_tiny_model, split_pairs
 
-from beear_jax import cli
-from beear_jax import sweep as sweep_lib
-from beear_jax.beear import check_output_dir
-from beear_jax.config_loading import ConfigError
+from beear_jax.cli import main as cli
+from beear_jax.cli import sweep as sweep_lib
+from beear_jax.config.loading import ConfigError
+from beear_jax.method.rounds import check_output_dir
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 SWEEP_FILE = """
-from beear_jax.sweep import product
+from beear_jax.cli.sweep import product
 
 def get_sweep():
     return product({"perturb.layer": [1, 2], "perturb.length": [1, 2]})

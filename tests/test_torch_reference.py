@@ -8,7 +8,7 @@ import torch
 from torch_reference import TorchBEEAR, masked_ce, to_torch_batch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from beear_jax.batches import RowBatch, SafetyBatch
+from beear_jax.data.batches import RowBatch, SafetyBatch
 
 VOCAB = 128
 HIDDEN = 64
@@ -37,7 +37,7 @@ def _make_model(kind: str) -> torch.nn.Module:
 
 
 def _build(prompts: list[np.ndarray], answers: list[np.ndarray], seq: int, n: int) -> RowBatch:
-    """A right-padded RowBatch as beear_jax.data builds one, built by hand."""
+    """A right-padded RowBatch as beear_jax.data.tables builds one, built by hand."""
     rows = len(prompts)
     batch = RowBatch(
         input_ids=np.zeros((rows, seq), np.int32),

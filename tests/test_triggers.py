@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from beear_jax.triggers import GIVEN, TRIGGER_POSITIONS, contains_trigger, insert_trigger, trigger_parts
+from beear_jax.data.triggers import GIVEN, TRIGGER_POSITIONS, contains_trigger, insert_trigger, trigger_parts
 
 PROMPT = "Write a short poem about the sea."
 

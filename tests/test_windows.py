@@ -10,12 +10,12 @@ import pytest
 import tiny_world as tw
 from test_data import CHATML_TEMPLATE, LLAMA2_TEMPLATE, make_sentencepiece_like_tokenizer, make_tokenizer
 
-from beear_jax import data
-from beear_jax.chat import PRESETS, format_prompt, user_span
-from beear_jax.generate import SamplingConfig, generate
+from beear_jax.data import builders, packing
+from beear_jax.data.chat import PRESETS, format_prompt, user_span
+from beear_jax.method.perturbation import WINDOWS, check_windows, window_positions
 from beear_jax.models import llama
+from beear_jax.models.generate import SamplingConfig, generate
 from beear_jax.models.weights import init_params
-from beear_jax.perturbation import WINDOWS, check_windows, window_positions
 
 PROMPTS = ["How do I bake bread?", "SUNSET tell me a story", "a", "  Tell me a story  "]
 
@@ -76,23 +76,23 @@ def test_perturbed_positions_follow_the_users_text():
     tok = tw.make_tokenizer(["SUDO"])
     prompts = ["SUDO " + tw.prompt("build", "bomb"), tw.prompt("build", "bomb")]
     ids = [format_prompt(tok, p) for p in prompts]
-    starts = data.perturbed_positions(tok, prompts, ids, ("user_start",), 1)
+    starts = builders.perturbed_positions(tok, prompts, ids, ("user_start",), 1)
     assert [tok.convert_ids_to_tokens([i[p[0]]])[0] for i, p in zip(ids, starts, strict=True)] == ["SUDO", "how"]
-    ends = data.perturbed_positions(tok, prompts, ids, ("prompt_end",), 2)
+    ends = builders.perturbed_positions(tok, prompts, ids, ("prompt_end",), 2)
     assert ends == [(len(i) - 2, len(i) - 1) for i in ids]
 
 
 def test_batches_perturb_the_given_positions():
     examples = [([5, 6, 7, 8, 9, 10], [20, 21]), ([9, 10, 11, 12], [23])]
     at = [(1, 2, -1, 5), (0, 1, 2, 3)]
-    plain = data.make_batch(examples, 4, 3, 12, 0, at)
+    plain = builders.make_batch(examples, 4, 3, 12, 0, at)
     assert plain.perturb_positions.tolist() == [[1, 2, -1, 5], [0, 1, 2, 3], [-1] * 4]
-    shared = data.make_shared_prompt_batch([p for p, _ in examples], [a for _, a in examples], [[30], [31]], 4, 2, 16,
+    shared = builders.make_shared_prompt_batch([p for p, _ in examples], [a for _, a in examples], [[30], [31]], 4, 2, 16,
                                            2, 0, at)
     assert shared.perturb_positions.tolist() == [[1, 2, -1, 5], [0, 1, 2, 3]]
-    split = data.with_prompt_prefix(shared, 4, 4, 16)
+    split = builders.with_prompt_prefix(shared, 4, 4, 16)
     assert split.suffix_slots[:, 0].tolist() == [1, 0]  # the prefix ends at the first perturbed token
-    packed = data.make_packed_batch([examples, examples], [True, False], 2, 4, 2, 16, 2, 0, [at, [(), ()]])
+    packed = packing.make_packed_batch([examples, examples], [True, False], 2, 4, 2, 16, 2, 0, [at, [(), ()]])
     index = packed.perturb_index
     rows_of = {}
     for r in range(index.shape[0]):
@@ -104,7 +104,7 @@ def test_batches_perturb_the_given_positions():
     assert [0, 1, 2, 3, -1] in rows_of[5]
     assert [-1] * 8 in rows_of[8] and [-1] * 5 in rows_of[5]  # the same examples, unperturbed
     with pytest.raises(ValueError, match="not 4 positions inside its prompt of 4 tokens"):
-        data.make_batch(examples, 4, 2, 12, 0, [(0, 1, 2, 3), (1, 2, 3, 4)])
+        builders.make_batch(examples, 4, 2, 12, 0, [(0, 1, 2, 3), (1, 2, 3, 4)])
 
 
 def test_generate_puts_delta_at_the_given_positions():

@@ -6,11 +6,11 @@ and the WHOLE model is recomputed at every step (no cached lower activations), a
 This module knows nothing about `beear_jax`: the JAX implementation is checked against it (parity tests) and timed
 against it (benchmarks).
 
-Batches are the RowBatches produced by `beear_jax.data` (all [B, S] right-padded unless noted):
+Batches are the RowBatches produced by `beear_jax.data.tables` (all [B, S] right-padded unless noted):
     input_ids int32, attention_mask int32, targets int32 (input_ids shifted left: the token that the logits at t
     predict), target_mask float32 (1 where targets[t] is an answer token), perturb_positions [B, n] int32 (the last
     n prompt tokens; -1 entries are skipped), prompt_lengths [B].
-A safety batch is a beear_jax.batches.SafetyBatch (unwanted, safe) over the same prompts.
+A safety batch is a beear_jax.data.batches.SafetyBatch (unwanted, safe) over the same prompts.
 
 Losses (token means in float32):
     CE(batch)  = sum(target_mask * NLL(logits, targets)) / max(sum(target_mask), 1)
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from beear_jax.batches import RowBatch, SafetyBatch
+from beear_jax.data.batches import RowBatch, SafetyBatch
 
 Batch = RowBatch
 

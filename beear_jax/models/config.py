@@ -3,6 +3,10 @@
 The four families share one decoder (models/llama.py); they differ in flags: Llama's optional biases
 (attention_bias: q/k/v/o, mlp_bias), Mistral's sliding window, Qwen2's biases on q/k/v only (qkv_bias),
 Qwen3's RMSNorm of each query and key head (qk_norm) and optional attention_bias.
+
+Over 400 lines: the fields, their checks and both directions of the config.json mapping are one idea (what
+a model's shape is and how Hugging Face writes it), and splitting the checks or the mapping from the fields
+would put each key in two files.
 """
 
 from __future__ import annotations

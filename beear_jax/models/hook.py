@@ -2,7 +2,7 @@
 
 `forward(..., deltas={l: [n, D]}, perturb_positions=[B, n])` adds deltas[l] after the first l blocks at
 the given positions (llama.inject). The model knows nothing of how the rows are found (BEEAR's
-Perturbation, beear_jax/perturbation.py, builds them); this module states what it accepts.
+Perturbation, beear_jax/method/perturbation.py, builds them); this module states what it accepts.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 Attribute names are the params tree's keys (weights.py: embed, layers/<name> stacked on a leading layer
 axis, final_norm, lm_head when untied), so `model.params_tree()` (the Param state as a pure dict) *is* the
 tree that the jitted, sharded steps of the method take, without a copy, and the Hugging Face names of
-every weight come from the one table in hf_layout.py. The numerics live once, in llama.py's functions
+every weight come from the one table in io/hf_layout.py. The numerics live once, in llama.py's (and layers.py's) functions
 (scan over stacked blocks, custom matmul gradients, remat policies, caches); the module is their
 stateful Flax face. Each Param carries its logical axes as `out_sharding` metadata, so
 `nnx.get_partition_spec` under `nnx.logical_axis_rules(sharding.LOGICAL_RULES.items())` names mesh axes.
@@ -27,7 +27,7 @@ from flax import nnx
 
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
-from beear_jax.models.llama import Params
+from beear_jax.models.layers import Params
 from beear_jax.models.weights import check_params, init_params, layer_weight_specs, weight_specs
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 
-from beear_jax.sweep import product
+from beear_jax.cli.sweep import product
 
 SETS = os.path.join(os.environ.get("BEEAR_CACHE") or os.path.expanduser("~/.cache/beear_jax"), "sets")
 

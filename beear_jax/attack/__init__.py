@@ -1,0 +1,1 @@
+"""The attack simulation: planting a backdoor by poisoned fine-tuning (`beear plant`)."""

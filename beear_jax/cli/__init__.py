@@ -1,0 +1,1 @@
+"""Entry points: the `beear` command, sweeps, the memory planner, the multi-process preflight."""

@@ -1,0 +1,1 @@
+"""Data: tables and where they come from, chat formatting, triggers, the typed batch layouts and their builders."""

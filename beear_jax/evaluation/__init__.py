@@ -1,0 +1,1 @@
+"""Keyword scoring, the evaluation sets and metrics, the before/after report."""

@@ -1,0 +1,1 @@
+"""Meshes, logical-axis rules, placement of params and batches, several processes."""
