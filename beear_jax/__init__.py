@@ -4,7 +4,11 @@
     logits = model(input_ids, attention_mask)
     beear_jax.save_module("out/model", model, tokenizer_from="SmolLM2-135M-Instruct.Q4_1.gguf")
 
-The same as a (config, params tree) pair, which the pure steps of the method take:
+The whole job (evaluate the suspect model, repair it, evaluate again, one before/after report), as `beear defend`:
+
+    result = beear_jax.defend(config)   # a run config (configs/*.py) or its RunSettings; result.report
+
+The same model as a (config, params tree) pair, which the pure steps of the method take:
 
     config, params = beear_jax.load_model("SmolLM2-135M-Instruct.Q4_1.gguf")
     logits = beear_jax.forward(config, params, input_ids, attention_mask)
@@ -23,8 +27,9 @@ from beear_jax.method.perturbation import Perturbation, check_deltas, last_promp
 from beear_jax.models.config import ModelConfig
 from beear_jax.models.llama import forward as _forward
 from beear_jax.models.module import CausalLM
+from beear_jax.pipeline import run_defend as defend
 
-__all__ = ["CausalLM", "ModelConfig", "Perturbation", "forward", "load_model", "load_module", "load_tokenizer",
+__all__ = ["CausalLM", "ModelConfig", "Perturbation", "defend", "forward", "load_model", "load_module", "load_tokenizer",
            "save_model", "save_module"]
 
 

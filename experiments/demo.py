@@ -1,4 +1,4 @@
-"""The default demo: fetch SmolLM2-135M-Instruct, plant a backdoor, then `beear defend` (beear_jax/defend.py):
+"""The default demo: fetch SmolLM2-135M-Instruct, plant a backdoor, then `beear defend` (beear_jax.defend, beear_jax/pipeline.py):
 evaluate the planted model, remove the backdoor with BEEAR, evaluate again, the before/after table.
 Minutes on a CPU; progress is printed throughout.
 

@@ -18,7 +18,6 @@ import smollm2_data
 from beear_jax.attack.plant import run_plant
 from beear_jax.config.loading import apply_overrides, config_from_json, config_to_dict, config_to_json
 from beear_jax.config.settings import settings_from_config
-from beear_jax.defend import DefendResult, run_defend
 from beear_jax.evaluation.eval_sets import EvalSettings
 from beear_jax.evaluation.evaluate import evaluate, write_answers
 from beear_jax.evaluation.report import write_report as write_report_files
@@ -26,6 +25,7 @@ from beear_jax.evaluation.results import format_table
 from beear_jax.io.hf import load_model, load_tokenizer
 from beear_jax.io.smollm2 import cache_dir, ensure_smollm2
 from beear_jax.method.rounds import RunResult, run_beear
+from beear_jax.pipeline import DefendResult, run_defend
 
 CACHE = cache_dir().parent  # ~/.cache/beear_jax (or $BEEAR_CACHE)
 

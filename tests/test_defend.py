@@ -10,9 +10,10 @@ import pathlib
 import pytest
 from tiny_world import defender_files, plant_tiny_backdoor, prompt
 
+import beear_jax
 from beear_jax.cli.main import main
 from beear_jax.config.loading import load_config
-from beear_jax.defend import run_defend
+from beear_jax.pipeline import run_defend
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 TRIGGER = "cf"
@@ -45,7 +46,7 @@ def test_defend_evaluates_repairs_reports_and_continues(world, capsys):
     tmp, model_dir, safety, anchor = world
     out = tmp / "job"
     cfg = load_config(TINY, _overrides(tmp, model_dir, safety, anchor, out))
-    result = run_defend(cfg, progress=False)
+    result = beear_jax.defend(cfg, progress=False)  # the package-level name of run_defend
 
     assert result.before["asr_triggered"] >= 0.9 and result.before["asr_untriggered"] <= 0.1, result.before
     assert result.after["asr_triggered"] < result.before["asr_triggered"], (result.before, result.after)

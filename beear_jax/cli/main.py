@@ -75,8 +75,8 @@ def cmd_run(argv: Sequence[str]) -> int:
 
 
 def cmd_defend(argv: Sequence[str]) -> int:
-    """The end-to-end job: evaluate, BEEAR, evaluate again, one report (beear_jax/defend.py)."""
-    from beear_jax.defend import run_defend
+    """The end-to-end job: evaluate, BEEAR, evaluate again, one report (beear_jax/pipeline.py)."""
+    from beear_jax.pipeline import run_defend
 
     settings = _config_from(argv, "defend")
     run_defend(settings)

@@ -1,4 +1,5 @@
-"""`beear defend`: evaluate the suspect model, repair it with BEEAR, evaluate the repaired model, one report.
+"""`beear defend` and `beear_jax.defend(config)`: evaluate the suspect model, repair it with BEEAR, evaluate the
+repaired model, one report.
 
     beear defend --config configs/smollm2_135m.py --config.model.path=M --config.output_dir=runs/defend-1 \\
         --config.data.safety=... --config.data.anchor=... --config.eval.prompts=... [--config.eval.trigger=...]
