@@ -33,7 +33,7 @@ def _rows(rng: np.random.Generator, count: int) -> list[tuple[list[int], list[in
 def _world(seed: int = 0, shared_prompt: bool = False, prefix: bool = False) -> dict:
     """Host params, two inner batches and one outer (safe, anchor) pair. Inner batches: [unwanted; safe]
     rows of INNER_BS prompts, or (shared_prompt) one row per prompt for 2 x INNER_BS prompts (prefix:
-    split into a cached prompt prefix and the rest, data.with_prompt_prefix)."""
+    split into a cached prompt prefix and the rest, builders.with_prompt_prefix)."""
     rng = np.random.default_rng(seed)
     inner = []
     for _ in range(2):

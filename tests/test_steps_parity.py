@@ -107,7 +107,7 @@ def test_shared_prompt_batch_gives_the_same_inner_loss_and_gradient(models):
 
 
 def _prefix_split(shared: dict, seq_len: int) -> dict:
-    """The shared batch with its prompt prefix split off (data.with_prompt_prefix) at the run's lengths."""
+    """The shared batch with its prompt prefix split off (builders.with_prompt_prefix) at the run's lengths."""
     host = jax.tree.map(np.asarray, shared)
     real = host.prompt_lengths > 0
     prefix, suffix = builders.prefix_split_lengths(host.prompt_lengths[real], host.attention_mask.sum(1)[real],

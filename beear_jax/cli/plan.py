@@ -200,7 +200,7 @@ def _tree_bytes(abstract: Any, specs: Any, sizes: Mapping[str, int]) -> int:
 
 def _batch_struct(rows: int, shapes: RunShapes, lead: tuple[int, ...] = (),
                   inner: bool = False) -> RowBatch | SharedPromptBatch | PrefixSplitBatch:
-    """ShapeDtypeStructs of one batch as data.make_batch (or, inner, make_shared_prompt_batch and
+    """ShapeDtypeStructs of one batch as builders.make_batch (or, inner, make_shared_prompt_batch and
     with_prompt_prefix) builds it."""
     s, n = (shapes.inner_seq_len if inner else shapes.seq_len), shapes.perturb_length
 
@@ -221,7 +221,7 @@ def _batch_struct(rows: int, shapes: RunShapes, lead: tuple[int, ...] = (),
 
 
 def _packed_struct(shapes: RunShapes) -> PackedBatch:
-    """ShapeDtypeStructs of a packed outer batch (data.make_packed_batch)."""
+    """ShapeDtypeStructs of a packed outer batch (packing.make_packed_batch)."""
     rows, row_len = shapes.packed
     examples = (shapes.outer_parts * shapes.outer_rows, shapes.answer_len)
     slots = jax.ShapeDtypeStruct((rows, row_len), jnp.int32)

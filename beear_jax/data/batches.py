@@ -4,12 +4,12 @@ B rows, S slots per row, n perturbed positions per prompt, A the longest answer,
 batch, P and T the prefix and suffix lengths of a split row. Integers are int32, masks float32 unless said.
 Padding rows (filling the last batch) have every mask zero and perturbed positions -1.
 
-    RowBatch            one example per row (data.make_batch): the outer step's safe / anchor rows, and the
+    RowBatch            one example per row (builders.make_batch): the outer step's safe / anchor rows, and the
                         inner level's [unwanted; safe] rows when prompts are not shared
     SafetyBatch         the unwanted and the safe RowBatch of the same prompts (the same S)
     SharedPromptBatch   each prompt once, its unwanted and safe answers as branches (make_shared_prompt_batch)
     PrefixSplitBatch    a SharedPromptBatch split into a prompt prefix no delta reaches and the rest
-                        (data.with_prompt_prefix): the inner steps run only the rest
+                        (builders.with_prompt_prefix): the inner steps run only the rest
     SuffixBatch         the rest of a PrefixSplitBatch in its own coordinates (steps.suffix_batch)
     PackedBatch         several examples per row, each attending only to itself (make_packed_batch)
     InnerCache          the inner level's cache of a PrefixSplitBatch: h_l of the suffix rows + the prefix K/V

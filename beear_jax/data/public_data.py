@@ -1,6 +1,6 @@
 """Where data comes from: public sets by Hub id (or a local mirror of them), and sets the project wrote.
 
-Three sources, in the order a data source is resolved (data.load_table calls `resolve`):
+Three sources, in the order a data source is resolved (tables.load_table calls `resolve`):
 
 1. A local mirror, `$BEEAR_DATA_DIR`: a directory holding unmodified copies of public data files (this
    project's machines and CI keep one). A known Hub id (PUBLIC_SETS) is read from its mirror file there

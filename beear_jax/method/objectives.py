@@ -191,7 +191,7 @@ def outer_loss(params: Params, config: ModelConfig, deltas: dict[int, jax.Array]
     """CE(safe | delta) + anchor_weight * CE(anchor | no delta) [+ the same with delta, optionally]
     [+ kl_weight * KL(reference || model) on the anchor answers, packed batches only].
 
-    safe_batch may be a PackedBatch holding all parts (data.make_packed_batch; anchor_batch None):
+    safe_batch may be a PackedBatch holding all parts (packing.make_packed_batch; anchor_batch None):
     several examples per row, so padding is not computed. Otherwise, when the safe and anchor batches
     have the same padded length, all parts run as one batch (rows without delta get no perturbation
     slots): one pass over the blocks with twice the rows keeps the matmuls larger, instead of two passes.

@@ -35,12 +35,12 @@ class DefenderData:
     safety_len: int
     anchor_len: int
     shared_len: int  # a prompt with both its answers (shared-prompt inner batches)
-    prefix_len: int  # inner.cache_prefix: the prompt before its perturbed tokens (data.with_prompt_prefix)
+    prefix_len: int  # inner.cache_prefix: the prompt before its perturbed tokens (builders.with_prompt_prefix)
     suffix_len: int  # ... and the rest of a shared-prompt row (perturbed tokens + both answers)
     answer_len: int
     pad_id: int
     heldback: list[list[int]] = dataclasses.field(default_factory=list)  # stop.holdout prompts, chat-formatted
-    # Each prompt's perturbed positions (perturb.windows; data.perturbed_positions): safety rows, anchors, held back.
+    # Each prompt's perturbed positions (perturb.windows; builders.perturbed_positions): safety rows, anchors, held back.
     safety_positions: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
     anchor_positions: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
     heldback_positions: list[tuple[int, ...]] = dataclasses.field(default_factory=list)

@@ -252,7 +252,7 @@ def generate(
     boundary in 1..num_layers - 1 to a [n, D] perturbation added at the last n prompt tokens during
     prefill (n at most the shortest prompt), to see what a perturbation elicits; perturb_positions puts them
     elsewhere: n positions per prompt, counted from the prompt's first token (-1: none), e.g.
-    data.perturbed_positions. Bad input is a ValueError.
+    builders.perturbed_positions. Bad input is a ValueError.
     """
     prompts = check_prompts(prompts, config.vocab_size)
     check_batch_size(batch_size)

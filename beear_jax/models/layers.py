@@ -85,7 +85,7 @@ def attention_mask(
 def shared_prompt_mask(
     positions: jax.Array, branches: jax.Array, kv_valid: jax.Array, sliding_window: int | None
 ) -> jax.Array:
-    """Boolean mask [B, S, S] of rows holding a prompt and then several answers (data.make_shared_prompt_batch).
+    """Boolean mask [B, S, S] of rows holding a prompt and then several answers (builders.make_shared_prompt_batch).
 
     Causal over sequence slots, and a token of branch b > 0 sees only branch 0 (the prompt) and b:
     each answer attends exactly as it would in a row of its own. The sliding window is measured in
