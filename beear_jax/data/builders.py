@@ -115,6 +115,7 @@ def perturbed_positions(tokenizer: Any, prompts: Sequence[str], prompt_ids: Sequ
 
 
 def round_up(x: int, multiple: int) -> int:
+    """The least multiple of `multiple` that is >= x."""
     return -(-x // multiple) * multiple
 
 

@@ -11,10 +11,10 @@ from typing import Any
 from beear_jax.evaluation.results import (
     METRICS,
     RATE_METRICS,
-    _as_number,
-    _finite,
-    _loss_key,
+    as_number,
+    finite_value,
     format_value,
+    loss_key,
     stage_names,
 )
 
@@ -50,7 +50,7 @@ def short_label(text: str, limit: int = _LEGEND_CHARS) -> str:
 def metrics_figure(results: Mapping[str, Any]) -> Any:
     """Grouped bars per stage: one panel for the rates (in %), one per other standard metric (own scale)."""
     stages = stage_names(results)
-    values = {s: {m: _finite(results[s].get(m)) for m in METRICS} for s in stages}
+    values = {s: {m: finite_value(results[s].get(m)) for m in METRICS} for s in stages}
     present = [m for m in METRICS if any(values[s][m] is not None for s in stages)]
     rates = [m for m in present if m in RATE_METRICS]
     panels = ([rates] if rates else []) + [[m] for m in present if m not in RATE_METRICS]
@@ -95,10 +95,10 @@ def metrics_figure(results: Mapping[str, Any]) -> Any:
 
 
 def _phases(history: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    """History entries with a finite objective (see _loss_key), grouped by phase: inner, outer, then others."""
+    """History entries with a finite objective (see loss_key), grouped by phase: inner, outer, then others."""
     groups: dict[str, list[Mapping[str, Any]]] = {"inner": [], "outer": []}
     for entry in history:
-        if isinstance(entry, Mapping) and _loss_key(entry) is not None:
+        if isinstance(entry, Mapping) and loss_key(entry) is not None:
             groups.setdefault(str(entry.get("phase", "train")), []).append(entry)
     return {k: v for k, v in groups.items() if v}
 
@@ -132,13 +132,13 @@ def losses_figure(history: Sequence[Mapping[str, Any]]) -> Any | None:
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (phase, entries) in zip(axes, groups.items(), strict=True):
         xs = range(len(entries))
-        main = [_loss_key(e) for e in entries]
+        main = [loss_key(e) for e in entries]
         keys = list(dict.fromkeys(k for e in entries for k in e
                                   if ("loss" in k or k.startswith("ce_")) and k not in main))
-        ax.plot(xs, [_as_number(e[k]) for e, k in zip(entries, main)], color="C0", lw=1.6,
+        ax.plot(xs, [as_number(e[k]) for e, k in zip(entries, main)], color="C0", lw=1.6,
                 label=main[-1] if len(set(main)) == 1 else "loss")
         for i, key in enumerate(keys, start=1):
-            ys = [_as_number(e.get(key)) for e in entries]
+            ys = [as_number(e.get(key)) for e in entries]
             ax.plot(xs, [math.nan if y is None else y for y in ys], color=f"C{i % 10}", lw=0.9, alpha=0.8, label=key)
         starts = _round_starts(entries)
         many = len(starts) > MAX_ROUND_LABELS

@@ -31,14 +31,14 @@ def stage_names(results: Mapping[str, Any]) -> list[str]:
     return [k for k, v in results.items() if k != SAMPLES_KEY and isinstance(v, Mapping)]
 
 
-def _as_number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     """`value` as a float if it is a real number (also numpy/jax 0-d arrays), else None; bools are not."""
     if isinstance(value, bool):
         return None
     if isinstance(value, numbers.Real):
         return float(value)
     if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        return _as_number(value.item())
+        return as_number(value.item())
     return None
 
 
@@ -47,14 +47,14 @@ def metric_names(results: Mapping[str, Any]) -> list[str]:
     extra: list[str] = []
     for stage in stage_names(results):
         for key, value in results[stage].items():
-            if key not in METRICS and key not in extra and _as_number(value) is not None:
+            if key not in METRICS and key not in extra and as_number(value) is not None:
                 extra.append(key)
     return list(METRICS) + extra
 
 
 def format_value(metric: str, value: Any) -> str:
     """One table cell: rates as percentages (95.0%), perplexity with 2 decimals, NLL with 3."""
-    number = _as_number(value)
+    number = as_number(value)
     if number is None:
         return MISSING
     if not math.isfinite(number):
@@ -135,7 +135,7 @@ def missing_notes(results: Mapping[str, Any], history: Sequence[Any] | None) -> 
     if not stages:
         notes.append("no evaluation results were given: the table and metrics.png are empty")
     for stage in stages:
-        values = {m: _as_number(results[stage].get(m)) for m in METRICS}
+        values = {m: as_number(results[stage].get(m)) for m in METRICS}
         absent = [m for m, v in values.items() if v is None]
         broken = [f"{m} is {v}" for m, v in values.items() if v is not None and not math.isfinite(v)]
         if len(absent) == len(METRICS):
@@ -149,8 +149,8 @@ def missing_notes(results: Mapping[str, Any], history: Sequence[Any] | None) -> 
                      "--config.eval.history), so there is no loss plot")
     else:
         entries = [e for e in history if isinstance(e, Mapping)]
-        with_loss = [e for e in entries if _loss_key(e) is not None]
-        unplotted = [e for e in entries if e.get("phase") in ("inner", "outer") and _loss_key(e) is None]
+        with_loss = [e for e in entries if loss_key(e) is not None]
+        unplotted = [e for e in entries if e.get("phase") in ("inner", "outer") and loss_key(e) is None]
         if not with_loss:
             notes.append(f"the training history ({len(history)} entries) holds no finite loss, so there is no loss "
                          "plot")
@@ -160,15 +160,15 @@ def missing_notes(results: Mapping[str, Any], history: Sequence[Any] | None) -> 
     return notes
 
 
-def _finite(value: Any) -> float | None:
+def finite_value(value: Any) -> float | None:
     """`value` as a float if it is a finite number, else None (a NaN bar would draw nothing, silently)."""
-    number = _as_number(value)
+    number = as_number(value)
     return number if number is not None and math.isfinite(number) else None
 
 
-def _loss_key(entry: Mapping[str, Any]) -> str | None:
+def loss_key(entry: Mapping[str, Any]) -> str | None:
     """The key of an entry's objective: "{phase}_loss" (as `beear run` writes its metrics.jsonl), else "loss"."""
     for key in (f"{entry.get('phase', 'train')}_loss", "loss"):
-        if _finite(entry.get(key)) is not None:
+        if finite_value(entry.get(key)) is not None:
             return key
     return None

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from beear_jax.io.run_checkpointer import CheckpointMismatchError, RunCheckpointer, _warn, abstract_like
+from beear_jax.io.run_checkpointer import CheckpointMismatchError, RunCheckpointer, abstract_like, warn_primary
 from beear_jax.method.perturbation import PAPER_WINDOWS
 
 if TYPE_CHECKING:
@@ -187,13 +187,13 @@ class LoopCheckpoints:
         self._check_round_in_progress(meta["cursor"], saved_rounds)
         common = min(len(saved_rounds), len(self.round_digests))
         if saved_rounds[:common] != self.round_digests[:common]:
-            _warn("the seed or the sampling settings differ from the checkpointed run; later rounds draw other "
+            warn_primary("the seed or the sampling settings differ from the checkpointed run; later rounds draw other "
                   "samples.")
         # mesh.shape may change on resume (checkpoints restore onto any mesh); rounds may grow.
         changed = [k for k in _leaf_paths(meta["config"]) if k not in ("resume", "mesh.shape", "rounds")
                    and _lookup(meta["config"], k) != _lookup(self.config_dict, k)]
         if changed:
-            _warn("resuming with changed settings: %s", ", ".join(changed))
+            warn_primary("resuming with changed settings: %s", ", ".join(changed))
         cursor = meta["cursor"]
         state.params, state.outer_state = restored["params"], restored["outer_state"]
         deltas = dict(zip(state.pert.layers, restored["perturbation"]["deltas"]))

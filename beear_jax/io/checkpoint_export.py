@@ -17,8 +17,8 @@ from beear_jax.io.run_checkpointer import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
     RunCheckpointer,
-    _first_line,
     abstract_like,
+    first_line,
 )
 
 _PASS_RUN_DIR = "pass the run's output_dir (the --config.output_dir of `beear run`, which holds checkpoints/)"
@@ -132,7 +132,7 @@ def restore_params_for_export(directory: str | pathlib.Path, step: int | None = 
                 hint = (f"choose another step ({', '.join(map(str, others))}) or leave the step out for the newest "
                         "good one" if others else "restore a copy of the run directory")
                 raise CheckpointCorruptError(f"checkpoint {checkpointer.directory}/{step} cannot be read "
-                                             f"({_first_line(err)}); {hint}.") from err
+                                             f"({first_line(err)}); {hint}.") from err
         params = jax.tree.map(lambda x: np.asarray(sharding_lib.to_host(x)), items["params"])
         return params, meta
     finally:

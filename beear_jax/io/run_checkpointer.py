@@ -41,7 +41,8 @@ FORMAT = 1
 _FINGERPRINT_RTOL = 1e-4  # sums over a different mesh reduce in another order
 
 
-def _warn(message: str, *args: Any) -> None:
+def warn_primary(message: str, *args: Any) -> None:
+    """A logged warning from process 0 only."""
     if jax.process_index() == 0:  # one message per run, not one per host
         log.warning(message, *args)
 
@@ -192,7 +193,7 @@ class RunCheckpointer:
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as err:  # a JSON error, a missing file, orbax's own errors
-            raise CheckpointCorruptError(f"{where} is not readable ({_first_line(err)})") from err
+            raise CheckpointCorruptError(f"{where} is not readable ({first_line(err)})") from err
         if not isinstance(meta, Mapping) or not isinstance(meta.get("fingerprints"), Mapping):
             raise CheckpointCorruptError(f"{where} is not a beear_jax checkpoint's metadata (no fingerprints)")
         return dict(meta)
@@ -216,7 +217,7 @@ class RunCheckpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types for bad files)
-            failure = _first_line(err)  # only the text: the traceback holds orbax's failed read tasks
+            failure = first_line(err)  # only the text: the traceback holds orbax's failed read tasks
         if failure is not None:
             with warnings.catch_warnings():
                 # The failed restore's coroutines that orbax never awaited: collected (and dropped) now.
@@ -250,17 +251,17 @@ class RunCheckpointer:
             except CheckpointMismatchError:
                 raise
             except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types for bad files)
-                reason = _first_line(err)
-                _warn("checkpoint %s/%d is corrupt or partial (%s); trying the previous one.",
+                reason = first_line(err)
+                warn_primary("checkpoint %s/%d is corrupt or partial (%s); trying the previous one.",
                       self.directory, step, reason)
                 broken.append(step)
                 continue
             if broken and self.read_only:
-                _warn("using checkpoint %s/%d (the newer %s cannot be read; left as it is).",
+                warn_primary("using checkpoint %s/%d (the newer %s cannot be read; left as it is).",
                       self.directory, step, ", ".join(map(str, broken)))
             elif broken:
                 self._set_aside(broken)
-                _warn("resuming from checkpoint %s/%d (the newer %s set aside as corrupt-<step>).",
+                warn_primary("resuming from checkpoint %s/%d (the newer %s set aside as corrupt-<step>).",
                       self.directory, step, ", ".join(map(str, broken)))
             return items, meta
         raise CheckpointCorruptError(
@@ -294,7 +295,7 @@ class RunCheckpointer:
         self._manager.close()
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     """The root cause's first line (orbax wraps tensorstore's precise error in a long generic one)."""
     while err.__cause__ is not None and not isinstance(err, CheckpointCorruptError):
         err = err.__cause__

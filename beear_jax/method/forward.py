@@ -122,7 +122,7 @@ def suffix_batch(batch: PrefixSplitBatch) -> SuffixBatch:
     )
 
 
-def _suffix_view(h_l: jax.Array | InnerCache, batch: Batch,
+def suffix_view(h_l: jax.Array | InnerCache, batch: Batch,
                  ) -> tuple[jax.Array, Batch, Prefix | None]:
     """(h_l of the rows the inner steps run, the batch in their coordinates, the cached prefix or None)."""
     if not isinstance(h_l, InnerCache):

@@ -27,7 +27,7 @@ from beear_jax.data.batches import (
     SharedPromptBatch,
     SuffixBatch,
 )
-from beear_jax.method.forward import Params, _suffix_view, constrain, decode_from
+from beear_jax.method.forward import Params, constrain, decode_from, suffix_view
 from beear_jax.models import llama
 from beear_jax.models.config import ModelConfig
 
@@ -129,7 +129,7 @@ def inner_loss(deltas: dict[int, jax.Array], config: ModelConfig, params: Params
                settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Inner objective over the cache (inner_cache) of a shared-prompt or a concatenated [unwanted; safe]
     batch; with a prefix cache only the suffix rows run, attending to the cached prefix keys/values."""
-    h_l, batch, prefix = _suffix_view(h_l, batch)
+    h_l, batch, prefix = suffix_view(h_l, batch)
     h = decode_from(config, params, h_l, layer, batch, deltas, settings.remat, settings.activations, prefix)
     if not isinstance(batch, RowBatch):  # the answers as branches of each prompt's row
         ce_unwanted, ce_safe = branch_answer_ces(config, params, h, batch)

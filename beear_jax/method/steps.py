@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from beear_jax.data.batches import Batch, InnerCache
-from beear_jax.method.forward import Params, _suffix_view, inner_cache
+from beear_jax.method.forward import Params, inner_cache, suffix_view
 from beear_jax.method.objectives import StepSettings, inner_loss, outer_loss
 from beear_jax.method.perturbation import Perturbation
 from beear_jax.models.config import ModelConfig
@@ -28,7 +28,7 @@ from beear_jax.models.config import ModelConfig
 def perturbed_hidden_norm(h_l: jax.Array | InnerCache, batch: Batch) -> jax.Array:
     """Mean L2 norm of h_l (before any delta) at the batch's perturbed positions: the scale a delta is
     measured against (|delta| / |h_l|) and bounded by (project_deltas)."""
-    h, batch, _ = _suffix_view(h_l, batch)
+    h, batch, _ = suffix_view(h_l, batch)
     positions = batch.perturb_positions
     at = jnp.take_along_axis(h, jnp.maximum(positions, 0)[..., None], axis=1).astype(jnp.float32)
     valid = (positions >= 0).astype(jnp.float32)

@@ -150,7 +150,7 @@ def _heads_in(x: jax.Array, w: jax.Array) -> jax.Array:
     return dense(x, w.reshape(d, n * hd)).reshape(*x.shape[:-1], n, hd)
 
 
-def _project_qkv(config: ModelConfig, lp: Params, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def project_qkv(config: ModelConfig, lp: Params, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q [B, S, H, hd], k and v [B, S, K, hd] before RoPE: projections, biases, and Qwen3's per-head RMSNorm
     of q and k (float32 statistics over head_dim, as transformers' Qwen3Attention)."""
     q, k, v = (_heads_in(x, lp[name]) for name in ("q_proj", "k_proj", "v_proj"))
@@ -161,7 +161,8 @@ def _project_qkv(config: ModelConfig, lp: Params, x: jax.Array) -> tuple[jax.Arr
     return q, k, v
 
 
-def _output_projection(config: ModelConfig, lp: Params, attn: jax.Array) -> jax.Array:
+def output_projection(config: ModelConfig, lp: Params, attn: jax.Array) -> jax.Array:
+    """Attention output [B, S, H, hd] -> [B, S, D] through o_proj."""
     n, hd, d = lp["o_proj"].shape
     out = dense(attn.reshape(*attn.shape[:-2], n * hd), lp["o_proj"].reshape(n * hd, d))
     return out + lp["o_bias"] if config.attention_bias else out
@@ -209,13 +210,13 @@ def block_kv(
     then [B, S, P + S].
     """
     x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
-    q, k, v = _project_qkv(config, lp, x)
+    q, k, v = project_qkv(config, lp, x)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = k, v
     if prefix_kv is not None:
         keys = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
         values = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
-    h = h + _output_projection(config, lp, attend(q, keys, values, mask))
+    h = h + output_projection(config, lp, attend(q, keys, values, mask))
     return h + mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps)), (k, v)
 
 

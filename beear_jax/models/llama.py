@@ -4,7 +4,7 @@ The model is three pieces so that a perturbation can be injected between any two
 `embed(ids) -> h`, `decode(h, layers start..stop) -> h` (a scan over the stacked layers) and
 `head(h) -> logits`. `forward` composes them. Numerics follow transformers' LlamaForCausalLM /
 MistralForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM (rotate-half RoPE, float32 RMSNorm statistics,
-float32 softmax); the families differ only in the q/k/v projection (_project_qkv: biases, Qwen3's q/k norm)
+float32 softmax); the families differ only in the q/k/v projection (project_qkv: biases, Qwen3's q/k norm)
 and the o/MLP biases. One block and its parts (RoPE, norms, masks, attention, the custom-VJP matmul, MLP)
 are in layers.py.
 """
@@ -24,14 +24,14 @@ from beear_jax.models.hook import check_deltas
 from beear_jax.models.layers import (
     Params,
     Prefix,
-    _output_projection,
-    _project_qkv,
     apply_rope,
     attend,
     attention_mask,
     block_kv,
     mlp,
+    output_projection,
     prefix_mask,
+    project_qkv,
     rms_norm,
     rope_cos_sin,
     shared_prompt_mask,
@@ -291,7 +291,7 @@ def _cached_block(
     """One decoder block: writes its k/v at slots index.. of cache layer `layer`, then attends to that layer."""
     cos, sin = rope
     x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
-    q, k, v = _project_qkv(config, lp, x)
+    q, k, v = project_qkv(config, lp, x)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # Write into the whole [L, B, T, K, hd] cache, carried through the layer scan and the decode loop, so
     # that XLA updates it in place: per-layer slices scanned in and stacked out (ys) would make the scan
@@ -303,7 +303,7 @@ def _cached_block(
     }
     k_layer = jax.lax.dynamic_index_in_dim(cache["k"], layer, keepdims=False)
     v_layer = jax.lax.dynamic_index_in_dim(cache["v"], layer, keepdims=False)
-    h = h + _output_projection(config, lp, attend(q, k_layer, v_layer, mask))
+    h = h + output_projection(config, lp, attend(q, k_layer, v_layer, mask))
     h = h + mlp(config, lp, rms_norm(h, lp["mlp_norm"], config.rms_norm_eps))
     return h, cache
 
